@@ -1,0 +1,52 @@
+"""Named errors. Each message says what was wrong, what to do next, and ends with what was got.
+
+Naming follows ``<Verb/Adjective><Object>Error`` (as flax.errors does), one base class so callers can
+catch everything the planner raises with ``except wapar_jax.WaparError``.
+"""
+
+
+class WaparError(Exception):
+  """Base class of every error wapar_jax raises on purpose."""
+
+
+class InvalidArgumentError(WaparError, ValueError):
+  """An argument to a public function has the wrong type or value."""
+
+
+class UnknownProfileError(WaparError, KeyError):
+  """A device profile name is not built in and is not a readable file."""
+
+  def __str__(self):  # KeyError would print the message with quotes around it.
+    return str(self.args[0]) if self.args else ""
+
+
+class InvalidProfileError(WaparError, ValueError):
+  """A device profile's data is missing fields or has values out of range."""
+
+
+class NonScalarLossError(WaparError, ValueError):
+  """The loss function does not return a scalar."""
+
+
+class IndivisibleBatchError(WaparError, ValueError):
+  """The batch's leading dimension cannot be split over any data-parallel degree asked for."""
+
+
+class NoFeasiblePlanError(WaparError, RuntimeError):
+  """No candidate fits the device memory; carries the closest option."""
+
+  def __init__(self, message, closest=None):
+    super().__init__(message)
+    self.closest = closest
+
+
+class NotEnoughDevicesError(WaparError, RuntimeError):
+  """The plan needs more devices than are available in this process."""
+
+
+class PlanMismatchError(WaparError, ValueError):
+  """A plan is applied to a parameter tree it was not made for."""
+
+
+class CorruptPlanFileError(WaparError, ValueError):
+  """A plan file cannot be parsed or has the wrong version."""
