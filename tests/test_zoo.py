@@ -1,0 +1,127 @@
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wapar_jax._src import errors
+from wapar_jax._src import zoo
+
+TINY = ("mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan")
+
+
+def _count(params):
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def _signature(tree):
+  return jax.tree.structure(tree), [(x.shape, jnp.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
+
+
+def test_list_examples_has_every_family():
+  names = zoo.list_examples()
+  assert set(TINY) <= set(names)
+  for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b", "gpt-7b",
+               "alexnet", "vgg16"):
+    assert name in names
+
+
+@pytest.mark.parametrize("name", zoo.list_examples())
+def test_every_example_is_abstract(name):
+  ex = zoo.get_example(name)
+  assert ex.name == name and ex.description
+  for tree in (ex.params, ex.batch):
+    leaves = jax.tree.leaves(tree)
+    assert leaves and all(type(x) is jax.ShapeDtypeStruct for x in leaves)
+  batch_dims = {x.shape[0] for x in jax.tree.leaves(ex.batch)}
+  assert len(batch_dims) == 1
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_examples_run(name):
+  ex = zoo.get_example(name)
+  params = ex.init_params(jax.random.key(0))
+  batch = ex.make_batch(jax.random.key(1))
+  assert _signature(params) == _signature(ex.params)
+  assert _signature(batch) == _signature(ex.batch)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((params, batch)))
+
+  loss, grads = jax.jit(jax.value_and_grad(ex.loss_fn))(params, batch)
+  assert loss.shape == () and loss.dtype == jnp.float32 and np.isfinite(loss)
+  assert _signature(grads) == _signature(ex.params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  if name.startswith("gpt"):
+    # GPT-2 initialisation (std 0.02): logits are near zero, so the loss is near log(vocab).
+    assert abs(float(loss) - math.log(256)) < 0.1
+
+
+@pytest.mark.parametrize("name", ("alexnet", "vgg16", "gpt2-small"))
+def test_large_init_params_traces_to_abstract_params(name):
+  ex = zoo.get_example(name)
+  assert _signature(jax.eval_shape(ex.init_params, jax.random.key(0))) == _signature(ex.params)
+  assert _signature(jax.eval_shape(ex.make_batch, jax.random.key(0))) == _signature(ex.batch)
+  loss = jax.eval_shape(ex.loss_fn, ex.params, ex.batch)
+  assert loss.shape == () and loss.dtype == jnp.float32
+
+
+def test_gpt_variants_have_the_same_parameter_count():
+  counts = {name: _count(zoo.get_example(name).params)
+            for name in ("gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan")}
+  assert len(set(counts.values())) == 1, counts
+
+
+def test_scan_stacks_block_params_over_layers():
+  params = zoo.get_example("gpt-tiny-scan").params
+  assert all(x.shape[0] == 2 for x in jax.tree.leaves(params["blocks"]))
+
+
+def test_model_sizes():
+  assert abs(_count(zoo.get_example("gpt2-small").params) / 124.44e6 - 1) < 0.01
+  assert 6e9 < _count(zoo.get_example("gpt-7b").params) < 7.5e9
+  assert abs(_count(zoo.get_example("vgg16").params) / 138.36e6 - 1) < 0.01
+
+
+def test_gpt_7b_builds_fast():
+  start = time.perf_counter()
+  ex = zoo.get_example("gpt-7b")
+  assert time.perf_counter() - start < 2.0
+  assert ex.batch["inputs"].shape == (8, 2048)
+
+
+def test_overrides():
+  ex = zoo.get_example("gpt-tiny", batch_size=4, seq_len=16, dtype="bfloat16")
+  assert ex.batch["inputs"].shape == (4, 16)
+  assert {jnp.dtype(x.dtype) for x in jax.tree.leaves(ex.params)} == {jnp.dtype(jnp.bfloat16)}
+  # A shorter sequence keeps the default position table, so the parameter count is unchanged.
+  assert _count(ex.params) == _count(zoo.get_example("gpt-tiny").params)
+  loss = jax.jit(ex.loss_fn)(ex.init_params(jax.random.key(0)), ex.make_batch(jax.random.key(1)))
+  assert loss.dtype == jnp.float32 and np.isfinite(loss)
+
+  ex = zoo.get_example("cnn", batch_size=2, dtype="bfloat16")
+  assert ex.batch["x"].shape == (2, 32, 32, 3) and ex.batch["x"].dtype == jnp.bfloat16
+  assert jax.eval_shape(ex.loss_fn, ex.params, ex.batch).dtype == jnp.float32
+
+
+def test_unknown_name_lists_choices():
+  with pytest.raises(errors.InvalidArgumentError, match=r"gpt2-small.*Got 'gpt-9000'\.$"):
+    zoo.get_example("gpt-9000")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(batch_size=0), dict(batch_size=2.5), dict(seq_len=-1), dict(dtype="int32"),
+    dict(dtype="no-such-dtype"),
+])
+def test_invalid_overrides(kwargs):
+  with pytest.raises(errors.InvalidArgumentError, match="Got"):
+    zoo.get_example("gpt-tiny", **kwargs)
+
+
+def test_seq_len_on_a_model_without_sequence_is_rejected():
+  with pytest.raises(errors.InvalidArgumentError, match="seq_len"):
+    zoo.get_example("mlp", seq_len=8)
