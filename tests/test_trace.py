@@ -1,0 +1,94 @@
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax import lax
+
+from wapar_jax import NonScalarLossError
+from wapar_jax._src import zoo
+from wapar_jax._src.cost import CostCache, step_costs
+from wapar_jax._src.step import make_train_step
+from wapar_jax._src.trace import _reshape_links, trace_train_step
+
+TX = optax.adamw(1e-3)
+
+
+def _traced(name):
+  ex = zoo.get_example(name)
+  traced, opt_state = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
+  return ex, traced, opt_state
+
+
+def _xla_flops(ex, opt_state):
+  step = jax.jit(make_train_step(ex.loss_fn, TX))
+  analysis = step.lower(ex.params, opt_state, ex.batch).compile().cost_analysis()
+  return analysis["flops"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx"])
+def test_summed_flops_match_whole_program_within_1_percent(name):
+  ex, traced, opt_state = _traced(name)
+  ours = step_costs(traced, CostCache(persist=False)).total_flops
+  assert ours == pytest.approx(_xla_flops(ex, opt_state), rel=0.01)
+
+
+def test_scanned_layers_cost_trip_count_times_body():
+  # XLA counts a scan body once; the unrolled model is the ground truth for trip counts.
+  _, scanned, _ = _traced("gpt-tiny-scan")
+  _, unrolled, _ = _traced("gpt-tiny")
+  scanned_flops = step_costs(scanned, CostCache(persist=False)).total_flops
+  unrolled_flops = step_costs(unrolled, CostCache(persist=False)).total_flops
+  assert scanned_flops == pytest.approx(unrolled_flops, rel=0.01)
+  assert max(op.multiplicity for op in scanned.ops) == 2
+
+
+def test_while_and_cond_costs():
+  def loss(p, b):
+    def body(i, h):
+      return jnp.tanh(h @ p["w"])
+    h = lax.fori_loop(0, 5, body, b["x"])
+    h = lax.cond(b["x"].sum() > 0, lambda h: h @ p["w"] @ p["w"], lambda h: h, h)
+    return jnp.mean(h ** 2)
+
+  params = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((16, 64), jnp.float32)}
+  traced, _ = trace_train_step(loss, params, batch, optax.sgd(0.1))
+  costs = step_costs(traced, CostCache(persist=False))
+  dots = [op for op in traced.ops if op.primitive == "dot_general"]
+  forward_matmul = 2 * 16 * 64 * 64
+  # fori_loop with static bounds is scanned for grad: 5 forward + 10 backward matmuls, cond's
+  # expensive branch 2 forward + 4 backward.
+  total_dot = sum(costs.flops[op.index] for op in dots)
+  assert total_dot == pytest.approx((15 + 6) * forward_matmul, rel=0.01)
+
+
+def test_dimension_classes_follow_the_program_not_names():
+  ex, traced, _ = _traced("gpt-tiny")
+  params = jax.tree_util.tree_flatten_with_path(ex.params)[0]
+  classes = {jax.tree_util.keystr(p): traced.var_classes[v] for (p, _), v in zip(params, traced.param_vars)}
+  fc = [k for k in classes if "kernel" in k and ex.params is not None]
+  # The batch dim of every batch leaf is one class.
+  batch_classes = {traced.var_classes[v][0] for v in traced.batch_vars}
+  assert len(batch_classes) == 1
+  # Optimizer state leaves carry their parameter's classes.
+  param_class_sets = set(classes.values())
+  for v in traced.opt_state_vars:
+    if traced.var_shape[v]:
+      assert traced.var_classes[v] in param_class_sets
+  assert fc
+
+
+def test_reshape_links_keep_major_dims():
+  assert _reshape_links((8, 16, 64), (128, 64)) == ([(0, 0), (2, 1)], [1])
+  assert _reshape_links((4, 768), (4, 12, 64)) == ([(0, 0), (1, 1)], [])
+
+
+def test_non_scalar_loss_is_a_named_error():
+  params = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((8, 4), jnp.float32)}
+  with pytest.raises(NonScalarLossError, match=r"shape \(8, 4\)"):
+    trace_train_step(lambda p, b: b["x"] @ p["w"], params, batch, TX)

@@ -1,0 +1,225 @@
+"""Per-equation FLOPs / bytes / transcendentals from XLA's cost analysis, and collective formulas.
+
+Each unique equation (primitive, params, input types) is lowered on its own and costed by XLA;
+results are cached in memory and on disk, keyed by content, so a model's repeated layers and a
+second planning run cost nothing. Collectives use a ring alpha-beta model on the link their mesh
+axis travels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.extend as jex
+import numpy as np
+
+from wapar_jax._src.trace import TracedStep
+
+_COST_FIELDS = ("flops", "bytes accessed", "transcendentals")
+# Lowered-module cost analysis undercounts these: the compiler expands them into loops whose
+# work the unexpanded op does not report (max-pool gradients: 8.5x more FLOPs once compiled).
+_COSTED_COMPILED = {"select_and_scatter_add", "select_and_gather_add"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+  """Unsharded cost of every op of a TracedStep, already multiplied by its multiplicity.
+
+  Non-chosen branches of a `cond` have zero cost. `out_bytes[i]` is the bytes of op i's outputs
+  (one execution), used to price the collectives its sharding causes.
+  """
+  flops: np.ndarray
+  bytes_accessed: np.ndarray
+  transcendentals: np.ndarray
+  multiplicity: np.ndarray  # runs per step; 0 for a cond branch that is not costed
+  unique_ops: int
+  lowered_ops: int
+
+  @property
+  def total_flops(self) -> float:
+    return float(self.flops.sum())
+
+
+def _cache_path() -> Path:
+  root = os.environ.get("WAPAR_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wapar_jax")
+  return Path(root) / f"op_costs-jax{jax.__version__}.json"
+
+
+class CostCache:
+  """Op costs by content key; persisted as one JSON file written atomically."""
+
+  def __init__(self, path: Path | None = None, persist: bool = True):
+    self.path = path or _cache_path()
+    self.persist = persist
+    self.entries: dict[str, list[float]] = {}
+    self.dirty = False
+    if persist and self.path.exists():
+      try:
+        self.entries = json.loads(self.path.read_text())
+      except (OSError, ValueError):  # a corrupt cache is only lost time, never an error
+        self.entries = {}
+
+  @staticmethod
+  def digest(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()
+
+  def get(self, key: str):
+    return self.entries.get(self.digest(key))
+
+  def put(self, key: str, value) -> None:
+    self.entries[self.digest(key)] = list(value)
+    self.dirty = True
+
+  def save(self) -> None:
+    if not (self.persist and self.dirty):
+      return
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+      with os.fdopen(fd, "w") as f:
+        json.dump(self.entries, f)
+      os.replace(tmp, self.path)
+      self.dirty = False
+    except OSError as e:
+      warnings.warn(f"could not write the op-cost cache {self.path}: {e}", stacklevel=2)
+
+
+def _analysis_dict(analysis):
+  # Lowered.cost_analysis() has returned a dict, a list of one dict, or None across versions.
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return analysis or {}
+
+
+def _fallback_cost(eqn) -> tuple[float, float, float]:
+  """Cost of an op XLA could not lower alone: one FLOP per output element, all bytes moved."""
+  out_elems = sum(math.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+  nbytes = 0
+  for v in list(eqn.invars) + list(eqn.outvars):
+    aval = v.aval
+    if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+      try:
+        nbytes += math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+      except TypeError:
+        nbytes += math.prod(aval.shape) * 8
+  return float(out_elems), float(nbytes), 0.0
+
+
+def _is_identity(eqn) -> bool:
+  """Ops XLA's algebraic simplifier deletes from the whole program (x**1, x*1, x+0, x/1)."""
+  name = eqn.primitive.name
+  if name == "integer_pow":
+    return eqn.params["y"] == 1
+  if name in ("mul", "div", "add", "sub") and len(eqn.invars) == 2:
+    lit = eqn.invars[1] if name in ("div", "sub") else next(
+        (v for v in eqn.invars if isinstance(v, jex.core.Literal)), None)
+    if isinstance(lit, jex.core.Literal) and np.ndim(lit.val) == 0:
+      neutral = 1 if name in ("mul", "div") else 0
+      return bool(np.asarray(lit.val) == neutral)
+  return False
+
+
+def _xla_cost(eqn) -> tuple[float, float, float]:
+  if _is_identity(eqn):
+    return 0.0, 0.0, 0.0
+  avals = [v.aval for v in eqn.invars if not isinstance(v, jex.core.Literal)]
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+
+  def single(*xs):
+    it = iter(xs)
+    full = [v.val if isinstance(v, jex.core.Literal) else next(it) for v in eqn.invars]
+    return eqn.primitive.bind(*full, **eqn.params)
+
+  try:
+    lowered = jax.jit(single).lower(*args)
+    if eqn.primitive.name in _COSTED_COMPILED:
+      lowered = lowered.compile()
+    analysis = _analysis_dict(lowered.cost_analysis())
+  except Exception:  # any primitive XLA refuses on its own is costed by the fallback
+    return _fallback_cost(eqn)
+  if not analysis:
+    return _fallback_cost(eqn)
+  return tuple(float(analysis.get(k, 0.0)) for k in _COST_FIELDS)
+
+
+def step_costs(traced: TracedStep, cache: CostCache | None = None, progress=None) -> StepCosts:
+  """XLA's cost of each op of `traced`, deduplicated by content and cached."""
+  cache = cache if cache is not None else CostCache()
+  unique: dict[str, int] = {}
+  for op in traced.ops:
+    unique.setdefault(op.cost_key, op.index)
+  values: dict[str, tuple[float, float, float]] = {}
+  lowered = 0
+  keys = list(unique)
+  iterator = progress(keys) if progress is not None else keys
+  for key in iterator:
+    hit = cache.get(key)
+    if hit is None:
+      hit = _xla_cost(traced.ops[unique[key]].eqn)
+      cache.put(key, hit)
+      lowered += 1
+    values[key] = tuple(hit)
+  cache.save()
+
+  n = len(traced.ops)
+  per = np.zeros((n, 3))
+  mult = np.empty(n)
+  for op in traced.ops:
+    per[op.index] = values[op.cost_key]
+    mult[op.index] = op.multiplicity
+  per *= mult[:, None]
+  kept = _costliest_branches(traced, per)
+  for op in traced.ops:
+    if op.branch is not None and op.branch not in kept:
+      mult[op.index] = 0.0
+      per[op.index] = 0.0
+  return StepCosts(flops=per[:, 0], bytes_accessed=per[:, 1], transcendentals=per[:, 2],
+                   multiplicity=mult, unique_ops=len(unique), lowered_ops=lowered)
+
+
+def _costliest_branches(traced: TracedStep, per: np.ndarray) -> set[tuple[int, int]]:
+  """A `cond` runs one branch: the one with most FLOPs (then bytes) is the one costed."""
+  totals: dict[tuple[int, int], np.ndarray] = {}
+  for op in traced.ops:
+    if op.branch is not None:
+      totals.setdefault(op.branch, np.zeros(3))
+      totals[op.branch] += per[op.index]
+  best: dict[int, tuple[int, int]] = {}
+  for (cond_id, b), t in totals.items():
+    if cond_id not in best or tuple(t[:2]) > tuple(totals[best[cond_id]][:2]):
+      best[cond_id] = (cond_id, b)
+  return set(best.values())
+
+
+# Collectives over one mesh axis of n devices, ring algorithms (as NCCL and XLA's CPU/TPU runtime
+# use for large messages). `nbytes` is the per-device size of the full (unsplit) buffer.
+
+def collective_traffic(kind: str, nbytes, n: int):
+  """Bytes each device sends."""
+  if n <= 1:
+    return 0.0 * nbytes
+  frac = (n - 1) / n
+  return {"all-reduce": 2 * frac, "all-gather": frac, "reduce-scatter": frac,
+          "all-to-all": frac, "permute": 1.0}[kind] * nbytes
+
+
+def collective_steps(kind: str, n: int) -> int:
+  """Latency terms (alpha) of the ring algorithm."""
+  if n <= 1:
+    return 0
+  return {"all-reduce": 2 * (n - 1), "all-gather": n - 1, "reduce-scatter": n - 1,
+          "all-to-all": n - 1, "permute": 1}[kind]
+
+
+def collective_time(kind: str, nbytes, n: int, bandwidth: float, latency: float):
+  """alpha-beta time of one collective: steps * latency + traffic / bandwidth."""
+  return collective_steps(kind, n) * latency + collective_traffic(kind, nbytes, n) / bandwidth

@@ -1,0 +1,99 @@
+"""Plan -> mesh, shardings, a jitted sharded train step, sharded initialisation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from wapar_jax._src.errors import NotEnoughDevicesError, PlanMismatchError
+from wapar_jax._src.step import make_train_step
+
+PathKeys = tuple  # a leaf's path as plain str / int keys, stable across pytree containers
+
+
+def path_keys(path) -> PathKeys:
+  keys = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        keys.append(getattr(entry, attr))
+        break
+    else:
+      keys.append(str(entry))
+  return tuple(k if isinstance(k, int) else str(k) for k in keys)
+
+
+def path_str(keys: PathKeys) -> str:
+  return "/".join(str(k) for k in keys)
+
+
+def leaf_paths(tree) -> list[PathKeys]:
+  return [path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def specs_like(tree, flat_specs: Mapping[PathKeys, P], what: str):
+  """A tree of PartitionSpecs shaped like `tree`, looked up by leaf path."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  missing = [path_str(path_keys(p)) for p, _ in leaves if path_keys(p) not in flat_specs]
+  extra = set(flat_specs) - {path_keys(p) for p, _ in leaves}
+  if missing or extra:
+    raise PlanMismatchError(
+        f"the plan's {what} do not match the tree it is applied to: "
+        f"{len(missing)} leaves have no spec (first: {missing[:5]}), "
+        f"{len(extra)} specs have no leaf (first: {[path_str(k) for k in sorted(extra, key=str)[:5]]}). "
+        "Plan again for this model, or pass the tree the plan was made for.")
+  return jax.tree_util.tree_unflatten(treedef, [flat_specs[path_keys(p)] for p, _ in leaves])
+
+
+def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh of Auto axes (Explicit axes make sharded gathers and matmuls raise on jax 0.10)."""
+  names = tuple(mesh_shape)
+  shape = tuple(mesh_shape[n] for n in names)
+  needed = math.prod(shape)
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < needed:
+    raise NotEnoughDevicesError(
+        f"the plan's mesh {dict(mesh_shape)} needs {needed} devices but {len(devices)} are "
+        "available. Run on more devices (for CPU testing set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before importing jax), or "
+        f"plan again with devices={len(devices)}. Got {len(devices)} devices.")
+  devices = devices[:needed]
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):  # topologies mesh_utils can't lay out
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def named(mesh: Mesh, spec_tree):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def opt_state_specs(optimizer: optax.GradientTransformation, params, param_specs):
+  """Specs for the optimizer state: each per-parameter leaf follows its parameter.
+
+  `tx.init` compiles to single-device outputs (zeros do not depend on the parameters), so the
+  shardings must be stated; scalars such as step counts are replicated.
+  """
+  abstract_state = jax.eval_shape(optimizer.init, params)
+  return optax.tree_map_params(
+      optimizer, lambda _, spec: spec, abstract_state, param_specs,
+      transform_non_params=lambda _: P(),
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def sharded_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       param_specs, opt_specs, batch_specs):
+  """The jitted step with in/out shardings; params and opt state are donated."""
+  p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
+  return jax.jit(make_train_step(loss_fn, optimizer),
+                 in_shardings=(p_sh, o_sh, b_sh),
+                 out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
+                 donate_argnums=(0, 1))

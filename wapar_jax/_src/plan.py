@@ -1,0 +1,265 @@
+"""The frozen Plan: what was chosen, what it is predicted to cost, the ranked alternatives.
+
+A Plan is data (mesh shape, PartitionSpecs by leaf path, figures) plus, when it comes straight
+from `wapar_jax.plan`, the loss function and optimizer it was made for, so that it can build the
+sharded train step. Plans from JSON carry no code: pass `loss_fn` and `optimizer` to
+`train_step` / `init_opt_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+from wapar_jax._src import emit
+from wapar_jax._src.errors import CorruptPlanFileError, InvalidArgumentError
+from wapar_jax._src.search import Candidate
+from wapar_jax._src.step import abstract
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """Predicted cost of one train step, per device (energy: all used devices together)."""
+  step_time: float       # seconds
+  compute_time: float    # seconds
+  comm_time: float       # seconds
+  flops: float           # FLOPs per device
+  comm_bytes: float      # bytes sent per device
+  peak_memory: float     # bytes per device
+  energy: float          # joules per step, all used devices
+  memory_budget: float   # bytes per device the plan had to fit in
+
+  @classmethod
+  def of(cls, c: Candidate, memory_budget: float) -> "Prediction":
+    return cls(c.step_time, c.compute_time, c.comm_time, c.flops, c.comm_bytes, c.peak_memory,
+               c.energy, memory_budget)
+
+
+def _spec_to_json(spec: P) -> list:
+  return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def _spec_from_json(entries: list) -> P:
+  return P(*(tuple(e) if isinstance(e, list) else e for e in entries))
+
+
+def _nest(flat: Mapping[tuple, P]) -> dict:
+  """Nested dicts from leaf paths, for showing specs of a plan loaded without its model."""
+  root: dict = {}
+  for keys, spec in flat.items():
+    node = root
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1] if keys else ""] = spec
+  return root
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A sharding plan for one train step on one kind of device.
+
+  Attributes:
+    mesh_shape: axis name -> size; the product may be fewer than the devices offered.
+    param_specs: PartitionSpec per parameter leaf, shaped like params.
+    batch_specs: PartitionSpec per batch leaf, shaped like batch.
+    opt_state_param_specs: per parameter, the spec of its optimizer-state leaves (differs from
+      param_specs under ZeRO-1).
+    predicted: the chosen candidate's figures.
+    candidates: ranked alternatives (best first), including the best one per device count.
+    strategy: family of the chosen candidate ("dp", "fsdp", "tp", "dp_tp", ...).
+    profile: name of the device profile; devices_offered: how many devices the search could use.
+  """
+  mesh_shape: Mapping[str, int]
+  param_specs: Any
+  batch_specs: Any
+  opt_state_param_specs: Any
+  predicted: Prediction
+  candidates: tuple[Candidate, ...]
+  chosen: Candidate
+  strategy: str
+  objective: str
+  profile: str
+  devices_offered: int
+  model_split: tuple[str, ...]
+  stats: Mapping[str, float]
+  flat_param_specs: Mapping[tuple, P] = dataclasses.field(repr=False)
+  flat_opt_specs: Mapping[tuple, P] = dataclasses.field(repr=False)
+  flat_batch_specs: Mapping[tuple, P] = dataclasses.field(repr=False)
+  loss_fn: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
+  optimizer: optax.GradientTransformation | None = dataclasses.field(
+      default=None, repr=False, compare=False)
+  abstract_params: Any = dataclasses.field(default=None, repr=False, compare=False)
+  abstract_batch: Any = dataclasses.field(default=None, repr=False, compare=False)
+  device_list: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+  @property
+  def num_devices(self) -> int:
+    n = 1
+    for size in self.mesh_shape.values():
+      n *= size
+    return n
+
+  # --- running the plan -------------------------------------------------------------------
+
+  def make_mesh(self, devices: Sequence[Any] | None = None):
+    """The plan's mesh over the first `num_devices` of `devices` (default: jax.devices())."""
+    return emit.make_mesh(self.mesh_shape, self.device_list if devices is None else devices)
+
+  def _param_specs(self, params):
+    return emit.specs_like(params, self.flat_param_specs, "parameter specs")
+
+  def _opt_param_specs(self, params):
+    return emit.specs_like(params, self.flat_opt_specs, "optimizer-state specs")
+
+  def _batch_specs(self, batch):
+    return emit.specs_like(batch, self.flat_batch_specs, "batch specs")
+
+  def shard(self, params, devices=None):
+    """Places concrete parameters (or any tree shaped like them) on the plan's mesh."""
+    mesh = self.make_mesh(devices)
+    return jax.device_put(params, emit.named(mesh, self._param_specs(params)))
+
+  def shard_batch(self, batch, devices=None):
+    mesh = self.make_mesh(devices)
+    return jax.device_put(batch, emit.named(mesh, self._batch_specs(batch)))
+
+  def init_params(self, init_fn: Callable, *args, devices=None):
+    """Runs `init_fn(*args)` so each device creates only its shard: no full host copy."""
+    abstract_params = jax.eval_shape(init_fn, *args)
+    mesh = self.make_mesh(devices)
+    shardings = emit.named(mesh, self._param_specs(abstract_params))
+    return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+  def _need(self, loss_fn, optimizer):
+    loss_fn = loss_fn or self.loss_fn
+    optimizer = optimizer or self.optimizer
+    if loss_fn is None or optimizer is None:
+      raise InvalidArgumentError(
+          "this plan carries no loss_fn / optimizer (it was loaded from JSON): pass them, e.g. "
+          "plan.train_step(loss_fn=loss_fn, optimizer=optax.adamw(1e-3)). "
+          f"Got loss_fn={loss_fn!r}, optimizer={optimizer!r}.")
+    return loss_fn, optimizer
+
+  def _need_optimizer(self, optimizer):
+    optimizer = optimizer or self.optimizer
+    if optimizer is None:
+      raise InvalidArgumentError("this plan carries no optimizer (it was loaded from JSON): pass "
+                                 "optimizer=. Got None.")
+    return optimizer
+
+  def init_opt_state(self, sharded_params, optimizer=None, devices=None):
+    """The optimizer state, each leaf created sharded like its parameter."""
+    optimizer = self._need_optimizer(optimizer)
+    mesh = self.make_mesh(devices)
+    specs = emit.opt_state_specs(optimizer, sharded_params, self._opt_param_specs(sharded_params))
+    return jax.jit(optimizer.init, out_shardings=emit.named(mesh, specs))(sharded_params)
+
+  def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
+    """`(params, opt_state, batch) -> (params, opt_state, loss)`, jitted with the plan's shardings.
+
+    Params and opt state are donated. `params` / `batch` (abstract is enough) are needed only
+    for a plan loaded from JSON, to shape the specs like the trees.
+    """
+    loss_fn, optimizer = self._need(loss_fn, optimizer)
+    params = self.abstract_params if params is None else params
+    batch = self.abstract_batch if batch is None else batch
+    if params is None or batch is None:
+      raise InvalidArgumentError(
+          "a plan loaded from JSON needs the trees it applies to: pass params= and batch= "
+          "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None.")
+    mesh = self.make_mesh(devices)
+    opt_specs = emit.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
+    return emit.sharded_train_step(loss_fn, optimizer, mesh, self._param_specs(params),
+                                   opt_specs, self._batch_specs(batch))
+
+  # --- files ------------------------------------------------------------------------------
+
+  def to_json(self) -> str:
+    def flat(specs):
+      return [{"path": list(k), "spec": _spec_to_json(s)} for k, s in specs.items()]
+
+    data = {
+        "format": "wapar_jax.plan",
+        "version": PLAN_FORMAT_VERSION,
+        "mesh_shape": dict(self.mesh_shape),
+        "strategy": self.strategy,
+        "objective": self.objective,
+        "profile": self.profile,
+        "devices_offered": self.devices_offered,
+        "model_split": list(self.model_split),
+        "predicted": dataclasses.asdict(self.predicted),
+        "chosen": self.chosen.to_dict(),
+        "candidates": [c.to_dict() for c in self.candidates],
+        "stats": dict(self.stats),
+        "param_specs": flat(self.flat_param_specs),
+        "opt_state_param_specs": flat(self.flat_opt_specs),
+        "batch_specs": flat(self.flat_batch_specs),
+    }
+    return json.dumps(data, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Plan":
+    try:
+      data = json.loads(text)
+    except ValueError as e:
+      raise CorruptPlanFileError(f"a plan file must be JSON written by Plan.to_json. Got: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != "wapar_jax.plan":
+      raise CorruptPlanFileError("this is not a wapar_jax plan (no \"format\": \"wapar_jax.plan\"). "
+                                 f"Got keys {sorted(data)[:8] if isinstance(data, dict) else type(data).__name__}.")
+    if data.get("version") != PLAN_FORMAT_VERSION:
+      raise CorruptPlanFileError(
+          f"plan file version {data.get('version')!r} is not supported by this wapar_jax "
+          f"(reads version {PLAN_FORMAT_VERSION}); plan again. Got {data.get('version')!r}.")
+    try:
+      def flat(entries):
+        return {tuple(e["path"]): _spec_from_json(e["spec"]) for e in entries}
+
+      def candidate(d):
+        fields = {f.name for f in dataclasses.fields(Candidate)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d["model_groups"] = tuple(d["model_groups"])
+        return Candidate(**d)
+
+      params, opt, batch = (flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs"))
+      return cls(
+          mesh_shape=dict(data["mesh_shape"]), param_specs=_nest(params), batch_specs=_nest(batch),
+          opt_state_param_specs=_nest(opt), predicted=Prediction(**data["predicted"]),
+          candidates=tuple(candidate(c) for c in data["candidates"]),
+          chosen=candidate(data["chosen"]), strategy=data["strategy"],
+          objective=data["objective"], profile=data["profile"],
+          devices_offered=int(data["devices_offered"]), model_split=tuple(data["model_split"]),
+          stats=dict(data["stats"]), flat_param_specs=params, flat_opt_specs=opt,
+          flat_batch_specs=batch)
+    except (KeyError, TypeError, ValueError) as e:
+      raise CorruptPlanFileError(f"the plan file is missing or has malformed fields. Got {type(e).__name__}: {e}") from e
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the plan as JSON atomically: a reader never sees half a file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plan-", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(self.to_json())
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Plan":
+    try:
+      with open(path) as f:
+        return cls.from_json(f.read())
+    except OSError as e:
+      raise CorruptPlanFileError(f"cannot read the plan file {os.fspath(path)!r}. Got {e}.") from e

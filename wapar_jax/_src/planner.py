@@ -1,0 +1,211 @@
+"""`plan()`: trace -> cost -> search -> Plan. The only module that knows every stage."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+from wapar_jax._src import emit, search as search_lib
+from wapar_jax._src.cost import CostCache, step_costs
+from wapar_jax._src.errors import InvalidArgumentError, NoFeasiblePlanError
+from wapar_jax._src.plan import Plan, Prediction
+from wapar_jax._src.profiles import DeviceProfile, load_profile
+from wapar_jax._src.search import DATA, MODEL, Candidate, SearchSpace
+from wapar_jax._src.step import abstract
+from wapar_jax._src.trace import trace_train_step
+
+# Candidates kept on the Plan besides the best one per device count.
+KEPT_CANDIDATES = 20
+
+
+def _is_nnx_module(x) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:
+    return False
+  return isinstance(x, nnx.Module)
+
+
+def _from_nnx(loss_fn: Callable, model):
+  """An NNX model becomes (loss over its Param state, abstract Param state)."""
+  from flax import nnx
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_over_params(params, batch):
+    return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+  return loss_over_params, params
+
+
+def _device_count(devices) -> tuple[int, list | None]:
+  if devices is None:
+    return jax.device_count(), None
+  if isinstance(devices, int) and not isinstance(devices, bool):
+    if devices < 1:
+      raise InvalidArgumentError(f"devices must be at least 1. Got {devices}.")
+    return devices, None
+  try:
+    device_list = list(devices)
+  except TypeError:
+    raise InvalidArgumentError(
+        f"devices must be an int or a list of jax devices. Got {type(devices).__name__}.") from None
+  if not device_list:
+    raise InvalidArgumentError("devices is an empty list. Got [].")
+  return len(device_list), device_list
+
+
+def _specs_for(space: SearchSpace, c: Candidate) -> tuple[list[P], list[P], list[P]]:
+  """PartitionSpecs of params (as stored), their optimizer state, and the batch."""
+  traced = space.traced
+  model_classes = {cl for g in c.model_groups for cl in space.groups[g].classes}
+  shardable = (search_lib._fsdp_shardable(space, c.data, c.model_groups)
+               if c.data > 1 else [False] * len(traced.param_vars))
+  param_specs, opt_specs = [], []
+  for i, v in enumerate(traced.param_vars):
+    dims = space.param_dims[i]
+    entries = [None] * len(dims)
+    if c.model > 1:
+      for d, (cl, size) in enumerate(dims):
+        if cl in model_classes and size % c.model == 0:
+          entries[d] = MODEL
+          break  # one mesh axis appears at most once in a spec
+    tp_only = P(*entries)
+    split = list(entries)
+    if shardable[i]:
+      d = search_lib.fsdp_dim(dims, c.data, [e is not None for e in entries], traced.loop_classes)
+      if d is not None:
+        split[d] = DATA
+    param_specs.append(P(*split) if c.storage == "fsdp" else tp_only)
+    opt_specs.append(P(*split) if c.storage in ("fsdp", "zero1") else tp_only)
+  batch_specs = []
+  for v in traced.batch_vars:
+    entries = [None] * len(traced.var_shape[v])
+    if c.data > 1:
+      entries[0] = DATA
+    batch_specs.append(P(*entries))
+  return param_specs, opt_specs, batch_specs
+
+
+def _kept(ranked: Sequence[Candidate]) -> tuple[Candidate, ...]:
+  """Top candidates plus the best fitting one per device count (the WAP curve)."""
+  best_per_count: dict[int, Candidate] = {}
+  for c in ranked:
+    if c.devices not in best_per_count or (c.fits and not best_per_count[c.devices].fits):
+      best_per_count[c.devices] = c
+  keep = set(map(id, ranked[:KEPT_CANDIDATES])) | set(map(id, best_per_count.values()))
+  return tuple(c for c in ranked if id(c) in keep)
+
+
+def plan(loss_fn: Callable, params: Any, batch: Any, *,
+         optimizer: optax.GradientTransformation,
+         devices: int | Sequence[Any] | None = None,
+         profile: str | DeviceProfile = "h100-sxm",
+         objective: str = "time",
+         strategy: str = "auto",
+         memory_headroom: float = 0.1,
+         all_devices: bool = False,
+         cache: bool = True) -> Plan:
+  """Plans how to shard a single-device train step.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> scalar`, single-device code with no sharding in it.
+      With an NNX model as `params`, `loss_fn(model, batch)` instead.
+    params: pytree of arrays or `jax.ShapeDtypeStruct` (never materialised), or an `nnx.Module`
+      (e.g. from `nnx.eval_shape(lambda: Model(...))`).
+    batch: pytree of arrays or `jax.ShapeDtypeStruct`; dim 0 of every leaf is the batch.
+    optimizer: the optax transformation the train step applies.
+    devices: how many devices to plan for (real or not), or a list of jax devices. Default: all
+      devices of this process. Every count up to it is considered.
+    profile: a built-in profile name (see `wapar_jax.list_profiles()`), a JSON file, or a
+      `DeviceProfile`.
+    objective: "time" (step time) or "energy" (joules per step over the devices used).
+    strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "tp", "dp_tp".
+    memory_headroom: fraction of device memory kept free (fragmentation, runtime buffers).
+    all_devices: only consider using every device offered.
+    cache: keep per-equation XLA costs on disk (~/.cache/wapar_jax) across runs.
+
+  Returns:
+    A frozen `Plan`.
+
+  Example:
+    >>> plan = wapar_jax.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=8)
+    >>> step = plan.train_step()
+  """
+  t0 = time.perf_counter()
+  if not callable(loss_fn):
+    raise InvalidArgumentError(f"loss_fn must be callable. Got {type(loss_fn).__name__}.")
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise InvalidArgumentError(
+        "optimizer must be an optax.GradientTransformation, e.g. optax.adamw(1e-3). "
+        f"Got {type(optimizer).__name__}.")
+  if _is_nnx_module(params):
+    loss_fn, params = _from_nnx(loss_fn, params)
+  if not jax.tree.leaves(params):
+    raise InvalidArgumentError("params has no array leaves: nothing to plan. Got an empty tree.")
+  max_devices, device_list = _device_count(devices)
+  device_profile = load_profile(profile)
+
+  abstract_params, abstract_batch = abstract(params), abstract(batch)
+  traced, _ = trace_train_step(loss_fn, abstract_params, abstract_batch, optimizer)
+  t1 = time.perf_counter()
+  costs = step_costs(traced, CostCache(persist=cache))
+  t2 = time.perf_counter()
+  param_paths = [emit.path_str(k) for k in emit.leaf_paths(abstract_params)]
+  space = search_lib.build_space(traced, costs, param_paths)
+  ranked = search_lib.search(space, device_profile, max_devices, strategy=strategy,
+                             objective=objective, memory_headroom=memory_headroom,
+                             all_devices=all_devices)
+  t3 = time.perf_counter()
+  budget = device_profile.memory_bytes * (1 - memory_headroom)
+  best = ranked[0]
+  if not best.fits:
+    closest = min(ranked, key=lambda c: c.peak_memory)
+    raise NoFeasiblePlanError(_no_fit_message(space, closest, budget, device_profile), closest)
+
+  p_specs, o_specs, b_specs = _specs_for(space, best)
+  p_keys = emit.leaf_paths(abstract_params)
+  b_keys = emit.leaf_paths(abstract_batch)
+  flat_p = dict(zip(p_keys, p_specs))
+  flat_o = dict(zip(p_keys, o_specs))
+  flat_b = dict(zip(b_keys, b_specs))
+  return Plan(
+      mesh_shape=best.mesh_shape,
+      param_specs=emit.specs_like(abstract_params, flat_p, "parameter specs"),
+      batch_specs=emit.specs_like(abstract_batch, flat_b, "batch specs"),
+      opt_state_param_specs=emit.specs_like(abstract_params, flat_o, "optimizer-state specs"),
+      predicted=Prediction.of(best, budget),
+      candidates=_kept(ranked),
+      chosen=best,
+      strategy=best.strategy,
+      objective=objective,
+      profile=device_profile.name,
+      devices_offered=max_devices,
+      model_split=tuple(space.groups[g].label for g in best.model_groups),
+      stats={"trace_seconds": t1 - t0, "cost_seconds": t2 - t1, "search_seconds": t3 - t2,
+             "total_seconds": time.perf_counter() - t0, "ops": len(traced.ops),
+             "unique_ops": costs.unique_ops, "lowered_ops": costs.lowered_ops,
+             "candidates_evaluated": len(ranked), "total_flops": costs.total_flops},
+      flat_param_specs=flat_p, flat_opt_specs=flat_o, flat_batch_specs=flat_b,
+      loss_fn=loss_fn, optimizer=optimizer, abstract_params=abstract_params,
+      abstract_batch=abstract_batch, device_list=device_list)
+
+
+def _no_fit_message(space: SearchSpace, closest: Candidate, budget: float,
+                    profile: DeviceProfile) -> str:
+  traced = space.traced
+  largest = sorted(range(len(traced.param_vars)), key=lambda i: -space.param_bytes[i])[:5]
+  tensors = ", ".join(f"{traced.var_shape[traced.param_vars[i]]} ({space.param_bytes[i] / 2**30:.2f} GiB)"
+                      for i in largest)
+  total = float(space.param_bytes.sum() + space.opt_bytes.sum())
+  need = math.ceil(total / budget) if budget > 0 else 0
+  return (f"no plan fits {budget / 2**30:.1f} GiB per {profile.name} device. Closest: "
+          f"{closest.strategy} on mesh {closest.mesh_shape} needs "
+          f"{closest.peak_memory / 2**30:.1f} GiB per device. Parameters and optimizer state "
+          f"alone are {total / 2**30:.1f} GiB, so at least {need} devices are needed even fully "
+          f"sharded. Largest parameters: {tensors}. Offer more devices, a device with more "
+          "memory, a smaller batch, or lower memory_headroom.")

@@ -1,0 +1,502 @@
+"""Device count x mesh shape x dimension-class assignment -> ranked candidates.
+
+A candidate is (data degree dp, model degree tp, the groups of dimension classes split on the
+model axis, and where parameters / optimizer state are stored along the data axis). The batch
+class is always split on the data axis.
+
+Evaluation is exact enumeration, made cheap by one observation: for a fixed set of model-split
+groups, every op and every variable falls in one of a handful of sharding categories (carries
+the batch or not, is weight-shaped or not, touches a model-split class or not), and its per-device
+cost is its unsharded cost divided by dp and/or tp according to its category. So one O(#ops) pass
+per group set yields a few sums, and each (dp, tp, storage) is then priced in O(1) time plus one
+max over the memory curves. Thousands of candidates for a 7B model cost well under a second,
+which is why there is no need for beam search or an ILP at this scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Sequence
+
+import numpy as np
+
+from wapar_jax._src import memory
+from wapar_jax._src.cost import StepCosts, collective_steps, collective_time, collective_traffic
+from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError
+from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.trace import TracedStep
+
+STRATEGIES = ("auto", "dp", "zero1", "fsdp", "tp", "dp_tp")
+STORAGES = ("replicated", "zero1", "fsdp")
+OBJECTIVES = ("time", "energy")
+DATA, MODEL = "data", "model"
+# Parameters smaller than this stay replicated under FSDP: a collective per bias or norm scale
+# costs more latency than the memory it saves.
+FSDP_MIN_BYTES = 64 * 1024
+# Model-split group sets are enumerated exhaustively over at most this many groups (the largest).
+MAX_SEARCHED_GROUPS = 12
+# Summed per-op bytes of elementwise ops over-count fused programs (see DESIGN): count a share.
+FUSED_BYTES_SHARE = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Isomorphic dimension classes decided together (e.g. the MLP hidden dim of every layer)."""
+  index: int
+  classes: frozenset[int]
+  size: int
+  param_bytes: float
+  label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One point of the search with its predicted figures (per device, per step)."""
+  devices: int
+  data: int
+  model: int
+  model_groups: tuple[int, ...]
+  storage: str
+  strategy: str
+  step_time: float
+  compute_time: float
+  comm_time: float
+  flops: float
+  comm_bytes: float
+  peak_memory: float
+  energy: float
+  fits: bool
+
+  @property
+  def mesh_shape(self) -> dict[str, int]:
+    return mesh_shape(self.data, self.model)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["model_groups"] = list(self.model_groups)
+    d["mesh_shape"] = self.mesh_shape
+    return d
+
+
+def mesh_shape(dp: int, tp: int) -> dict[str, int]:
+  """Axes of size 1 are dropped, except that one device still has a (data=1) mesh."""
+  shape = {DATA: dp, MODEL: tp}
+  kept = {k: v for k, v in shape.items() if v > 1}
+  return kept or {DATA: 1}
+
+
+def strategy_label(dp: int, tp: int, storage: str) -> str:
+  if dp * tp == 1:
+    return "single"
+  if tp == 1:
+    return {"replicated": "dp", "zero1": "zero1", "fsdp": "fsdp"}[storage]
+  if dp == 1:
+    return "tp"
+  return "dp_tp" if storage == "replicated" else f"dp_tp+{storage}"
+
+
+def _allowed(strategy: str, dp: int, tp: int, storage: str, groups: tuple) -> bool:
+  if strategy == "auto" or dp * tp == 1:
+    return True
+  if strategy in ("dp", "zero1", "fsdp"):
+    return tp == 1 and storage == {"dp": "replicated", "zero1": "zero1", "fsdp": "fsdp"}[strategy]
+  if strategy == "tp":
+    return dp == 1 and bool(groups)
+  if strategy == "dp_tp":
+    return dp > 1 and tp > 1 and bool(groups) and storage == "replicated"
+  raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}. Got {strategy!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """Everything the search needs from a traced step, as arrays. Built once, profile-free."""
+  traced: TracedStep
+  costs: StepCosts
+  groups: tuple[Group, ...]
+  batch_classes: frozenset[int]
+  self_paired: frozenset[int]       # group ids that occur twice in one tensor
+  conflicts: np.ndarray             # [G, G] bool: the two groups share a tensor
+  var_group: np.ndarray             # [V, G] bool
+  var_bytes: np.ndarray             # [V]
+  var_batch: np.ndarray             # [V] bool
+  var_weight: np.ndarray            # [V] bool: shaped like a parameter, no batch dim
+  temp_vars: np.ndarray             # [V] bool: counted in the temporaries' liveness
+  op_group: np.ndarray              # [N, G] bool
+  op_data_cat: np.ndarray           # [N] memory.DATA_* category of the op's work
+  op_out_var: np.ndarray            # [N] first output variable (-1 if none)
+  op_out_bytes: np.ndarray          # [N] bytes of all outputs
+  red_batch: np.ndarray             # [N] bool: a reduced dim carries the batch
+  red_group: np.ndarray             # [N, G] bool
+  gathers: tuple[np.ndarray, ...]   # (op, var, is_batch, group or -1) of dims needing a gather
+  param_group: np.ndarray           # [P, G] bool
+  param_bytes: np.ndarray           # [P]
+  param_in_loop: np.ndarray         # [P] bool: consumed inside a scanned body
+  param_dims: tuple[tuple[tuple[int, int], ...], ...]  # per param: (class, size) per dim
+  opt_bytes: np.ndarray             # [O]
+  opt_weight: np.ndarray            # [O] bool: shaped like a parameter
+  opt_group: np.ndarray             # [O, G] bool
+  batch_bytes: float
+  batch_size: int
+
+
+def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]) -> SearchSpace:
+  """Groups the dimension classes and lays the step out as arrays for the search."""
+  v_classes = traced.var_classes
+  batch_classes = set()
+  for v in traced.batch_vars:
+    if not traced.var_shape[v]:
+      raise InvalidArgumentError(
+          "every batch leaf needs a leading batch dimension to split over devices. "
+          f"Got a scalar batch leaf (leaf {traced.batch_vars.index(v)}).")
+    batch_classes.add(v_classes[v][0])
+  batch_size = math.gcd(*(traced.var_shape[v][0] for v in traced.batch_vars))
+
+  # Group parameter classes by a signature: class size and where they occur in parameters.
+  occurrences: dict[int, list] = {}
+  for v, path in zip(traced.param_vars, param_paths):
+    for d, c in enumerate(v_classes[v]):
+      occurrences.setdefault(c, []).append((traced.var_shape[v], d, path, traced.var_itemsize[v]))
+  by_signature: dict[tuple, list[int]] = {}
+  for c, occ in occurrences.items():
+    if c in batch_classes or c in traced.loop_classes:
+      continue
+    sig = (traced.class_size[c], tuple(sorted((shape, d) for shape, d, _, _ in occ)))
+    by_signature.setdefault(sig, []).append(c)
+  groups = []
+  class_group = {}
+  for sig, classes in by_signature.items():
+    g = len(groups)
+    occ = [o for c in classes for o in occurrences[c]]
+    nbytes = sum(math.prod(shape) * itemsize for shape, _, _, itemsize in occ)
+    names = sorted({f"{p}[{d}]" for _, d, p, _ in occ})
+    label = f"size {sig[0]}: " + ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
+    groups.append(Group(g, frozenset(classes), sig[0], float(nbytes), label))
+    for c in classes:
+      class_group[c] = g
+  num_groups = len(groups)
+
+  nv = traced.num_vars
+  var_group = np.zeros((nv, num_groups), dtype=bool)
+  var_batch = np.zeros(nv, dtype=bool)
+  var_bytes = np.zeros(nv)
+  self_paired, conflicts = set(), np.zeros((num_groups, num_groups), dtype=bool)
+  param_signatures = {v_classes[v] for v in traced.param_vars}
+  var_weight = np.zeros(nv, dtype=bool)
+  for v in range(nv):
+    cls = v_classes[v]
+    var_bytes[v] = math.prod(traced.var_shape[v]) * traced.var_itemsize[v]
+    gs = [class_group[c] for c in cls if c in class_group]
+    var_group[v, gs] = True
+    if len(gs) != len(set(gs)):
+      self_paired.update(g for g in gs if gs.count(g) > 1)
+    for a, b in itertools.combinations(set(gs), 2):
+      conflicts[a, b] = conflicts[b, a] = True
+    var_batch[v] = any(c in batch_classes for c in cls)
+    var_weight[v] = bool(cls) and not var_batch[v] and cls in param_signatures
+
+  ops = traced.ops
+  n = len(ops)
+  op_group = np.zeros((n, num_groups), dtype=bool)
+  op_data_cat = np.full(n, memory.DATA_NONE)
+  op_out_var = np.full(n, -1)
+  op_out_bytes = np.zeros(n)
+  red_batch = np.zeros(n, dtype=bool)
+  red_group = np.zeros((n, num_groups), dtype=bool)
+  g_op, g_var, g_batch, g_group = [], [], [], []
+  fusible_def = np.zeros(nv, dtype=bool)
+  for op in ops:
+    vs = [v for v in op.in_vars + op.out_vars if v >= 0]
+    op_group[op.index] = var_group[vs].any(axis=0) if vs else False
+    if any(var_batch[v] for v in vs):
+      op_data_cat[op.index] = memory.DATA_BATCH
+    elif op.out_vars and var_weight[op.out_vars[0]]:
+      op_data_cat[op.index] = memory.DATA_WEIGHT
+    if op.out_vars:
+      op_out_var[op.index] = op.out_vars[0]
+      op_out_bytes[op.index] = sum(var_bytes[v] for v in op.out_vars)
+      fusible_def[list(op.out_vars)] = op.fusible
+    for k, d in op.reduce_dims:
+      c = v_classes[op.in_vars[k]][d]
+      if c in batch_classes:
+        red_batch[op.index] = True
+      elif c in class_group:
+        red_group[op.index, class_group[c]] = True
+    for k, d in op.gather_dims:
+      v = op.in_vars[k]
+      c = v_classes[v][d]
+      if c in batch_classes or c in class_group:
+        g_op.append(op.index)
+        g_var.append(v)
+        g_batch.append(c in batch_classes)
+        g_group.append(class_group.get(c, -1))
+
+  temp_vars = memory.materialised(traced.def_pos, traced.last_use, fusible_def)
+  temp_vars[list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)] = False
+  outputs = set(traced.output_vars) - {traced.loss_var}
+  temp_vars[list(outputs)] = False  # new params / opt state are written into donated buffers
+
+  loop_vars = _vars_used_in_loops(traced)
+  pv = list(traced.param_vars)
+  ov = list(traced.opt_state_vars)
+  return SearchSpace(
+      traced=traced, costs=costs, groups=tuple(groups), batch_classes=frozenset(batch_classes),
+      self_paired=frozenset(self_paired), conflicts=conflicts, var_group=var_group,
+      var_bytes=var_bytes, var_batch=var_batch, var_weight=var_weight, temp_vars=temp_vars,
+      op_group=op_group, op_data_cat=op_data_cat, op_out_var=op_out_var,
+      op_out_bytes=op_out_bytes, red_batch=red_batch, red_group=red_group,
+      gathers=(np.asarray(g_op, dtype=np.int64), np.asarray(g_var, dtype=np.int64),
+               np.asarray(g_batch, dtype=bool), np.asarray(g_group, dtype=np.int64)),
+      param_group=var_group[pv], param_bytes=var_bytes[pv],
+      param_in_loop=np.array([v in loop_vars for v in pv], dtype=bool),
+      param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
+      opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
+      batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size)
+
+
+def _vars_used_in_loops(traced: TracedStep) -> set[int]:
+  return {v for op in traced.ops if op.multiplicity > 1 for v in op.in_vars if v >= 0}
+
+
+def eligible_groups(space: SearchSpace, tp: int) -> list[int]:
+  """Groups that can be split tp ways on the model axis, largest parameters first."""
+  ok = [g.index for g in space.groups
+        if g.size % tp == 0 and g.index not in space.self_paired and g.param_bytes > 0]
+  ok.sort(key=lambda g: -space.groups[g].param_bytes)
+  return ok[:MAX_SEARCHED_GROUPS]
+
+
+def group_sets(space: SearchSpace, tp: int) -> list[tuple[int, ...]]:
+  """Every set of eligible groups no two of which share a tensor (one model axis per tensor)."""
+  if tp == 1:
+    return [()]
+  ok = eligible_groups(space, tp)
+  sets = []
+  for r in range(1, len(ok) + 1):
+    for combo in itertools.combinations(ok, r):
+      if not any(space.conflicts[a, b] for a, b in itertools.combinations(combo, 2)):
+        sets.append(tuple(sorted(combo)))
+  return sets
+
+
+@dataclasses.dataclass(frozen=True)
+class _Aggregates:
+  """Sums over ops / variables for one model-split group set (see module docstring)."""
+  compute: np.ndarray       # [3 data cats, 2 model] seconds at one device
+  flops: np.ndarray         # [3, 2]
+  red_data: np.ndarray      # [2 weight-shaped?, 2 model] output bytes reduced over data
+  red_data_n: np.ndarray    # [2, 2] collective counts
+  red_model: np.ndarray     # [2 batch, 2 model] output bytes reduced over model
+  red_model_n: np.ndarray
+  gather_data: np.ndarray   # [2 model] input bytes gathered over data
+  gather_data_n: np.ndarray
+  gather_model: np.ndarray  # [2 batch] input bytes gathered over model
+  gather_model_n: np.ndarray
+  curves: np.ndarray        # memory.liveness_curves
+  param_model: np.ndarray   # [P] bool
+  opt_model: np.ndarray     # [O] bool
+
+
+def _op_seconds(space: SearchSpace, profile: DeviceProfile) -> np.ndarray:
+  """Roofline time of each op on one device: max(FLOPs / peak, bytes / bandwidth)."""
+  peak = np.array([profile.flops_per_second(_op_dtype(op)) for op in space.traced.ops])
+  fusible = np.array([op.fusible for op in space.traced.ops], dtype=bool)
+  nbytes = space.costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
+  return np.maximum(space.costs.flops / (peak * profile.compute_efficiency),
+                    nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+
+
+def _op_dtype(op):
+  for v in list(op.eqn.invars) + list(op.eqn.outvars):
+    dtype = getattr(v.aval, "dtype", None)
+    if dtype is not None:
+      return dtype
+  return "float32"
+
+
+def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarray) -> _Aggregates:
+  mask = np.zeros(len(space.groups), dtype=bool)
+  mask[list(groups)] = True
+  var_model = space.var_group[:, mask].any(axis=1)
+  op_model = space.op_group[:, mask].any(axis=1).astype(np.int64)
+  cat = space.op_data_cat
+  compute = np.zeros((3, 2))
+  flops = np.zeros((3, 2))
+  np.add.at(compute, (cat, op_model), op_seconds)
+  np.add.at(flops, (cat, op_model), space.costs.flops)
+
+  mult = space.costs.multiplicity
+  out = space.op_out_var
+  has_out = out >= 0
+  out_model = np.where(has_out, var_model[np.maximum(out, 0)], False).astype(np.int64)
+  out_batch = np.where(has_out, space.var_batch[np.maximum(out, 0)], False).astype(np.int64)
+  out_weight = np.where(has_out, space.var_weight[np.maximum(out, 0)], False).astype(np.int64)
+  weighted = mult * space.op_out_bytes
+
+  def summed(select, index_a, index_b, values):
+    acc = np.zeros((2, 2))
+    np.add.at(acc, (index_a[select], index_b[select]), values[select])
+    return acc
+
+  red_data = summed(space.red_batch, out_weight, out_model, weighted)
+  red_data_n = summed(space.red_batch, out_weight, out_model, mult)
+  red_m = space.red_group[:, mask].any(axis=1)
+  red_model = summed(red_m, out_batch, out_model, weighted)
+  red_model_n = summed(red_m, out_batch, out_model, mult)
+
+  g_op, g_var, g_batch, g_group = space.gathers
+  g_bytes = space.var_bytes[g_var] * mult[g_op]
+  g_model = var_model[g_var].astype(np.int64)
+  gather_data = np.bincount(g_model[g_batch], weights=g_bytes[g_batch], minlength=2)
+  gather_data_n = np.bincount(g_model[g_batch], weights=mult[g_op][g_batch], minlength=2)
+  on_model = (g_group >= 0) & mask[np.maximum(g_group, 0)]
+  g_vbatch = space.var_batch[g_var].astype(np.int64)
+  gather_model = np.bincount(g_vbatch[on_model], weights=g_bytes[on_model], minlength=2)
+  gather_model_n = np.bincount(g_vbatch[on_model], weights=mult[g_op][on_model], minlength=2)
+
+  t = space.traced
+  temp = space.temp_vars
+  data_cat = np.where(space.var_batch, memory.DATA_BATCH,
+                      np.where(space.var_weight, memory.DATA_WEIGHT, memory.DATA_NONE))
+  curves = memory.liveness_curves(t.def_pos[temp], t.last_use[temp], space.var_bytes[temp],
+                                  data_cat[temp], var_model[temp], len(t.ops))
+  return _Aggregates(compute, flops, red_data, red_data_n, red_model, red_model_n, gather_data,
+                     gather_data_n, gather_model, gather_model_n, curves,
+                     space.param_group[:, mask].any(axis=1), space.opt_group[:, mask].any(axis=1))
+
+
+def _fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.ndarray:
+  """Per parameter: has a dim, not on the model axis, that splits dp ways; and is big enough."""
+  in_groups = {c for g in groups for c in space.groups[g].classes}
+  loop = space.traced.loop_classes
+  ok = np.zeros(len(space.param_dims), dtype=bool)
+  for i, dims in enumerate(space.param_dims):
+    if space.param_bytes[i] < FSDP_MIN_BYTES:
+      continue
+    ok[i] = any(size % dp == 0 and c not in in_groups and c not in loop for c, size in dims)
+  return ok
+
+
+def fsdp_dim(dims: Sequence[tuple[int, int]], dp: int, taken: Sequence[bool],
+             loop_classes: frozenset[int]) -> int | None:
+  """The dim a parameter is split on along the data axis: the largest free one that divides."""
+  best = None
+  for d, (c, size) in enumerate(dims):
+    if taken[d] or size % dp or c in loop_classes:
+      continue
+    if best is None or size > dims[best][1]:
+      best = d
+  return best
+
+
+def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int, tp: int,
+           groups: tuple[int, ...], storage: str, budget: float) -> Candidate:
+  d = dp * tp
+  sharded_state = storage != "replicated"
+  data_div = (dp, dp if sharded_state else 1, 1)
+  div = np.array(data_div, dtype=float)[:, None] * np.array([1.0, tp])[None, :]
+  compute_time = float((agg.compute / div).sum())
+  flops = float((agg.flops / div).sum())
+
+  per_node = profile.devices_per_node
+  model_link = profile.link(crosses_nodes=tp > per_node)
+  data_link = profile.link(crosses_nodes=d > per_node and dp > 1)
+  model_scale = np.array([1.0, 1.0 / tp])
+  data_scale = np.array([1.0, 1.0 / dp])
+
+  comm_time = 0.0
+  comm_bytes = 0.0
+
+  def add(kind, nbytes, count, n, link):
+    nonlocal comm_time, comm_bytes
+    if n <= 1 or count <= 0:
+      return
+    comm_time += collective_steps(kind, n) * link.latency * count
+    comm_time += collective_traffic(kind, nbytes, n) / link.bandwidth
+    comm_bytes += collective_traffic(kind, nbytes, n)
+
+  # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
+  weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
+  add(weight_kind, float(agg.red_data[1] @ model_scale), float(agg.red_data_n[1].sum()), dp, data_link)
+  add("all-reduce", float(agg.red_data[0] @ model_scale), float(agg.red_data_n[0].sum()), dp, data_link)
+  add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_link)
+  add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_link)
+  add("all-gather", float(agg.gather_model @ data_scale), float(agg.gather_model_n.sum()), tp, model_link)
+
+  param_div = np.where(agg.param_model, tp, 1).astype(float)
+  opt_div = np.where(agg.opt_model, tp, 1).astype(float)
+  shardable = _fsdp_shardable(space, dp, groups) if dp > 1 else np.zeros(len(param_div), bool)
+  per_param = space.param_bytes / param_div
+  if storage == "fsdp":
+    gathers = np.where(space.param_in_loop, 2.0, 1.0)
+    add("all-gather", float((per_param * gathers)[shardable].sum()), float(gathers[shardable].sum()), dp, data_link)
+    param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
+    gathered_peak = float(per_param[shardable].max()) if shardable.any() else 0.0
+  else:
+    if storage == "zero1":  # updated parameters are all-gathered from their shards
+      add("all-gather", float(per_param[shardable].sum()), float(shardable.sum()), dp, data_link)
+    param_mem = float(per_param.sum())
+    gathered_peak = 0.0
+  opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
+  opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
+  temp_peak = memory.peak_bytes(agg.curves, data_div, tp)
+  peak = param_mem + opt_mem + space.batch_bytes / dp + temp_peak + 2 * gathered_peak
+
+  step_time = compute_time + comm_time
+  energy = d * (profile.power_idle_watts * step_time +
+                (profile.power_busy_watts - profile.power_idle_watts) * compute_time)
+  return Candidate(devices=d, data=dp, model=tp, model_groups=tuple(groups), storage=storage,
+                   strategy=strategy_label(dp, tp, storage), step_time=step_time,
+                   compute_time=compute_time, comm_time=comm_time, flops=flops,
+                   comm_bytes=comm_bytes, peak_memory=peak, energy=energy, fits=peak <= budget)
+
+
+def device_counts(max_devices: int, all_devices: bool) -> list[int]:
+  """Every count up to 64 (as WAP swept), then multiples of 8 and powers of two."""
+  if all_devices:
+    return [max_devices]
+  counts = {d for d in range(1, min(max_devices, 64) + 1)}
+  counts.update(d for d in range(8, max_devices + 1, 8))
+  counts.update(2 ** k for k in range(int(math.log2(max_devices)) + 1))
+  counts.add(max_devices)
+  return sorted(counts)
+
+
+def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
+           strategy: str = "auto", objective: str = "time", memory_headroom: float = 0.1,
+           all_devices: bool = False) -> list[Candidate]:
+  """All candidates, fitting ones first, each part ordered by the objective."""
+  if strategy not in STRATEGIES:
+    raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}. Got {strategy!r}.")
+  if objective not in OBJECTIVES:
+    raise InvalidArgumentError(f"objective must be one of {OBJECTIVES}. Got {objective!r}.")
+  if not 0 <= memory_headroom < 1:
+    raise InvalidArgumentError(f"memory_headroom must be in [0, 1). Got {memory_headroom!r}.")
+  budget = profile.memory_bytes * (1 - memory_headroom)
+  op_seconds = _op_seconds(space, profile)
+  aggregates: dict[tuple[int, ...], _Aggregates] = {}
+  found = []
+  for d in device_counts(max_devices, all_devices):
+    for tp in (t for t in range(1, d + 1) if d % t == 0):
+      dp = d // tp
+      if space.batch_size % dp:
+        continue
+      for groups in group_sets(space, tp):
+        if tp > 1 and not groups:
+          continue
+        for storage in STORAGES if dp > 1 else ("replicated",):
+          if not _allowed(strategy, dp, tp, storage, groups):
+            continue
+          if groups not in aggregates:
+            aggregates[groups] = _aggregate(space, groups, op_seconds)
+          found.append(_price(space, aggregates[groups], profile, dp, tp, groups, storage, budget))
+  if not found:
+    divisible = [d for d in range(1, max_devices + 1) if space.batch_size % d == 0]
+    raise IndivisibleBatchError(
+        f"no {strategy!r} plan exists for up to {max_devices} devices: the batch size "
+        f"{space.batch_size} splits only over {divisible} data-parallel devices, and no "
+        "parameter dimension splits over the rest. Use a batch size divisible by the device "
+        f"count, or another strategy. Got batch size {space.batch_size}.")
+  key = (lambda c: c.step_time) if objective == "time" else (lambda c: c.energy)
+  return sorted(found, key=lambda c: (not c.fits, key(c), c.devices, c.model, STORAGES.index(c.storage)))
