@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -74,6 +75,18 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
 def named(mesh: Mesh, spec_tree):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def copy_to(tree, shardings):
+  """device_put that never aliases the caller's buffers.
+
+  On jax 0.10.2 `device_put(..., may_alias=False)` still hands a replicated shard the source
+  buffer, and the donating train step would then delete the caller's array.
+  """
+  def fresh(x):
+    return jnp.array(x, copy=True) if isinstance(x, jax.Array) else x
+
+  return jax.device_put(jax.tree.map(fresh, tree), shardings)
 
 
 def opt_state_specs(optimizer: optax.GradientTransformation, params, param_specs):

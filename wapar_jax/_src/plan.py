@@ -124,13 +124,17 @@ class Plan:
     return emit.specs_like(batch, self.flat_batch_specs, "batch specs")
 
   def shard(self, params, devices=None):
-    """Places concrete parameters (or any tree shaped like them) on the plan's mesh."""
+    """Copies concrete parameters (or any tree shaped like them) onto the plan's mesh.
+
+    A copy, never an alias: the train step donates its inputs, and the caller's arrays must
+    survive that.
+    """
     mesh = self.make_mesh(devices)
-    return jax.device_put(params, emit.named(mesh, self._param_specs(params)))
+    return emit.copy_to(params, emit.named(mesh, self._param_specs(params)))
 
   def shard_batch(self, batch, devices=None):
     mesh = self.make_mesh(devices)
-    return jax.device_put(batch, emit.named(mesh, self._batch_specs(batch)))
+    return emit.copy_to(batch, emit.named(mesh, self._batch_specs(batch)))
 
   def init_params(self, init_fn: Callable, *args, devices=None):
     """Runs `init_fn(*args)` so each device creates only its shard: no full host copy."""

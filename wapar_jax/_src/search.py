@@ -37,6 +37,9 @@ DATA, MODEL = "data", "model"
 FSDP_MIN_BYTES = 64 * 1024
 # Model-split group sets are enumerated exhaustively over at most this many groups (the largest).
 MAX_SEARCHED_GROUPS = 12
+# XLA combines independent collectives (weight gradients, FSDP gathers) up to this many bytes
+# (XLA GPU's all-reduce combine threshold); one combined collective pays latency once.
+COMBINE_BYTES = 30 * 2**20
 # Summed per-op bytes of elementwise ops over-count fused programs (see DESIGN): count a share.
 FUSED_BYTES_SHARE = 0.3
 
@@ -208,7 +211,15 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   fusible_def = np.zeros(nv, dtype=bool)
   for op in ops:
     vs = [v for v in op.in_vars + op.out_vars if v >= 0]
-    op_group[op.index] = var_group[vs].any(axis=0) if vs else False
+    # A dim the op must gather first does not split its work.
+    gathered = {(k, d) for k, d in op.gather_dims}
+    for k, v in enumerate(op.in_vars):
+      if v >= 0:
+        for d, c in enumerate(v_classes[v]):
+          if c in class_group and (k, d) not in gathered:
+            op_group[op.index, class_group[c]] = True
+    for v in op.out_vars:
+      op_group[op.index, [class_group[c] for c in v_classes[v] if c in class_group]] = True
     if any(var_batch[v] for v in vs):
       op_data_cat[op.index] = memory.DATA_BATCH
     elif op.out_vars and var_weight[op.out_vars[0]]:
@@ -286,7 +297,8 @@ class _Aggregates:
   compute: np.ndarray       # [3 data cats, 2 model] seconds at one device
   flops: np.ndarray         # [3, 2]
   red_data: np.ndarray      # [2 weight-shaped?, 2 model] output bytes reduced over data
-  red_data_n: np.ndarray    # [2, 2] collective counts
+  red_data_n: np.ndarray    # [2, 2] collective counts (weight gradients: see loop_iterations)
+  loop_iterations: float    # iterations of the deepest loop holding weight-gradient reductions
   red_model: np.ndarray     # [2 batch, 2 model] output bytes reduced over model
   red_model_n: np.ndarray
   gather_data: np.ndarray   # [2 model] input bytes gathered over data
@@ -341,6 +353,8 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
 
   red_data = summed(space.red_batch, out_weight, out_model, weighted)
   red_data_n = summed(space.red_batch, out_weight, out_model, mult)
+  in_loop_weight = space.red_batch & (out_weight == 1) & (mult > 1)
+  loop_iterations = float(mult[in_loop_weight].max()) if in_loop_weight.any() else 0.0
   red_m = space.red_group[:, mask].any(axis=1)
   red_model = summed(red_m, out_batch, out_model, weighted)
   red_model_n = summed(red_m, out_batch, out_model, mult)
@@ -361,7 +375,8 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
                       np.where(space.var_weight, memory.DATA_WEIGHT, memory.DATA_NONE))
   curves = memory.liveness_curves(t.def_pos[temp], t.last_use[temp], space.var_bytes[temp],
                                   data_cat[temp], var_model[temp], len(t.ops))
-  return _Aggregates(compute, flops, red_data, red_data_n, red_model, red_model_n, gather_data,
+  return _Aggregates(compute, flops, red_data, red_data_n, loop_iterations, red_model,
+                     red_model_n, gather_data,
                      gather_data_n, gather_model, gather_model_n, curves,
                      space.param_group[:, mask].any(axis=1), space.opt_group[:, mask].any(axis=1))
 
@@ -388,6 +403,11 @@ def fsdp_dim(dims: Sequence[tuple[int, int]], dp: int, taken: Sequence[bool],
     if best is None or size > dims[best][1]:
       best = d
   return best
+
+
+def _combined(nbytes: float) -> float:
+  """Collectives left after XLA combines independent ones of `nbytes` in all."""
+  return float(math.ceil(nbytes / COMBINE_BYTES)) if nbytes > 0 else 0.0
 
 
 def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int, tp: int,
@@ -418,7 +438,8 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
 
   # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
-  add(weight_kind, float(agg.red_data[1] @ model_scale), float(agg.red_data_n[1].sum()), dp, data_link)
+  grad_bytes = float(agg.red_data[1] @ model_scale)
+  add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_link)
   add("all-reduce", float(agg.red_data[0] @ model_scale), float(agg.red_data_n[0].sum()), dp, data_link)
   add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_link)
   add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_link)
@@ -430,12 +451,14 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   per_param = space.param_bytes / param_div
   if storage == "fsdp":
     gathers = np.where(space.param_in_loop, 2.0, 1.0)
-    add("all-gather", float((per_param * gathers)[shardable].sum()), float(gathers[shardable].sum()), dp, data_link)
+    gathered = float((per_param * gathers)[shardable].sum())
+    add("all-gather", gathered, _combined(gathered) + 2 * agg.loop_iterations, dp, data_link)
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
     gathered_peak = float(per_param[shardable].max()) if shardable.any() else 0.0
   else:
     if storage == "zero1":  # updated parameters are all-gathered from their shards
-      add("all-gather", float(per_param[shardable].sum()), float(shardable.sum()), dp, data_link)
+      gathered = float(per_param[shardable].sum())
+      add("all-gather", gathered, _combined(gathered), dp, data_link)
     param_mem = float(per_param.sum())
     gathered_peak = 0.0
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)

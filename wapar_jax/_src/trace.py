@@ -219,8 +219,10 @@ def _dim_rules(eqn, in_shapes, out_shapes):
     if p.get("feature_group_count", 1) == 1 and p.get("batch_group_count", 1) == 1:
       link(("i", 0, lhs_spec[1]), ("i", 1, rhs_spec[1]))
       reduce_dims.append((0, lhs_spec[1]))
-    for d in lhs_spec[2:]:  # spatial dims: a halo exchange if split; we never split them
+    for d in lhs_spec[2:]:  # spatial dims: a halo exchange if split; costed as a gather
       gather_dims.append((0, d))
+    for d in rhs_spec[2:]:
+      gather_dims.append((1, d))
     return links, reduce_dims, gather_dims, True
 
   if name == "broadcast_in_dim":
