@@ -18,11 +18,41 @@ import numpy as np
 DATA_BATCH, DATA_WEIGHT, DATA_NONE = 0, 1, 2
 # An elementwise result consumed within this many ops is fused into its consumer.
 _FUSION_WINDOW = 3
+LAYOUT_PRIMITIVES = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims",
+                               "transpose", "convert_element_type", "iota", "copy", "copy_p"})
 
 
-def materialised(def_pos: np.ndarray, last_use: np.ndarray, fusible_def: np.ndarray) -> np.ndarray:
-  """Which variables XLA keeps in a buffer of their own."""
-  return ~fusible_def | (last_use - def_pos > _FUSION_WINDOW)
+def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
+  """Which variables XLA keeps in a buffer of their own, and until when each is needed.
+
+  Outputs of non-fusible ops (dots, reductions, gathers, ...) are. Layout ops (broadcast,
+  reshape, transpose, convert) are bitcasts or fused into every consumer, so never. An
+  elementwise result is fused into its consumers, recomputed where it is needed, unless a
+  non-fusible op reads it far from where it was made (a residual saved for the backward pass).
+  """
+  n = traced.num_vars
+  made_by_fusible = np.zeros(n, dtype=bool)
+  layout = np.zeros(n, dtype=bool)
+  read_far_by_kernel = np.zeros(n, dtype=bool)
+  for op in traced.ops:
+    outs = list(op.out_vars)
+    made_by_fusible[outs] = op.fusible
+    layout[outs] = op.primitive in LAYOUT_PRIMITIVES
+    if not op.fusible:
+      for v in op.in_vars:
+        if v >= 0 and op.index - traced.def_pos[v] > _FUSION_WINDOW:
+          read_far_by_kernel[v] = True
+  kept = ~layout & (~made_by_fusible | read_far_by_kernel)
+  # A value recomputed where it is read keeps its own inputs alive until then.
+  last_use = traced.last_use.copy()
+  for op in reversed(traced.ops):
+    dropped = [v for v in op.out_vars if not kept[v]]
+    if dropped:
+      until = max(last_use[v] for v in dropped)
+      for v in op.in_vars:
+        if v >= 0 and last_use[v] < until:
+          last_use[v] = until
+  return kept, last_use
 
 
 def liveness_curves(def_pos, last_use, nbytes, data_cat, on_model, num_ops) -> np.ndarray:

@@ -108,6 +108,11 @@ class Plan:
       n *= size
     return n
 
+  def summary(self, max_params: int = 12) -> str:
+    """Mesh, specs of the largest parameters, predicted costs and the device sweep, as text."""
+    from wapar_jax._src.explain import summary
+    return summary(self, max_params)
+
   # --- running the plan -------------------------------------------------------------------
 
   def make_mesh(self, devices: Sequence[Any] | None = None):

@@ -126,6 +126,7 @@ class SearchSpace:
   var_batch: np.ndarray             # [V] bool
   var_weight: np.ndarray            # [V] bool: shaped like a parameter, no batch dim
   temp_vars: np.ndarray             # [V] bool: counted in the temporaries' liveness
+  temp_last_use: np.ndarray         # [V] last op needing it, counting recomputation by fusion
   op_group: np.ndarray              # [N, G] bool
   op_data_cat: np.ndarray           # [N] memory.DATA_* category of the op's work
   op_out_var: np.ndarray            # [N] first output variable (-1 if none)
@@ -208,7 +209,6 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   red_batch = np.zeros(n, dtype=bool)
   red_group = np.zeros((n, num_groups), dtype=bool)
   g_op, g_var, g_batch, g_group = [], [], [], []
-  fusible_def = np.zeros(nv, dtype=bool)
   for op in ops:
     vs = [v for v in op.in_vars + op.out_vars if v >= 0]
     # A dim the op must gather first does not split its work.
@@ -227,7 +227,6 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
     if op.out_vars:
       op_out_var[op.index] = op.out_vars[0]
       op_out_bytes[op.index] = sum(var_bytes[v] for v in op.out_vars)
-      fusible_def[list(op.out_vars)] = op.fusible
     for k, d in op.reduce_dims:
       c = v_classes[op.in_vars[k]][d]
       if c in batch_classes:
@@ -243,7 +242,8 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
         g_batch.append(c in batch_classes)
         g_group.append(class_group.get(c, -1))
 
-  temp_vars = memory.materialised(traced.def_pos, traced.last_use, fusible_def)
+  _reduce_at_sinks(ops, red_batch, red_group)
+  temp_vars, temp_last_use = memory.materialised(traced)
   temp_vars[list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)] = False
   outputs = set(traced.output_vars) - {traced.loss_var}
   temp_vars[list(outputs)] = False  # new params / opt state are written into donated buffers
@@ -255,6 +255,7 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
       traced=traced, costs=costs, groups=tuple(groups), batch_classes=frozenset(batch_classes),
       self_paired=frozenset(self_paired), conflicts=conflicts, var_group=var_group,
       var_bytes=var_bytes, var_batch=var_batch, var_weight=var_weight, temp_vars=temp_vars,
+      temp_last_use=temp_last_use,
       op_group=op_group, op_data_cat=op_data_cat, op_out_var=op_out_var,
       op_out_bytes=op_out_bytes, red_batch=red_batch, red_group=red_group,
       gathers=(np.asarray(g_op, dtype=np.int64), np.asarray(g_var, dtype=np.int64),
@@ -264,6 +265,60 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
       param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
       opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
       batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size)
+
+
+# Ops through which a partial sum stays a partial sum (they are linear in it).
+_SUMMING = frozenset({"add", "add_any", "sub"})
+_LINEAR_UNARY = frozenset({"neg", "convert_element_type", "reshape", "transpose", "squeeze",
+                           "copy", "copy_p"})
+_SCALING = frozenset({"mul", "div"})
+
+
+def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
+  """Moves each partial-sum reduction to where the partial value is last combined.
+
+  dx = dq Wq^T + dk Wk^T + dv Wv^T under a head split is three partial sums but one all-reduce:
+  partials may be added, scaled and reshaped before reducing (XLA's all-reduce reassociation
+  does this), so the collective is charged once, at the op whose result leaves that chain.
+  """
+  uses: dict[int, int] = {}
+  for op in ops:
+    for v in op.in_vars:
+      if v >= 0:
+        uses[v] = uses.get(v, 0) + 1
+  state: dict[int, tuple] = {}   # partial variable -> (over batch, groups)
+  carrier: dict[int, int] = {}   # partial variable -> op charged for its reduction
+  for op in ops:
+    i = op.index
+    own = (bool(red_batch[i]), tuple(np.flatnonzero(red_group[i])))
+    if len(op.out_vars) != 1:
+      continue
+    out = op.out_vars[0]
+    if own != (False, ()):
+      state[out], carrier[out] = own, i
+      continue
+    ins = [v for v in op.in_vars if v >= 0]
+    partial = [v for v in ins if v in state and uses[v] == 1]
+    if not partial:
+      continue
+    if op.primitive in _SUMMING:
+      ok = len(partial) == len(op.in_vars) and len({state[v] for v in partial}) == 1
+    elif op.primitive in _LINEAR_UNARY:
+      ok = len(op.in_vars) == 1
+    elif op.primitive in _SCALING:  # partial * x and partial / x, with x not partial
+      ok = len(partial) == 1 and len([v for v in ins if v in state]) == 1 and (
+          op.primitive == "mul" or op.in_vars[0] == partial[0])
+    else:
+      ok = False
+    if not ok:
+      continue
+    for v in partial:
+      red_batch[carrier[v]] = False
+      red_group[carrier[v]] = False
+    over_batch, groups = state[partial[0]]
+    red_batch[i] = over_batch
+    red_group[i, list(groups)] = True
+    state[out], carrier[out] = state[partial[0]], i
 
 
 def _vars_used_in_loops(traced: TracedStep) -> set[int]:
@@ -373,7 +428,7 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
   temp = space.temp_vars
   data_cat = np.where(space.var_batch, memory.DATA_BATCH,
                       np.where(space.var_weight, memory.DATA_WEIGHT, memory.DATA_NONE))
-  curves = memory.liveness_curves(t.def_pos[temp], t.last_use[temp], space.var_bytes[temp],
+  curves = memory.liveness_curves(t.def_pos[temp], space.temp_last_use[temp], space.var_bytes[temp],
                                   data_cat[temp], var_model[temp], len(t.ops))
   return _Aggregates(compute, flops, red_data, red_data_n, loop_iterations, red_model,
                      red_model_n, gather_data,
@@ -521,5 +576,7 @@ def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
         f"{space.batch_size} splits only over {divisible} data-parallel devices, and no "
         "parameter dimension splits over the rest. Use a batch size divisible by the device "
         f"count, or another strategy. Got batch size {space.batch_size}.")
-  key = (lambda c: c.step_time) if objective == "time" else (lambda c: c.energy)
-  return sorted(found, key=lambda c: (not c.fits, key(c), c.devices, c.model, STORAGES.index(c.storage)))
+  value = (lambda c: c.step_time) if objective == "time" else (lambda c: c.energy)
+  # Candidates within 0.01% of each other tie: then fewer devices, then less memory.
+  return sorted(found, key=lambda c: (not c.fits, float(f"{value(c):.4g}"), c.devices,
+                                      c.peak_memory, c.model))

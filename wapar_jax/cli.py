@@ -1,0 +1,123 @@
+"""The `wapar` command. Argument parsing and printing only; the work is in wapar_jax."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+_EPILOG = """examples:
+  wapar plan gpt2-small --devices 8 --profile h100-sxm
+  wapar plan gpt-7b --devices 8 --profile h100-sxm --dtype bfloat16 --out plan.json
+  wapar plan alexnet --devices 4 --profile titanxp-pcie --batch-size 8 --strategy dp
+  wapar plan mypkg.train:workload --devices 16     # workload() -> (loss_fn, params, batch)
+  wapar profiles
+"""
+
+
+def _workload(model: str, batch_size, seq_len, dtype):
+  from wapar_jax._src import zoo
+  if ":" in model:
+    module_name, fn_name = model.split(":", 1)
+    sys.path.insert(0, os.getcwd())
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    loss_fn, params, batch = fn()
+    return loss_fn, params, batch
+  ex = zoo.get_example(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
+  return ex.loss_fn, ex.params, ex.batch
+
+
+def _optimizer(name: str, lr: float):
+  import optax
+  makers = {"adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd, "adafactor": optax.adafactor,
+            "lion": optax.lion}
+  return makers[name](lr)
+
+
+def _cmd_plan(args) -> int:
+  import wapar_jax as wap
+  loss_fn, params, batch = _workload(args.model, args.batch_size, args.seq_len, args.dtype)
+  plan = wap.plan(loss_fn, params, batch, optimizer=_optimizer(args.optimizer, args.lr),
+                  devices=args.devices, profile=args.profile, objective=args.objective,
+                  strategy=args.strategy, memory_headroom=args.memory_headroom,
+                  all_devices=args.all_devices, cache=not args.no_cache)
+  if args.out:
+    plan.save(args.out)
+  if args.json:
+    print(plan.to_json())
+  else:
+    print(plan.summary())
+    stats = plan.stats
+    print(f"\nplanned in {stats['total_seconds']:.2f} s: {stats['ops']:.0f} equations, "
+          f"{stats['unique_ops']:.0f} unique ({stats['lowered_ops']:.0f} costed by XLA now), "
+          f"{stats['candidates_evaluated']:.0f} candidates")
+    if args.out:
+      print(f"plan written to {args.out}")
+  return 0
+
+
+def _cmd_profiles(args) -> int:
+  from wapar_jax._src.profiles import list_profiles, load_profile
+  if args.name:
+    print(json.dumps(load_profile(args.name).to_dict(), indent=2))
+    return 0
+  for name in list_profiles():
+    p = load_profile(name)
+    print(f"{name:16s} {p.kind:4s} {p.flops_per_second('bfloat16') / 1e12:7.1f} TFLOP/s bf16  "
+          f"{p.memory_bytes / 2**30:6.1f} GiB  {p.devices_per_node:5d} per node")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="wapar", description="Plan how to shard a JAX train step: device count, mesh shape "
+      "and a PartitionSpec for every parameter, optimizer-state and batch leaf.",
+      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("plan", help="plan a built-in example or module:function",
+                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("model", help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
+                 "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch)")
+  p.add_argument("--devices", type=int, default=8, help="devices offered (default 8); every "
+                 "count up to it is considered")
+  p.add_argument("--profile", default="h100-sxm", help="device profile name or .json file "
+                 "(see `wapar profiles`)")
+  p.add_argument("--objective", choices=("time", "energy"), default="time")
+  p.add_argument("--strategy", default="auto",
+                 choices=("auto", "dp", "zero1", "fsdp", "tp", "dp_tp"),
+                 help="auto, or restrict to one family (for baselines)")
+  p.add_argument("--all-devices", action="store_true", help="only plans that use every device")
+  p.add_argument("--memory-headroom", type=float, default=0.1,
+                 help="fraction of device memory kept free (default 0.1)")
+  p.add_argument("--batch-size", type=int, help="override the example's global batch size")
+  p.add_argument("--seq-len", type=int, help="override the example's sequence length")
+  p.add_argument("--dtype", help="parameter/compute dtype of the example, e.g. bfloat16")
+  p.add_argument("--optimizer", default="adamw",
+                 choices=("adamw", "adam", "sgd", "adafactor", "lion"))
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--out", help="write the plan as JSON to this file (atomically)")
+  p.add_argument("--json", action="store_true", help="print the plan as JSON")
+  p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
+  p.set_defaults(run=_cmd_plan)
+
+  p = sub.add_parser("profiles", help="list built-in device profiles, or show one")
+  p.add_argument("name", nargs="?", help="a profile to show in full")
+  p.set_defaults(run=_cmd_profiles)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  from wapar_jax import WaparError
+  try:
+    return args.run(args)
+  except WaparError as e:
+    print(f"wapar: error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
