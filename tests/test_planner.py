@@ -190,3 +190,17 @@ def test_energy_objective_never_uses_more_energy_than_time_objective(gpt_tiny):
                        **kwargs)
   assert by_energy.predicted.energy <= by_time.predicted.energy
   assert by_time.predicted.step_time <= by_energy.predicted.step_time
+
+
+def test_sharded_init_matches_unsharded_init():
+  ex = zoo.get_example("mlp")
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
+                  strategy="fsdp", all_devices=True)
+  key = jax.random.key(3)
+  sharded = plan.init_params(ex.init_params, key)
+  expected = ex.init_params(key)
+  for leaf, want, spec in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected),
+                              jax.tree.leaves(plan.param_specs, is_leaf=_is_spec)):
+    assert leaf.sharding.spec == spec
+    np.testing.assert_allclose(np.asarray(leaf), np.asarray(want), rtol=1e-6)
+  assert any("data" in spec for spec in jax.tree.leaves(plan.param_specs, is_leaf=_is_spec))

@@ -92,3 +92,28 @@ def test_non_scalar_loss_is_a_named_error():
   batch = {"x": jax.ShapeDtypeStruct((8, 4), jnp.float32)}
   with pytest.raises(NonScalarLossError, match=r"shape \(8, 4\)"):
     trace_train_step(lambda p, b: b["x"] @ p["w"], params, batch, TX)
+
+
+def test_remat_inside_scan_counts_the_recomputation():
+  def layer(h, w):
+    return jnp.tanh(h @ w), None
+
+  def loss(remat):
+    def fn(p, b):
+      body = jax.checkpoint(layer) if remat else layer
+      h, _ = lax.scan(body, b["x"], p["w"])
+      return jnp.mean(h ** 2)
+    return fn
+
+  params = {"w": jax.ShapeDtypeStruct((4, 64, 64), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((32, 64), jnp.float32)}
+  plain, _ = trace_train_step(loss(False), params, batch, optax.sgd(0.1))
+  remat, _ = trace_train_step(loss(True), params, batch, optax.sgd(0.1))
+
+  def dot_flops(traced):
+    costs = step_costs(traced, CostCache(persist=False))
+    return sum(costs.flops[op.index] for op in traced.ops if op.primitive == "dot_general")
+
+  matmul = 2 * 32 * 64 * 64
+  assert dot_flops(plain) == pytest.approx(4 * 3 * matmul)   # forward, dx, dW per layer
+  assert dot_flops(remat) == pytest.approx(4 * 4 * matmul)   # plus the recomputed forward

@@ -21,7 +21,7 @@ import jax
 import jax.extend as jex
 import numpy as np
 
-from wapar_jax._src.trace import TracedStep
+from wapar_jax._src.trace import ELEMENTWISE, TracedStep
 
 _COST_FIELDS = ("flops", "bytes accessed", "transcendentals")
 # Lowered-module cost analysis undercounts these: the compiler expands them into loops whose
@@ -129,8 +129,6 @@ def _is_identity(eqn) -> bool:
 
 
 def _xla_cost(eqn) -> tuple[float, float, float]:
-  if _is_identity(eqn):
-    return 0.0, 0.0, 0.0
   avals = [v.aval for v in eqn.invars if not isinstance(v, jex.core.Literal)]
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
 
@@ -151,6 +149,28 @@ def _xla_cost(eqn) -> tuple[float, float, float]:
   return tuple(float(analysis.get(k, 0.0)) for k in _COST_FIELDS)
 
 
+def _elementwise_key(op) -> tuple[str, int] | None:
+  """(key, element count) of an elementwise op whose operands all have the output's shape.
+
+  XLA's cost of such an op is linear in its element count, so one lowering per primitive,
+  params and dtypes serves every shape (and every literal value, which only sets a constant).
+  """
+  eqn = op.eqn
+  if not op.fusible or eqn.primitive.name not in ELEMENTWISE or len(eqn.outvars) != 1:
+    return None
+  shape = tuple(eqn.outvars[0].aval.shape)
+  parts = []
+  for v in eqn.invars:
+    if isinstance(v, jex.core.Literal):
+      parts.append(f"lit:{v.aval.dtype}")
+    elif tuple(v.aval.shape) == shape:
+      parts.append(str(v.aval.dtype))
+    else:
+      return None
+  params = ", ".join(f"{k}={v!r}" for k, v in sorted(eqn.params.items()))
+  return f"per-element {eqn.primitive.name}[{params}]({', '.join(parts)})", max(math.prod(shape), 1)
+
+
 def step_costs(traced: TracedStep, cache: CostCache | None = None, progress=None) -> StepCosts:
   """XLA's cost of each op of `traced`, deduplicated by content and cached."""
   cache = cache if cache is not None else CostCache()
@@ -162,12 +182,18 @@ def step_costs(traced: TracedStep, cache: CostCache | None = None, progress=None
   keys = list(unique)
   iterator = progress(keys) if progress is not None else keys
   for key in iterator:
-    hit = cache.get(key)
+    op = traced.ops[unique[key]]
+    if _is_identity(op.eqn):
+      values[key] = (0.0, 0.0, 0.0)
+      continue
+    scalable = _elementwise_key(op)
+    cache_key, scale = scalable if scalable else (key, 1)
+    hit = cache.get(cache_key)
     if hit is None:
-      hit = _xla_cost(traced.ops[unique[key]].eqn)
-      cache.put(key, hit)
+      hit = [x / scale for x in _xla_cost(op.eqn)]
+      cache.put(cache_key, hit)
       lowered += 1
-    values[key] = tuple(hit)
+    values[key] = tuple(x * scale for x in hit)
   cache.save()
 
   n = len(traced.ops)

@@ -47,15 +47,18 @@ _CALL_JAXPR_PARAM = {
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
                "reduce_xor", "argmax", "argmin"}
 _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
-# Ops XLA fuses into their consumers: their outputs are rarely materialised in memory.
-_FUSIBLE = {
+# Elementwise primitives: operands and result line up element by element.
+ELEMENTWISE = frozenset({
     "add", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "log", "log1p", "expm1", "tanh",
     "logistic", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow", "abs", "sign", "select_n", "clamp",
     "convert_element_type", "eq", "ne", "gt", "ge", "lt", "le", "and", "or", "not", "xor",
-    "is_finite", "stop_gradient", "add_any", "erf", "erfc", "erf_inv", "square", "broadcast_in_dim",
-    "reshape", "squeeze", "expand_dims", "transpose", "iota", "floor", "ceil", "round", "rem",
-    "sin", "cos", "tan", "atan2", "copy", "copy_p", "reduce_precision", "nextafter", "imag", "real",
-}
+    "is_finite", "stop_gradient", "add_any", "erf", "erfc", "erf_inv", "square", "floor", "ceil",
+    "round", "rem", "sin", "cos", "tan", "atan2", "copy", "copy_p", "reduce_precision", "nextafter",
+    "imag", "real",
+})
+# Ops XLA fuses into their consumers: their outputs are rarely materialised in memory.
+_FUSIBLE = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
+                          "iota"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -664,22 +667,31 @@ def trace_train_step(loss_fn, params, batch, optimizer):
   seconds and a few hundred MB.
   """
   params, batch = abstract(params), abstract(batch)
+  opt_state = abstract(jax.eval_shape(optimizer.init, params))
+  try:
+    closed = jax.make_jaxpr(make_train_step(loss_fn, optimizer))(params, opt_state, batch)
+  except Exception as e:  # diagnose with a forward trace only: the model is traced once if fine
+    _check_loss(loss_fn, params, batch, e)
+    raise
+  n_params = len(jax.tree.leaves(params))
+  n_opt = len(jax.tree.leaves(opt_state))
+  n_batch = len(jax.tree.leaves(batch))
+  traced = trace_jaxpr(closed, n_params, n_opt, n_batch, loss_output=n_params + n_opt)
+  return traced, opt_state
+
+
+def _check_loss(loss_fn, params, batch, step_error: Exception) -> None:
+  """Names the error when tracing the train step failed because of the loss function."""
   try:
     loss = jax.eval_shape(loss_fn, params, batch)
-  except Exception as e:  # the user's code failed on abstract values: say where we were.
+  except Exception as e:
     raise InvalidArgumentError(
         "loss_fn(params, batch) failed when traced with abstract params and batch. It must be a "
         "pure function of its two arguments (no use of concrete values). "
         f"Got {type(e).__name__}: {e}") from e
   if not (hasattr(loss, "shape") and tuple(loss.shape) == ()):
     shape = getattr(loss, "shape", None)
+    got = f"a {type(loss).__name__}" if shape is None else f"shape {tuple(shape)}"
     raise NonScalarLossError(
         "loss_fn(params, batch) must return a scalar (reduce the per-example losses with "
-        f"jnp.mean or jnp.sum). Got {'a ' + type(loss).__name__ if shape is None else 'shape ' + str(tuple(shape))}.")
-  opt_state = abstract(jax.eval_shape(optimizer.init, params))
-  closed = jax.make_jaxpr(make_train_step(loss_fn, optimizer))(params, opt_state, batch)
-  n_params = len(jax.tree.leaves(params))
-  n_opt = len(jax.tree.leaves(opt_state))
-  n_batch = len(jax.tree.leaves(batch))
-  traced = trace_jaxpr(closed, n_params, n_opt, n_batch, loss_output=n_params + n_opt)
-  return traced, opt_state
+        f"jnp.mean or jnp.sum). Got {got}.") from step_error
