@@ -71,6 +71,13 @@ class Candidate:
   peak_memory: float
   energy: float
   fits: bool
+  # Per-device memory by term (bytes); peak_memory is their sum.
+  param_memory: float = 0.0
+  opt_state_memory: float = 0.0
+  activation_memory: float = 0.0
+  # How the step is run: rematerialisation policy and gradient-accumulation micro-batches.
+  remat: str = "none"
+  microbatches: int = 1
 
   @property
   def mesh_shape(self) -> dict[str, int]:
@@ -143,9 +150,12 @@ class SearchSpace:
   opt_group: np.ndarray             # [O, G] bool
   batch_bytes: float
   batch_size: int
+  remat: str = "none"
+  microbatches: int = 1
 
 
-def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]) -> SearchSpace:
+def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str], *,
+                remat: str = "none", microbatches: int = 1) -> SearchSpace:
   """Groups the dimension classes and lays the step out as arrays for the search."""
   v_classes = traced.var_classes
   batch_classes = set()
@@ -155,7 +165,8 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
           "every batch leaf needs a leading batch dimension to split over devices. "
           f"Got a scalar batch leaf (leaf {traced.batch_vars.index(v)}).")
     batch_classes.add(v_classes[v][0])
-  batch_size = math.gcd(*(traced.var_shape[v][0] for v in traced.batch_vars))
+  # Under gradient accumulation the batch class is the micro-batch: what splits must divide it.
+  batch_size = math.gcd(*(traced.class_size[c] for c in batch_classes))
 
   # Group parameter classes by a signature: class size and where they occur in parameters.
   occurrences: dict[int, list] = {}
@@ -264,7 +275,8 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
       param_in_loop=np.array([v in loop_vars for v in pv], dtype=bool),
       param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
       opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
-      batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size)
+      batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size,
+      remat=remat, microbatches=microbatches)
 
 
 # Ops through which a partial sum stays a partial sum (they are linear in it).
@@ -527,7 +539,10 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   return Candidate(devices=d, data=dp, model=tp, model_groups=tuple(groups), storage=storage,
                    strategy=strategy_label(dp, tp, storage), step_time=step_time,
                    compute_time=compute_time, comm_time=comm_time, flops=flops,
-                   comm_bytes=comm_bytes, peak_memory=peak, energy=energy, fits=peak <= budget)
+                   comm_bytes=comm_bytes, peak_memory=peak, energy=energy, fits=peak <= budget,
+                   param_memory=param_mem, opt_state_memory=opt_mem,
+                   activation_memory=peak - param_mem - opt_mem,
+                   remat=space.remat, microbatches=space.microbatches)
 
 
 def device_counts(max_devices: int, all_devices: bool) -> list[int]:
