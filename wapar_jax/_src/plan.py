@@ -18,12 +18,14 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import emit
+from wapar_jax._src import details as details_lib, emit
 from wapar_jax._src.errors import CorruptPlanFileError, InvalidArgumentError
 from wapar_jax._src.search import Candidate
 from wapar_jax._src.step import abstract
 
-PLAN_FORMAT_VERSION = 1
+# 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). Version 1 is read too.
+PLAN_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Plan:
     candidates: ranked alternatives (best first), including the best one per device count.
     strategy: family of the chosen candidate ("dp", "fsdp", "tp", "dp_tp", ...).
     profile: name of the device profile; devices_offered: how many devices the search could use.
+    details: leaf shapes / dtypes, dimension groups, hot spots and memory terms (see
+      `wapar_jax._src.details.PlanDetails`); None for a version-1 plan file.
   """
   mesh_shape: Mapping[str, int]
   param_specs: Any
@@ -100,6 +104,7 @@ class Plan:
   abstract_params: Any = dataclasses.field(default=None, repr=False, compare=False)
   abstract_batch: Any = dataclasses.field(default=None, repr=False, compare=False)
   device_list: Any = dataclasses.field(default=None, repr=False, compare=False)
+  details: details_lib.PlanDetails | None = dataclasses.field(default=None, repr=False)
 
   @property
   def num_devices(self) -> int:
@@ -112,6 +117,62 @@ class Plan:
     """Mesh, specs of the largest parameters, predicted costs and the device sweep, as text."""
     from wapar_jax._src.explain import summary
     return summary(self, max_params)
+
+  def explain(self, top: int = 10) -> str:
+    """Why this plan: devices chosen and the margin to every other count, parameter groups,
+    the step split into compute / communication, memory by term, alternatives, hot spots.
+
+    Example:
+      >>> print(plan.explain())
+    """
+    from wapar_jax._src.explain import explain
+    return explain(self, top)
+
+  def _repr_html_(self) -> str:
+    from wapar_jax._src.explain import html
+    return html(self)
+
+  def plot_sweep(self):
+    """Step time and energy per sample against device count (the WAP curve): a Figure."""
+    from wapar_jax._src.plots import plot_sweep
+    return plot_sweep(self)
+
+  def plot_breakdown(self, max_candidates: int = 12):
+    """Compute and communication time of each candidate kept, as stacked bars: a Figure."""
+    from wapar_jax._src.plots import plot_breakdown
+    return plot_breakdown(self, max_candidates)
+
+  def plot_layout(self, param_path: str | None = None):
+    """Which device holds which block of a parameter (default: the largest): a Figure."""
+    from wapar_jax._src.plots import plot_layout
+    return plot_layout(self, param_path)
+
+  def logical_axis_rules(self) -> list[tuple[str, str | None]]:
+    """The plan as flax-style `(logical axis, mesh axis)` rules (see `param_logical_axes`)."""
+    from wapar_jax._src.export import logical_axis_rules
+    return logical_axis_rules(self)
+
+  def param_logical_axes(self) -> Any:
+    """Per parameter, the logical axis name of each dim, shaped like the parameter tree."""
+    from wapar_jax._src.export import param_logical_axes
+    return param_logical_axes(self)
+
+  def to_maxtext_yaml(self) -> str:
+    """mesh_axes, data_sharding and logical_axis_rules in MaxText's config style."""
+    from wapar_jax._src.export import to_maxtext_yaml
+    return to_maxtext_yaml(self)
+
+  def check_fits(self, params=None, batch=None) -> None:
+    """Raises PlanMismatchError naming each leaf that is missing, extra, or differs in shape
+    or dtype from the model the plan was made for (the batch size itself may differ).
+
+    Example:
+      >>> plan.check_fits(params, batch)   # None if the plan fits
+    """
+    if self.details is not None:
+      details_lib.check_fits(self.details, params, batch)
+    elif params is not None:  # a version-1 file knows only the leaf paths
+      emit.specs_like(params, self.flat_param_specs, "parameter specs")
 
   # --- running the plan -------------------------------------------------------------------
 
@@ -134,6 +195,7 @@ class Plan:
     A copy, never an alias: the train step donates its inputs, and the caller's arrays must
     survive that.
     """
+    self.check_fits(params)
     mesh = self.make_mesh(devices)
     return emit.copy_to(params, emit.named(mesh, self._param_specs(params)))
 
@@ -185,10 +247,24 @@ class Plan:
       raise InvalidArgumentError(
           "a plan loaded from JSON needs the trees it applies to: pass params= and batch= "
           "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None.")
+    self.check_fits(params, batch)
     mesh = self.make_mesh(devices)
     opt_specs = emit.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
     return emit.sharded_train_step(loss_fn, optimizer, mesh, self._param_specs(params),
                                    opt_specs, self._batch_specs(batch))
+
+  def verify(self, devices=None, **kwargs):
+    """Compiles the train step for the plan's mesh on CPU devices; prediction vs compiled.
+
+    Runs in a child process when this one has too few CPU devices. Keyword arguments
+    (profile, workload, loss_fn, optimizer, params, batch, timeout) are those of
+    `wapar_jax._src.verify.verify`.
+
+    Example:
+      >>> print(plan.verify().table())
+    """
+    from wapar_jax._src.verify import verify
+    return verify(self, devices, **kwargs)
 
   # --- files ------------------------------------------------------------------------------
 
@@ -213,6 +289,8 @@ class Plan:
         "opt_state_param_specs": flat(self.flat_opt_specs),
         "batch_specs": flat(self.flat_batch_specs),
     }
+    if self.details is not None:
+      data["details"] = self.details.to_dict()
     return json.dumps(data, indent=1)
 
   @classmethod
@@ -224,10 +302,10 @@ class Plan:
     if not isinstance(data, dict) or data.get("format") != "wapar_jax.plan":
       raise CorruptPlanFileError("this is not a wapar_jax plan (no \"format\": \"wapar_jax.plan\"). "
                                  f"Got keys {sorted(data)[:8] if isinstance(data, dict) else type(data).__name__}.")
-    if data.get("version") != PLAN_FORMAT_VERSION:
+    if data.get("version") not in _READABLE_VERSIONS:
       raise CorruptPlanFileError(
           f"plan file version {data.get('version')!r} is not supported by this wapar_jax "
-          f"(reads version {PLAN_FORMAT_VERSION}); plan again. Got {data.get('version')!r}.")
+          f"(reads versions {_READABLE_VERSIONS}); plan again. Got {data.get('version')!r}.")
     try:
       def flat(entries):
         return {tuple(e["path"]): _spec_from_json(e["spec"]) for e in entries}
@@ -247,7 +325,9 @@ class Plan:
           objective=data["objective"], profile=data["profile"],
           devices_offered=int(data["devices_offered"]), model_split=tuple(data["model_split"]),
           stats=dict(data["stats"]), flat_param_specs=params, flat_opt_specs=opt,
-          flat_batch_specs=batch)
+          flat_batch_specs=batch,
+          details=(details_lib.PlanDetails.from_dict(data["details"]) if "details" in data
+                   else None))
     except (KeyError, TypeError, ValueError) as e:
       raise CorruptPlanFileError(f"the plan file is missing or has malformed fields. Got {type(e).__name__}: {e}") from e
 

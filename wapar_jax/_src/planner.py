@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import emit, search as search_lib
+from wapar_jax._src import details as details_lib, emit, search as search_lib
 from wapar_jax._src.cost import CostCache, step_costs
 from wapar_jax._src.errors import InvalidArgumentError, NoFeasiblePlanError
 from wapar_jax._src.plan import Plan, Prediction
@@ -109,7 +110,8 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
          strategy: str = "auto",
          memory_headroom: float = 0.1,
          all_devices: bool = False,
-         cache: bool = True) -> Plan:
+         cache: bool = True,
+         progress: Callable | None = None) -> Plan:
   """Plans how to shard a single-device train step.
 
   Args:
@@ -128,6 +130,8 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     memory_headroom: fraction of device memory kept free (fragmentation, runtime buffers).
     all_devices: only consider using every device offered.
     cache: keep per-equation XLA costs on disk (~/.cache/wapar_jax) across runs.
+    progress: `progress(phase, items) -> iterable of items`, wrapped around each long phase
+      ("tracing", "cost analysis" over the unique equations, "search"), e.g. to draw bars.
 
   Returns:
     A frozen `Plan`.
@@ -151,15 +155,27 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
   device_profile = load_profile(profile)
 
   abstract_params, abstract_batch = abstract(params), abstract(batch)
-  traced, _ = trace_train_step(loss_fn, abstract_params, abstract_batch, optimizer)
+  phase = (lambda name, items: items) if progress is None else progress
+  for _ in phase("tracing", [loss_fn]):
+    traced, _ = trace_train_step(loss_fn, abstract_params, abstract_batch, optimizer)
+  if traced.unknown_primitives:
+    # Never crash on a primitive without a sharding rule: its dims are linked position by
+    # position, which at worst prices an extra collective, and XLA still costs its work.
+    warnings.warn(
+        f"wapar_jax has no sharding rule for primitive(s) {', '.join(traced.unknown_primitives)}; "
+        "they were costed conservatively (dims of equal shape kept together, work from XLA's "
+        "cost analysis). Check the plan with plan.explain().", stacklevel=2)
   t1 = time.perf_counter()
-  costs = step_costs(traced, CostCache(persist=cache))
+  costs = step_costs(traced, CostCache(persist=cache),
+                     progress=None if progress is None else
+                     (lambda keys: progress("cost analysis", keys)))
   t2 = time.perf_counter()
   param_paths = [emit.path_str(k) for k in emit.leaf_paths(abstract_params)]
   space = search_lib.build_space(traced, costs, param_paths)
-  ranked = search_lib.search(space, device_profile, max_devices, strategy=strategy,
-                             objective=objective, memory_headroom=memory_headroom,
-                             all_devices=all_devices)
+  for _ in phase("search", [space]):
+    ranked = search_lib.search(space, device_profile, max_devices, strategy=strategy,
+                               objective=objective, memory_headroom=memory_headroom,
+                               all_devices=all_devices)
   t3 = time.perf_counter()
   budget = device_profile.memory_bytes * (1 - memory_headroom)
   best = ranked[0]
@@ -192,7 +208,9 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
              "candidates_evaluated": len(ranked), "total_flops": costs.total_flops},
       flat_param_specs=flat_p, flat_opt_specs=flat_o, flat_batch_specs=flat_b,
       loss_fn=loss_fn, optimizer=optimizer, abstract_params=abstract_params,
-      abstract_batch=abstract_batch, device_list=device_list)
+      abstract_batch=abstract_batch, device_list=device_list,
+      details=details_lib.build(space, best, device_profile, abstract_params, abstract_batch,
+                                p_specs))
 
 
 def _no_fit_message(space: SearchSpace, closest: Candidate, budget: float,

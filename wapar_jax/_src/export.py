@@ -1,0 +1,146 @@
+"""A Plan as logical-axis rules: flax `logical_axis_rules` and a MaxText-style mesh-and-rules YAML.
+
+Codebases such as MaxText and t5x annotate every parameter dim with a logical name ("embed",
+"mlp", ...) and map names to mesh axes with a list of rules. A plan's dimension groups are such
+logical axes, found in the program; exporting them lets a plan replace hand-written rules.
+
+Rules follow flax's semantics (`flax.linen.logical_to_mesh_axes`): for each dim, the first rule
+of its name whose mesh axis the tensor does not use yet wins. Per-leaf choices a rule list cannot
+express (FSDP keeps small tensors replicated, or splits the largest free dim of each) are
+approximated; `rules_reproduce` says how many parameter specs the rules give back exactly.
+
+Example:
+  >>> plan.logical_axis_rules()
+  [('batch', 'data'), ('mlp', 'model'), ('heads', 'model'), ('embed', None), ...]
+  >>> print(plan.to_maxtext_yaml())
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from wapar_jax._src.errors import InvalidArgumentError
+
+_AXIS_ORDER = ("model", "data")  # tensor-parallel rules first: they win over FSDP fallbacks
+
+
+def _details(plan):
+  if plan.details is None:
+    raise InvalidArgumentError(
+        "this plan has no dimension groups (it was read from a version-1 plan file): plan again "
+        "to export rules. Got plan.details = None.")
+  return plan.details
+
+
+def logical_axis_rules(plan) -> list[tuple[str, str | None]]:
+  """Flax-style `(logical name, mesh axis or None)` rules that reproduce the plan's specs.
+
+  Names are the plan's dimension groups (`plan.details.groups`), plus "batch" for the batch dim
+  and "layers" for a scanned layer dim. A name may appear twice (e.g. split on "model" where it
+  can, else on "data"), as flax allows.
+  """
+  details = _details(plan)
+  counts: dict[tuple[str, str], int] = {}
+  for leaf in details.params:
+    spec = plan.flat_param_specs.get(leaf.path, P())
+    for name, entry in zip(leaf.dims, tuple(spec) + (None,) * len(leaf.dims)):
+      if name is None or entry is None:
+        continue
+      for axis in entry if isinstance(entry, tuple) else (entry,):
+        counts[(name, axis)] = counts.get((name, axis), 0) + 1
+  rules: list[tuple[str, str | None]] = []
+  if any("data" in tuple(s) for s in plan.flat_batch_specs.values()):
+    rules.append(("batch", "data"))
+  else:
+    rules.append(("batch", None))
+  ordered = sorted(counts, key=lambda na: (_AXIS_ORDER.index(na[1]) if na[1] in _AXIS_ORDER
+                                            else len(_AXIS_ORDER), -counts[na], na[0]))
+  rules += ordered
+  named = {n for n, _ in rules}
+  for g in details.groups:
+    if g.name not in named:
+      rules.append((g.name, None))
+  if any("layers" in leaf.dims for leaf in details.params):
+    rules.append(("layers", None))
+  return rules
+
+
+def param_logical_axes(plan):
+  """Per parameter leaf, the tuple of logical names of its dims (None: no group), as a tree
+  shaped like the parameters (nested dicts for a plan loaded from JSON)."""
+  from wapar_jax._src.plan import _nest
+  details = _details(plan)
+  flat = {leaf.path: tuple(leaf.dims) for leaf in details.params}
+  if plan.abstract_params is not None:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(plan.abstract_params)
+    from wapar_jax._src.emit import path_keys
+    return jax.tree_util.tree_unflatten(treedef, [flat[path_keys(p)] for p, _ in leaves])
+  return _nest(flat)
+
+
+def spec_from_rules(names, rules) -> P:
+  """flax.linen.logical_to_mesh_axes's rule semantics, without flax's context machinery."""
+  unassigned = object()
+  entries = [unassigned] * len(names)
+  for logical, axis in rules:
+    if logical in names:  # like flax, a rule applies to the first dim of that name only
+      d = list(names).index(logical)
+      if entries[d] is unassigned and (axis is None or axis not in entries):
+        entries[d] = axis
+  return P(*(None if e is unassigned else e for e in entries))
+
+
+def rules_reproduce(plan, rules=None) -> tuple[int, int, list[str]]:
+  """(specs reproduced, parameters, paths that differ) when the rules are applied to the
+  plan's logical axes: how faithfully the exported rules stand for the plan."""
+  from wapar_jax._src.emit import path_str
+  details = _details(plan)
+  rules = logical_axis_rules(plan) if rules is None else rules
+  differ = []
+  for leaf in details.params:
+    want = plan.flat_param_specs.get(leaf.path, P())
+    got = spec_from_rules(leaf.dims, rules)
+    if _norm(got, len(leaf.dims)) != _norm(want, len(leaf.dims)):
+      differ.append(path_str(leaf.path))
+  return len(details.params) - len(differ), len(details.params), differ
+
+
+def _norm(spec, rank):
+  entries = list(spec) + [None] * (rank - len(spec))
+  return tuple(entries[:rank])
+
+
+def to_maxtext_yaml(plan) -> str:
+  """The plan in MaxText's config style (cf. configs/custom_mesh_and_rule/pure-fsdp.yml).
+
+  mesh_axes and data_sharding name the plan's mesh; logical_axis_rules use this plan's logical
+  names, so the model's parameters must carry them (see `param_logical_axes`). Comments record
+  the mesh sizes, where each name occurs, and how many specs the rules reproduce.
+  """
+  details = _details(plan)
+  rules = logical_axis_rules(plan)
+  axes = list(plan.mesh_shape)
+  batch_axes = [a for a in axes if any(a in tuple(s) for s in plan.flat_batch_specs.values())]
+  ok, total, _ = rules_reproduce(plan, rules)
+  where = {g.name: g for g in details.groups}
+  lines = [
+      f"# wapar_jax plan: {plan.strategy} on {plan.num_devices} of {plan.devices_offered} "
+      f"{plan.profile} devices, objective {plan.objective}",
+      "# mesh shape: " + ", ".join(f"{a}={n}" for a, n in plan.mesh_shape.items()),
+      f"# these rules reproduce {ok} of {total} parameter specs of the plan",
+      f"mesh_axes: {_list(axes)}",
+      f"data_sharding: [{_list(batch_axes or axes[:1])}]",
+      "logical_axis_rules: [",
+  ]
+  for name, axis in rules:
+    g = where.get(name)
+    note = f"  # size {g.size}: {', '.join(g.where[:3])}" if g is not None else ""
+    target = "[]" if axis is None else _list([axis])
+    lines.append(f"  ['{name}', {target}],{note}")
+  lines.append("]")
+  return "\n".join(lines) + "\n"
+
+
+def _list(xs) -> str:
+  return "[" + ", ".join(f"'{x}'" for x in xs) + "]"
