@@ -1,0 +1,891 @@
+"""Ground truth for a plan: compile its train step with XLA for the plan's mesh and compare.
+
+XLA's SPMD partitioner is the same on CPU as on GPU, so the emitted step compiled for N virtual
+CPU devices shows what the plan really costs per device: FLOPs (`cost_analysis`), memory
+(`memory_analysis`) and every collective with its shape and replica groups (`as_text`). The
+collectives are priced with the same ring alpha-beta formulas and device profile as the
+planner, so prediction and compiled truth are compared figure by figure.
+
+A process whose jax already runs with too few CPU devices compiles in a child process started
+with `--xla_force_host_platform_device_count=N`. The child gets the plan as JSON and rebuilds
+the workload from a built-in example's name, or from a cloudpickle of the user's functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from wapar_jax._src.cost import collective_time, collective_traffic
+from wapar_jax._src.errors import InvalidArgumentError, NotEnoughDevicesError, WaparError
+from wapar_jax._src.profiles import DeviceProfile, load_profile
+
+# A child compile of GPT-2 small takes ~10 s including jax start-up; this bounds a hung child.
+DEFAULT_TIMEOUT_S = 300.0
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# Opcodes as XLA prints them -> the kind used here (and, via _COST_KIND, by cost.py's formulas).
+_OPCODES = {"all-reduce": "all-reduce", "all-gather": "all-gather",
+            "reduce-scatter": "reduce-scatter", "all-to-all": "all-to-all",
+            "ragged-all-to-all": "all-to-all", "collective-permute": "collective-permute",
+            "collective-broadcast": "collective-permute"}
+_COST_KIND = {"collective-permute": "permute"}
+_DTYPE_BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16,
+               "u16": 16, "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64,
+               "u64": 64, "f64": 64, "c64": 64, "c128": 128, "token": 0, "tf32": 32}
+
+
+class VerificationFailedError(WaparError, RuntimeError):
+  """Compiling the plan's step for verification failed, timed out, or cannot be arranged."""
+
+
+# --- results ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective instruction of the compiled module.
+
+  Attributes:
+    kind: "all-reduce", "all-gather", "reduce-scatter", "all-to-all" or "collective-permute"
+      (async -start/-done pairs are one collective).
+    name: the HLO instruction name; op_name: the jax source op it came from, if XLA kept it.
+    nbytes: per-device bytes of the full (unsplit) buffer, as `cost.collective_traffic` takes
+      it: the result of an all-reduce / all-gather / all-to-all / permute, the operand of a
+      reduce-scatter.
+    group_size: devices per replica group; num_groups: how many groups.
+    axes: the plan's mesh axes the groups span (empty if the group is one device).
+    crosses_nodes: a group holds devices of more than one node (priced on `inter_node`).
+    count: executions per step (product of the trip counts of the loops around it).
+    sent_bytes: bytes each device sends per step (ring formula x count).
+    time: seconds per step on the profile's link (alpha-beta x count).
+  """
+  kind: str
+  name: str
+  nbytes: float
+  group_size: int
+  num_groups: int
+  axes: tuple[str, ...]
+  crosses_nodes: bool
+  count: float
+  sent_bytes: float
+  time: float
+  shape: str = ""
+  op_name: str = ""
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["axes"] = list(self.axes)
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+  """Per-device, per-step figures, predicted or compiled."""
+  flops: float
+  comm_bytes: float
+  comm_time: float
+  peak_memory: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBreakdown:
+  """`compiled.memory_analysis()` in bytes per device; peak = argument + output - alias + temp."""
+  argument: float
+  output: float
+  alias: float
+  temp: float
+
+  @property
+  def peak(self) -> float:
+    return self.argument + self.output - self.alias + self.temp
+
+
+FIGURES = ("flops", "comm_bytes", "comm_time", "peak_memory")
+
+
+def relative_error(predicted: float, compiled: float) -> float | None:
+  """(predicted - compiled) / compiled; 0 when both are 0, None when only compiled is 0."""
+  if compiled == 0:
+    return 0.0 if predicted == 0 else None
+  return (predicted - compiled) / abs(compiled)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+  """A plan's predicted figures next to what XLA compiled for its mesh.
+
+  Attributes:
+    mesh_shape, strategy, profile: the plan verified and the profile its collectives are
+      priced with.
+    predicted: the plan's figures; compiled: the compiled module's, priced the same way.
+      `compiled.flops` is XLA's count corrected for loop trip counts (see `xla_flops`).
+    xla_flops: `cost_analysis()["flops"]` as XLA reports it: each loop body counted once.
+    loop_flops_added: dot / convolution FLOPs of loop bodies' remaining iterations, added to
+      `xla_flops` to give `compiled.flops` (0 for a step without loops).
+    memory: the parts of the compiled peak memory.
+    collectives: every collective instruction, in program order.
+    compile_seconds: lowering + compiling; verify_seconds: all of verify, child start included.
+    child_process: whether the compile ran in a child process.
+    notes: anything that limits the comparison (unknown trip counts, missing analyses).
+  """
+  mesh_shape: Mapping[str, int]
+  strategy: str
+  profile: str
+  predicted: Figures
+  compiled: Figures
+  xla_flops: float
+  loop_flops_added: float
+  memory: MemoryBreakdown
+  collectives: tuple[Collective, ...]
+  compile_seconds: float
+  verify_seconds: float
+  child_process: bool
+  notes: tuple[str, ...] = ()
+
+  @property
+  def errors(self) -> dict[str, float | None]:
+    """Relative error of each figure: (predicted - compiled) / compiled."""
+    return {f: relative_error(getattr(self.predicted, f), getattr(self.compiled, f))
+            for f in FIGURES}
+
+  def collective_summary(self) -> list[dict]:
+    """Collectives grouped by (kind, axes, group size): instructions, executions, bytes, time."""
+    rows: dict[tuple, dict] = {}
+    for c in self.collectives:
+      key = (c.kind, c.axes, c.group_size, c.crosses_nodes)
+      row = rows.setdefault(key, {"kind": c.kind, "axes": list(c.axes), "group_size": c.group_size,
+                                  "crosses_nodes": c.crosses_nodes, "instructions": 0,
+                                  "executions": 0.0, "nbytes": 0.0, "sent_bytes": 0.0,
+                                  "time": 0.0})
+      row["instructions"] += 1
+      row["executions"] += c.count
+      row["nbytes"] += c.nbytes * c.count
+      row["sent_bytes"] += c.sent_bytes
+      row["time"] += c.time
+    return sorted(rows.values(), key=lambda r: -r["sent_bytes"])
+
+  def table(self) -> str:
+    """Prediction and compiled truth side by side, then the collectives, as text."""
+    from wapar_jax._src.explain import human_bytes, human_seconds
+    fmt = {"flops": lambda x: f"{x:.4g}", "comm_bytes": human_bytes,
+           "comm_time": human_seconds, "peak_memory": human_bytes}
+    names = {"flops": "FLOPs", "comm_bytes": "communicated", "comm_time": "comm time",
+             "peak_memory": "peak memory"}
+    errs = self.errors
+    rows = [[names[f], fmt[f](getattr(self.predicted, f)), fmt[f](getattr(self.compiled, f)),
+             _pct(errs[f])] for f in FIGURES]
+    where = "child process" if self.child_process else "this process"
+    lines = [f"verify: mesh {dict(self.mesh_shape)}, strategy {self.strategy}, priced on "
+             f"{self.profile}; compiled in {self.compile_seconds:.2f} s ({where}), "
+             f"verify {self.verify_seconds:.2f} s",
+             "", "per device, per step:",
+             _table(["figure", "predicted", "compiled", "error"], rows), ""]
+    if self.loop_flops_added:
+      lines.append(f"XLA counts each loop body once: {self.xla_flops:.4g} FLOPs reported, "
+                   f"+{self.loop_flops_added:.4g} for the remaining loop iterations.")
+    m = self.memory
+    lines.append(f"compiled memory: arguments {human_bytes(m.argument)} + outputs "
+                 f"{human_bytes(m.output)} - aliased {human_bytes(m.alias)} + temporaries "
+                 f"{human_bytes(m.temp)}")
+    summary = self.collective_summary()
+    if summary:
+      crows = [[r["kind"], ",".join(r["axes"]) or "-", str(r["group_size"]),
+                "inter" if r["crosses_nodes"] else "intra", str(r["instructions"]),
+                f"{r['executions']:.0f}", human_bytes(r["nbytes"]), human_bytes(r["sent_bytes"]),
+                human_seconds(r["time"])] for r in summary]
+      lines += ["", "collectives in the compiled module:",
+                _table(["kind", "axes", "n", "link", "ops", "runs", "buffer", "sent", "time"],
+                       crows)]
+    else:
+      lines += ["", "collectives in the compiled module: none"]
+    lines += [f"note: {n}" for n in self.notes]
+    return "\n".join(lines)
+
+  def to_dict(self) -> dict:
+    """JSON-ready form; `from_dict` reads it back."""
+    return {
+        "mesh_shape": dict(self.mesh_shape), "strategy": self.strategy, "profile": self.profile,
+        "predicted": dataclasses.asdict(self.predicted),
+        "compiled": dataclasses.asdict(self.compiled),
+        "errors": self.errors, "xla_flops": self.xla_flops,
+        "loop_flops_added": self.loop_flops_added,
+        "memory": dict(dataclasses.asdict(self.memory), peak=self.memory.peak),
+        "collectives": [c.to_dict() for c in self.collectives],
+        "collective_summary": self.collective_summary(),
+        "compile_seconds": self.compile_seconds, "verify_seconds": self.verify_seconds,
+        "child_process": self.child_process, "notes": list(self.notes),
+    }
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Verification":
+    memory = {k: v for k, v in d["memory"].items() if k != "peak"}
+    return cls(
+        mesh_shape=dict(d["mesh_shape"]), strategy=d["strategy"], profile=d["profile"],
+        predicted=Figures(**d["predicted"]), compiled=Figures(**d["compiled"]),
+        xla_flops=d["xla_flops"], loop_flops_added=d["loop_flops_added"],
+        memory=MemoryBreakdown(**memory),
+        collectives=tuple(Collective(**dict(c, axes=tuple(c["axes"]))) for c in d["collectives"]),
+        compile_seconds=d["compile_seconds"], verify_seconds=d["verify_seconds"],
+        child_process=d["child_process"], notes=tuple(d.get("notes", ())))
+
+
+def _pct(x: float | None) -> str:
+  return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def _table(header, rows) -> str:
+  from wapar_jax._src.explain import _table as table
+  return table(header, rows)
+
+
+# --- replica groups -----------------------------------------------------------------------
+
+def _balanced(text: str, start: int, open_ch: str, close_ch: str) -> int:
+  """Index just past the bracket that closes the one at `start`."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] == open_ch:
+      depth += 1
+    elif text[i] == close_ch:
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  raise ValueError(f"unbalanced {open_ch}{close_ch} in {text[start:start + 80]!r}")
+
+
+_IOTA = re.compile(r"\[([\d,\s]*)\]\s*<=\s*\[([\d,\s]*)\](?:\s*T\(([\d,\s]*)\))?")
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in re.findall(r"-?\d+", text)]
+
+
+def _iota(dims: Sequence[int], reshape: Sequence[int], perm: Sequence[int] | None) -> np.ndarray:
+  ids = np.arange(math.prod(reshape)).reshape(reshape)
+  if perm:
+    ids = ids.transpose(perm)
+  return ids.reshape(dims)
+
+
+def replica_groups_text(line: str, attribute: str = "replica_groups") -> str | None:
+  """The printed value of `attribute=` in an HLO instruction line, in any of XLA's forms."""
+  m = re.search(rf"\b{attribute}=", line)
+  if not m:
+    return None
+  i = m.end()
+  if line.startswith("{", i):
+    return line[i:_balanced(line, i, "{", "}")]
+  if line.startswith("[", i):
+    it = _IOTA.match(line, i)
+    if not it:
+      raise ValueError(f"unrecognised replica groups {line[i:i + 80]!r}")
+    return it.group(0)
+  mesh = re.match(r"(maximal_)?mesh\[", line[i:])
+  if mesh:
+    j = _balanced(line, i + mesh.end() - 1, "[", "]")
+    ids = re.match(r",\s*device_ids=\(", line[j:])
+    if ids:
+      j = _balanced(line, j + ids.end() - 1, "(", ")")
+    axes = re.match(r"\s*\{", line[j:])
+    if axes:
+      j = _balanced(line, j + axes.end() - 1, "{", "}")
+    return line[i:j]
+  raise ValueError(f"unrecognised replica groups {line[i:i + 80]!r}")
+
+
+def parse_replica_groups(text: str, num_devices: int) -> list[list[int]]:
+  """Replica groups from any printed form, as lists of logical device (partition) ids.
+
+  Forms: explicit `{{0,1},{2,3}}` (`{}` is one group of all `num_devices`), iota
+  `[2,4]<=[8]` and `[4,2]<=[2,4]T(1,0)`, and the mesh form
+  `mesh['a'=4,'b'=2] {'a'}` (optionally `, device_ids=(...)` after the axes, sub-axes as
+  `'a':(pre)size`, and `maximal_mesh[device_id=3] {}`).
+
+  Raises:
+    ValueError: the text is none of these.
+  """
+  text = text.strip()
+  if text.startswith("{"):
+    inner = text[1:-1].strip()
+    if not inner:
+      return [list(range(num_devices))]
+    groups = [_ints(g) for g in re.findall(r"\{([^{}]*)\}", inner)]
+    if not groups:
+      raise ValueError(f"unrecognised replica groups {text[:80]!r}")
+    return groups
+  it = _IOTA.fullmatch(text)
+  if it:
+    dims, reshape = _ints(it.group(1)), _ints(it.group(2))
+    perm = _ints(it.group(3)) if it.group(3) else None
+    ids = _iota(dims, reshape, perm)
+    return ids.reshape(dims[0] if dims else 1, -1).tolist()
+  m = re.match(r"maximal_mesh\[device_id=(\d+)\]", text)
+  if m:
+    return [[int(m.group(1))]]
+  if text.startswith("mesh["):
+    return _mesh_groups(text)
+  raise ValueError(f"unrecognised replica groups {text[:80]!r}")
+
+
+def _name(token: str) -> str:
+  return token.strip().strip("'\"")
+
+
+def _mesh_groups(text: str) -> list[list[int]]:
+  end = _balanced(text, 4, "[", "]")
+  axes = []
+  for part in re.findall(r"([^,=]+)=(\d+)", text[5:end - 1]):
+    axes.append((_name(part[0]), int(part[1])))
+  sizes = [s for _, s in axes]
+  rest = text[end:]
+  ids = np.arange(math.prod(sizes))
+  dev = re.match(r",\s*device_ids=\(", rest)
+  if dev:
+    close = _balanced(rest, dev.end() - 1, "(", ")")
+    body = rest[dev.end():close - 1]
+    it = _IOTA.search(body)
+    if it:
+      perm = _ints(it.group(3)) if it.group(3) else None
+      ids = _iota(_ints(it.group(1)), _ints(it.group(2)), perm).reshape(-1)
+    else:
+      values = _ints(body)
+      if len(values) == len(sizes) + math.prod(sizes) and values[:len(sizes)] == sizes:
+        values = values[len(sizes):]  # "[4,2]0,2,4,..." prints its dims first
+      ids = np.asarray(values[-math.prod(sizes):])
+    rest = rest[close:]
+  brace = rest.find("{")
+  group_axes = []
+  if brace >= 0:
+    for token in rest[brace + 1:_balanced(rest, brace, "{", "}") - 1].split(","):
+      if not token.strip():
+        continue
+      sub = re.match(r"\s*(.+?)\s*:\s*\((\d+)\)\s*(\d+)\s*$", token)
+      if sub:
+        group_axes.append((_name(sub.group(1)), int(sub.group(2)), int(sub.group(3))))
+      else:
+        group_axes.append((_name(token), None, None))
+  names = [n for n, _ in axes]
+  # Split each mesh axis at every sub-axis boundary, major factor first, so each grouped
+  # (sub-)axis is a run of whole dims of the reshaped device array.
+  cuts: dict[int, set[int]] = {k: {1, s} for k, s in enumerate(sizes)}
+  for name, pre, size in group_axes:
+    k = names.index(name)
+    if pre is not None:
+      cuts[k].update({pre, pre * size})
+  factor_dims, owner = [], {}
+  for k, s in enumerate(sizes):
+    points = sorted(cuts[k])
+    for a, b in zip(points, points[1:]):
+      owner[(k, a)] = len(factor_dims)
+      factor_dims.append(b // a)
+  grouped = []
+  for name, pre, size in group_axes:
+    k = names.index(name)
+    lo, hi = (1, sizes[k]) if pre is None else (pre, pre * size)
+    grouped += [owner[(k, a)] for a in sorted(cuts[k]) if lo <= a < hi]
+  arr = ids.reshape(factor_dims) if factor_dims else ids.reshape(())
+  kept = [d for d in range(len(factor_dims)) if d not in grouped]
+  arr = np.transpose(arr, kept + grouped)
+  group_size = math.prod(factor_dims[d] for d in grouped)
+  return arr.reshape(-1, group_size).tolist()
+
+
+def group_axes(groups: Sequence[Sequence[int]], mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
+  """The plan's mesh axes along which members of a group differ (row-major logical ids)."""
+  names = list(mesh_shape)
+  shape = [mesh_shape[n] for n in names]
+  total = math.prod(shape)
+  varying = set()
+  for g in groups:
+    ids = [i for i in g if 0 <= i < total]
+    if len(ids) < 2:
+      continue
+    coords = np.array(np.unravel_index(ids, shape))
+    varying.update(k for k in range(len(names)) if len(set(coords[k])) > 1)
+  return tuple(names[k] for k in sorted(varying))
+
+
+def crosses_nodes(groups: Sequence[Sequence[int]], devices_per_node: int) -> bool:
+  """Whether a group holds devices of two nodes, devices laid out node by node (iota order)."""
+  return any(len({i // devices_per_node for i in g}) > 1 for g in groups)
+
+
+# --- HLO text -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Instr:
+  name: str
+  type: str
+  opcode: str
+  rest: str          # operands and attributes
+  computation: str
+
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
+_CALLEES = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)"
+                      r"=%?([\w.\-]+)")
+_CALLEE_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+
+
+def type_bytes(type_text: str) -> float:
+  """Bytes of an HLO type such as `f32[8,64]{1,0}` or a tuple of them."""
+  total = 0.0
+  for dtype, dims in _SHAPE.findall(re.sub(r"/\*.*?\*/", "", type_text)):
+    bits = _DTYPE_BITS.get(dtype)
+    if bits is None:
+      continue
+    total += math.prod(int(d) for d in dims.split(",") if d) * bits / 8
+  return total
+
+
+def _split_instruction(line: str, computation: str) -> _Instr | None:
+  m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+  if not m:
+    return None
+  i = m.end()
+  if line.startswith("(", i):
+    j = _balanced(line, i, "(", ")")
+  else:
+    j = line.find(" ", i)
+    if j < 0:
+      return None
+  op = re.match(r"\s*([\w\-]+)\(", line[j:])
+  if not op:
+    return None
+  return _Instr(m.group(1), line[i:j], op.group(1), line[j + op.end():], computation)
+
+
+@dataclasses.dataclass(frozen=True)
+class HloModule:
+  """The parts of a compiled module's text that verification reads."""
+  num_partitions: int
+  computations: Mapping[str, tuple[_Instr, ...]]
+  params: Mapping[str, Mapping[str, str]]  # computation -> parameter name -> type
+  order: tuple[str, ...]                   # as printed: callees before callers, ENTRY last
+  entry: str
+
+
+def parse_hlo(text: str) -> HloModule:
+  computations: dict[str, list[_Instr]] = {}
+  params: dict[str, dict[str, str]] = {}
+  order, entry, current = [], "", None
+  num_partitions = 1
+  m = re.search(r"num_partitions=(\d+)", text)
+  if m:
+    num_partitions = int(m.group(1))
+  for line in text.splitlines():
+    if current is None:
+      h = _HEADER.match(line)
+      if h:
+        current = h.group(2)
+        computations[current] = []
+        params[current] = dict(re.findall(r"([\w.\-]+):\s*([a-z][a-z0-9]*\[[\d,]*\])", h.group(3)))
+        order.append(current)
+        if h.group(1):
+          entry = current
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    instr = _split_instruction(line, current)
+    if instr is not None:
+      computations[current].append(instr)
+  if not entry and order:
+    entry = order[-1]
+  return HloModule(num_partitions, {k: tuple(v) for k, v in computations.items()}, params,
+                   tuple(order), entry)
+
+
+def _trip_count(instr: _Instr, module: HloModule) -> int | None:
+  m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', instr.rest)
+  if m:
+    return int(m.group(1))
+  # Without the backend config: `i < N` in the condition, counting from 0 by 1 (jax's scans).
+  cond = re.search(r"\bcondition=%?([\w.\-]+)", instr.rest)
+  if cond and cond.group(1) in module.computations:
+    body = module.computations[cond.group(1)]
+    consts = [int(c) for i in body if i.opcode == "constant"
+              for c in re.findall(r"^(-?\d+)\)", i.rest)]
+    if any("direction=LT" in i.rest for i in body if i.opcode == "compare") and len(consts) == 1:
+      return consts[0]
+  return None
+
+
+def multiplicities(module: HloModule) -> tuple[dict[str, float], dict[str, float], list[str]]:
+  """Executions per step of each computation: with loop trip counts, and as XLA counts (x1).
+
+  Returns (with trip counts, loop bodies once, notes about loops of unknown trip count).
+  """
+  mult = {c: 0.0 for c in module.order}
+  once = {c: 0.0 for c in module.order}
+  mult[module.entry] = once[module.entry] = 1.0
+  notes = []
+  for comp in reversed(module.order):  # callers are printed after their callees
+    if mult[comp] == 0 and once[comp] == 0:
+      continue
+    for instr in module.computations[comp]:
+      if instr.opcode.endswith("-done") or instr.opcode.endswith("-update"):
+        continue  # the -start of an async pair already called the computation
+      factor = 1.0
+      if instr.opcode == "while":
+        trips = _trip_count(instr, module)
+        if trips is None:
+          notes.append(f"loop {instr.name} has no known trip count; its body is counted once")
+          trips = 1
+        factor = float(trips)
+      callees = _CALLEES.findall(instr.rest)
+      for group in _CALLEE_LISTS.findall(instr.rest):
+        callees += [_name(c).lstrip("%") for c in group.split(",") if c.strip()]
+      for callee in callees:
+        if callee not in mult:
+          continue
+        is_cond = instr.opcode == "while" and re.search(rf"condition=%?{re.escape(callee)}\b",
+                                                         instr.rest)
+        f = factor + 1 if is_cond else factor
+        mult[callee] += mult[comp] * f
+        once[callee] += once[comp]
+  return mult, once, notes
+
+
+def _dot_flops(instr: _Instr, types: Mapping[str, str]) -> float:
+  """2 x output elements x contracted elements, for dot and convolution instructions."""
+  operands = re.findall(r"%([\w.\-]+)", instr.rest.split(")", 1)[0])
+  out = _SHAPE.search(instr.type)
+  if not out or not operands:
+    return 0.0
+  out_elems = math.prod(int(d) for d in out.group(2).split(",") if d)
+  if instr.opcode == "dot":
+    lhs = _SHAPE.search(types.get(operands[0], ""))
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.rest)
+    if not lhs:
+      return 0.0
+    shape = [int(d) for d in lhs.group(2).split(",") if d]
+    contracted = math.prod(shape[int(k)] for k in dims.group(1).split(",") if k) if dims else 1
+    return 2.0 * out_elems * contracted
+  if instr.opcode == "convolution" and len(operands) > 1:
+    rhs = _SHAPE.search(types.get(operands[1], ""))
+    labels = re.search(r"dim_labels=\w+_(\w+)->", instr.rest)
+    if not rhs or not labels:
+      return 0.0
+    shape = [int(d) for d in rhs.group(2).split(",") if d]
+    kernel = math.prod(s for s, label in zip(shape, labels.group(1)) if label != "o")
+    return 2.0 * out_elems * kernel
+  return 0.0
+
+
+def loop_flops_added(module: HloModule, mult: Mapping[str, float],
+                     once: Mapping[str, float]) -> float:
+  """Dot / convolution FLOPs of the loop iterations XLA's cost analysis leaves out."""
+  added = 0.0
+  for comp, instrs in module.computations.items():
+    extra = mult.get(comp, 0.0) - once.get(comp, 0.0)
+    if extra <= 0:
+      continue
+    types = dict(module.params.get(comp, {}))
+    types.update({i.name: i.type for i in instrs})
+    for instr in instrs:
+      if instr.opcode in ("dot", "convolution"):
+        added += extra * _dot_flops(instr, types)
+  return added
+
+
+def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile,
+                module: HloModule | None = None,
+                mult: Mapping[str, float] | None = None) -> tuple[Collective, ...]:
+  """Every collective of a compiled module's text, sized, placed on mesh axes and priced."""
+  module = module or parse_hlo(text)
+  if mult is None:
+    mult = multiplicities(module)[0]
+  num = module.num_partitions or math.prod(mesh_shape.values())
+  done_type: dict[str, str] = {}
+  for instrs in module.computations.values():
+    for instr in instrs:
+      if instr.opcode.endswith("-done"):
+        src = re.match(r"\s*%?([\w.\-]+)", instr.rest)
+        if src:
+          done_type[src.group(1)] = instr.type
+  found = []
+  for comp in module.order:
+    count = mult.get(comp, 0.0)
+    for instr in module.computations[comp]:
+      opcode = instr.opcode
+      if opcode.endswith("-done"):
+        continue
+      base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+      kind = _OPCODES.get(base)
+      if kind is None:
+        continue
+      type_text = done_type.get(instr.name, instr.type) if opcode.endswith("-start") else instr.type
+      if kind == "collective-permute":
+        pairs_text = replica_groups_text(instr.rest, "source_target_pairs") or "{}"
+        groups = [g for g in parse_replica_groups(pairs_text, num) if len(set(g)) > 1] \
+            if pairs_text != "{}" else []
+        n = 2 if groups else 1
+      else:
+        groups_text = replica_groups_text(instr.rest) or "{}"
+        groups = parse_replica_groups(groups_text, num)
+        n = len(groups[0]) if groups else 1
+      result_bytes = type_bytes(type_text)
+      nbytes = result_bytes * n if kind == "reduce-scatter" else result_bytes
+      cross = crosses_nodes(groups, profile.devices_per_node)
+      link = profile.link(cross)
+      cost_kind = _COST_KIND.get(kind, kind)
+      op_name = re.search(r'op_name="([^"]*)"', instr.rest)
+      found.append(Collective(
+          kind=kind, name=instr.name, nbytes=nbytes, group_size=n, num_groups=len(groups),
+          axes=group_axes(groups, mesh_shape), crosses_nodes=cross, count=count,
+          sent_bytes=float(collective_traffic(cost_kind, nbytes, n)) * count,
+          time=float(collective_time(cost_kind, nbytes, n, link.bandwidth, link.latency)) * count,
+          shape=_short(type_text), op_name=op_name.group(1) if op_name else ""))
+  return tuple(found)
+
+
+def _short(type_text: str, limit: int = 120) -> str:
+  text = re.sub(r"/\*.*?\*/", "", type_text)
+  text = re.sub(r"\{[^{}]*\}", "", text)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- compiling ----------------------------------------------------------------------------
+
+def _analysis_dict(analysis) -> dict:
+  # cost_analysis() has returned a dict, a list of one dict, or None across jax versions.
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return dict(analysis or {})
+
+
+def _memory(compiled) -> tuple[MemoryBreakdown, list[str]]:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception as e:  # some backends do not implement it; the rest of verify still holds
+    return MemoryBreakdown(0.0, 0.0, 0.0, 0.0), [f"memory_analysis() failed: {e}"]
+  if stats is None:
+    return MemoryBreakdown(0.0, 0.0, 0.0, 0.0), ["memory_analysis() returned None"]
+  get = lambda k: float(getattr(stats, k, 0) or 0)
+  return MemoryBreakdown(get("argument_size_in_bytes"), get("output_size_in_bytes"),
+                         get("alias_size_in_bytes"), get("temp_size_in_bytes")), []
+
+
+def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
+                     started: float, child_process: bool = False) -> Verification:
+  """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan."""
+  notes = []
+  analysis = {}
+  try:
+    analysis = _analysis_dict(compiled.cost_analysis())
+  except Exception as e:  # the figure is then reported as 0 with the reason
+    notes.append(f"cost_analysis() failed: {e}")
+  if "flops" not in analysis:
+    notes.append("cost_analysis() has no 'flops'; compiled FLOPs count only loop corrections")
+  xla_flops = float(analysis.get("flops", 0.0))
+  text = compiled.as_text()
+  module = parse_hlo(text)
+  mult, once, loop_notes = multiplicities(module)
+  notes += loop_notes
+  added = loop_flops_added(module, mult, once)
+  found = collectives(text, plan.mesh_shape, profile, module, mult)
+  memory, mem_notes = _memory(compiled)
+  notes += mem_notes
+  p = plan.predicted
+  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, p.peak_memory)
+  compiled_figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found),
+                             sum(c.time for c in found), memory.peak)
+  return Verification(
+      mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
+      predicted=predicted, compiled=compiled_figures, xla_flops=xla_flops,
+      loop_flops_added=added, memory=memory, collectives=found,
+      compile_seconds=compile_seconds, verify_seconds=time.perf_counter() - started,
+      child_process=child_process, notes=tuple(notes))
+
+
+def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
+  import jax
+  from wapar_jax._src.step import abstract
+  step = plan.train_step(devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params,
+                         batch=batch)
+  loss_fn, optimizer = plan._need(loss_fn, optimizer)
+  params = abstract(plan.abstract_params if params is None else params)
+  batch = abstract(plan.abstract_batch if batch is None else batch)
+  opt_state = abstract(jax.eval_shape(optimizer.init, params))
+  t0 = time.perf_counter()
+  compiled = step.lower(params, opt_state, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def _profile_of(plan, profile) -> DeviceProfile:
+  if profile is None:
+    return load_profile(plan.profile)
+  return load_profile(profile)
+
+
+def verify(plan, devices: Sequence[Any] | None = None, *, profile=None,
+           workload: Mapping[str, Any] | None = None, loss_fn=None, optimizer=None,
+           params=None, batch=None, timeout: float = DEFAULT_TIMEOUT_S) -> Verification:
+  """Compiles the plan's train step for its mesh on CPU devices and compares with the plan.
+
+  Args:
+    plan: a `Plan`.
+    devices: CPU devices to compile for (default: this process's CPU devices). With fewer than
+      the plan needs, the compile runs in a child process with enough virtual devices.
+    profile: the profile to price collectives with (default: the plan's own).
+    workload: how a child process rebuilds the workload: `{"example": name, "batch_size": ...,
+      "seq_len": ..., "dtype": ..., "optimizer": "adamw", "lr": 1e-3}` for a built-in example.
+      Without it the child gets a cloudpickle of the loss, optimizer and trees.
+    loss_fn, optimizer, params, batch: for a plan loaded from JSON (see `Plan.train_step`).
+    timeout: seconds the child process may take.
+
+  Returns:
+    A frozen `Verification`.
+
+  Raises:
+    NotEnoughDevicesError: a child process is needed but the workload cannot be sent to it.
+    VerificationFailedError: the child process failed or timed out.
+  """
+  started = time.perf_counter()
+  device_profile = _profile_of(plan, profile)
+  needed = plan.num_devices
+  if devices is None:
+    import jax
+    cpu = jax.devices("cpu")
+    if len(cpu) >= needed:
+      devices = cpu[:needed]
+  else:
+    devices = list(devices)
+    if len(devices) < needed:
+      raise NotEnoughDevicesError(
+          f"verify needs {needed} devices for mesh {dict(plan.mesh_shape)}. Pass devices=None to "
+          f"compile in a child process with {needed} virtual CPU devices. Got {len(devices)}.")
+  if devices is not None:
+    compiled, seconds = _compile_here(plan, devices, loss_fn, optimizer, params, batch)
+    return analyse_compiled(compiled, plan, device_profile, seconds, started)
+  return _verify_in_child(plan, device_profile, workload, loss_fn, optimizer, params, batch,
+                          timeout, started)
+
+
+# --- child process ------------------------------------------------------------------------
+
+def _child_request(plan, profile, workload, loss_fn, optimizer, params, batch) -> dict:
+  request = {"plan": json.loads(plan.to_json()), "profile": profile.to_dict()}
+  if workload is not None:
+    if not isinstance(workload, Mapping) or "example" not in workload:
+      raise InvalidArgumentError(
+          "workload must be a dict naming a built-in example, e.g. {'example': 'gpt-tiny', "
+          f"'optimizer': 'adamw', 'lr': 1e-3}}. Got {workload!r}.")
+    request["workload"] = dict(workload)
+    return request
+  try:
+    import cloudpickle
+  except ImportError:
+    raise NotEnoughDevicesError(
+        f"verify needs {plan.num_devices} CPU devices in this process for a user-defined loss "
+        "function (a child process would need cloudpickle to receive it, and it is not "
+        "installed). Run in a process started with XLA_FLAGS=--xla_force_host_platform_"
+        f"device_count={plan.num_devices}, or pip install cloudpickle. Got "
+        f"{_cpu_count()} CPU devices.") from None
+  loss_fn, optimizer = plan._need(loss_fn, optimizer)
+  params = plan.abstract_params if params is None else params
+  batch = plan.abstract_batch if batch is None else batch
+  from wapar_jax._src.step import abstract
+  try:
+    blob = cloudpickle.dumps((loss_fn, optimizer, abstract(params), abstract(batch)))
+  except Exception as e:  # whatever cloudpickle cannot serialise, the message names it
+    raise NotEnoughDevicesError(
+        f"verify needs {plan.num_devices} CPU devices in this process: the loss function or "
+        "optimizer cannot be sent to a child process. Run in a process started with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={plan.num_devices}. Got {e}.") from e
+  request["pickled"] = blob.hex()
+  return request
+
+
+def _cpu_count() -> int:
+  import jax
+  return len(jax.devices("cpu"))
+
+
+def _child_env(n: int) -> dict:
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _verify_in_child(plan, profile, workload, loss_fn, optimizer, params, batch, timeout,
+                     started) -> Verification:
+  request = _child_request(plan, profile, workload, loss_fn, optimizer, params, batch)
+  with tempfile.TemporaryDirectory(prefix="wapar-verify-") as tmp:
+    req_path, out_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
+    with open(req_path, "w") as f:
+      json.dump(request, f)
+    cmd = [sys.executable, "-m", "wapar_jax._src.verify", req_path, out_path]
+    try:
+      done = subprocess.run(cmd, env=_child_env(plan.num_devices), capture_output=True,
+                            text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      raise VerificationFailedError(
+          f"the verify child process compiling mesh {dict(plan.mesh_shape)} did not finish in "
+          f"{timeout:.0f} s; pass a larger timeout=, or verify in a process with "
+          f"{plan.num_devices} CPU devices. Got a timeout after {timeout:.0f} s.") from None
+    if done.returncode != 0 or not os.path.exists(out_path):
+      tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+      raise VerificationFailedError(
+          f"the verify child process for mesh {dict(plan.mesh_shape)} failed (exit "
+          f"{done.returncode}). Its last lines:\n{tail}\nGot exit code {done.returncode}.")
+    with open(out_path) as f:
+      result = Verification.from_dict(json.load(f))
+  return dataclasses.replace(result, verify_seconds=time.perf_counter() - started,
+                             child_process=True)
+
+
+def _optimizer(name: str, lr: float):
+  import optax
+  makers = {"adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd,
+            "adafactor": optax.adafactor, "lion": optax.lion}
+  if name not in makers:
+    raise InvalidArgumentError(f"optimizer must be one of {sorted(makers)}. Got {name!r}.")
+  return makers[name](lr)
+
+
+def _child_main(argv: Sequence[str]) -> int:
+  started = time.perf_counter()
+  req_path, out_path = argv
+  with open(req_path) as f:
+    request = json.load(f)
+  from wapar_jax._src.plan import Plan
+  plan = Plan.from_json(json.dumps(request["plan"]))
+  profile = DeviceProfile.from_dict(request["profile"])
+  if "workload" in request:
+    from wapar_jax._src import zoo
+    w = request["workload"]
+    ex = zoo.get_example(w["example"], batch_size=w.get("batch_size"), seq_len=w.get("seq_len"),
+                         dtype=w.get("dtype"))
+    loss_fn, params, batch = ex.loss_fn, ex.params, ex.batch
+    optimizer = _optimizer(w.get("optimizer", "adamw"), float(w.get("lr", 1e-3)))
+  else:
+    import cloudpickle
+    loss_fn, optimizer, params, batch = cloudpickle.loads(bytes.fromhex(request["pickled"]))
+  import jax
+  devices = jax.devices("cpu")
+  compiled, seconds = _compile_here(plan, devices[:plan.num_devices], loss_fn, optimizer, params,
+                                    batch)
+  result = analyse_compiled(compiled, plan, profile, seconds, started, child_process=True)
+  tmp = out_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result.to_dict(), f)
+  os.replace(tmp, out_path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_child_main(sys.argv[1:]))
