@@ -24,6 +24,8 @@ from wapar_jax._src.profiles import LinkTier as LinkTier
 from wapar_jax._src.profiles import list_profiles as list_profiles
 from wapar_jax._src.profiles import load_profile as load_profile
 from wapar_jax._src.search import Candidate as Candidate
+from wapar_jax._src.verify import Verification as Verification
+from wapar_jax._src.verify import VerificationFailedError as VerificationFailedError
 
 __version__ = "0.1.0"
 
@@ -31,5 +33,6 @@ __all__ = [
     "Candidate", "CorruptPlanFileError", "DeviceProfile", "IndivisibleBatchError",
     "InvalidArgumentError", "InvalidProfileError", "LinkTier", "NoFeasiblePlanError",
     "NonScalarLossError", "NotEnoughDevicesError", "Plan", "PlanMismatchError", "Prediction",
-    "UnknownProfileError", "WaparError", "linen_params", "list_profiles", "load_profile", "plan",
+    "UnknownProfileError", "Verification", "VerificationFailedError", "WaparError",
+    "linen_params", "list_profiles", "load_profile", "plan",
 ]
