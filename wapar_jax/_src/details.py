@@ -290,25 +290,11 @@ def _shapes(op) -> str:
 
 
 def _memory_terms(space, c) -> tuple[tuple[str, float], ...]:
-  """Per-device peak memory by term, as search._price adds it up."""
-  mask = np.zeros(len(space.groups), dtype=bool)
-  mask[list(c.model_groups)] = True
-  param_div = np.where(space.param_group[:, mask].any(axis=1), c.model, 1).astype(float)
-  opt_div = np.where(space.opt_group[:, mask].any(axis=1), c.model, 1).astype(float)
-  sharded_state = c.storage != "replicated"
-  per_param = space.param_bytes / param_div
-  if c.storage == "fsdp" and c.data > 1:
-    shardable = search_lib._fsdp_shardable(space, c.data, c.model_groups)
-    params = float((per_param / np.where(shardable, c.data, 1)).sum())
-  else:
-    params = float(per_param.sum())
-  opt_shard = np.where(space.opt_weight & (space.opt_bytes >= search_lib.FSDP_MIN_BYTES)
-                       & sharded_state, c.data, 1)
-  opt = float((space.opt_bytes / opt_div / opt_shard).sum())
+  """Per-device peak memory by term, from the terms the search priced."""
   batch = space.batch_bytes / c.data
-  activations = max(c.peak_memory - params - opt - batch, 0.0)
-  return (("parameters", params), ("optimizer state", opt), ("batch", batch),
-          ("activations", activations))
+  activations = max(c.activation_memory - batch, 0.0)
+  return (("parameters", c.param_memory), ("optimizer state", c.opt_state_memory),
+          ("batch", batch), ("activations", activations))
 
 
 # --- checking a model against a plan -------------------------------------------------------

@@ -1,8 +1,20 @@
-"""Plain-text views of a Plan: what was chosen, what it costs, what else was close."""
+"""Views of a Plan: what was chosen, why, what it costs, what else was close.
+
+`summary` is the short text; `explain` the full story as text and `html` the same as tables
+for notebooks (`Plan._repr_html_`). Both are rendered from one list of sections, so they never
+disagree.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import html as html_lib
+import math
+import os
+import re
+
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import emit
@@ -83,3 +95,211 @@ def _size(shape) -> int:
   for d in shape:
     n *= d
   return n
+
+
+# --- explain -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+  title: str
+  notes: tuple[str, ...] = ()
+  header: tuple[str, ...] = ()
+  rows: tuple[tuple[str, ...], ...] = ()
+
+
+def _short_source(source: str) -> str:
+  """Paths relative to the working directory when under it: what a user sees in their editor."""
+  path, sep, rest = source.partition(":")
+  try:
+    rel = os.path.relpath(path)
+    path = rel if not rel.startswith("..") else path
+  except ValueError:  # another drive on Windows
+    pass
+  return path + sep + rest
+
+
+def _pattern(keys) -> str:
+  """block_3/mlp/kernel -> block_*/mlp/kernel, blocks/3/... -> blocks/*/...: repeated layers."""
+  parts = []
+  for k in keys:
+    k = str(k)
+    parts.append("*" if k.isdigit() else re.sub(r"_\d+$", "_*", k))
+  return "/".join(parts)
+
+
+def _itemsize(dtype: str) -> int:
+  try:
+    return int(np.dtype(dtype).itemsize)
+  except TypeError:
+    return 4
+
+
+def _split(spec: P, mesh_shape) -> int:
+  n = 1
+  for entry in spec:
+    for axis in entry if isinstance(entry, tuple) else (entry,):
+      if axis is not None:
+        n *= int(mesh_shape.get(axis, 1))
+  return n
+
+
+def _pct(x: float, of: float) -> str:
+  return f"{100 * x / of:.0f}%" if of > 0 else "-"
+
+
+def _margin(c, best, objective: str) -> str:
+  a, b = (c.step_time, best.step_time) if objective == "time" else (c.energy, best.energy)
+  if b <= 0:
+    return "-"
+  d = (a - b) / b
+  return "chosen" if c == best else f"{d * 100:+.1f}%"
+
+
+def param_groups(plan) -> list[tuple[str, int, tuple, str, P, float]]:
+  """Parameter leaves grouped by (layer-pattern, shape, dtype, spec), largest first.
+
+  Returns (pattern, count, shape, dtype, spec, bytes per device of one leaf) per group.
+  """
+  groups: dict[tuple, list] = {}
+  for leaf in plan.details.params:
+    spec = plan.flat_param_specs.get(leaf.path, P())
+    key = (_pattern(leaf.path), leaf.shape, leaf.dtype, spec)
+    groups.setdefault(key, [0])[0] += 1
+  out = []
+  for (pattern, shape, dtype, spec), (count,) in groups.items():
+    per_device = math.prod(shape) * _itemsize(dtype) / _split(spec, plan.mesh_shape)
+    out.append((pattern, count, shape, dtype, spec, per_device))
+  out.sort(key=lambda g: -g[1] * g[5])
+  return out
+
+
+def _sections(plan, top: int) -> list[_Section]:
+  p, c, d = plan.predicted, plan.chosen, plan.details
+  batch = d.batch[0].shape[0] if d.batch and d.batch[0].shape else 1
+  per_count = {}
+  for cand in plan.candidates:
+    per_count.setdefault(cand.devices, cand)
+  value = (lambda x: x.step_time) if plan.objective == "time" else (lambda x: x.energy)
+  fitting = [x for _, x in sorted(per_count.items()) if x.fits]
+  why = [f"objective: {plan.objective}; {plan.stats.get('candidates_evaluated', 0):.0f} candidates "
+         f"priced; plans exist for {len(per_count)} device counts up to {plan.devices_offered}."]
+  more = [x for x in fitting if x.devices > plan.num_devices]
+  fewer = [x for x in fitting if x.devices < plan.num_devices]
+  if more:
+    nxt = min(more, key=value)
+    why.append(
+        f"more devices do not pay: the best with more ({nxt.devices}, {nxt.strategy}) is "
+        f"{_margin(nxt, c, plan.objective)} ({human_seconds(nxt.compute_time)} compute + "
+        f"{human_seconds(nxt.comm_time)} communication vs {human_seconds(c.compute_time)} + "
+        f"{human_seconds(c.comm_time)}).")
+  if fewer:
+    prev = min(fewer, key=value)
+    why.append(f"fewer devices are slower: the best with fewer ({prev.devices}) is "
+               f"{_margin(prev, c, plan.objective)}.")
+  unfit = sorted(k for k, x in per_count.items() if not x.fits)
+  if unfit:
+    why.append(f"no plan fits device memory on {unfit} devices.")
+  sweep = tuple(
+      (str(x.devices), str(x.mesh_shape), x.strategy, human_seconds(x.step_time),
+       human_seconds(x.comm_time), f"{x.energy / batch:.3g} J", human_bytes(x.peak_memory),
+       "yes" if x.fits else "NO", _margin(x, c, plan.objective))
+      for _, x in sorted(per_count.items()))
+  sections = [
+      _Section(
+          f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} "
+          f"{plan.profile} devices, strategy {plan.strategy}",
+          tuple(why) + ("best plan per device count, margin to the chosen one:",),
+          ("devices", "mesh", "strategy", "step", "comm", "energy/sample", "memory", "fits",
+           "margin"), sweep),
+  ]
+  split = d.compute_bound_seconds + d.memory_bound_seconds
+  notes = (
+      f"step {human_seconds(p.step_time)} = compute {human_seconds(p.compute_time)} "
+      f"({_pct(p.compute_time, p.step_time)}) + communication {human_seconds(p.comm_time)} "
+      f"({_pct(p.comm_time, p.step_time)}), {human_bytes(p.comm_bytes)} sent per device.",
+      f"compute: {human_seconds(d.compute_bound_seconds)} limited by FLOP/s "
+      f"({_pct(d.compute_bound_seconds, split)}), {human_seconds(d.memory_bound_seconds)} by "
+      f"memory bandwidth ({_pct(d.memory_bound_seconds, split)}); {p.flops:.4g} FLOPs per device.",
+      f"energy {p.energy:.4g} J per step, {p.energy / batch:.4g} J per sample "
+      f"(batch {batch}, {plan.num_devices} devices).",
+  )
+  sections.append(_Section("predicted step, per device", notes))
+  total = sum(v for _, v in d.memory) or 1.0
+  dominant = max(d.memory, key=lambda kv: kv[1])
+  sections.append(_Section(
+      "memory per device",
+      (f"peak {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget; "
+       f"dominated by {dominant[0]} ({_pct(dominant[1], total)}).",),
+      ("term", "bytes", "share"),
+      tuple((k, human_bytes(v), _pct(v, total)) for k, v in d.memory)))
+  groups = param_groups(plan)
+  rows = tuple((f"{n} x {pat}" if n > 1 else pat, str(shape), dtype, _spec_str(spec),
+                human_bytes(b), human_bytes(n * b)) for pat, n, shape, dtype, spec, b in groups[:top * 2])
+  sections.append(_Section(
+      f"parameter groups (largest {len(rows)} of {len(groups)})", (),
+      ("parameters", "shape", "dtype", "spec", "per device", "all, per device"), rows))
+  sections.append(_Section(
+      "logical axes (dimension groups found in the program)",
+      (("split on 'model': " + "; ".join(plan.model_split)),) if plan.model_split else (),
+      ("name", "size", "mesh axes", "occurs in"),
+      tuple((g.name, str(g.size), ", ".join(g.mesh_axes) or "-", ", ".join(g.where[:3]) +
+             (" ..." if len(g.where) > 3 else "")) for g in d.groups[:top * 2])))
+  alternatives, seen = [], {(c.mesh_shape.items().__repr__(), c.strategy, human_seconds(value(c)))}
+  for x in plan.candidates:  # candidates differing only in what the rows cannot show look alike
+    key = (x.mesh_shape.items().__repr__(), x.strategy, human_seconds(value(x)))
+    if key not in seen and len(alternatives) < top:
+      seen.add(key)
+      alternatives.append(x)
+  sections.append(_Section(
+      "top alternatives", (),
+      ("devices", "mesh", "strategy", "step", "compute", "comm", "memory", "fits", "margin"),
+      tuple((str(x.devices), str(x.mesh_shape), x.strategy, human_seconds(x.step_time),
+             human_seconds(x.compute_time), human_seconds(x.comm_time),
+             human_bytes(x.peak_memory), "yes" if x.fits else "NO",
+             _margin(x, c, plan.objective)) for x in alternatives)))
+  hot = d.hotspots[:top]
+  sections.append(_Section(
+      "largest costs by equation (per device, all repeats)",
+      (f"the top {len(hot)} account for {_pct(sum(h.seconds for h in hot), p.compute_time)} of "
+       "compute time.",),
+      ("time", "share", "primitive", "x", "bound", "shapes", "source"),
+      tuple((human_seconds(h.seconds), _pct(h.seconds, p.compute_time), h.primitive,
+             str(h.count), h.bound, h.shapes, _short_source(h.source)) for h in hot)))
+  if d.unknown_primitives:
+    sections.append(_Section(
+        "warnings", (f"no sharding rule for {', '.join(d.unknown_primitives)}: costed "
+                     "conservatively.",)))
+  return sections
+
+
+def explain(plan, top: int = 10) -> str:
+  """The plan's full story as text (see `Plan.explain`)."""
+  if plan.details is None:
+    return summary(plan) + "\n\n(a version-1 plan file: plan again for the full explanation)"
+  out = []
+  for sec in _sections(plan, top):
+    out.append(sec.title)
+    out += ["  " + n for n in sec.notes]
+    if sec.header:
+      out += ["  " + line for line in _table(list(sec.header), [list(r) for r in sec.rows]).split("\n")]
+    out.append("")
+  return "\n".join(out).rstrip() + "\n"
+
+
+def html(plan, top: int = 10) -> str:
+  """The explanation as HTML tables, for notebooks."""
+  if plan.details is None:
+    return f"<pre>{html_lib.escape(summary(plan))}</pre>"
+  e = html_lib.escape
+  parts = ['<div class="wapar-plan">']
+  for i, sec in enumerate(_sections(plan, top)):
+    parts.append(f"<{'h3' if i == 0 else 'h4'}>{e(sec.title)}</{'h3' if i == 0 else 'h4'}>")
+    parts += [f"<p>{e(n)}</p>" for n in sec.notes]
+    if sec.header:
+      parts.append('<table><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in sec.header) +
+                   "</tr></thead><tbody>")
+      for r in sec.rows:
+        parts.append("<tr>" + "".join(f"<td><code>{e(x)}</code></td>" for x in r) + "</tr>")
+      parts.append("</tbody></table>")
+  parts.append("</div>")
+  return "\n".join(parts)
