@@ -13,6 +13,7 @@ _EPILOG = """examples:
   wapar plan gpt-7b --devices 8 --profile h100-sxm --dtype bfloat16 --out plan.json
   wapar plan alexnet --devices 4 --profile titanxp-pcie --batch-size 8 --strategy dp
   wapar plan mypkg.train:workload --devices 16     # workload() -> (loss_fn, params, batch)
+  wapar verify gpt2-small --devices 8 --profile h100-sxm --seq-len 256
   wapar profiles
 """
 
@@ -36,13 +37,17 @@ def _optimizer(name: str, lr: float):
   return makers[name](lr)
 
 
-def _cmd_plan(args) -> int:
+def _make_plan(args):
   import wapar_jax as wap
   loss_fn, params, batch = _workload(args.model, args.batch_size, args.seq_len, args.dtype)
-  plan = wap.plan(loss_fn, params, batch, optimizer=_optimizer(args.optimizer, args.lr),
+  return wap.plan(loss_fn, params, batch, optimizer=_optimizer(args.optimizer, args.lr),
                   devices=args.devices, profile=args.profile, objective=args.objective,
                   strategy=args.strategy, memory_headroom=args.memory_headroom,
                   all_devices=args.all_devices, cache=not args.no_cache)
+
+
+def _cmd_plan(args) -> int:
+  plan = _make_plan(args)
   if args.out:
     plan.save(args.out)
   if args.json:
@@ -58,6 +63,22 @@ def _cmd_plan(args) -> int:
   return 0
 
 
+def _cmd_verify(args) -> int:
+  import jax
+  try:  # enough CPU devices here spares a child process; too late once jax has started
+    jax.config.update("jax_num_cpu_devices", max(args.devices, jax.config.jax_num_cpu_devices))
+  except (RuntimeError, AttributeError):
+    pass
+  plan = _make_plan(args)
+  # A child process (if needed) rebuilds a built-in example by name; user code goes pickled.
+  workload = None if ":" in args.model else {
+      "example": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
+      "dtype": args.dtype, "optimizer": args.optimizer, "lr": args.lr}
+  result = plan.verify(workload=workload, timeout=args.timeout)
+  print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+  return 0
+
+
 def _cmd_profiles(args) -> int:
   from wapar_jax._src.profiles import list_profiles, load_profile
   if args.name:
@@ -70,15 +91,8 @@ def _cmd_profiles(args) -> int:
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="wapar", description="Plan how to shard a JAX train step: device count, mesh shape "
-      "and a PartitionSpec for every parameter, optimizer-state and batch leaf.",
-      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-
-  p = sub.add_parser("plan", help="plan a built-in example or module:function",
-                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_plan_arguments(p) -> None:
+  """The workload, device and search arguments shared by `plan` and `verify`."""
   p.add_argument("model", help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
                  "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch)")
   p.add_argument("--devices", type=int, default=8, help="devices offered (default 8); every "
@@ -98,10 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--optimizer", default="adamw",
                  choices=("adamw", "adam", "sgd", "adafactor", "lion"))
   p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="wapar", description="Plan how to shard a JAX train step: device count, mesh shape "
+      "and a PartitionSpec for every parameter, optimizer-state and batch leaf.",
+      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("plan", help="plan a built-in example or module:function",
+                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_plan_arguments(p)
   p.add_argument("--out", help="write the plan as JSON to this file (atomically)")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
-  p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
   p.set_defaults(run=_cmd_plan)
+
+  p = sub.add_parser("verify", help="plan, then compile the step for the plan's mesh on "
+                     "virtual CPU devices: predicted vs compiled FLOPs, bytes, memory")
+  _add_plan_arguments(p)
+  p.add_argument("--timeout", type=float, default=300.0,
+                 help="seconds a child-process compile may take (default 300)")
+  p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+  p.set_defaults(run=_cmd_verify)
 
   p = sub.add_parser("profiles", help="list built-in device profiles, or show one")
   p.add_argument("name", nargs="?", help="a profile to show in full")
