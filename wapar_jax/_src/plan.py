@@ -197,11 +197,23 @@ class Plan:
     """
     self.check_fits(params)
     mesh = self.make_mesh(devices)
-    return emit.copy_to(params, emit.named(mesh, self._param_specs(params)))
+    shardings = emit.named(mesh, self._param_specs(params))
+    if jax.process_count() > 1:  # every process holds the same full copy; each keeps its shards
+      return emit.from_host_copy(params, shardings)
+    return emit.copy_to(params, shardings)
 
   def shard_batch(self, batch, devices=None):
+    """The batch on the plan's mesh, split over the data axis.
+
+    Under `jax.distributed` (several processes), `batch` is this process's part of the global
+    batch: its rows, in process order (`jax.make_array_from_process_local_data`); the global
+    batch has `jax.process_count()` times as many rows.
+    """
     mesh = self.make_mesh(devices)
-    return emit.copy_to(batch, emit.named(mesh, self._batch_specs(batch)))
+    shardings = emit.named(mesh, self._batch_specs(batch))
+    if jax.process_count() > 1:
+      return emit.from_process_local(batch, shardings)
+    return emit.copy_to(batch, shardings)
 
   def init_params(self, init_fn: Callable, *args, devices=None):
     """Runs `init_fn(*args)` so each device creates only its shard: no full host copy."""
