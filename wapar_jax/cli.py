@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -14,7 +15,29 @@ _EPILOG = """examples:
   wapar plan alexnet --devices 4 --profile titanxp-pcie --batch-size 8 --strategy dp
   wapar plan mypkg.train:workload --devices 16     # workload() -> (loss_fn, params, batch)
   wapar verify gpt2-small --devices 8 --profile h100-sxm --seq-len 256
-  wapar profiles
+  wapar explain gpt2-small --devices 8 --profile h100-sxm   # why this plan, and what it costs
+  wapar explain --plan plan.json --maxtext                  # export a saved plan's rules
+  wapar profiles                                            # list; `wapar profiles show h100-sxm`
+"""
+
+_EXPLAIN_EPILOG = """examples:
+  wapar explain gpt-tiny --devices 8 --profile cpu          # plan, then explain
+  wapar explain alexnet --devices 4 --profile titanxp-pcie --batch-size 4 --plots figs/
+  wapar plan gpt2-small --out plan.json && wapar explain --plan plan.json
+  wapar explain --plan plan.json --rules                    # flax logical_axis_rules
+  wapar explain --plan plan.json --maxtext > rules.yml      # MaxText mesh and rules YAML
+
+The explanation shows the mesh, the device count chosen and the margin to every other count,
+the parameter groups with their specs and bytes per device, the step split into compute and
+communication, memory by term, the closest alternatives, and the costliest equations with the
+source line that produced them.
+"""
+
+_PROFILES_EPILOG = """examples:
+  wapar profiles                      # list the built-in device profiles
+  wapar profiles show titanxp-pcie    # one profile in full, with its sources
+  wapar profiles h100-sxm             # the same, shorter
+  wapar plan mlp --profile my-gpu.json   # a profile of your own: same fields as `show` prints
 """
 
 
@@ -43,7 +66,65 @@ def _make_plan(args):
   return wap.plan(loss_fn, params, batch, optimizer=_optimizer(args.optimizer, args.lr),
                   devices=args.devices, profile=args.profile, objective=args.objective,
                   strategy=args.strategy, memory_headroom=args.memory_headroom,
-                  all_devices=args.all_devices, cache=not args.no_cache)
+                  all_devices=args.all_devices, cache=not args.no_cache,
+                  progress=_progress(args))
+
+
+def _progress(args):
+  """Progress bars on stderr for tracing, cost analysis and search: on a terminal or when
+  asked with --progress, never with --json (scripts read stdout, and bars would clutter logs)."""
+  if getattr(args, "json", False) or not (getattr(args, "progress", False) or sys.stderr.isatty()):
+    return None
+  from rich.console import Console
+  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                             TimeElapsedColumn)
+  console = Console(stderr=True)
+
+  def bar(phase, items):
+    items = list(items)
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<14}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+      task = progress.add_task(phase, total=len(items))
+      for item in items:
+        yield item
+        progress.advance(task)
+
+  return bar
+
+
+def _cmd_explain(args) -> int:
+  import wapar_jax as wap
+  if args.plan:
+    plan = wap.Plan.load(args.plan)
+  elif args.model:
+    plan = _make_plan(args)
+  else:
+    raise wap.InvalidArgumentError("explain needs a model to plan or --plan FILE, e.g. "
+                                   "`wapar explain gpt-tiny` or `wapar explain --plan plan.json`. "
+                                   "Got neither.")
+  if args.json:
+    details = plan.details.to_dict() if plan.details is not None else None
+    print(json.dumps({"mesh_shape": dict(plan.mesh_shape), "strategy": plan.strategy,
+                      "predicted": dataclasses.asdict(plan.predicted),
+                      "logical_axis_rules": plan.logical_axis_rules() if details else None,
+                      "details": details}, indent=1))
+  elif args.rules:
+    for name, axis in plan.logical_axis_rules():
+      print(f"({name!r}, {axis!r}),")
+  elif args.maxtext:
+    print(plan.to_maxtext_yaml(), end="")
+  else:
+    print(plan.explain(top=args.top))
+  if args.plots:
+    os.makedirs(args.plots, exist_ok=True)
+    figures = {"sweep": plan.plot_sweep(), "breakdown": plan.plot_breakdown(),
+               "layout": plan.plot_layout()}
+    for name, fig in figures.items():
+      fig.savefig(os.path.join(args.plots, f"{name}.png"), dpi=120)
+    if not args.json:
+      print(f"plots written to {args.plots}/: " + ", ".join(f"{n}.png" for n in figures),
+            file=sys.stderr)
+  return 0
 
 
 def _cmd_plan(args) -> int:
@@ -80,9 +161,20 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_profiles(args) -> int:
+  from wapar_jax._src.errors import InvalidArgumentError
   from wapar_jax._src.profiles import list_profiles, load_profile
-  if args.name:
-    print(json.dumps(load_profile(args.name).to_dict(), indent=2))
+  words = list(args.name)
+  if words[:1] in (["list"], ["ls"]):
+    words = words[1:]
+  elif words[:1] == ["show"]:
+    words = words[1:]
+    if not words:
+      raise InvalidArgumentError("`wapar profiles show` needs a profile name, e.g. "
+                                 "`wapar profiles show h100-sxm`. Got none.")
+  if len(words) > 1:
+    raise InvalidArgumentError(f"show one profile at a time. Got {words}.")
+  if words:
+    print(json.dumps(load_profile(words[0]).to_dict(), indent=2))
     return 0
   for name in list_profiles():
     p = load_profile(name)
@@ -91,9 +183,10 @@ def _cmd_profiles(args) -> int:
   return 0
 
 
-def _add_plan_arguments(p) -> None:
-  """The workload, device and search arguments shared by `plan` and `verify`."""
-  p.add_argument("model", help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
+def _add_plan_arguments(p, model_nargs=None) -> None:
+  """The workload, device and search arguments shared by `plan`, `verify` and `explain`."""
+  p.add_argument("model", nargs=model_nargs,
+                 help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
                  "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch)")
   p.add_argument("--devices", type=int, default=8, help="devices offered (default 8); every "
                  "count up to it is considered")
@@ -113,6 +206,8 @@ def _add_plan_arguments(p) -> None:
                  choices=("adamw", "adam", "sgd", "adafactor", "lion"))
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
+  p.add_argument("--progress", action="store_true", help="progress bars on stderr even when "
+                 "it is not a terminal (never with --json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print the comparison as JSON")
   p.set_defaults(run=_cmd_verify)
 
-  p = sub.add_parser("profiles", help="list built-in device profiles, or show one")
-  p.add_argument("name", nargs="?", help="a profile to show in full")
+  p = sub.add_parser("explain", help="why a plan: device sweep, parameter groups, step and "
+                     "memory breakdown, alternatives, costliest equations; export rules",
+                     epilog=_EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_plan_arguments(p, model_nargs="?")
+  p.add_argument("--plan", metavar="FILE", help="explain a saved plan instead of planning")
+  p.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
+  what = p.add_mutually_exclusive_group()
+  what.add_argument("--json", action="store_true", help="the explanation's data as JSON")
+  what.add_argument("--rules", action="store_true", help="print flax logical_axis_rules")
+  what.add_argument("--maxtext", action="store_true", help="print MaxText-style mesh and rules "
+                    "YAML")
+  p.add_argument("--plots", metavar="DIR", help="also write sweep.png, breakdown.png and "
+                 "layout.png (needs matplotlib)")
+  p.set_defaults(run=_cmd_explain)
+
+  p = sub.add_parser("profiles", help="list built-in device profiles, or show one",
+                     epilog=_PROFILES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("name", nargs="*", metavar="[show] NAME", help="a profile to show in full")
   p.set_defaults(run=_cmd_profiles)
   return parser
 
