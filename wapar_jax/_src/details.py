@@ -153,7 +153,7 @@ def _group_name(occurrences: list[tuple[str, int, tuple]], share: float, taken: 
     if len(set(parts)) != 1:
       break
     prefix.append(parts[0])
-  if share >= 0.5:
+  if share >= 0.5 and len(modules) >= 3 and "embed" not in taken:
     name = "embed"
   elif len(modules) > 1 and prefix and not all(
       re.fullmatch(r"_?\d*", m[len("_".join(prefix)):]) for m in modules):  # not Dense_0, Dense_1
