@@ -181,7 +181,8 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
   best = ranked[0]
   if not best.fits:
     closest = min(ranked, key=lambda c: c.peak_memory)
-    raise NoFeasiblePlanError(_no_fit_message(space, closest, budget, device_profile), closest)
+    raise NoFeasiblePlanError(
+        _no_fit_message(space, closest, budget, device_profile, param_paths), closest)
 
   p_specs, o_specs, b_specs = _specs_for(space, best)
   p_keys = emit.leaf_paths(abstract_params)
@@ -214,16 +215,21 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
 
 
 def _no_fit_message(space: SearchSpace, closest: Candidate, budget: float,
-                    profile: DeviceProfile) -> str:
+                    profile: DeviceProfile, param_paths: Sequence[str] = ()) -> str:
+  from wapar_jax._src.explain import human_bytes
   traced = space.traced
   largest = sorted(range(len(traced.param_vars)), key=lambda i: -space.param_bytes[i])[:5]
-  tensors = ", ".join(f"{traced.var_shape[traced.param_vars[i]]} ({space.param_bytes[i] / 2**30:.2f} GiB)"
-                      for i in largest)
+  paths = list(param_paths) or [f"param {i}" for i in range(len(traced.param_vars))]
+  tensors = ", ".join(f"{paths[i]} {list(traced.var_shape[traced.param_vars[i]])} "
+                      f"({human_bytes(space.param_bytes[i])})" for i in largest)
   total = float(space.param_bytes.sum() + space.opt_bytes.sum())
   need = math.ceil(total / budget) if budget > 0 else 0
-  return (f"no plan fits {budget / 2**30:.1f} GiB per {profile.name} device. Closest: "
+  # Every count up to the closest one's was searched and none fit: more are needed than that.
+  need = max(need, closest.devices + 1)
+  return (f"no plan fits {human_bytes(budget)} per {profile.name} device. Closest: "
           f"{closest.strategy} on mesh {closest.mesh_shape} needs "
-          f"{closest.peak_memory / 2**30:.1f} GiB per device. Parameters and optimizer state "
-          f"alone are {total / 2**30:.1f} GiB, so at least {need} devices are needed even fully "
-          f"sharded. Largest parameters: {tensors}. Offer more devices, a device with more "
+          f"{human_bytes(closest.peak_memory)} per device. Parameters and optimizer state "
+          f"alone are {human_bytes(total)}, so the smallest device count that could fit is "
+          f"{need} (fully sharded; activations may need more). Largest parameters: {tensors}. "
+          f"Offer at least {need} devices, a device with more "
           "memory, a smaller batch, or lower memory_headroom.")
