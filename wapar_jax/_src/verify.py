@@ -67,6 +67,9 @@ class Collective:
     count: executions per step (product of the trip counts of the loops around it).
     sent_bytes: bytes each device sends per step (ring formula x count).
     time: seconds per step on the profile's link (alpha-beta x count).
+    reduction_flops: FLOPs XLA's cost analysis books for the sums of an all-reduce or
+      reduce-scatter (one per element of the full buffer, x count); the planner's FLOPs leave
+      them out, so they explain part of a FLOPs gap on many devices.
   """
   kind: str
   name: str
@@ -80,6 +83,7 @@ class Collective:
   time: float
   shape: str = ""
   op_name: str = ""
+  reduction_flops: float = 0.0
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -152,6 +156,11 @@ class Verification:
   notes: tuple[str, ...] = ()
 
   @property
+  def reduction_flops(self) -> float:
+    """FLOPs of `compiled.flops` that are the sums inside all-reduces / reduce-scatters."""
+    return sum(c.reduction_flops for c in self.collectives)
+
+  @property
   def errors(self) -> dict[str, float | None]:
     """Relative error of each figure: (predicted - compiled) / compiled."""
     return {f: relative_error(getattr(self.predicted, f), getattr(self.compiled, f))
@@ -192,6 +201,9 @@ class Verification:
     if self.loop_flops_added:
       lines.append(f"XLA counts each loop body once: {self.xla_flops:.4g} FLOPs reported, "
                    f"+{self.loop_flops_added:.4g} for the remaining loop iterations.")
+    if self.reduction_flops:
+      lines.append(f"of the compiled FLOPs, {self.reduction_flops:.4g} are the sums inside "
+                   "all-reduce / reduce-scatter, which the prediction leaves out.")
     m = self.memory
     lines.append(f"compiled memory: arguments {human_bytes(m.argument)} + outputs "
                  f"{human_bytes(m.output)} - aliased {human_bytes(m.alias)} + temporaries "
@@ -217,6 +229,7 @@ class Verification:
         "predicted": dataclasses.asdict(self.predicted),
         "compiled": dataclasses.asdict(self.compiled),
         "errors": self.errors, "xla_flops": self.xla_flops,
+        "reduction_flops": self.reduction_flops,
         "loop_flops_added": self.loop_flops_added,
         "memory": dict(dataclasses.asdict(self.memory), peak=self.memory.peak),
         "collectives": [c.to_dict() for c in self.collectives],
@@ -439,13 +452,20 @@ _SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 
 def type_bytes(type_text: str) -> float:
   """Bytes of an HLO type such as `f32[8,64]{1,0}` or a tuple of them."""
-  total = 0.0
+  return _type_size(type_text)[0]
+
+
+def _type_size(type_text: str) -> tuple[float, float]:
+  """(bytes, elements) of an HLO type or a tuple of them."""
+  nbytes = elements = 0.0
   for dtype, dims in _SHAPE.findall(re.sub(r"/\*.*?\*/", "", type_text)):
     bits = _DTYPE_BITS.get(dtype)
-    if bits is None:
+    if not bits:
       continue
-    total += math.prod(int(d) for d in dims.split(",") if d) * bits / 8
-  return total
+    count = math.prod(int(d) for d in dims.split(",") if d)
+    nbytes += count * bits / 8
+    elements += count
+  return nbytes, elements
 
 
 def _split_instruction(line: str, computation: str) -> _Instr | None:
@@ -635,8 +655,10 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
         groups_text = replica_groups_text(instr.rest) or "{}"
         groups = parse_replica_groups(groups_text, num)
         n = len(groups[0]) if groups else 1
-      result_bytes = type_bytes(type_text)
-      nbytes = result_bytes * n if kind == "reduce-scatter" else result_bytes
+      result_bytes, result_elements = _type_size(type_text)
+      scale = n if kind == "reduce-scatter" else 1
+      nbytes = result_bytes * scale
+      reduces = kind in ("all-reduce", "reduce-scatter") and n > 1
       cross = crosses_nodes(groups, profile.devices_per_node)
       link = profile.link(cross)
       cost_kind = _COST_KIND.get(kind, kind)
@@ -646,7 +668,8 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
           axes=group_axes(groups, mesh_shape), crosses_nodes=cross, count=count,
           sent_bytes=float(collective_traffic(cost_kind, nbytes, n)) * count,
           time=float(collective_time(cost_kind, nbytes, n, link.bandwidth, link.latency)) * count,
-          shape=_short(type_text), op_name=op_name.group(1) if op_name else ""))
+          shape=_short(type_text), op_name=op_name.group(1) if op_name else "",
+          reduction_flops=result_elements * scale * count if reduces else 0.0))
   return tuple(found)
 
 
