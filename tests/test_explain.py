@@ -1,0 +1,149 @@
+"""plan.explain / _repr_html_, plots, rule export and the `wapar explain` command."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import json
+
+import matplotlib
+import optax
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+import wapar_jax as wap
+from wapar_jax._src import zoo
+
+matplotlib.use("Agg")
+TX = optax.adamw(1e-3)
+
+
+@pytest.fixture(scope="module")
+def tp_plan():
+  ex = zoo.get_example("gpt-tiny")
+  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
+                  strategy="dp_tp", all_devices=True)
+
+
+@pytest.fixture(scope="module")
+def alexnet_plan():
+  ex = zoo.get_example("alexnet", batch_size=4)
+  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.01), devices=4,
+                  profile="titanxp-pcie", strategy="dp")
+
+
+def test_explain_tells_why(alexnet_plan):
+  text = alexnet_plan.explain()
+  assert text.startswith("mesh {'data': 1}: 1 of 4 titanxp-pcie devices")
+  assert "more devices do not pay" in text
+  for section in ("predicted step, per device", "memory per device", "parameter groups",
+                  "logical axes", "top alternatives", "largest costs by equation"):
+    assert section in text
+  assert "dominated by" in text
+  # Hot spots point at the model's source lines.
+  assert "zoo.py:" in text and "conv_general_dilated" in text
+  html = alexnet_plan._repr_html_()
+  assert html.startswith('<div class="wapar-plan">') and "<table>" in html
+
+
+def test_parameter_groups_fold_repeated_layers(tp_plan):
+  text = tp_plan.explain()
+  assert "2 x block_*/mlp_in/kernel" in text
+  assert "P(None, 'model')" in text
+
+
+def test_hotspots_add_up_to_compute(tp_plan):
+  d = tp_plan.details
+  total = d.compute_bound_seconds + d.memory_bound_seconds
+  assert total == pytest.approx(tp_plan.predicted.compute_time, rel=1e-6)
+  seconds = [h.seconds for h in d.hotspots]
+  assert seconds == sorted(seconds, reverse=True)
+  assert {h.primitive for h in d.hotspots} >= {"dot_general"}
+  names = dict(d.memory)
+  assert sum(names.values()) == pytest.approx(tp_plan.predicted.peak_memory, rel=1e-6)
+
+
+def test_logical_axis_rules_reproduce_the_plan_under_flax(tp_plan):
+  rules = tp_plan.logical_axis_rules()
+  assert rules[0] == ("batch", "data")
+  names = {n for n, _ in rules}
+  assert {"embed", "mlp", "heads"} <= names
+  assert ("mlp", "model") in rules and ("heads", "model") in rules
+  axes = tp_plan.param_logical_axes()
+  assert axes["block_0"]["mlp_in"]["kernel"] == ("embed", "mlp")
+  reproduced = 0
+  for leaf in tp_plan.details.params:
+    spec = nn.logical_to_mesh_axes(leaf.dims, rules)
+    want = tp_plan.flat_param_specs[leaf.path]
+    reproduced += tuple(spec) == tuple(want) + (None,) * (len(leaf.dims) - len(want))
+  assert reproduced == len(tp_plan.details.params)
+
+
+def test_maxtext_yaml(tp_plan):
+  text = tp_plan.to_maxtext_yaml()
+  assert "mesh_axes: ['data', 'model']" in text
+  assert "data_sharding: [['data']]" in text
+  assert "['mlp', ['model']]," in text
+  assert "reproduce 36 of 36" in text
+
+
+def test_plots_are_figures(alexnet_plan, tp_plan):
+  from matplotlib.figure import Figure
+  assert isinstance(alexnet_plan.plot_sweep(), Figure)
+  assert isinstance(tp_plan.plot_breakdown(), Figure)
+  fig = tp_plan.plot_layout("block_0/mlp_in/kernel")
+  texts = [t.get_text() for t in fig.axes[0].texts]
+  assert sorted(texts) == ["devices\n0, 2, 4, 6", "devices\n1, 3, 5, 7"]
+  with pytest.raises(wap.InvalidArgumentError, match="no parameter"):
+    tp_plan.plot_layout("nope")
+
+
+def test_device_blocks():
+  from wapar_jax._src.plots import device_blocks
+  dims, axes, blocks = device_blocks((8, 4), P("data", "model"), {"data": 2, "model": 2})
+  assert dims == [0, 1] and axes == ["data", "model"]
+  assert blocks == {(0, 0): [0], (0, 1): [1], (1, 0): [2], (1, 1): [3]}
+
+
+def test_loaded_plan_explains_and_exports(tp_plan, tmp_path):
+  path = tmp_path / "plan.json"
+  tp_plan.save(path)
+  loaded = wap.Plan.load(path)
+  assert loaded == tp_plan
+  assert loaded.explain() == tp_plan.explain()
+  assert loaded.logical_axis_rules() == tp_plan.logical_axis_rules()
+  assert loaded.param_logical_axes()["block_0"]["mlp_in"]["kernel"] == ("embed", "mlp")
+
+
+def test_cli_explain(tmp_path, capsys):
+  from wapar_jax.cli import main
+  path = tmp_path / "plan.json"
+  assert main(["plan", "mlp", "--devices", "4", "--profile", "cpu", "--out", str(path)]) == 0
+  capsys.readouterr()
+  assert main(["explain", "--plan", str(path)]) == 0
+  assert "largest costs by equation" in capsys.readouterr().out
+  assert main(["explain", "--plan", str(path), "--maxtext"]) == 0
+  assert capsys.readouterr().out.startswith("# wapar_jax plan")
+  assert main(["explain", "mlp", "--devices", "4", "--json", "--progress"]) == 0
+  out = capsys.readouterr()
+  assert json.loads(out.out)["logical_axis_rules"][0][0] == "batch"
+  assert "cost analysis" not in out.err  # no bars with --json
+  assert main(["explain", "mlp", "--devices", "2", "--progress", "--plots",
+               str(tmp_path / "figs")]) == 0
+  assert "cost analysis" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / "figs")) == ["breakdown.png", "layout.png", "sweep.png"]
+  assert main(["explain"]) == 2
+  assert "--plan FILE" in capsys.readouterr().err
+
+
+def test_cli_profiles_show_and_help(capsys):
+  from wapar_jax.cli import main
+  assert main(["profiles", "show", "titanxp-pcie"]) == 0
+  assert json.loads(capsys.readouterr().out)["name"] == "titanxp-pcie"
+  assert main(["profiles", "cpu"]) == 0
+  assert json.loads(capsys.readouterr().out)["name"] == "cpu"
+  for command in (["explain", "--help"], ["profiles", "--help"]):
+    with pytest.raises(SystemExit):
+      main(command)
+    assert "examples:" in capsys.readouterr().out
