@@ -60,6 +60,12 @@ def test_mesh_groups_with_sub_axes_and_device_ids():
   text = "mesh['x'=2,'y'=4], device_ids=([2,4]<=[4,2]T(1,0)) {'x'}"
   assert parse(text, 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
   assert parse("maximal_mesh[device_id=3] {}", 8) == [[3]]
+  # jax 0.10.2, dp_tp on data=2 x model=4: devices of the 4x1x2 mesh are iota([2,4]).T, and
+  # the group along axis_0 is one row of the plan's model axis.
+  text = "mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}"
+  groups = parse(text, 8)
+  assert groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert verify_lib.group_axes(groups, {"data": 2, "model": 4}) == ("model",)
 
 
 def test_replica_groups_text_in_instruction_lines():

@@ -320,7 +320,8 @@ def parse_replica_groups(text: str, num_devices: int) -> list[list[int]]:
 
   Forms: explicit `{{0,1},{2,3}}` (`{}` is one group of all `num_devices`), iota
   `[2,4]<=[8]` and `[4,2]<=[2,4]T(1,0)`, and the mesh form
-  `mesh['a'=4,'b'=2] {'a'}` (optionally `, device_ids=(...)` after the axes, sub-axes as
+  `mesh['a'=4,'b'=2] {'a'}` (optionally `, device_ids=(...)` after the axes, holding an id
+  list, an iota `[8]<=[2,4]T(1,0)` or jax 0.10.2's short iota `[2,4]T(1,0)`; sub-axes as
   `'a':(pre)size`, and `maximal_mesh[device_id=3] {}`).
 
   Raises:
@@ -366,9 +367,14 @@ def _mesh_groups(text: str) -> list[list[int]]:
     close = _balanced(rest, dev.end() - 1, "(", ")")
     body = rest[dev.end():close - 1]
     it = _IOTA.search(body)
+    short = re.fullmatch(r"\s*\[([\d,\s]*)\]\s*(?:T\(([\d,\s]*)\))?\s*", body)
     if it:
       perm = _ints(it.group(3)) if it.group(3) else None
       ids = _iota(_ints(it.group(1)), _ints(it.group(2)), perm).reshape(-1)
+    elif short:  # jax 0.10.2 prints an iota as "[2,4]T(1,0)": arange reshaped, transposed
+      dims = _ints(short.group(1))
+      perm = _ints(short.group(2)) if short.group(2) else None
+      ids = _iota([math.prod(dims)], dims, perm)
     else:
       values = _ints(body)
       if len(values) == len(sizes) + math.prod(sizes) and values[:len(sizes)] == sizes:
@@ -620,9 +626,13 @@ def loop_flops_added(module: HloModule, mult: Mapping[str, float],
 
 
 def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile,
-                module: HloModule | None = None,
-                mult: Mapping[str, float] | None = None) -> tuple[Collective, ...]:
-  """Every collective of a compiled module's text, sized, placed on mesh axes and priced."""
+                module: HloModule | None = None, mult: Mapping[str, float] | None = None,
+                notes: list[str] | None = None) -> tuple[Collective, ...]:
+  """Every collective of a compiled module's text, sized, placed on mesh axes and priced.
+
+  A replica-group form this parser does not know is priced as one group of all devices and
+  named in `notes` (when given) rather than failing the whole verification.
+  """
   module = module or parse_hlo(text)
   if mult is None:
     mult = multiplicities(module)[0]
@@ -646,15 +656,19 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
       if kind is None:
         continue
       type_text = done_type.get(instr.name, instr.type) if opcode.endswith("-start") else instr.type
-      if kind == "collective-permute":
-        pairs_text = replica_groups_text(instr.rest, "source_target_pairs") or "{}"
-        groups = [g for g in parse_replica_groups(pairs_text, num) if len(set(g)) > 1] \
-            if pairs_text != "{}" else []
-        n = 2 if groups else 1
-      else:
-        groups_text = replica_groups_text(instr.rest) or "{}"
-        groups = parse_replica_groups(groups_text, num)
-        n = len(groups[0]) if groups else 1
+      try:
+        if kind == "collective-permute":
+          pairs_text = replica_groups_text(instr.rest, "source_target_pairs") or "{}"
+          groups = [g for g in parse_replica_groups(pairs_text, num) if len(set(g)) > 1] \
+              if pairs_text != "{}" else []
+          n = 2 if groups else 1
+        else:
+          groups = parse_replica_groups(replica_groups_text(instr.rest) or "{}", num)
+          n = len(groups[0]) if groups else 1
+      except ValueError as e:
+        if notes is not None:
+          notes.append(f"{instr.name}: {e}; priced as one group of all {num} devices")
+        groups, n = [list(range(num))], num
       result_bytes, result_elements = _type_size(type_text)
       scale = n if kind == "reduce-scatter" else 1
       nbytes = result_bytes * scale
@@ -717,7 +731,7 @@ def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: fl
   mult, once, loop_notes = multiplicities(module)
   notes += loop_notes
   added = loop_flops_added(module, mult, once)
-  found = collectives(text, plan.mesh_shape, profile, module, mult)
+  found = collectives(text, plan.mesh_shape, profile, module, mult, notes)
   memory, mem_notes = _memory(compiled)
   notes += mem_notes
   p = plan.predicted
