@@ -1,23 +1,40 @@
-"""The single-device train step that is planned, traced and emitted: one definition for all three."""
+"""The single-device train step that is planned, traced and emitted: one definition for all three.
+
+Two memory levers are applied here, so the planner traces and costs exactly what it emits:
+
+- rematerialisation (`remat`): "none"; "layers" checkpoints every layer — the body of each scan
+  in the loss (the layer loop of an `nn.scan` model) and each repetition of a repeated block of
+  equations (the layers of a Python loop) — saving only what crosses layer boundaries;
+  "layers_dots" also keeps each layer's matmul outputs without batch dims (the attention score
+  matrices are still recomputed). Checkpointing the loss as a whole saves nothing: its forward
+  is recomputed in one piece, with the same peak, so remat is per layer or not at all.
+- gradient accumulation (`microbatches` = k): the batch is split into k micro-batches and a
+  `lax.scan` sums their gradients; the loss must be a mean over the batch for the result to be
+  the full-batch gradient (the usual case). Micro-batch j holds rows j, j+k, j+2k, ...: a split
+  that keeps each device's rows on that device when dim 0 is sharded.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
+from wapar_jax._src.errors import InvalidArgumentError
 
-def make_train_step(loss_fn: Callable[[Any, Any], jax.Array],
-                    optimizer: optax.GradientTransformation) -> Callable:
-  """`(params, opt_state, batch) -> (params, opt_state, loss)`, with no sharding in it."""
-
-  def train_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return train_step
+# Per-layer rematerialisation policies: what a checkpointed layer keeps for the backward pass.
+_POLICIES = {
+    "layers": jax.checkpoint_policies.nothing_saveable,
+    "layers_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ("none", "layers", "layers_dots")
+# A repeated block shorter than this many equations is an elementwise run, not a layer.
+_MIN_BLOCK_EQNS = 8
 
 
 def abstract(tree: Any) -> Any:
@@ -30,3 +47,181 @@ def abstract(tree: Any) -> Any:
     return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
 
   return jax.tree.map(strip, tree)
+
+
+def _signature(eqn) -> tuple:
+  avals = lambda vs: tuple((tuple(getattr(v.aval, "shape", ())), str(getattr(v.aval, "dtype", "")))
+                           for v in vs)
+  return eqn.primitive.name, avals(eqn.invars), avals(eqn.outvars)
+
+
+def repeated_blocks(eqns) -> list[tuple[int, int]]:
+  """[start, end) of each repetition of the longest run of identical equation blocks.
+
+  Layers of a model written as a Python loop trace to the same equations (same primitives and
+  shapes) one after the other; finding the tandem repeat needs no module names, so linen, NNX
+  and plain jnp models are all covered. Ties go to the shortest period: one block per layer.
+  """
+  if len(eqns) < 2 * _MIN_BLOCK_EQNS:
+    return []
+  ids: dict[tuple, int] = {}
+  codes = np.array([ids.setdefault(_signature(e), len(ids)) for e in eqns])
+  best = (0, 0, 0)  # (covered equations, start, period)
+  for period in range(_MIN_BLOCK_EQNS, len(codes) // 2 + 1):
+    same = np.concatenate([[False], codes[:-period] == codes[period:], [False]])
+    edges = np.flatnonzero(np.diff(same.astype(np.int8)))
+    starts, stops = edges[::2], edges[1::2]
+    if not len(starts):
+      continue
+    runs = stops - starts
+    k = int(np.argmax(runs))
+    repeats = runs[k] // period + 1
+    covered = repeats * period
+    if repeats >= 2 and covered > best[0]:
+      best = (covered, int(starts[k]), period)
+  covered, start, period = best
+  if not covered:
+    return []
+  return [(start + i * period, start + (i + 1) * period) for i in range(covered // period)]
+
+
+def _layer_remat(fn: Callable, policy) -> Callable:
+  """`fn` recomputed in the backward pass, but only once the cotangent from above arrives.
+
+  Plain `jax.checkpoint` leaves XLA free to schedule every layer's recomputation as early as it
+  likes — on an unrolled model it hoists them all and the peak does not drop. Tying the saved
+  residuals to the incoming cotangent with an optimization barrier orders each layer's
+  recomputation right before its own backward.
+  """
+  checkpointed = jax.checkpoint(fn, policy=policy)
+
+  @jax.custom_vjp
+  def layer(*xs):
+    return fn(*xs)
+
+  def forward(*xs):
+    outs, pullback = jax.vjp(checkpointed, *xs)
+    return outs, pullback
+
+  def backward(pullback, cotangents):
+    pullback, cotangents = lax.optimization_barrier((pullback, cotangents))
+    return pullback(cotangents)
+
+  layer.defvjp(forward, backward)
+  return layer
+
+
+def _checkpointed_segment(eqns, outer_later_uses, policy):
+  """A per-layer-rematerialised function computing `eqns`, with its inputs and outputs."""
+  defined, inputs = set(), []
+  for eqn in eqns:
+    for v in eqn.invars:
+      if isinstance(v, jex.core.Var) and v not in defined and v not in inputs:
+        inputs.append(v)
+    defined.update(eqn.outvars)
+  outputs = [v for eqn in eqns for v in eqn.outvars if v in outer_later_uses]
+  jaxpr = jex.core.Jaxpr([], inputs, outputs, list(eqns))
+  segment = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(jaxpr, []))
+  return inputs, outputs, _layer_remat(lambda *xs: tuple(segment(*xs)), policy)
+
+
+def _remat_layers(loss_fn: Callable, policy) -> Callable:
+  """`loss_fn` with each layer checkpointed: scan bodies, and repeated blocks of equations."""
+
+  def rematted(params, batch):
+    closed = jax.make_jaxpr(loss_fn)(params, batch)
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, jax.tree.leaves((params, batch))))
+    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+    eqns = list(jaxpr.eqns)
+    blocks = dict(repeated_blocks(eqns))
+    i = 0
+    while i < len(eqns):
+      if i in blocks:
+        end = blocks[i]
+        later = {v for e in eqns[end:] for v in e.invars if isinstance(v, jex.core.Var)}
+        later.update(v for v in jaxpr.outvars if isinstance(v, jex.core.Var))
+        inputs, outputs, fn = _checkpointed_segment(eqns[i:end], later, policy)
+        env.update(zip(outputs, fn(*[read(v) for v in inputs])))
+        i = end
+        continue
+      eqn = eqns[i]
+      if eqn.primitive.name == "scan" and eqn.params["length"] > 1:
+        body = eqn.params["jaxpr"]
+        body_fn = jax.checkpoint(jex.core.jaxpr_as_fun(body), policy=policy)
+        eqn = eqn.replace(params={**eqn.params, "jaxpr": jax.make_jaxpr(body_fn)(
+            *[v.aval for v in body.jaxpr.invars])})
+      outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
+      env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+      i += 1
+    return read(jaxpr.outvars[0])
+
+  return rematted
+
+
+def _with_remat(loss_fn: Callable, remat: str) -> Callable:
+  if remat == "none":
+    return loss_fn
+  if remat in _POLICIES:
+    return _remat_layers(loss_fn, _POLICIES[remat])
+  raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES}. Got {remat!r}.")
+
+
+def has_layers(loss_fn: Callable, params, batch) -> bool:
+  """Whether per-layer remat has anything to checkpoint: a scan or a repeated block."""
+  eqns = jax.make_jaxpr(loss_fn)(params, batch).jaxpr.eqns
+  return bool(repeated_blocks(eqns)) or any(
+      e.primitive.name == "scan" and e.params["length"] > 1 for e in eqns)
+
+
+def _split_microbatches(batch, k: int):
+  def split(x):
+    if x.shape[0] % k:
+      raise InvalidArgumentError(
+          f"the batch dim {x.shape[0]} does not split into {k} micro-batches; use a micro-batch "
+          f"count that divides it. Got microbatches={k}.")
+    return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(loss_fn: Callable, *, remat: str = "none", microbatches: int = 1) -> Callable:
+  """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation."""
+  loss_fn = _with_remat(loss_fn, remat)
+  value_and_grad = jax.value_and_grad(loss_fn)
+  if microbatches == 1:
+    return value_and_grad
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise InvalidArgumentError(f"microbatches must be a positive int. Got {microbatches!r}.")
+
+  def accumulated(params, batch):
+    def body(carry, micro):
+      loss_sum, grad_sum = carry
+      loss, grads = value_and_grad(params, micro)
+      grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+      return (loss_sum + loss.astype(jnp.float32), grad_sum), None
+
+    # Accumulate in float32 whatever the parameter dtype: bf16 sums of many micro-batches drift.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                         params)
+    (loss_sum, grad_sum), _ = lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                       _split_microbatches(batch, microbatches))
+    grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
+    return loss_sum / microbatches, grads
+
+  return accumulated
+
+
+def make_train_step(loss_fn: Callable[[Any, Any], jax.Array],
+                    optimizer: optax.GradientTransformation, *, remat: str = "none",
+                    microbatches: int = 1) -> Callable:
+  """`(params, opt_state, batch) -> (params, opt_state, loss)`, with no sharding in it."""
+  grads_of = loss_and_grads(loss_fn, remat=remat, microbatches=microbatches)
+
+  def train_step(params, opt_state, batch):
+    loss, grads = grads_of(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step

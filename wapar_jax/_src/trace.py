@@ -660,8 +660,9 @@ def trace_jaxpr(closed_jaxpr, num_params: int, num_opt_state: int, num_batch: in
   )
 
 
-def trace_train_step(loss_fn, params, batch, optimizer):
-  """Traces `make_train_step(loss_fn, optimizer)` on abstract values.
+def trace_train_step(loss_fn, params, batch, optimizer, *, remat: str = "none",
+                     microbatches: int = 1):
+  """Traces `make_train_step(loss_fn, optimizer, remat=..., microbatches=...)` on abstract values.
 
   Returns (TracedStep, abstract opt_state). Nothing is materialised: a 7B model traces in
   seconds and a few hundred MB.
@@ -669,7 +670,8 @@ def trace_train_step(loss_fn, params, batch, optimizer):
   params, batch = abstract(params), abstract(batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   try:
-    closed = jax.make_jaxpr(make_train_step(loss_fn, optimizer))(params, opt_state, batch)
+    step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches)
+    closed = jax.make_jaxpr(step)(params, opt_state, batch)
   except Exception as e:  # diagnose with a forward trace only: the model is traced once if fine
     _check_loss(loss_fn, params, batch, e)
     raise
