@@ -326,6 +326,7 @@ class Plan:
         fields = {f.name for f in dataclasses.fields(Candidate)}
         d = {k: v for k, v in d.items() if k in fields}
         d["model_groups"] = tuple(d["model_groups"])
+        d["cross_node_axes"] = tuple(d.get("cross_node_axes", ()))  # absent before multi-host
         return Candidate(**d)
 
       params, opt, batch = (flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs"))

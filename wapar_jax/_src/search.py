@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from wapar_jax._src import memory
-from wapar_jax._src.cost import StepCosts, collective_steps, collective_time, collective_traffic
+from wapar_jax._src.cost import (StepCosts, collective_steps, collective_time, collective_traffic,
+                                 hierarchical_collective_steps, hierarchical_collective_traffic)
 from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.trace import TracedStep
@@ -78,6 +79,8 @@ class Candidate:
   # How the step is run: rematerialisation policy and gradient-accumulation micro-batches.
   remat: str = "none"
   microbatches: int = 1
+  # Mesh axes whose collectives cross nodes (laid out as create_hybrid_device_mesh does).
+  cross_node_axes: tuple[str, ...] = ()
 
   @property
   def mesh_shape(self) -> dict[str, int]:
@@ -86,6 +89,7 @@ class Candidate:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["model_groups"] = list(self.model_groups)
+    d["cross_node_axes"] = list(self.cross_node_axes)
     d["mesh_shape"] = self.mesh_shape
     return d
 
@@ -477,6 +481,29 @@ def _combined(nbytes: float) -> float:
   return float(math.ceil(nbytes / COMBINE_BYTES)) if nbytes > 0 else 0.0
 
 
+def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, int]]:
+  """Per mesh axis, (devices of it inside one node, nodes it spans).
+
+  The layout is `mesh_utils.create_hybrid_device_mesh`'s with the model axis innermost: model
+  fills a node first, data takes what is left of the node and then spans nodes. So tensor
+  parallelism crosses nodes only when it is wider than a node, and a data axis of dp over k
+  nodes is dp / k devices per node times k nodes. Degrees that do not tile a node (a model
+  group straddling two nodes, nodes partly used) are priced as flat rings on the slow link:
+  their slowest group is the one that crosses.
+  """
+  per_node = devices_per_node
+  if dp * tp <= per_node:
+    return {DATA: (dp, 1), MODEL: (tp, 1)}
+  if tp >= per_node:
+    model = (per_node, tp // per_node) if tp % per_node == 0 else (1, tp)
+    return {DATA: (1, dp), MODEL: model}
+  if per_node % tp:
+    return {DATA: (1, dp), MODEL: (1, tp)}
+  dp_inner = per_node // tp
+  data = (dp_inner, dp // dp_inner) if dp % dp_inner == 0 else (1, dp)
+  return {DATA: data, MODEL: (tp, 1)}
+
+
 def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int, tp: int,
            groups: tuple[int, ...], storage: str, budget: float) -> Candidate:
   d = dp * tp
@@ -486,31 +513,36 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   compute_time = float((agg.compute / div).sum())
   flops = float((agg.flops / div).sum())
 
-  per_node = profile.devices_per_node
-  model_link = profile.link(crosses_nodes=tp > per_node)
-  data_link = profile.link(crosses_nodes=d > per_node and dp > 1)
+  spans = axis_spans(dp, tp, profile.devices_per_node)
+  data_span, model_span = spans[DATA], spans[MODEL]
+  inner, outer = profile.intra_node, profile.inter_node
   model_scale = np.array([1.0, 1.0 / tp])
   data_scale = np.array([1.0, 1.0 / dp])
 
   comm_time = 0.0
   comm_bytes = 0.0
 
-  def add(kind, nbytes, count, n, link):
+  def add(kind, nbytes, count, n, span):
+    # Two-level (reduce-scatter in node, across nodes on 1/n_inner, all-gather in node) once
+    # the axis spans nodes; a plain ring on the fast link while it stays in one.
     nonlocal comm_time, comm_bytes
     if n <= 1 or count <= 0:
       return
-    comm_time += collective_steps(kind, n) * link.latency * count
-    comm_time += collective_traffic(kind, nbytes, n) / link.bandwidth
-    comm_bytes += collective_traffic(kind, nbytes, n)
+    n_inner, n_outer = span
+    steps_in, steps_out = hierarchical_collective_steps(kind, n_inner, n_outer)
+    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, n_inner, n_outer)
+    comm_time += (steps_in * inner.latency + steps_out * outer.latency) * count
+    comm_time += bytes_in / inner.bandwidth + bytes_out / outer.bandwidth
+    comm_bytes += bytes_in + bytes_out
 
   # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
   grad_bytes = float(agg.red_data[1] @ model_scale)
-  add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_link)
-  add("all-reduce", float(agg.red_data[0] @ model_scale), float(agg.red_data_n[0].sum()), dp, data_link)
-  add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_link)
-  add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_link)
-  add("all-gather", float(agg.gather_model @ data_scale), float(agg.gather_model_n.sum()), tp, model_link)
+  add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_span)
+  add("all-reduce", float(agg.red_data[0] @ model_scale), float(agg.red_data_n[0].sum()), dp, data_span)
+  add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_span)
+  add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_span)
+  add("all-gather", float(agg.gather_model @ data_scale), float(agg.gather_model_n.sum()), tp, model_span)
 
   param_div = np.where(agg.param_model, tp, 1).astype(float)
   opt_div = np.where(agg.opt_model, tp, 1).astype(float)
@@ -519,13 +551,13 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   if storage == "fsdp":
     gathers = np.where(space.param_in_loop, 2.0, 1.0)
     gathered = float((per_param * gathers)[shardable].sum())
-    add("all-gather", gathered, _combined(gathered) + 2 * agg.loop_iterations, dp, data_link)
+    add("all-gather", gathered, _combined(gathered) + 2 * agg.loop_iterations, dp, data_span)
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
     gathered_peak = float(per_param[shardable].max()) if shardable.any() else 0.0
   else:
     if storage == "zero1":  # updated parameters are all-gathered from their shards
       gathered = float(per_param[shardable].sum())
-      add("all-gather", gathered, _combined(gathered), dp, data_link)
+      add("all-gather", gathered, _combined(gathered), dp, data_span)
     param_mem = float(per_param.sum())
     gathered_peak = 0.0
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
@@ -542,7 +574,8 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
                    comm_bytes=comm_bytes, peak_memory=peak, energy=energy, fits=peak <= budget,
                    param_memory=param_mem, opt_state_memory=opt_mem,
                    activation_memory=peak - param_mem - opt_mem,
-                   remat=space.remat, microbatches=space.microbatches)
+                   remat=space.remat, microbatches=space.microbatches,
+                   cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1))
 
 
 def device_counts(max_devices: int, all_devices: bool) -> list[int]:
