@@ -209,6 +209,7 @@ class Plan:
     batch: its rows, in process order (`jax.make_array_from_process_local_data`); the global
     batch has `jax.process_count()` times as many rows.
     """
+    self.check_fits(batch=batch)
     mesh = self.make_mesh(devices)
     shardings = emit.named(mesh, self._batch_specs(batch))
     if jax.process_count() > 1:
