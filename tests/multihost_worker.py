@@ -2,8 +2,9 @@
 
 Not a test module (pytest does not collect it): tests/test_multihost.py starts one of these per
 process. Each joins the job with `jax.distributed.initialize`, plans the built-in "gpt-tiny" for
-the global devices, initialises the parameters sharded, feeds its own rows of the global batch
-with `plan.shard_batch` and runs a few steps. It prints one JSON line, `{"losses": [...]}`.
+the global devices (once per strategy asked for), initialises the parameters sharded, feeds its
+own rows of the global batch with `plan.shard_batch` and runs a few steps. It prints one JSON
+line: per strategy, the losses, the mesh shape and the axes that cross processes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
   parser.add_argument("--num-processes", type=int, required=True)
   parser.add_argument("--coordinator", required=True, help="host:port of process 0")
   parser.add_argument("--local-devices", type=int, default=4)
-  parser.add_argument("--strategy", default="dp")
+  parser.add_argument("--strategies", default="dp", help="comma-separated plan families")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--init-timeout", type=int, default=60,
                       help="seconds jax.distributed.initialize waits for the other processes")
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # A failed join aborts inside the runtime (DEADLINE_EXCEEDED); this line says what was tried.
+  print(f"process {args.process_id}/{args.num_processes}: joining the job at {args.coordinator}, "
+        f"waiting at most {args.init_timeout} s", file=sys.stderr, flush=True)
   jax.distributed.initialize(coordinator_address=args.coordinator,
                              num_processes=args.num_processes, process_id=args.process_id,
                              initialization_timeout=args.init_timeout,
@@ -45,25 +49,26 @@ def main(argv=None) -> int:
   # Each process is one "node" of the plan, so the data axis is the one that crosses processes.
   profile = dataclasses.replace(wap.load_profile("h100-sxm"), name="h100-4-per-node",
                                 devices_per_node=jax.local_device_count())
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=jax.device_count(),
-                  profile=profile, strategy=args.strategy, all_devices=True)
-  params = plan.init_params(ex.init_params, jax.random.key(0))
-  opt_state = plan.init_opt_state(params)
   # Every process builds the same global batch and keeps its own contiguous block of rows.
   full = ex.make_batch(jax.random.key(1))
   rows = jax.tree.leaves(full)[0].shape[0] // jax.process_count()
   lo = jax.process_index() * rows
   local = jax.tree.map(lambda x: x[lo:lo + rows], full)
-  batch = plan.shard_batch(local)
-  step = plan.train_step()
-  losses = []
-  for _ in range(args.steps):
-    params, opt_state, loss = step(params, opt_state, batch)
-    losses.append(float(loss))
-  print(json.dumps({"process": jax.process_index(), "losses": losses,
-                    "mesh_shape": dict(plan.mesh_shape),
-                    "cross_node_axes": list(getattr(plan.chosen, "cross_node_axes", ()))}),
-        flush=True)
+  report = {"process": jax.process_index()}
+  for strategy in args.strategies.split(","):
+    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=jax.device_count(),
+                    profile=profile, strategy=strategy, all_devices=True)
+    params = plan.init_params(ex.init_params, jax.random.key(0))
+    opt_state = plan.init_opt_state(params)
+    batch = plan.shard_batch(local)
+    step = plan.train_step()
+    losses = []
+    for _ in range(args.steps):
+      params, opt_state, loss = step(params, opt_state, batch)
+      losses.append(float(loss))
+    report[strategy] = {"losses": losses, "mesh_shape": dict(plan.mesh_shape),
+                        "cross_node_axes": list(plan.chosen.cross_node_axes)}
+  print(json.dumps(report), flush=True)
   jax.distributed.shutdown()
   return 0
 

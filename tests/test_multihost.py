@@ -25,6 +25,7 @@ from wapar_jax._src import emit, search, zoo
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 STEPS = 3
+STRATEGIES = ("dp", "fsdp")
 # Bounds every wait on a worker: a hung collective or coordinator fails the test, never hangs it.
 RUN_TIMEOUT_S = 120
 
@@ -58,17 +59,13 @@ def _run_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
   return [(p.wait(), *p.communicate()) for p in procs]
 
 
-def _losses(stdout: str) -> dict:
+def _report(stdout: str) -> dict:
   lines = [line for line in stdout.splitlines() if line.startswith("{")]
   return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
-def test_two_processes_match_single_process(strategy):
-  port = _free_port()
-  procs = [_start(i, 2, port, "--strategy", strategy, "--steps", str(STEPS)) for i in range(2)]
-
-  # The reference runs here while the workers start: 8 devices, one process, same plan family.
+def _single_process_losses(strategy: str) -> list[float]:
+  """The same plan family on this process's 8 devices: the numbers the workers must match."""
   ex = zoo.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=8, profile="h100-sxm",
@@ -77,38 +74,45 @@ def test_two_processes_match_single_process(strategy):
   opt_state = plan.init_opt_state(params)
   batch = plan.shard_batch(ex.make_batch(jax.random.key(1)))
   step = plan.train_step()
-  expected = []
+  losses = []
   for _ in range(STEPS):
     params, opt_state, loss = step(params, opt_state, batch)
-    expected.append(float(loss))
+    losses.append(float(loss))
+  return losses
+
+
+def test_two_processes_match_single_process():
+  # One launch runs both families (startup and initialize() cost more than a plan).
+  port = _free_port()
+  procs = [_start(i, 2, port, "--strategies", ",".join(STRATEGIES), "--steps", str(STEPS))
+           for i in range(2)]
+  expected = {s: _single_process_losses(s) for s in STRATEGIES}  # while the workers start
 
   results = _run_all(procs, RUN_TIMEOUT_S)
   for i, (rc, out, err) in enumerate(results):
     assert rc == 0, f"process {i} exited with {rc}:\n{err[-3000:]}"
-  reports = [_losses(out) for _, out, _ in results]
-  assert reports[0]["losses"] == reports[1]["losses"]
-  np.testing.assert_allclose(reports[0]["losses"], expected, rtol=1e-5)
-  # Each worker's plan treats a process as a node: the data axis is the one that crosses.
-  assert reports[0]["mesh_shape"] == {"data": 8}
-  assert reports[0]["cross_node_axes"] == ["data"]
+  reports = [_report(out) for _, out, _ in results]
+  for strategy in STRATEGIES:
+    assert reports[0][strategy]["losses"] == reports[1][strategy]["losses"], strategy
+    np.testing.assert_allclose(reports[0][strategy]["losses"], expected[strategy], rtol=1e-5,
+                               err_msg=strategy)
+    # Each worker's plan treats a process as a node: the data axis is the one that crosses.
+    assert reports[0][strategy]["mesh_shape"] == {"data": 8}
+    assert reports[0][strategy]["cross_node_axes"] == ["data"]
 
 
-def test_missing_peer_fails_fast_with_clear_error():
-  # Process 0 is the coordinator; process 1 never starts. initialize() must give up.
+def test_missing_peer_or_silent_coordinator_fails_fast():
+  # Process 0 (the coordinator) whose peer never starts, and, at the same time, a process 1
+  # pointed at a port where no coordinator listens: initialize() must give up on both.
   t0 = time.monotonic()
-  (rc, out, err), = _run_all([_start(0, 2, _free_port(), "--init-timeout", "3")], 60)
-  assert rc != 0
+  lonely_coordinator = _start(0, 2, _free_port(), "--init-timeout", "3")
+  orphan = _start(1, 2, _free_port(), "--init-timeout", "3")
+  results = _run_all([lonely_coordinator], 60) + _run_all([orphan], 60)
   assert time.monotonic() - t0 < 60
-  assert any(w in err for w in ("DEADLINE_EXCEEDED", "timed out", "Timed out", "Barrier")), err[-2000:]
-
-
-def test_silent_coordinator_fails_fast_with_clear_error():
-  # Process 1 alone, pointed at a port no coordinator listens on.
-  t0 = time.monotonic()
-  (rc, out, err), = _run_all([_start(1, 2, _free_port(), "--init-timeout", "3")], 60)
-  assert rc != 0
-  assert time.monotonic() - t0 < 60
-  assert any(w in err for w in ("DEADLINE_EXCEEDED", "UNAVAILABLE", "timed out", "Timed out")), err[-2000:]
+  for (rc, _, err), words in zip(results, [("DEADLINE_EXCEEDED", "Barrier", "timed out"),
+                                           ("DEADLINE_EXCEEDED", "UNAVAILABLE", "timed out")]):
+    assert rc != 0
+    assert any(w in err for w in words), err[-2000:]
 
 
 def test_hybrid_mesh_puts_slow_axes_outside():
