@@ -191,6 +191,12 @@ def test_fsdp_gathers_parameters_over_data(verified):
   _, v = results["fsdp"]
   gathers = [c for c in v.collectives if c.kind == "all-gather"]
   assert gathers and all(c.axes == ("data",) and c.group_size == 8 for c in gathers)
+  # CPU XLA all-reduces the sharded parameters' gradients in full, then slices; verify finds
+  # those slices (GPU XLA emits them as reduce-scatters) and prices that form apart.
+  assert sum(c.scattered_bytes for c in v.collectives) > 0
+  assert v.comm_bytes_scattered < v.compiled.comm_bytes
+  _, dp = results["dp"]
+  assert dp.comm_bytes_scattered == dp.compiled.comm_bytes
 
 
 def test_tp_collectives_are_over_the_model_axis(verified):
