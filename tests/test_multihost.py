@@ -131,7 +131,16 @@ def test_axis_spans_keep_model_inside_a_node():
   assert search.axis_spans(8, 2, 8) == {"data": (4, 2), "model": (2, 1)}
   assert search.axis_spans(16, 1, 8) == {"data": (8, 2), "model": (1, 1)}
   assert search.axis_spans(4, 16, 8) == {"data": (1, 4), "model": (8, 2)}
-  assert search.axis_spans(8, 3, 8) == {"data": (1, 8), "model": (1, 3)}  # straddles nodes
+  assert search.axis_spans(6, 2, 8) == {"data": (3, 2), "model": (2, 1)}  # 2 nodes x 6
+  # tp=3 does not divide a node: data fills it, the model axis is the one that crosses.
+  assert search.axis_spans(8, 3, 8) == {"data": (8, 1), "model": (1, 3)}
+  assert search.axis_spans(13, 1, 8) == {"data": (1, 13), "model": (1, 1)}  # no even layout
+  # The search prices the layout emit builds.
+  for dp, tp, per_node in [(8, 2, 8), (4, 16, 8), (8, 3, 8), (6, 2, 8), (64, 4, 256)]:
+    nodes = -(-dp * tp // per_node)
+    ici, dcn = emit.hybrid_shapes((dp, tp), dp * tp // nodes)
+    spans = search.axis_spans(dp, tp, per_node)
+    assert (spans["data"], spans["model"]) == ((ici[0], dcn[0]), (ici[1], dcn[1]))
 
 
 def test_cross_node_data_axis_is_priced_two_level():

@@ -484,24 +484,24 @@ def _combined(nbytes: float) -> float:
 def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, int]]:
   """Per mesh axis, (devices of it inside one node, nodes it spans).
 
-  The layout is `mesh_utils.create_hybrid_device_mesh`'s with the model axis innermost: model
-  fills a node first, data takes what is left of the node and then spans nodes. So tensor
-  parallelism crosses nodes only when it is wider than a node, and a data axis of dp over k
-  nodes is dp / k devices per node times k nodes. Degrees that do not tile a node (a model
-  group straddling two nodes, nodes partly used) are priced as flat rings on the slow link:
-  their slowest group is the one that crosses.
+  The layout is the one `emit.make_mesh` builds with `mesh_utils.create_hybrid_device_mesh`:
+  the job spread evenly over the fewest nodes that hold it, the model axis filling a node first
+  and the data axis taking what is left, then spanning nodes. So tensor parallelism crosses
+  nodes only when it is wider than a node or does not divide it, and a data axis of dp over k
+  nodes is dp / k devices per node times k nodes. A job that cannot be spread evenly is priced
+  as flat rings on the slow link: its slowest group is one that crosses.
   """
-  per_node = devices_per_node
-  if dp * tp <= per_node:
+  d = dp * tp
+  nodes = -(-d // devices_per_node)
+  if nodes == 1:
     return {DATA: (dp, 1), MODEL: (tp, 1)}
-  if tp >= per_node:
-    model = (per_node, tp // per_node) if tp % per_node == 0 else (1, tp)
-    return {DATA: (1, dp), MODEL: model}
-  if per_node % tp:
-    return {DATA: (1, dp), MODEL: (1, tp)}
-  dp_inner = per_node // tp
-  data = (dp_inner, dp // dp_inner) if dp % dp_inner == 0 else (1, dp)
-  return {DATA: data, MODEL: (tp, 1)}
+  if d % nodes == 0:
+    per_node = d // nodes
+    model_inner = math.gcd(tp, per_node)
+    data_inner = math.gcd(dp, per_node // model_inner)
+    if model_inner * data_inner == per_node:
+      return {DATA: (data_inner, dp // data_inner), MODEL: (model_inner, tp // model_inner)}
+  return {DATA: (1, dp), MODEL: (1, tp)}
 
 
 def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int, tp: int,
