@@ -86,8 +86,13 @@ def test_group_axes_and_nodes():
   assert verify_lib.group_axes([[0, 2, 4, 6], [1, 3, 5, 7]], mesh) == ("data",)
   assert verify_lib.group_axes([list(range(8))], mesh) == ("data", "model")
   assert verify_lib.group_axes([[3]], mesh) == ()
-  assert not verify_lib.crosses_nodes([[0, 1, 2, 3], [4, 5, 6, 7]], devices_per_node=4)
-  assert verify_lib.crosses_nodes([[0, 4], [1, 5]], devices_per_node=4)
+  assert not verify_lib.crosses_nodes([[0, 1, 2, 3], [4, 5, 6, 7]], per_node=4)
+  assert verify_lib.crosses_nodes([[0, 4], [1, 5]], per_node=4)
+  # 12 devices on 8-device nodes are laid out 6 + 6, as the planner prices them.
+  assert verify_lib.node_size(12, 8) == 6 and verify_lib.node_size(16, 8) == 8
+  assert verify_lib.group_span([list(range(16))], 8) == (8, 2)
+  assert verify_lib.group_span([[0, 8], [1, 9]], 8) == (1, 2)
+  assert verify_lib.group_span([[0, 1, 2, 8]], 8) == (1, 4)  # uneven: flat on the slow link
 
 
 # --- HLO text ----------------------------------------------------------------------------------
@@ -230,9 +235,13 @@ def test_child_process_when_this_one_has_too_few_devices():
   # 16 devices > the 8 of this process: compiled in a child started with 16 virtual devices.
   ex = zoo.get_example("mlp")
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.1), devices=16,
-                  profile="cpu", strategy="dp", all_devices=True)
+                  profile="h100-sxm", strategy="dp", all_devices=True)
   v = plan.verify(workload={"example": "mlp", "optimizer": "sgd", "lr": 0.1}, timeout=120)
   assert v.child_process
+  # Two nodes of 8: the gradient all-reduce is priced two-level, as the planner prices it.
+  grads = [c for c in v.collectives if c.kind == "all-reduce" and c.group_size == 16]
+  assert grads and all(c.crosses_nodes and c.nodes == 2 for c in grads)
+  assert v.compiled.comm_bytes == pytest.approx(v.predicted.comm_bytes, rel=0.01)
   # On 16 devices the gradient all-reduce's sums (one FLOP per parameter) are 7% of the step.
   assert v.compiled.flops - v.reduction_flops == pytest.approx(plan.predicted.flops, rel=0.03)
   assert any(c.kind == "all-reduce" and c.group_size == 16 for c in v.collectives)

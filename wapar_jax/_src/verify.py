@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from wapar_jax._src.cost import collective_time, collective_traffic
+from wapar_jax._src.cost import (hierarchical_collective_time,
+                                 hierarchical_collective_traffic)
 from wapar_jax._src.errors import InvalidArgumentError, NotEnoughDevicesError, WaparError
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 
@@ -63,7 +64,9 @@ class Collective:
       reduce-scatter.
     group_size: devices per replica group; num_groups: how many groups.
     axes: the plan's mesh axes the groups span (empty if the group is one device).
-    crosses_nodes: a group holds devices of more than one node (priced on `inter_node`).
+    crosses_nodes: a group holds devices of more than one node; nodes: how many it spans.
+      Priced as the planner does: one ring on `intra_node` inside a node, two-level
+      (in node, then across nodes on `inter_node`) once a group spans nodes.
     count: executions per step (product of the trip counts of the loops around it).
     sent_bytes: bytes each device sends per step (ring formula x count).
     time: seconds per step on the profile's link (alpha-beta x count).
@@ -88,6 +91,7 @@ class Collective:
   op_name: str = ""
   reduction_flops: float = 0.0
   scattered_bytes: float = 0.0
+  nodes: int = 1
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -163,9 +167,12 @@ class Verification:
   def comm_bytes_scattered(self) -> float:
     """Compiled bytes sent with sliced-only all-reduces counted as the reduce-scatters that
     XLA's GPU / TPU pipelines make of them: the figure to hold a GPU prediction against."""
-    saved = sum((collective_traffic("all-reduce", c.scattered_bytes, c.group_size) -
-                 collective_traffic("reduce-scatter", c.scattered_bytes, c.group_size)) * c.count
-                for c in self.collectives)
+    def sent(kind, c):
+      return sum(hierarchical_collective_traffic(kind, c.scattered_bytes,
+                                                 max(c.group_size // c.nodes, 1), c.nodes))
+
+    saved = sum((sent("all-reduce", c) - sent("reduce-scatter", c)) * c.count
+                for c in self.collectives if c.scattered_bytes)
     return self.compiled.comm_bytes - float(saved)
 
   @property
@@ -455,9 +462,37 @@ def group_axes(groups: Sequence[Sequence[int]], mesh_shape: Mapping[str, int]) -
   return tuple(names[k] for k in sorted(varying))
 
 
-def crosses_nodes(groups: Sequence[Sequence[int]], devices_per_node: int) -> bool:
-  """Whether a group holds devices of two nodes, devices laid out node by node (iota order)."""
-  return any(len({i // devices_per_node for i in g}) > 1 for g in groups)
+def node_size(num_devices: int, devices_per_node: int) -> int:
+  """Logical devices per node in the layout the planner prices (`search.axis_spans`).
+
+  The job is spread evenly over the fewest nodes that hold it, in logical (row-major mesh)
+  order, so the model axis fills a node first; a job that cannot be spread evenly fills whole
+  nodes.
+  """
+  nodes = -(-num_devices // devices_per_node)
+  return num_devices // nodes if num_devices % nodes == 0 else devices_per_node
+
+
+def crosses_nodes(groups: Sequence[Sequence[int]], per_node: int) -> bool:
+  """Whether a group holds devices of two nodes, `per_node` consecutive ids per node."""
+  return group_span(groups, per_node)[1] > 1
+
+
+def group_span(groups: Sequence[Sequence[int]], per_node: int) -> tuple[int, int]:
+  """(devices of a group inside one node, nodes it spans), as `search.axis_spans` gives them.
+
+  A group spread unevenly over nodes is (1, n): a flat ring on the slow link.
+  """
+  inner, outer = 1, 1
+  for g in groups:
+    counts: dict[int, int] = {}
+    for i in g:
+      counts[i // per_node] = counts.get(i // per_node, 0) + 1
+    if len(set(counts.values())) > 1:
+      return 1, max(len(x) for x in groups)
+    if len(counts) > outer or (len(counts) == outer and len(g) // len(counts) > inner):
+      inner, outer = len(g) // len(counts), len(counts)
+  return inner, outer
 
 
 # --- HLO text -----------------------------------------------------------------------------
@@ -731,6 +766,8 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
   if mult is None:
     mult = multiplicities(module)[0]
   num = module.num_partitions or math.prod(mesh_shape.values())
+  per_node = node_size(num, profile.devices_per_node)
+  inner_link, outer_link = profile.intra_node, profile.inter_node
   done_type: dict[str, str] = {}
   for instrs in module.computations.values():
     for instr in instrs:
@@ -768,19 +805,21 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
       scale = n if kind == "reduce-scatter" else 1
       nbytes = result_bytes * scale
       reduces = kind in ("all-reduce", "reduce-scatter") and n > 1
-      cross = crosses_nodes(groups, profile.devices_per_node)
-      link = profile.link(cross)
+      n_inner, n_outer = group_span(groups, per_node) if n > 1 else (n, 1)
       cost_kind = _COST_KIND.get(kind, kind)
+      sent = sum(hierarchical_collective_traffic(cost_kind, nbytes, n_inner, n_outer))
+      seconds = hierarchical_collective_time(
+          cost_kind, nbytes, n_inner, n_outer, inner_link.bandwidth, inner_link.latency,
+          outer_link.bandwidth, outer_link.latency)
       op_name = re.search(r'op_name="([^"]*)"', instr.rest)
       found.append(Collective(
           kind=kind, name=instr.name, nbytes=nbytes, group_size=n, num_groups=len(groups),
-          axes=group_axes(groups, mesh_shape), crosses_nodes=cross, count=count,
-          sent_bytes=float(collective_traffic(cost_kind, nbytes, n)) * count,
-          time=float(collective_time(cost_kind, nbytes, n, link.bandwidth, link.latency)) * count,
+          axes=group_axes(groups, mesh_shape), crosses_nodes=n_outer > 1, count=count,
+          sent_bytes=float(sent) * count, time=float(seconds) * count,
           shape=_short(type_text), op_name=op_name.group(1) if op_name else "",
           reduction_flops=result_elements * scale * count if reduces else 0.0,
           scattered_bytes=_scattered_bytes(module, comp, instr, n, users)
-          if kind == "all-reduce" else 0.0))
+          if kind == "all-reduce" else 0.0, nodes=n_outer))
   return tuple(found)
 
 
