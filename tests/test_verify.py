@@ -213,6 +213,16 @@ def test_tp_collectives_are_over_the_model_axis(verified):
   assert v.compiled.comm_bytes == pytest.approx(v.predicted.comm_bytes, rel=0.1)
 
 
+def test_scanned_layers_are_counted_per_iteration():
+  # XLA's cost analysis counts a while body once; verify adds the other iterations' matmuls.
+  ex = zoo.get_example("gpt-tiny-scan")
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
+                  profile="cpu", strategy="dp", all_devices=True)
+  v = plan.verify()
+  assert v.loop_flops_added > 0.3 * v.xla_flops
+  assert v.compiled.flops == pytest.approx(plan.predicted.flops, rel=0.03)
+
+
 def test_table_and_json_round_trip(verified):
   _, results = verified
   _, v = results["dp"]
