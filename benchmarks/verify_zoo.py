@@ -49,8 +49,11 @@ def run_case(model: str, overrides: dict, strategy: str) -> dict:
   case["plan_seconds"] = time.perf_counter() - t0
   workload = dict(example=model, optimizer="adamw", lr=1e-3, **overrides)
   v = plan.verify(workload=workload)
+  terms = {k: float(getattr(plan.chosen, k)) for k in
+           ("param_memory", "opt_state_memory", "activation_memory") if hasattr(plan.chosen, k)}
   case.update(strategy=plan.strategy, mesh_shape=dict(plan.mesh_shape), devices=plan.num_devices,
-              model_split=list(plan.model_split), verification=v.to_dict())
+              model_split=list(plan.model_split), predicted_memory_terms=terms,
+              verification=v.to_dict())
   return case
 
 
@@ -93,6 +96,23 @@ def markdown(cases: list[dict]) -> str:
         f"{_pct(e['comm_time'])} | "
         f"{human_bytes(p['peak_memory'])} | {human_bytes(k['peak_memory'])} | "
         f"{_pct(e['peak_memory'])} | {v['verify_seconds']:.1f} |")
+  lines += ["", "## Peak memory by term", "",
+            "Predicted parameter + optimizer-state memory against the compiled arguments, and "
+            "the predicted activation term (batch and temporaries) against the compiled "
+            "temporaries (`temp_size_in_bytes`).", "",
+            "| model | strategy | pred params+opt | compiled arguments | pred activations | "
+            "compiled temp | temp err |", "|---|---|---:|---:|---:|---:|---:|"]
+  for c in cases:
+    terms = c.get("predicted_memory_terms")
+    if "error" in c or not terms:
+      continue
+    m = c["verification"]["memory"]
+    state = terms.get("param_memory", 0.0) + terms.get("opt_state_memory", 0.0)
+    act = terms.get("activation_memory", 0.0)
+    temp_err = (act - m["temp"]) / m["temp"] if m["temp"] else None
+    lines.append(f"| {c['model']} | {c['requested']} | {human_bytes(state)} | "
+                 f"{human_bytes(m['argument'])} | {human_bytes(act)} | {human_bytes(m['temp'])} | "
+                 f"{_pct(temp_err)} |")
   lines += ["", "## Collectives XLA emitted, per case", "",
             "kind / mesh axes / group size: instructions, executions per step, full-buffer bytes "
             "per step, bytes sent per device per step.", ""]
