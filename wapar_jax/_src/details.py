@@ -7,7 +7,7 @@ check that it is applied to the model it was made for.
 Example:
   >>> plan = wapar_jax.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=8)
   >>> [g.name for g in plan.details.groups]
-  ['embed', 'attn_out_in', 'mlp', 'wpe', 'wte']
+  ['embed', 'heads', 'mlp', 'wpe', 'wte']
   >>> plan.details.hotspots[0].source
   'model.py:42 (Block.__call__)'
 """
