@@ -182,10 +182,12 @@ def opt_state_specs(optimizer: optax.GradientTransformation, params, param_specs
 
 
 def sharded_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
-                       param_specs, opt_specs, batch_specs):
+                       param_specs, opt_specs, batch_specs, *, remat: str = "none",
+                       microbatches: int = 1):
   """The jitted step with in/out shardings; params and opt state are donated."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
-  return jax.jit(make_train_step(loss_fn, optimizer),
+  step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches)
+  return jax.jit(step,
                  in_shardings=(p_sh, o_sh, b_sh),
                  out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
                  donate_argnums=(0, 1))

@@ -105,6 +105,8 @@ class Plan:
   abstract_batch: Any = dataclasses.field(default=None, repr=False, compare=False)
   device_list: Any = dataclasses.field(default=None, repr=False, compare=False)
   details: details_lib.PlanDetails | None = dataclasses.field(default=None, repr=False)
+  # Which memory term ruled out faster plans and which levers made this one fit ("" if none).
+  memory_decision: str = ""
 
   @property
   def num_devices(self) -> int:
@@ -264,7 +266,8 @@ class Plan:
     mesh = self.make_mesh(devices)
     opt_specs = emit.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
     return emit.sharded_train_step(loss_fn, optimizer, mesh, self._param_specs(params),
-                                   opt_specs, self._batch_specs(batch))
+                                   opt_specs, self._batch_specs(batch), remat=self.chosen.remat,
+                                   microbatches=self.chosen.microbatches)
 
   def verify(self, devices=None, **kwargs):
     """Compiles the train step for the plan's mesh on CPU devices; prediction vs compiled.
@@ -298,6 +301,7 @@ class Plan:
         "chosen": self.chosen.to_dict(),
         "candidates": [c.to_dict() for c in self.candidates],
         "stats": dict(self.stats),
+        "memory_decision": self.memory_decision,
         "param_specs": flat(self.flat_param_specs),
         "opt_state_param_specs": flat(self.flat_opt_specs),
         "batch_specs": flat(self.flat_batch_specs),
@@ -338,8 +342,8 @@ class Plan:
           chosen=candidate(data["chosen"]), strategy=data["strategy"],
           objective=data["objective"], profile=data["profile"],
           devices_offered=int(data["devices_offered"]), model_split=tuple(data["model_split"]),
-          stats=dict(data["stats"]), flat_param_specs=params, flat_opt_specs=opt,
-          flat_batch_specs=batch,
+          stats=dict(data["stats"]), memory_decision=data.get("memory_decision", ""),
+          flat_param_specs=params, flat_opt_specs=opt, flat_batch_specs=batch,
           details=(details_lib.PlanDetails.from_dict(data["details"]) if "details" in data
                    else None))
     except (KeyError, TypeError, ValueError) as e:

@@ -13,11 +13,11 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import details as details_lib, emit, search as search_lib
 from wapar_jax._src.cost import CostCache, step_costs
-from wapar_jax._src.errors import InvalidArgumentError, NoFeasiblePlanError
+from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError, NoFeasiblePlanError
 from wapar_jax._src.plan import Plan, Prediction
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DATA, MODEL, Candidate, SearchSpace
-from wapar_jax._src.step import abstract
+from wapar_jax._src.step import abstract, has_layers
 from wapar_jax._src.trace import trace_train_step
 
 # Candidates kept on the Plan besides the best one per device count.
@@ -111,7 +111,9 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
          memory_headroom: float = 0.1,
          all_devices: bool = False,
          cache: bool = True,
-         progress: Callable | None = None) -> Plan:
+         progress: Callable | None = None,
+         remat: str | None = None,
+         microbatches: int | None = None) -> Plan:
   """Plans how to shard a single-device train step.
 
   Args:
@@ -132,9 +134,16 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     cache: keep per-equation XLA costs on disk (~/.cache/wapar_jax) across runs.
     progress: `progress(phase, items) -> iterable of items`, wrapped around each long phase
       ("tracing", "cost analysis" over the unique equations, "search"), e.g. to draw bars.
+    remat: per-layer rematerialisation, "none", "layers" or "layers_dots" (keep matmul
+      outputs); default: searched when memory, not speed, decides the plan.
+    microbatches: gradient-accumulation micro-batches per step; default: searched likewise.
 
   Returns:
     A frozen `Plan`.
+
+  Raises:
+    NoFeasiblePlanError: nothing fits memory, even with per-layer remat and gradient
+      accumulation; the error carries the closest candidate.
 
   Example:
     >>> plan = wapar_jax.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=8)
@@ -156,8 +165,41 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
 
   abstract_params, abstract_batch = abstract(params), abstract(batch)
   phase = (lambda name, items: items) if progress is None else progress
-  for _ in phase("tracing", [loss_fn]):
-    traced, _ = trace_train_step(loss_fn, abstract_params, abstract_batch, optimizer)
+  param_paths = [emit.path_str(k) for k in emit.leaf_paths(abstract_params)]
+  budget = device_profile.memory_bytes * (1 - memory_headroom)
+  timings = {"trace_seconds": 0.0, "cost_seconds": 0.0, "search_seconds": 0.0}
+  jaxpr_cache: dict = {}
+
+  def run(variant: tuple[str, int]):
+    remat_choice, k = variant
+    t_start = time.perf_counter()
+    for _ in phase("tracing", [loss_fn]):
+      traced, _ = trace_train_step(loss_fn, abstract_params, abstract_batch, optimizer,
+                                   remat=remat_choice, microbatches=k, jaxpr_cache=jaxpr_cache)
+    t_traced = time.perf_counter()
+    costs = step_costs(traced, CostCache(persist=cache),
+                       progress=None if progress is None else
+                       (lambda keys: progress("cost analysis", keys)))
+    t_costed = time.perf_counter()
+    space = search_lib.build_space(traced, costs, param_paths, remat=remat_choice,
+                                   microbatches=k)
+    try:
+      for _ in phase("search", [space]):
+        ranked = search_lib.search(space, device_profile, max_devices, strategy=strategy,
+                                   objective=objective, memory_headroom=memory_headroom,
+                                   all_devices=all_devices)
+    except IndivisibleBatchError:
+      if variant == (remat or "none", microbatches or 1):
+        raise
+      ranked = []  # a micro-batch count the mesh cannot split: not an option
+    timings["trace_seconds"] += t_traced - t_start
+    timings["cost_seconds"] += t_costed - t_traced
+    timings["search_seconds"] += time.perf_counter() - t_costed
+    return traced, costs, space, ranked
+
+  first = (remat or "none", microbatches or 1)
+  results = {first: run(first)}
+  traced = results[first][0]
   if traced.unknown_primitives:
     # Never crash on a primitive without a sharding rule: its dims are linked position by
     # position, which at worst prices an extra collective, and XLA still costs its work.
@@ -165,20 +207,16 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
         f"wapar_jax has no sharding rule for primitive(s) {', '.join(traced.unknown_primitives)}; "
         "they were costed conservatively (dims of equal shape kept together, work from XLA's "
         "cost analysis). Check the plan with plan.explain().", stacklevel=2)
-  t1 = time.perf_counter()
-  costs = step_costs(traced, CostCache(persist=cache),
-                     progress=None if progress is None else
-                     (lambda keys: progress("cost analysis", keys)))
-  t2 = time.perf_counter()
-  param_paths = [emit.path_str(k) for k in emit.leaf_paths(abstract_params)]
-  space = search_lib.build_space(traced, costs, param_paths)
-  for _ in phase("search", [space]):
-    ranked = search_lib.search(space, device_profile, max_devices, strategy=strategy,
-                               objective=objective, memory_headroom=memory_headroom,
-                               all_devices=all_devices)
-  t3 = time.perf_counter()
-  budget = device_profile.memory_bytes * (1 - memory_headroom)
+  for variant in _memory_variants(results[first][3], remat, microbatches, objective,
+                                  lambda: has_layers(loss_fn, abstract_params, abstract_batch,
+                                                     jaxpr_cache),
+                                  search_lib.batch_size_of(results[first][2])):
+    results[variant] = run(variant)
+    if _enough_variants(results, objective):
+      break
+  ranked = sorted((c for r in results.values() for c in r[3]), key=search_lib.rank_key(objective))
   best = ranked[0]
+  traced, costs, space, _ = results[(best.remat, best.microbatches)]
   if not best.fits:
     closest = min(ranked, key=lambda c: c.peak_memory)
     raise NoFeasiblePlanError(
@@ -203,15 +241,95 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
       profile=device_profile.name,
       devices_offered=max_devices,
       model_split=tuple(space.groups[g].label for g in best.model_groups),
-      stats={"trace_seconds": t1 - t0, "cost_seconds": t2 - t1, "search_seconds": t3 - t2,
-             "total_seconds": time.perf_counter() - t0, "ops": len(traced.ops),
+      stats={**timings, "total_seconds": time.perf_counter() - t0, "ops": len(traced.ops),
+             "variants_searched": len(results),
              "unique_ops": costs.unique_ops, "lowered_ops": costs.lowered_ops,
              "candidates_evaluated": len(ranked), "total_flops": costs.total_flops},
       flat_param_specs=flat_p, flat_opt_specs=flat_o, flat_batch_specs=flat_b,
       loss_fn=loss_fn, optimizer=optimizer, abstract_params=abstract_params,
       abstract_batch=abstract_batch, device_list=device_list,
+      memory_decision=_memory_decision(ranked, best, objective),
       details=details_lib.build(space, best, device_profile, abstract_params, abstract_batch,
                                 p_specs))
+
+
+# Memory levers tried in order of their usual cost: accumulation first (no extra FLOPs), then
+# remat keeping matmul outputs, then full per-layer remat, then both.
+_VARIANT_ORDER = (("none", 2), ("layers_dots", 1), ("none", 4), ("layers", 1), ("none", 8),
+                  ("layers_dots", 2), ("layers", 2), ("layers", 4), ("layers", 8), ("none", 16),
+                  ("layers", 16))
+
+
+def _memory_variants(ranked, remat, microbatches, objective, layers_exist, batch_size):
+  """Remat / accumulation variants worth searching after the plain one.
+
+  None when the user fixed both, or when the plain search's fastest candidate fits: the levers
+  only add work, so they can win only where memory ruled that candidate out.
+  """
+  if remat is not None and microbatches is not None:
+    return
+  if not ranked:
+    return
+  value = search_lib.rank_value(objective)
+  unconstrained = min(ranked, key=value)
+  if unconstrained.fits:
+    return
+  has_layers_cache = []
+  for choice, k in _VARIANT_ORDER:
+    if remat is not None and choice != remat or microbatches is not None and k != microbatches:
+      continue
+    if batch_size % k:
+      continue
+    if choice != "none":
+      if not has_layers_cache:
+        has_layers_cache.append(layers_exist())
+      if not has_layers_cache[0]:
+        continue
+    yield choice, k
+
+
+# Once some variant fits, this many more (the next cheapest levers) are searched, then stop.
+_VARIANTS_AFTER_FIRST_FIT = 2
+
+
+def _enough_variants(results, objective) -> bool:
+  """Stop when a fit is within 5% of the unconstrained optimum, or a few levers after a fit."""
+  value = search_lib.rank_value(objective)
+  everything = [c for r in results.values() for c in r[3]]
+  fitting = [value(c) for c in everything if c.fits]
+  if not fitting:
+    return False
+  if min(fitting) <= 1.05 * min(value(c) for c in everything):
+    return True
+  order = list(results)
+  first_fit = next(i for i, v in enumerate(order) if any(c.fits for c in results[v][3]))
+  return len(order) - 1 - first_fit >= _VARIANTS_AFTER_FIRST_FIT
+
+
+def _memory_decision(ranked, best: Candidate, objective: str) -> str:
+  """Which memory term ruled out faster plans, in a sentence; empty when none did."""
+  from wapar_jax._src.explain import human_bytes, human_seconds
+  value = search_lib.rank_value(objective)
+  faster = [c for c in ranked if not c.fits and value(c) < value(best)]
+  if not faster:
+    return ""
+  top = min(faster, key=value)
+  terms = {"parameters": top.param_memory, "optimizer state": top.opt_state_memory,
+           "activations and temporaries": top.activation_memory}
+  term = max(terms, key=terms.get)
+  levers = []
+  if best.remat != "none":
+    levers.append(f"per-layer remat ({best.remat})")
+  if best.microbatches > 1:
+    levers.append(f"{best.microbatches} gradient-accumulation micro-batches")
+  if best.storage != "replicated":
+    levers.append(f"{best.storage} state sharding")
+  return (f"memory decided this plan: the fastest option, {top.strategy} on {top.mesh_shape}"
+          f" (remat {top.remat}, {top.microbatches} micro-batch(es)), needs "
+          f"{human_bytes(top.peak_memory)} per device, mostly {term} "
+          f"({human_bytes(terms[term])}); the chosen plan fits with "
+          f"{', '.join(levers) or 'a different mesh'} at {human_seconds(best.step_time)} "
+          f"instead of {human_seconds(top.step_time)}.")
 
 
 def _no_fit_message(space: SearchSpace, closest: Candidate, budget: float,

@@ -624,7 +624,20 @@ def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
         f"{space.batch_size} splits only over {divisible} data-parallel devices, and no "
         "parameter dimension splits over the rest. Use a batch size divisible by the device "
         f"count, or another strategy. Got batch size {space.batch_size}.")
-  value = (lambda c: c.step_time) if objective == "time" else (lambda c: c.energy)
-  # Candidates within 0.01% of each other tie: then fewer devices, then less memory.
-  return sorted(found, key=lambda c: (not c.fits, float(f"{value(c):.4g}"), c.devices,
-                                      c.peak_memory, c.model))
+  return sorted(found, key=rank_key(objective))
+
+
+def rank_value(objective: str):
+  """The figure the objective minimises."""
+  return (lambda c: c.step_time) if objective == "time" else (lambda c: c.energy)
+
+
+def rank_key(objective: str):
+  """Fitting first, then the objective; within 0.01%: fewer devices, then less memory."""
+  value = rank_value(objective)
+  return lambda c: (not c.fits, float(f"{value(c):.4g}"), c.devices, c.peak_memory, c.model)
+
+
+def batch_size_of(space: SearchSpace) -> int:
+  """The global batch: the micro-batch size times the micro-batch count."""
+  return space.batch_size * space.microbatches

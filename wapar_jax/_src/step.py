@@ -111,7 +111,7 @@ def _layer_remat(fn: Callable, policy) -> Callable:
   return layer
 
 
-def _checkpointed_segment(eqns, outer_later_uses, policy):
+def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
   """A per-layer-rematerialised function computing `eqns`, with its inputs and outputs."""
   defined, inputs = set(), []
   for eqn in eqns:
@@ -120,16 +120,31 @@ def _checkpointed_segment(eqns, outer_later_uses, policy):
         inputs.append(v)
     defined.update(eqn.outvars)
   outputs = [v for eqn in eqns for v in eqn.outvars if v in outer_later_uses]
-  jaxpr = jex.core.Jaxpr([], inputs, outputs, list(eqns))
+  # The loss's debug info, renamed: its argument and result names do not describe a segment.
+  debug_info = debug_info._replace(arg_names=None, result_paths=None).replace_func_name(
+      "wapar_layer")
+  jaxpr = jex.core.Jaxpr([], inputs, outputs, list(eqns), debug_info=debug_info)
   segment = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(jaxpr, []))
   return inputs, outputs, _layer_remat(lambda *xs: tuple(segment(*xs)), policy)
 
 
-def _remat_layers(loss_fn: Callable, policy) -> Callable:
+def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None):
+  """The loss's jaxpr, memoised in `cache` by input types (planning traces it per variant)."""
+  key = (jax.tree.structure((params, batch)),
+         tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((params, batch))))
+  if cache is None or key not in cache:
+    closed = jax.make_jaxpr(loss_fn)(params, batch)
+    if cache is None:
+      return closed
+    cache[key] = closed
+  return cache[key]
+
+
+def _remat_layers(loss_fn: Callable, policy, cache: dict | None) -> Callable:
   """`loss_fn` with each layer checkpointed: scan bodies, and repeated blocks of equations."""
 
   def rematted(params, batch):
-    closed = jax.make_jaxpr(loss_fn)(params, batch)
+    closed = loss_jaxpr(loss_fn, params, batch, cache)
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts))
     env.update(zip(jaxpr.invars, jax.tree.leaves((params, batch))))
@@ -142,7 +157,8 @@ def _remat_layers(loss_fn: Callable, policy) -> Callable:
         end = blocks[i]
         later = {v for e in eqns[end:] for v in e.invars if isinstance(v, jex.core.Var)}
         later.update(v for v in jaxpr.outvars if isinstance(v, jex.core.Var))
-        inputs, outputs, fn = _checkpointed_segment(eqns[i:end], later, policy)
+        inputs, outputs, fn = _checkpointed_segment(eqns[i:end], later, policy,
+                                                    jaxpr.debug_info)
         env.update(zip(outputs, fn(*[read(v) for v in inputs])))
         i = end
         continue
@@ -160,17 +176,17 @@ def _remat_layers(loss_fn: Callable, policy) -> Callable:
   return rematted
 
 
-def _with_remat(loss_fn: Callable, remat: str) -> Callable:
+def _with_remat(loss_fn: Callable, remat: str, cache: dict | None) -> Callable:
   if remat == "none":
     return loss_fn
   if remat in _POLICIES:
-    return _remat_layers(loss_fn, _POLICIES[remat])
+    return _remat_layers(loss_fn, _POLICIES[remat], cache)
   raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES}. Got {remat!r}.")
 
 
-def has_layers(loss_fn: Callable, params, batch) -> bool:
+def has_layers(loss_fn: Callable, params, batch, cache: dict | None = None) -> bool:
   """Whether per-layer remat has anything to checkpoint: a scan or a repeated block."""
-  eqns = jax.make_jaxpr(loss_fn)(params, batch).jaxpr.eqns
+  eqns = loss_jaxpr(loss_fn, params, batch, cache).jaxpr.eqns
   return bool(repeated_blocks(eqns)) or any(
       e.primitive.name == "scan" and e.params["length"] > 1 for e in eqns)
 
@@ -186,9 +202,10 @@ def _split_microbatches(batch, k: int):
   return jax.tree.map(split, batch)
 
 
-def loss_and_grads(loss_fn: Callable, *, remat: str = "none", microbatches: int = 1) -> Callable:
+def loss_and_grads(loss_fn: Callable, *, remat: str = "none", microbatches: int = 1,
+                   jaxpr_cache: dict | None = None) -> Callable:
   """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation."""
-  loss_fn = _with_remat(loss_fn, remat)
+  loss_fn = _with_remat(loss_fn, remat, jaxpr_cache)
   value_and_grad = jax.value_and_grad(loss_fn)
   if microbatches == 1:
     return value_and_grad
@@ -215,9 +232,10 @@ def loss_and_grads(loss_fn: Callable, *, remat: str = "none", microbatches: int 
 
 def make_train_step(loss_fn: Callable[[Any, Any], jax.Array],
                     optimizer: optax.GradientTransformation, *, remat: str = "none",
-                    microbatches: int = 1) -> Callable:
+                    microbatches: int = 1, jaxpr_cache: dict | None = None) -> Callable:
   """`(params, opt_state, batch) -> (params, opt_state, loss)`, with no sharding in it."""
-  grads_of = loss_and_grads(loss_fn, remat=remat, microbatches=microbatches)
+  grads_of = loss_and_grads(loss_fn, remat=remat, microbatches=microbatches,
+                            jaxpr_cache=jaxpr_cache)
 
   def train_step(params, opt_state, batch):
     loss, grads = grads_of(params, batch)

@@ -228,6 +228,12 @@ def _dim_rules(eqn, in_shapes, out_shapes):
       gather_dims.append((1, d))
     return links, reduce_dims, gather_dims, True
 
+  if name == "optimization_barrier":  # identity on each operand
+    for k in range(len(in_shapes)):
+      for d in range(len(in_shapes[k])):
+        link(("i", k, d), ("o", k, d))
+    return links, reduce_dims, gather_dims, True
+
   if name == "broadcast_in_dim":
     for i, d in enumerate(p["broadcast_dimensions"]):
       if in_shapes[0][i] == out_shapes[0][d]:
@@ -661,7 +667,7 @@ def trace_jaxpr(closed_jaxpr, num_params: int, num_opt_state: int, num_batch: in
 
 
 def trace_train_step(loss_fn, params, batch, optimizer, *, remat: str = "none",
-                     microbatches: int = 1):
+                     microbatches: int = 1, jaxpr_cache: dict | None = None):
   """Traces `make_train_step(loss_fn, optimizer, remat=..., microbatches=...)` on abstract values.
 
   Returns (TracedStep, abstract opt_state). Nothing is materialised: a 7B model traces in
@@ -670,7 +676,8 @@ def trace_train_step(loss_fn, params, batch, optimizer, *, remat: str = "none",
   params, batch = abstract(params), abstract(batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   try:
-    step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches)
+    step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches,
+                           jaxpr_cache=jaxpr_cache)
     closed = jax.make_jaxpr(step)(params, opt_state, batch)
   except Exception as e:  # diagnose with a forward trace only: the model is traced once if fine
     _check_loss(loss_fn, params, batch, e)

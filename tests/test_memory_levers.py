@@ -1,0 +1,91 @@
+"""Per-layer remat and gradient accumulation: same numbers, less memory, chosen when needed."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import wapar_jax as wap
+from wapar_jax._src import zoo
+from wapar_jax._src.step import loss_and_grads, make_train_step, repeated_blocks
+
+TX = optax.adamw(1e-3)
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "gpt-tiny-scan", "gpt-tiny-nnx"])
+@pytest.mark.parametrize("remat,microbatches", [("layers", 1), ("layers_dots", 2), ("none", 4)])
+def test_levers_keep_loss_and_gradients(name, remat, microbatches):
+  ex = zoo.get_example(name)
+  params = ex.init_params(jax.random.key(0))
+  batch = ex.make_batch(jax.random.key(1))
+  loss, grads = jax.jit(loss_and_grads(ex.loss_fn))(params, batch)
+  loss2, grads2 = jax.jit(loss_and_grads(ex.loss_fn, remat=remat, microbatches=microbatches))(
+      params, batch)
+  np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-5)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
+  for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_layers_of_a_python_loop_are_found_without_names():
+  ex = zoo.get_example("gpt2-small", seq_len=64)
+  eqns = jax.make_jaxpr(ex.loss_fn)(ex.params, ex.batch).jaxpr.eqns
+  blocks = repeated_blocks(eqns)
+  assert len(blocks) == 12  # one per transformer block
+  assert len({end - start for start, end in blocks}) == 1
+
+
+def test_emitted_step_with_levers_matches_single_device():
+  ex = zoo.get_example("gpt-tiny", batch_size=16)
+  params = ex.init_params(jax.random.key(0))
+  batch = ex.make_batch(jax.random.key(1))
+  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
+  p, o, ref = params, TX.init(params), []
+  for _ in range(3):
+    p, o, loss = ref_step(p, o, batch)
+    ref.append(float(loss))
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
+                  strategy="fsdp", all_devices=True, remat="layers", microbatches=2)
+  assert (plan.chosen.remat, plan.chosen.microbatches) == ("layers", 2)
+  step = plan.train_step()
+  p = plan.shard(params)
+  o = plan.init_opt_state(p)
+  b = plan.shard_batch(batch)
+  losses = []
+  for _ in range(3):
+    p, o, loss = step(p, o, b)
+    losses.append(float(loss))
+  np.testing.assert_allclose(losses, ref, rtol=1e-4)
+
+
+def _compiled_peak(plan, ex):
+  opt_state = jax.eval_shape(TX.init, ex.params)
+  compiled = plan.train_step().lower(ex.params, opt_state, ex.batch).compile()
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
+def test_planner_accumulates_when_memory_forces_it():
+  ex = zoo.get_example("gpt-tiny", batch_size=64)
+  cpu = wap.load_profile("cpu")
+  roomy = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile=cpu,
+                   strategy="dp", all_devices=True)
+  assert roomy.chosen.microbatches == 1 and roomy.memory_decision == ""
+  # A device with 75% of what the plain data-parallel step needs.
+  budget = 0.75 * roomy.predicted.peak_memory
+  tight = dataclasses.replace(cpu, name="tight", memory_bytes=budget / 0.9)
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile=tight,
+                  strategy="dp", all_devices=True)
+  assert plan.chosen.microbatches > 1 or plan.chosen.remat != "none"
+  assert plan.predicted.peak_memory <= budget
+  assert "memory decided this plan" in plan.memory_decision
+  assert "activations" in plan.memory_decision
+  if plan.chosen.remat == "none":  # XLA:CPU undoes remat, so only accumulation verifies here
+    assert _compiled_peak(plan, ex) < _compiled_peak(roomy, ex)
