@@ -52,7 +52,12 @@ def specs_like(tree, flat_specs: Mapping[PathKeys, P], what: str):
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh of Auto axes (Explicit axes make sharded gathers and matmuls raise on jax 0.10)."""
+  """A mesh of Auto axes (Explicit axes make sharded gathers and matmuls raise on jax 0.10).
+
+  Devices of several nodes (processes under `jax.distributed`, or TPU slices) are laid out with
+  `mesh_utils.create_hybrid_device_mesh`: the innermost (model) axis inside a node, the outer
+  (data) axis across nodes, as the search priced it. One process: as before.
+  """
   names = tuple(mesh_shape)
   shape = tuple(mesh_shape[n] for n in names)
   needed = math.prod(shape)
@@ -82,16 +87,15 @@ def _granules(devices: Sequence[Any]) -> list[list[Any]]:
   `slice_index`; other devices have no such link between processes and group by process (one
   process per node is the usual GPU launch). One group means a single-node mesh.
   """
-  def key(d):
-    return getattr(d, "slice_index", None)
-
-  if len({key(d) for d in devices}) <= 1:
-    if devices and getattr(devices[0], "platform", "") == "tpu":
-      return [list(devices)]
-    key = lambda d: d.process_index  # noqa: E731
+  if len({getattr(d, "slice_index", None) for d in devices}) > 1:
+    attr = "slice_index"
+  elif devices and getattr(devices[0], "platform", "") == "tpu":
+    return [list(devices)]
+  else:
+    attr = "process_index"
   groups: dict[Any, list[Any]] = {}
   for d in devices:
-    groups.setdefault(key(d), []).append(d)
+    groups.setdefault(getattr(d, attr), []).append(d)
   return [groups[k] for k in sorted(groups)]
 
 
