@@ -302,9 +302,9 @@ def _dim_rules(eqn, in_shapes, out_shapes):
         link(("i", 0, d), ("o", 0, d))
       else:
         gather_dims.append((0, d))
-    if name == "select_and_scatter_add":
+    if name == "select_and_scatter_add":  # operand 1 is the pooling input, shaped like the output
       for d in range(len(in_shapes[1])):
-        gather_dims.append((1, d))
+        link(("i", 1, d), ("o", 0, d))
     return links, reduce_dims, gather_dims, True
 
   if name == "dynamic_update_slice":
