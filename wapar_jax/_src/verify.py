@@ -73,9 +73,10 @@ class Collective:
     reduction_flops: FLOPs XLA's cost analysis books for the sums of an all-reduce or
       reduce-scatter (one per element of the full buffer, x count); the planner's FLOPs leave
       them out, so they explain part of a FLOPs gap on many devices.
-    scattered_bytes: of an all-reduce's buffer, the bytes whose only use is each device's 1/n
-      dynamic slice. XLA's GPU and TPU pipelines rewrite such an all-reduce into a
-      reduce-scatter (ReduceScatterCreator); the CPU pipeline verified here does not.
+    scattered_bytes: of an all-reduce's buffer, the bytes of which each device reads only its
+      own 1/n dynamic slice (directly, or through elementwise ops): a reduce-scatter would do.
+      XLA's GPU and TPU pipelines rewrite the direct form into one (ReduceScatterCreator); the
+      CPU pipeline verified here does not.
   """
   kind: str
   name: str
@@ -691,20 +692,31 @@ def _elements(type_text: str) -> float:
   return _type_size(type_text)[1]
 
 
+# Ops that read their operand element by element: a value only sliced after them is only read
+# in that slice.
+_ELEMENTWISE = frozenset({
+    "abs", "add", "and", "cbrt", "ceil", "clamp", "compare", "convert", "cosine", "divide",
+    "exponential", "exponential-minus-one", "floor", "is-finite", "log", "log-plus-one",
+    "logistic", "maximum", "minimum", "multiply", "negate", "not", "or", "power", "remainder",
+    "round-nearest-even", "rsqrt", "select", "sign", "sine", "sqrt", "subtract", "tanh", "xor"})
+
+
 def _only_sliced(module: HloModule, comp: str, value: str, elements: float, n: int,
                  users: Mapping[str, Mapping[str, list[_Instr]]], depth: int = 0) -> bool:
   """Whether every use of `value` in `comp` is a dynamic slice of 1/n of its elements.
 
-  Looks through bitcasts and copies, and into fusions (at the fused parameter `value` feeds).
+  Looks through bitcasts, copies and elementwise ops of the same size, and into fusions (at
+  the fused parameter `value` feeds).
   """
   uses = users[comp].get(value, [])
-  if not uses or depth > 4:
+  if not uses or depth > 8:
     return False
   for use in uses:
     if use.opcode == "dynamic-slice":
       if _operands(use)[0] != value or _elements(use.type) * n != elements:
         return False
-    elif use.opcode in ("bitcast", "copy"):
+    elif use.opcode in ("bitcast", "copy") or (
+        use.opcode in _ELEMENTWISE and _elements(use.type) == elements):
       if not _only_sliced(module, comp, use.name, elements, n, users, depth + 1):
         return False
     elif use.opcode == "fusion":
