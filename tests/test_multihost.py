@@ -13,6 +13,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -38,25 +39,45 @@ def _free_port() -> int:
 
 def _start(process_id: int, num_processes: int, port: int, *extra: str) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the worker sets its own
-  return subprocess.Popen(
+  # Output goes to files, not pipes: nobody reads a pipe while polling, and a full one would
+  # block the worker.
+  out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+  proc = subprocess.Popen(
       [sys.executable, WORKER, "--process-id", str(process_id), "--num-processes",
        str(num_processes), "--coordinator", f"127.0.0.1:{port}", *extra],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+      stdout=out, stderr=err, text=True, env=env)
+  proc.files = (out, err)
+  return proc
 
 
 def _run_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
   """(returncode, stdout, stderr) of each; if one fails or the time runs out, kills the rest."""
   deadline = time.monotonic() + timeout
+  timed_out = False
   try:
     while any(p.poll() is None for p in procs):
-      if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+      if any(p.poll() not in (None, 0) for p in procs):
         break  # a dead peer would leave the others blocked in a collective
+      if time.monotonic() > deadline:
+        timed_out = True
+        break
       time.sleep(0.2)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  return [(p.wait(), *p.communicate()) for p in procs]
+  results = []
+  for p in procs:
+    rc = p.wait()
+    texts = []
+    for f in p.files:
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+    if timed_out:
+      texts[1] += f"\n[test] killed: the processes did not finish within {timeout:.0f} s"
+    results.append((rc, *texts))
+  return results
 
 
 def _report(stdout: str) -> dict:
