@@ -124,11 +124,11 @@ def markdown(cases: list[dict]) -> str:
       "`mesh_utils.create_hybrid_device_mesh` does (model innermost, so tensor parallelism "
       "stays inside a node unless it is wider than one); such collectives are priced two-level "
       "(reduce-scatter in the node, all-reduce across nodes on 1/n of the buffer, all-gather in "
-      "the node). A v5e-256 slice is one ICI domain (`devices_per_node` 256), so nothing "
+      "the node). *Layout*: per mesh axis, its devices inside one node x the nodes it spans. A v5e-256 slice is one ICI domain (`devices_per_node` 256), so nothing "
       "crosses.",
       "",
       "| setting | model | mesh | strategy | across nodes | step | compute | comm | peak mem | "
-      "best with other axes across nodes | plan s |",
+      "layout (in node x nodes) | plan s |",
       "|---|---|---|---|---|---:|---:|---:|---:|---|---:|",
   ]
   for c in cases:
@@ -137,10 +137,8 @@ def markdown(cases: list[dict]) -> str:
                    f"{c['plan_seconds']:.1f} |")
       continue
     mesh = " x ".join(f"{n}={s}" for n, s in c["mesh_shape"].items())
-    alt = c["alternative"]
-    alt_text = (f"{' x '.join(f'{n}={s}' for n, s in alt['mesh_shape'].items())} "
-                f"{alt['strategy']} (across: {', '.join(alt['cross_node_axes']) or 'none'}): "
-                f"{human_seconds(alt['step_time'])}" if alt else "-")
+    alt_text = ", ".join(f"{a} {c['axis_spans'][a][0]}x{c['axis_spans'][a][1]}"
+                         for a in c["mesh_shape"] if a in c["axis_spans"])
     lines.append(
         f"| {c['setting']} | {_name(c)} | {mesh} | {c['strategy']} | "
         f"{', '.join(c['cross_node_axes']) or 'none'} | {human_seconds(c['step_time'])} | "
