@@ -205,6 +205,20 @@ def _run(label, devices, profile, model, strategy, verified) -> dict:
   return case
 
 
+def _git_state() -> dict:
+  """The commit the figures come from, and the tracked files that differed from it."""
+  import subprocess
+  root = Path(__file__).resolve().parent.parent
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.split()
+  except (OSError, subprocess.CalledProcessError):
+    return {}
+  return {"git_head": head, "modified_files": dirty}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", nargs="*", default=list(MODELS))
@@ -225,7 +239,8 @@ def main(argv=None) -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   meta = {"jax": jax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+          "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          **_git_state()}
   (out / "multinode.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=1))
   (out / "multinode.md").write_text(markdown(cases))
   print(f"wrote {out / 'multinode.json'} and {out / 'multinode.md'}")
