@@ -175,7 +175,8 @@ def test_compiled_flops_match_prediction(verified, strategy):
   plan, v = results[strategy]
   assert not v.child_process
   assert v.loop_flops_added == 0  # gpt-tiny has no scanned layers
-  assert v.compiled.flops == pytest.approx(plan.predicted.flops, rel=0.03)
+  # The sums inside all-reduces are XLA's FLOPs, not the model's: the planner leaves them out.
+  assert v.compiled.flops - v.reduction_flops == pytest.approx(plan.predicted.flops, rel=0.03)
   assert v.memory.peak > 0 and v.compiled.peak_memory == v.memory.peak
 
 

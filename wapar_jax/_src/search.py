@@ -144,6 +144,8 @@ class SearchSpace:
   op_out_bytes: np.ndarray          # [N] bytes of all outputs
   red_batch: np.ndarray             # [N] bool: a reduced dim carries the batch
   red_group: np.ndarray             # [N, G] bool
+  red_batch_sink: np.ndarray        # [N] bool: where a chain of partial sums is reduced
+  red_group_sink: np.ndarray        # [N, G] bool
   gathers: tuple[np.ndarray, ...]   # (op, var, is_batch, group or -1) of dims needing a gather
   param_group: np.ndarray           # [P, G] bool
   param_bytes: np.ndarray           # [P]
@@ -242,8 +244,11 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
     if op.out_vars:
       op_out_var[op.index] = op.out_vars[0]
       op_out_bytes[op.index] = sum(var_bytes[v] for v in op.out_vars)
+    out_classes = {c for v in op.out_vars for c in v_classes[v]}
     for k, d in op.reduce_dims:
       c = v_classes[op.in_vars[k]][d]
+      if c in out_classes:  # the result is split the same way: each device owns its part
+        continue
       if c in batch_classes:
         red_batch[op.index] = True
       elif c in class_group:
@@ -257,7 +262,8 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
         g_batch.append(c in batch_classes)
         g_group.append(class_group.get(c, -1))
 
-  _reduce_at_sinks(ops, red_batch, red_group)
+  red_batch_sink, red_group_sink = red_batch.copy(), red_group.copy()
+  _reduce_at_sinks(ops, red_batch_sink, red_group_sink)
   temp_vars, temp_last_use = memory.materialised(traced)
   temp_vars[list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)] = False
   outputs = set(traced.output_vars) - {traced.loss_var}
@@ -273,6 +279,7 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
       temp_last_use=temp_last_use,
       op_group=op_group, op_data_cat=op_data_cat, op_out_var=op_out_var,
       op_out_bytes=op_out_bytes, red_batch=red_batch, red_group=red_group,
+      red_batch_sink=red_batch_sink, red_group_sink=red_group_sink,
       gathers=(np.asarray(g_op, dtype=np.int64), np.asarray(g_var, dtype=np.int64),
                np.asarray(g_batch, dtype=bool), np.asarray(g_group, dtype=np.int64)),
       param_group=var_group[pv], param_bytes=var_bytes[pv],
@@ -291,11 +298,11 @@ _SCALING = frozenset({"mul", "div"})
 
 
 def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
-  """Moves each partial-sum reduction to where the partial value is last combined.
+  """Moves each partial-sum reduction flag to where the partial value is last combined.
 
-  dx = dq Wq^T + dk Wk^T + dv Wv^T under a head split is three partial sums but one all-reduce:
-  partials may be added, scaled and reshaped before reducing (XLA's all-reduce reassociation
-  does this), so the collective is charged once, at the op whose result leaves that chain.
+  dx = dq Wq^T + dk Wk^T + dv Wv^T under a head split is three partial sums that XLA reduces in
+  one tuple all-reduce: the bytes are those of all three (measured: it does not add the
+  partials first), but the latency is paid once. These flags count collectives, not bytes.
   """
   uses: dict[int, int] = {}
   for op in ops:
@@ -423,12 +430,12 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
     return acc
 
   red_data = summed(space.red_batch, out_weight, out_model, weighted)
-  red_data_n = summed(space.red_batch, out_weight, out_model, mult)
+  red_data_n = summed(space.red_batch_sink, out_weight, out_model, mult)
   in_loop_weight = space.red_batch & (out_weight == 1) & (mult > 1)
   loop_iterations = float(mult[in_loop_weight].max()) if in_loop_weight.any() else 0.0
   red_m = space.red_group[:, mask].any(axis=1)
   red_model = summed(red_m, out_batch, out_model, weighted)
-  red_model_n = summed(red_m, out_batch, out_model, mult)
+  red_model_n = summed(space.red_group_sink[:, mask].any(axis=1), out_batch, out_model, mult)
 
   g_op, g_var, g_batch, g_group = space.gathers
   g_bytes = space.var_bytes[g_var] * mult[g_op]
@@ -539,7 +546,10 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
   grad_bytes = float(agg.red_data[1] @ model_scale)
   add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_span)
-  add("all-reduce", float(agg.red_data[0] @ model_scale), float(agg.red_data_n[0].sum()), dp, data_span)
+  # Other partial sums over the batch (the loss, norms) are independent too: XLA sends them as
+  # one tuple all-reduce (measured), so they pay latency like the gradients do.
+  other_bytes = float(agg.red_data[0] @ model_scale)
+  add("all-reduce", other_bytes, _combined(other_bytes) + agg.loop_iterations, dp, data_span)
   add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_span)
   add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_span)
   add("all-gather", float(agg.gather_model @ data_scale), float(agg.gather_model_n.sum()), tp, model_span)
@@ -557,11 +567,12 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
     gathered_peak = float(per_param[shardable].sum())
   else:
+    gathered_peak = 0.0
     if storage == "zero1":  # updated parameters are all-gathered from their shards
       gathered = float(per_param[shardable].sum())
       add("all-gather", gathered, _combined(gathered), dp, data_span)
+      gathered_peak = gathered  # into a new buffer, while the old parameters are still read
     param_mem = float(per_param.sum())
-    gathered_peak = 0.0
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
   temp_peak = memory.peak_bytes(agg.curves, data_div, tp)

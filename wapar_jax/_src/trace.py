@@ -228,7 +228,7 @@ def _dim_rules(eqn, in_shapes, out_shapes):
       gather_dims.append((1, d))
     return links, reduce_dims, gather_dims, True
 
-  if name == "optimization_barrier":  # identity on each operand
+  if name in ("optimization_barrier", "sharding_constraint"):  # identity on each operand
     for k in range(len(in_shapes)):
       for d in range(len(in_shapes[k])):
         link(("i", k, d), ("o", k, d))
@@ -351,6 +351,8 @@ def _dim_rules(eqn, in_shapes, out_shapes):
     scatter_upd = [d for d in range(len(upd_shape)) if d not in dn.update_window_dims]
     for u_d, i_d in zip(scatter_upd, range(len(idx_shape) - 1)):
       link(("i", 2, u_d), ("i", 1, i_d))
+    if name == "scatter-add":  # updates split along a scattered dim sum into partial results
+      reduce_dims.extend((2, d) for d in scatter_upd)
     return links, reduce_dims, gather_dims, True
 
   # Elementwise and anything unknown of the same shape: dims line up position by position.
