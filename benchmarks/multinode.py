@@ -147,23 +147,25 @@ def markdown(cases: list[dict]) -> str:
   verified = [c for c in cases if "verification" in c or "verification_error" in c]
   if verified:
     lines += [
-        "", f"## Predicted vs compiled ({VERIFY_SETTING}, 16 virtual CPU devices)", "",
+        "", "## Predicted vs compiled (virtual CPU devices, one per planned device)", "",
         "Planned in float32 (see the module docstring). Error = (predicted - compiled) / "
         "compiled. *comm as RS*: compiled bytes with the all-reduces each device only slices "
         "counted as reduce-scatters (what XLA GPU emits). *comm time*: the compiled collectives "
         "priced as the planner prices them (two-level once a group spans nodes).", "",
-        "| model | mesh | FLOPs err | comm pred | comm compiled | err | comm as RS err | "
+        "| setting | model | mesh | FLOPs err | comm pred | comm compiled | err | comm as RS err | "
         "comm time pred | comm time compiled | err | peak pred | peak compiled | err | verify s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in verified:
       mesh = " x ".join(f"{n}={s}" for n, s in c["mesh_shape"].items())
       if "verification_error" in c:
-        lines.append(f"| {_name(c)} | {mesh} | {c['verification_error'][:120]} |" + " |" * 11)
+        lines.append(f"| {c['setting']} | {_name(c)} | {mesh} | "
+                     f"{c['verification_error'][:120]} |" + " |" * 11)
         continue
       v = c["verification"]
       p, k, e = v["predicted"], v["compiled"], v["errors"]
       lines.append(
-          f"| {_name(c)} | {mesh} | {_pct(e['flops'])} | {human_bytes(p['comm_bytes'])} | "
+          f"| {c['setting']} | {_name(c)} | {mesh} | {_pct(e['flops'])} | "
+          f"{human_bytes(p['comm_bytes'])} | "
           f"{human_bytes(k['comm_bytes'])} | {_pct(e['comm_bytes'])} | "
           f"{_pct(v['comm_bytes_scattered_error'])} | {human_seconds(p['comm_time'])} | "
           f"{human_seconds(k['comm_time'])} | {_pct(e['comm_time'])} | "
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
   parser.add_argument("--settings", nargs="*", default=[s[0] for s in SETTINGS])
   parser.add_argument("--verify-models", nargs="*", default=list(VERIFY_MODELS),
                       help="models whose 2x8 plan is compiled and compared (none: skip)")
+  parser.add_argument("--verify-settings", nargs="*", default=[VERIFY_SETTING],
+                      help="settings whose plans are compiled and compared")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
   cases = []
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
       continue
     for model in args.models:
       cases.append(_run(label, devices, profile, model, "auto", False))
-      if label == VERIFY_SETTING and model in args.verify_models:
+      if label in args.verify_settings and model in args.verify_models:
         for strategy in ("auto",) + VERIFY_BASELINES:
           cases.append(_run(label, devices, profile, model, strategy, True))
   out = Path(args.out)

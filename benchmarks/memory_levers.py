@@ -1,0 +1,123 @@
+"""Models that do not fit with data parallelism: what the planner does instead, checked by XLA.
+
+For each case the planner runs twice: the data-parallel baseline (`strategy="dp"`, every
+device) and the free search. Each chosen step is then compiled for its mesh on virtual CPU
+devices (in a child process with enough devices) and the compiled module's memory
+(arguments + temporaries + outputs - aliases) is put next to the prediction.
+
+XLA:CPU expands optimization barriers and then CSEs away rematerialised forward passes, so a
+remat plan's compiled-CPU memory is that of the same plan without remat: those rows verify the
+rest of the plan, not the remat saving (see the notes column).
+
+    python benchmarks/memory_levers.py            # 1.3B on 4 x titanxp-pcie, 7B on 8 x a100-40g
+    python benchmarks/memory_levers.py --no-compile
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+CASES = [
+    # (name, example, overrides, devices, profile)
+    ("gpt-1.3b on 4 x titanxp-pcie", "gpt-1.3b", {}, 4, "titanxp-pcie"),
+    ("gpt-7b, batch 64 x 2048, on 8 x a100-40g-pcie", "gpt-7b",
+     {"batch_size": 64, "seq_len": 2048}, 8, "a100-40g-pcie"),
+]
+
+_COMPILE = """
+import json, sys, jax, optax
+import wapar_jax as wap
+from wapar_jax._src import zoo
+name, overrides, plan_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+ex = zoo.get_example(name, **overrides)
+tx = optax.adamw(1e-3)
+plan = wap.Plan.load(plan_file)
+step = plan.train_step(loss_fn=ex.loss_fn, optimizer=tx, params=ex.params, batch=ex.batch)
+opt = jax.eval_shape(tx.init, ex.params)
+m = step.lower(ex.params, opt, ex.batch).compile().memory_analysis()
+print(json.dumps({"compiled_peak": m.argument_size_in_bytes + m.temp_size_in_bytes
+                  + m.output_size_in_bytes - m.alias_size_in_bytes}))
+"""
+
+
+def compiled_peak(example, overrides, plan, devices, timeout):
+  plan_file = RESULTS / f".plan-{os.getpid()}.json"
+  plan.save(plan_file)
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  try:
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, example, json.dumps(overrides),
+                           str(plan_file)], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+  finally:
+    plan_file.unlink(missing_ok=True)
+  if proc.returncode:
+    return None, proc.stderr.strip().splitlines()[-1][:200]
+  return json.loads(proc.stdout.strip().splitlines()[-1])["compiled_peak"], ""
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--no-compile", action="store_true")
+  parser.add_argument("--timeout", type=int, default=1200)
+  args = parser.parse_args()
+  import optax
+  import wapar_jax as wap
+  from wapar_jax._src import zoo
+
+  rows = []
+  for title, example, overrides, devices, profile in CASES:
+    ex = zoo.get_example(example, **overrides)
+    for label, kwargs in (("dp baseline", {"strategy": "dp", "all_devices": True}),
+                          ("planner", {})):
+      t0 = time.perf_counter()
+      try:
+        plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3),
+                        devices=devices, profile=profile, **kwargs)
+      except wap.NoFeasiblePlanError as e:
+        c = e.closest
+        rows.append({"case": title, "plan": label, "fits": False, "strategy": c.strategy,
+                     "mesh": c.mesh_shape, "remat": c.remat, "microbatches": c.microbatches,
+                     "predicted_gib": c.peak_memory / 2**30, "budget_gib": None,
+                     "compiled_gib": None, "planning_s": time.perf_counter() - t0,
+                     "step_s": c.step_time, "notes": "no plan of this family fits"})
+        continue
+      row = {"case": title, "plan": label, "fits": True, "strategy": plan.strategy,
+             "mesh": dict(plan.mesh_shape), "remat": plan.chosen.remat,
+             "microbatches": plan.chosen.microbatches,
+             "predicted_gib": plan.predicted.peak_memory / 2**30,
+             "budget_gib": plan.predicted.memory_budget / 2**30, "compiled_gib": None,
+             "planning_s": time.perf_counter() - t0, "step_s": plan.predicted.step_time,
+             "notes": plan.memory_decision}
+      if not args.no_compile:
+        peak, err = compiled_peak(example, overrides, plan, plan.num_devices, args.timeout)
+        row["compiled_gib"] = None if peak is None else peak / 2**30
+        if err:
+          row["notes"] += f" compile failed: {err}"
+        elif plan.chosen.remat != "none":
+          row["notes"] += " (compiled on XLA:CPU, which undoes remat)"
+      rows.append(row)
+      print(json.dumps(row))
+
+  RESULTS.mkdir(exist_ok=True)
+  (RESULTS / "memory_levers.json").write_text(json.dumps(rows, indent=1))
+  fmt = lambda x: "-" if x is None else f"{x:.2f}"
+  lines = ["# Fitting what data parallelism cannot", "",
+           "| case | plan | fits | strategy | mesh | remat | micro-batches | predicted GiB | "
+           "budget GiB | compiled GiB (XLA:CPU) | step s | planning s | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['case']} | {r['plan']} | {'yes' if r['fits'] else 'no'} | {r['strategy']} "
+                 f"| {r['mesh']} | {r['remat']} | {r['microbatches']} | {fmt(r['predicted_gib'])} "
+                 f"| {fmt(r['budget_gib'])} | {fmt(r['compiled_gib'])} | {r['step_s']:.2f} | "
+                 f"{r['planning_s']:.1f} | {r['notes']} |")
+  (RESULTS / "memory_levers.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
