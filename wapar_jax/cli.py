@@ -67,7 +67,7 @@ def _make_plan(args):
                   devices=args.devices, profile=args.profile, objective=args.objective,
                   strategy=args.strategy, memory_headroom=args.memory_headroom,
                   all_devices=args.all_devices, cache=not args.no_cache,
-                  progress=_progress(args))
+                  progress=_progress(args), remat=args.remat, microbatches=args.microbatches)
 
 
 def _progress(args):
@@ -199,6 +199,10 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
   p.add_argument("--all-devices", action="store_true", help="only plans that use every device")
   p.add_argument("--memory-headroom", type=float, default=0.1,
                  help="fraction of device memory kept free (default 0.1)")
+  p.add_argument("--remat", choices=("none", "layers", "layers_dots"),
+                 help="force per-layer rematerialisation (default: searched when memory decides)")
+  p.add_argument("--microbatches", type=int,
+                 help="force gradient-accumulation micro-batches (default: searched likewise)")
   p.add_argument("--batch-size", type=int, help="override the example's global batch size")
   p.add_argument("--seq-len", type=int, help="override the example's sequence length")
   p.add_argument("--dtype", help="parameter/compute dtype of the example, e.g. bfloat16")
