@@ -34,7 +34,6 @@ import optax
 
 import wapar_jax as wap
 from wapar_jax._src import search, zoo
-from wapar_jax._src.cost import hierarchical_collective_time
 from wapar_jax._src.explain import human_bytes, human_seconds
 
 # (label, devices, profile): H100 nodes of 8 GPUs; a v5e-256 slice is one ICI domain.

@@ -9,7 +9,6 @@ equation and the search. Writes benchmarks/results/plan_speed.{json,md}.
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -19,7 +19,6 @@ import time
 import jax
 import numpy as np
 import optax
-import pytest
 
 import wapar_jax as wap
 from wapar_jax._src import emit, search, zoo

@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from wapar_jax._src import memory
-from wapar_jax._src.cost import (StepCosts, collective_steps, collective_time, collective_traffic,
-                                 hierarchical_collective_steps, hierarchical_collective_traffic)
+from wapar_jax._src.cost import (StepCosts, hierarchical_collective_steps,
+                                 hierarchical_collective_traffic)
 from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.trace import TracedStep
