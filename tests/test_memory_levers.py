@@ -89,3 +89,11 @@ def test_planner_accumulates_when_memory_forces_it():
   assert "activations" in plan.memory_decision
   if plan.chosen.remat == "none":  # XLA:CPU undoes remat, so only accumulation verifies here
     assert _compiled_peak(plan, ex) < _compiled_peak(roomy, ex)
+
+
+def test_bad_lever_arguments_are_named_errors():
+  ex = zoo.get_example("mlp")
+  with pytest.raises(wap.InvalidArgumentError, match="remat must be one of"):
+    wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, remat="everything")
+  with pytest.raises(wap.InvalidArgumentError, match="microbatches must be a positive int"):
+    wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, microbatches=0)

@@ -17,7 +17,7 @@ from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError, N
 from wapar_jax._src.plan import Plan, Prediction
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DATA, MODEL, Candidate, SearchSpace
-from wapar_jax._src.step import abstract, has_layers
+from wapar_jax._src.step import REMAT_CHOICES, abstract, has_layers
 from wapar_jax._src.trace import trace_train_step
 
 # Candidates kept on the Plan besides the best one per device count.
@@ -160,6 +160,12 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     loss_fn, params = _from_nnx(loss_fn, params)
   if not jax.tree.leaves(params):
     raise InvalidArgumentError("params has no array leaves: nothing to plan. Got an empty tree.")
+  if remat is not None and remat not in REMAT_CHOICES:
+    raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES} or None. Got {remat!r}.")
+  if microbatches is not None and (isinstance(microbatches, bool) or
+                                   not isinstance(microbatches, int) or microbatches < 1):
+    raise InvalidArgumentError(
+        f"microbatches must be a positive int or None. Got {microbatches!r}.")
   max_devices, device_list = _device_count(devices)
   device_profile = load_profile(profile)
 
