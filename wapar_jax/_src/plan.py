@@ -227,13 +227,11 @@ class Plan:
 
   def _need(self, loss_fn, optimizer):
     loss_fn = loss_fn or self.loss_fn
-    optimizer = optimizer or self.optimizer
-    if loss_fn is None or optimizer is None:
+    if loss_fn is None:
       raise InvalidArgumentError(
-          "this plan carries no loss_fn / optimizer (it was loaded from JSON): pass them, e.g. "
-          "plan.train_step(loss_fn=loss_fn, optimizer=optax.adamw(1e-3)). "
-          f"Got loss_fn={loss_fn!r}, optimizer={optimizer!r}.")
-    return loss_fn, optimizer
+          "this plan carries no loss_fn (it was loaded from JSON): pass it and the optimizer, "
+          "e.g. plan.train_step(loss_fn=loss_fn, optimizer=optax.adamw(1e-3)). Got None.")
+    return loss_fn, self._need_optimizer(optimizer)
 
   def _need_optimizer(self, optimizer):
     optimizer = optimizer or self.optimizer
