@@ -528,11 +528,7 @@ class _Builder:
         self.union_vars(inner, ovid, 0, 1)
         self.loop_dims.append(self.dim(ovid, 0))
       self.last_use[inner] = max(self.last_use[inner], end)
-    for vid in outer_in:
-      if vid >= 0:
-        self.last_use[vid] = max(self.last_use[vid], end)
-    for ov, vid in zip(eqn.outvars, outer_out):
-      self.bind_outer(env, ov, vid)
+    self.close_region(eqn, env, outer_in, outer_out)
 
   def while_loop(self, eqn, env, mult, branch):
     p = eqn.params
@@ -548,8 +544,9 @@ class _Builder:
     cond_consts, body_consts, carry = outer_in[:nc], outer_in[nc:nc + nb], outer_in[nc + nb:]
     outer_out = [self.new_var(v.aval, start) for v in eqn.outvars]
     inner_carry = []
-    for vid, ovid in zip(carry, outer_out):
-      inner = self.new_var(eqn.params["body_jaxpr"].jaxpr.invars[nb + len(inner_carry)].aval, start)
+    body_carry_vars = p["body_jaxpr"].jaxpr.invars[nb:]
+    for var, vid, ovid in zip(body_carry_vars, carry, outer_out):
+      inner = self.new_var(var.aval, start)
       if vid >= 0:
         self.union_vars(inner, vid)
       self.union_vars(inner, ovid)
@@ -560,12 +557,7 @@ class _Builder:
       self.union_vars(self.inner_out(sub, iv), inner)
     cond, csub = self.sub_env(p["cond_jaxpr"], cond_consts + inner_carry)
     self.walk(cond, csub, mult * (trips + 1), branch)
-    end = len(self.ops) - 1
-    for vid in outer_in + inner_carry:
-      if vid >= 0:
-        self.last_use[vid] = max(self.last_use[vid], end)
-    for ov, vid in zip(eqn.outvars, outer_out):
-      self.bind_outer(env, ov, vid)
+    self.close_region(eqn, env, outer_in + inner_carry, outer_out)
 
   def cond(self, eqn, env, mult):
     outer_in = [self.read(env, v) for v in eqn.invars[1:]]
@@ -579,8 +571,12 @@ class _Builder:
       for iv, ovid in zip(jaxpr.outvars, outer_out):
         inner = self.inner_out(sub, iv)
         self.union_vars(inner, ovid)
+    self.close_region(eqn, env, outer_in, outer_out)
+
+  def close_region(self, eqn, env, live_throughout, outer_out):
+    """Ends a loop or cond: its inputs stay alive to its last op; its outputs bind outside."""
     end = len(self.ops) - 1
-    for vid in outer_in:
+    for vid in live_throughout:
       if vid >= 0:
         self.last_use[vid] = max(self.last_use[vid], end)
     for ov, vid in zip(eqn.outvars, outer_out):
