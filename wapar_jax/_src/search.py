@@ -118,9 +118,8 @@ def _allowed(strategy: str, dp: int, tp: int, storage: str, groups: tuple) -> bo
     return tp == 1 and storage == {"dp": "replicated", "zero1": "zero1", "fsdp": "fsdp"}[strategy]
   if strategy == "tp":
     return dp == 1 and bool(groups)
-  if strategy == "dp_tp":
-    return dp > 1 and tp > 1 and bool(groups) and storage == "replicated"
-  raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}. Got {strategy!r}.")
+  # "dp_tp"; `search` has already rejected names outside STRATEGIES.
+  return dp > 1 and tp > 1 and bool(groups) and storage == "replicated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +148,6 @@ class SearchSpace:
   gathers: tuple[np.ndarray, ...]   # (op, var, is_batch, group or -1) of dims needing a gather
   param_group: np.ndarray           # [P, G] bool
   param_bytes: np.ndarray           # [P]
-  param_in_loop: np.ndarray         # [P] bool: consumed inside a scanned body
   param_dims: tuple[tuple[tuple[int, int], ...], ...]  # per param: (class, size) per dim
   opt_bytes: np.ndarray             # [O]
   opt_weight: np.ndarray            # [O] bool: shaped like a parameter
@@ -269,7 +267,6 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   outputs = set(traced.output_vars) - {traced.loss_var}
   temp_vars[list(outputs)] = False  # new params / opt state are written into donated buffers
 
-  loop_vars = _vars_used_in_loops(traced)
   pv = list(traced.param_vars)
   ov = list(traced.opt_state_vars)
   return SearchSpace(
@@ -283,7 +280,6 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
       gathers=(np.asarray(g_op, dtype=np.int64), np.asarray(g_var, dtype=np.int64),
                np.asarray(g_batch, dtype=bool), np.asarray(g_group, dtype=np.int64)),
       param_group=var_group[pv], param_bytes=var_bytes[pv],
-      param_in_loop=np.array([v in loop_vars for v in pv], dtype=bool),
       param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
       opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
       batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size,
@@ -342,10 +338,6 @@ def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
     red_batch[i] = over_batch
     red_group[i, list(groups)] = True
     state[out], carrier[out] = state[partial[0]], i
-
-
-def _vars_used_in_loops(traced: TracedStep) -> set[int]:
-  return {v for op in traced.ops if op.multiplicity > 1 for v in op.in_vars if v >= 0}
 
 
 def eligible_groups(space: SearchSpace, tp: int) -> list[int]:
@@ -561,8 +553,7 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   if storage == "fsdp":
     # Gathered once for the forward pass and again for the backward pass: XLA does not keep
     # a full copy alive in between (measured: compiled FSDP traffic is twice one gather).
-    gathers = 2.0
-    gathered = float((per_param * gathers)[shardable].sum())
+    gathered = 2.0 * float(per_param[shardable].sum())
     add("all-gather", gathered, _combined(gathered) + 2 * agg.loop_iterations, dp, data_span)
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
     gathered_peak = float(per_param[shardable].sum())
