@@ -248,15 +248,14 @@ def op_divisors(space, c) -> np.ndarray:
   mask = np.zeros(len(space.groups), dtype=bool)
   mask[list(c.model_groups)] = True
   on_model = space.op_group[:, mask].any(axis=1) if mask.any() else np.zeros(len(space.op_group), bool)
-  data_div = np.array([c.data, c.data if c.storage != "replicated" else 1, 1], dtype=float)
+  data_div = np.array(search_lib.data_divisors(c.data, c.storage), dtype=float)
   return data_div[space.op_data_cat] * np.where(on_model, c.model, 1)
 
 
 def _hotspots(space, c, profile) -> tuple[tuple[Hotspot, ...], float, float]:
   traced = space.traced
-  seconds = search_lib._op_seconds(space, profile)
-  peak = np.array([profile.flops_per_second(search_lib._op_dtype(op)) for op in traced.ops])
-  flop_seconds = space.costs.flops / (peak * profile.compute_efficiency)
+  flop_seconds, memory_seconds = search_lib.op_roofline(space, profile)
+  seconds = np.maximum(flop_seconds, memory_seconds)
   div = op_divisors(space, c)
   per_device = seconds / div
   compute_bound = float(per_device[flop_seconds >= seconds].sum())

@@ -380,13 +380,26 @@ class _Aggregates:
   opt_model: np.ndarray     # [O] bool
 
 
-def _op_seconds(space: SearchSpace, profile: DeviceProfile) -> np.ndarray:
-  """Roofline time of each op on one device: max(FLOPs / peak, bytes / bandwidth)."""
+def op_roofline(space: SearchSpace, profile: DeviceProfile) -> tuple[np.ndarray, np.ndarray]:
+  """Per op on one device: (FLOPs / achievable peak, bytes / achievable bandwidth) seconds."""
   peak = np.array([profile.flops_per_second(_op_dtype(op)) for op in space.traced.ops])
   fusible = np.array([op.fusible for op in space.traced.ops], dtype=bool)
   nbytes = space.costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
-  return np.maximum(space.costs.flops / (peak * profile.compute_efficiency),
-                    nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+  return (space.costs.flops / (peak * profile.compute_efficiency),
+          nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+
+
+def _op_seconds(space: SearchSpace, profile: DeviceProfile) -> np.ndarray:
+  """Roofline time of each op on one device: the larger of its compute and memory time."""
+  return np.maximum(*op_roofline(space, profile))
+
+
+def data_divisors(dp: int, storage: str) -> tuple[int, int, int]:
+  """Data-axis split of work / values per memory.DATA_* category: batch, weight-shaped, other.
+
+  Weight-shaped work (the optimizer update) splits only when the state is sharded.
+  """
+  return dp, dp if storage != "replicated" else 1, 1
 
 
 def _op_dtype(op):
@@ -507,7 +520,7 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
            groups: tuple[int, ...], storage: str, budget: float) -> Candidate:
   d = dp * tp
   sharded_state = storage != "replicated"
-  data_div = (dp, dp if sharded_state else 1, 1)
+  data_div = data_divisors(dp, storage)
   div = np.array(data_div, dtype=float)[:, None] * np.array([1.0, tp])[None, :]
   compute_time = float((agg.compute / div).sum())
   flops = float((agg.flops / div).sum())
