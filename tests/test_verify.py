@@ -8,6 +8,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -231,7 +232,8 @@ def test_table_and_json_round_trip(verified):
   for expected in ("predicted", "compiled", "FLOPs", "all-reduce", "data"):
     assert expected in text
   d = json.loads(json.dumps(v.to_dict()))
-  assert set(d["errors"]) == {"flops", "comm_bytes", "comm_time", "peak_memory"}
+  assert set(d["errors"]) == {"flops", "comm_bytes", "comm_time", "compute_time", "step_time",
+                              "peak_memory"}
   assert wap.Verification.from_dict(d) == v
 
 
@@ -263,3 +265,26 @@ def test_cli_verify(capsys):
                "--all-devices"]) == 0
   out = capsys.readouterr().out
   assert "collectives in the compiled module" in out and "model" in out
+
+
+def test_kernel_seconds_is_the_roofline_of_the_compiled_kernels():
+  from wapar_jax._src import verify as verify_lib
+  profile = wap.load_profile("h100-sxm")
+  a = jax.ShapeDtypeStruct((256, 512), jnp.float32)
+  b = jax.ShapeDtypeStruct((512, 128), jnp.float32)
+  compiled = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+  module = verify_lib.parse_hlo(compiled.as_text())
+  mult = verify_lib.multiplicities(module)[0]
+  flops = 2 * 256 * 512 * 128
+  nbytes = 4 * (256 * 512 + 512 * 128 + 256 * 128)
+  expected = max(flops / (profile.peak_flops["float32"] * profile.compute_efficiency),
+                 nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+  assert verify_lib.kernel_seconds(module, mult, profile) == pytest.approx(expected, rel=0.01)
+
+
+def test_compiled_step_time_is_compute_plus_comm(verified):
+  _, results = verified
+  for _, v in results.values():
+    c = v.compiled
+    assert c.compute_time > 0
+    assert c.step_time == pytest.approx(c.compute_time + c.comm_time)

@@ -102,11 +102,18 @@ class Collective:
 
 @dataclasses.dataclass(frozen=True)
 class Figures:
-  """Per-device, per-step figures, predicted or compiled."""
+  """Per-device, per-step figures, predicted or compiled.
+
+  `compute_time` is a roofline over kernels: the planner's over jaxpr equations when predicted,
+  over the compiled module's kernels (fusions, dots, copies) when compiled, on the same profile.
+  `step_time` = compute_time + comm_time, as the planner adds them.
+  """
   flops: float
   comm_bytes: float
   comm_time: float
   peak_memory: float
+  compute_time: float = 0.0
+  step_time: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +129,7 @@ class MemoryBreakdown:
     return self.argument + self.output - self.alias + self.temp
 
 
-FIGURES = ("flops", "comm_bytes", "comm_time", "peak_memory")
+FIGURES = ("flops", "comm_bytes", "comm_time", "compute_time", "step_time", "peak_memory")
 
 
 def relative_error(predicted: float, compiled: float) -> float | None:
@@ -207,8 +214,10 @@ class Verification:
     """Prediction and compiled truth side by side, then the collectives, as text."""
     from wapar_jax._src.explain import human_bytes, human_seconds
     fmt = {"flops": lambda x: f"{x:.4g}", "comm_bytes": human_bytes,
-           "comm_time": human_seconds, "peak_memory": human_bytes}
+           "comm_time": human_seconds, "compute_time": human_seconds,
+           "step_time": human_seconds, "peak_memory": human_bytes}
     names = {"flops": "FLOPs", "comm_bytes": "communicated", "comm_time": "comm time",
+             "compute_time": "compute time", "step_time": "step time",
              "peak_memory": "peak memory"}
     errs = self.errors
     rows = [[names[f], fmt[f](getattr(self.predicted, f)), fmt[f](getattr(self.compiled, f)),
@@ -835,6 +844,119 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
   return tuple(found)
 
 
+# Instructions that move no data of their own, or are priced elsewhere (collectives).
+_NOT_KERNELS = frozenset({
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+    "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+    "domain", "copy-start", "copy-done", "send", "recv", "send-done", "recv-done",
+})
+
+
+def _kernel_computations(module: HloModule) -> set[str]:
+  """Computations whose instructions run as kernels: the entry and what control flow calls.
+
+  Fused computations (a fusion's body) and reducers (`to_apply`) are inside one kernel.
+  """
+  found, stack = set(), [module.entry]
+  while stack:
+    comp = stack.pop()
+    if comp in found or comp not in module.computations:
+      continue
+    found.add(comp)
+    for instr in module.computations[comp]:
+      if instr.opcode == "while":
+        stack += re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", instr.rest)
+      elif instr.opcode == "conditional":
+        stack += re.findall(r"\b(?:true_computation|false_computation)=%?([\w.\-]+)",
+                            instr.rest)
+        for group in _CALLEE_LISTS.findall(instr.rest):
+          stack += [_name(c).lstrip("%") for c in group.split(",") if c.strip()]
+      elif instr.opcode == "call":
+        stack += re.findall(r"\b(?:to_apply|calls)=%?([\w.\-]+)", instr.rest)
+  return found
+
+
+def _types(module: HloModule, comp: str) -> dict[str, str]:
+  types = dict(module.params.get(comp, {}))
+  types.update({i.name: i.type for i in module.computations[comp]})
+  return types
+
+
+def _fused_dots(module: HloModule, comp: str, seen: frozenset = frozenset()):
+  """(FLOPs, dtype of the first dot's operand) of the dots and convolutions in a fused body."""
+  if comp in seen or comp not in module.computations:
+    return 0.0, None
+  types = _types(module, comp)
+  flops, dtype = 0.0, None
+  for instr in module.computations[comp]:
+    if instr.opcode in ("dot", "convolution"):
+      flops += _dot_flops(instr, types)
+      operand = types.get((_operands(instr) or [""])[0], "")
+      dtype = dtype or (_SHAPE.search(operand).group(1) if _SHAPE.search(operand) else None)
+    for callee in re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest):
+      inner, inner_dtype = _fused_dots(module, callee, seen | {comp})
+      flops += inner
+      dtype = dtype or inner_dtype
+  return flops, dtype
+
+
+def _in_place_root(module: HloModule, comp: str) -> bool:
+  body = module.computations.get(comp, ())
+  root = body[-1] if body else None
+  return root is not None and root.opcode in ("dynamic-update-slice", "scatter")
+
+
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
+               "f8e4m3fn": "float8_e4m3fn", "f8e5m2": "float8_e5m2"}
+
+
+def kernel_seconds(module: HloModule, mult: Mapping[str, float],
+                   profile: DeviceProfile) -> float:
+  """Roofline seconds of the compiled module's kernels per step, on one device of `profile`.
+
+  Each kernel (a fusion, dot, convolution, copy, ... at the top of the entry or of a loop body)
+  takes the larger of its dot / convolution FLOPs at the achievable peak and the bytes it reads
+  and writes (operands + result) at the achievable bandwidth. An in-place update (dynamic-
+  update-slice or scatter at a fusion's root) moves its update, not the buffer it writes into.
+  This is the planner's roofline applied to what XLA actually emitted: its kernels, its fusion
+  boundaries, its recomputation.
+  """
+  bandwidth = profile.memory_bandwidth * profile.memory_efficiency
+  total = 0.0
+  for comp in _kernel_computations(module):
+    count = mult.get(comp, 0.0)
+    if not count:
+      continue
+    types = _types(module, comp)
+    seconds = 0.0
+    for instr in module.computations[comp]:
+      base = instr.opcode[:-len("-start")] if instr.opcode.endswith("-start") else instr.opcode
+      if (instr.opcode in _NOT_KERNELS or base in _OPCODES or instr.opcode.endswith("-done")
+          or instr.opcode.endswith("-update")):
+        continue
+      operands = list(dict.fromkeys(_operands(instr)))
+      out_bytes = type_bytes(instr.type)
+      in_bytes = [type_bytes(types.get(o, "")) for o in operands]
+      if instr.opcode in ("dot", "convolution"):
+        flops = _dot_flops(instr, types)
+        operand = types.get(operands[0], "") if operands else ""
+        dtype = _SHAPE.search(operand).group(1) if _SHAPE.search(operand) else None
+      else:
+        callees = re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest)
+        flops, dtype = _fused_dots(module, callees[0]) if callees else (0.0, None)
+        in_place = instr.opcode in ("dynamic-update-slice", "scatter") or (
+            callees and _in_place_root(module, callees[0]))
+        if in_place and in_bytes:
+          # The buffer (first operand) is updated where it lies: only the update moves.
+          out_bytes = sum(in_bytes[1:])
+          in_bytes = in_bytes[1:]
+      peak = profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * \
+          profile.compute_efficiency
+      seconds += max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
+    total += count * seconds
+  return total
+
+
 def _short(type_text: str, limit: int = 120) -> str:
   text = re.sub(r"/\*.*?\*/", "", type_text)
   text = re.sub(r"\{[^{}]*\}", "", text)
@@ -883,9 +1005,12 @@ def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: fl
   memory, mem_notes = _memory(compiled)
   notes += mem_notes
   p = plan.predicted
-  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, p.peak_memory)
-  compiled_figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found),
-                             sum(c.time for c in found), memory.peak)
+  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, p.peak_memory, p.compute_time,
+                      p.step_time)
+  comm_time = sum(c.time for c in found)
+  compute_time = kernel_seconds(module, mult, profile)
+  compiled_figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found), comm_time,
+                             memory.peak, compute_time, compute_time + comm_time)
   return Verification(
       mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
       predicted=predicted, compiled=compiled_figures, xla_flops=xla_flops,
