@@ -5,6 +5,7 @@ many devices to use, the mesh shape and a PartitionSpec for every parameter, opt
 batch leaf, and emits the jitted, sharded train step.
 """
 
+from wapar_jax._src.calibrate import calibrate as calibrate
 from wapar_jax._src.errors import CorruptPlanFileError as CorruptPlanFileError
 from wapar_jax._src.errors import IndivisibleBatchError as IndivisibleBatchError
 from wapar_jax._src.errors import InvalidArgumentError as InvalidArgumentError
@@ -34,5 +35,5 @@ __all__ = [
     "InvalidArgumentError", "InvalidProfileError", "LinkTier", "NoFeasiblePlanError",
     "NonScalarLossError", "NotEnoughDevicesError", "Plan", "PlanMismatchError", "Prediction",
     "UnknownProfileError", "Verification", "VerificationFailedError", "WaparError",
-    "linen_params", "list_profiles", "load_profile", "plan",
+    "calibrate", "linen_params", "list_profiles", "load_profile", "plan",
 ]

@@ -390,8 +390,12 @@ def op_roofline(space: SearchSpace, profile: DeviceProfile) -> tuple[np.ndarray,
 
 
 def _op_seconds(space: SearchSpace, profile: DeviceProfile) -> np.ndarray:
-  """Roofline time of each op on one device: the larger of its compute and memory time."""
-  return np.maximum(*op_roofline(space, profile))
+  """Roofline time of each op on one device: the larger of its compute and memory time, plus
+  the profile's per-kernel overhead for every run of an op that XLA does not fuse away."""
+  fusible = np.array([op.fusible for op in space.traced.ops], dtype=bool)
+  costed = (space.costs.flops > 0) | (space.costs.bytes_accessed > 0)
+  kernels = np.where(~fusible & costed, space.costs.multiplicity, 0.0)
+  return np.maximum(*op_roofline(space, profile)) + profile.kernel_overhead * kernels
 
 
 def data_divisors(dp: int, storage: str) -> tuple[int, int, int]:

@@ -58,6 +58,9 @@ class DeviceProfile:
     power_busy_watts: board power under load (TDP-like).
     compute_efficiency: fraction of peak FLOP/s large matmuls reach, in (0, 1].
     memory_efficiency: fraction of memory_bandwidth streaming kernels reach, in (0, 1].
+    kernel_overhead: seconds every kernel XLA launches pays on top of its roofline time
+      (launch, dispatch); `wapar calibrate` measures it. 0 in the datasheet profiles, whose
+      figures are for large kernels.
     sources: where the figures come from (URLs, datasheet names); never empty.
     notes: which figures are estimates, and why.
   """
@@ -76,6 +79,7 @@ class DeviceProfile:
   memory_efficiency: float
   sources: tuple[str, ...]
   notes: str = ""
+  kernel_overhead: float = 0.0
 
   def __post_init__(self):
     _raise_if_any(_value_problems(self.__dict__), self.name)
@@ -184,6 +188,7 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
         "a positive integer")
   for name in ("compute_efficiency", "memory_efficiency"):
     check(name, fraction, "a number in (0, 1]")
+  check("kernel_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
   check("sources", lambda x: isinstance(x, (list, tuple)) and len(x) > 0 and
         all(isinstance(s, str) and s.strip() for s in x), "a non-empty list of non-empty strings")
   if all(positive(values.get(k)) for k in ("power_idle_watts", "power_busy_watts")):
