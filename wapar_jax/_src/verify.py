@@ -13,6 +13,7 @@ the workload from a built-in example's name, or from a cloudpickle of the user's
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -77,6 +78,9 @@ class Collective:
       own 1/n dynamic slice (directly, or through elementwise ops): a reduce-scatter would do.
       XLA's GPU and TPU pipelines rewrite the direct form into one (ReduceScatterCreator); the
       CPU pipeline verified here does not.
+    computation, depth: where it runs, and how many collectives lie on the longest data path
+      before it there (itself included). Two collectives of one computation at the same depth
+      do not depend on each other, so a combiner may merge them.
   """
   kind: str
   name: str
@@ -93,6 +97,8 @@ class Collective:
   reduction_flops: float = 0.0
   scattered_bytes: float = 0.0
   nodes: int = 1
+  computation: str = ""
+  depth: int = 0
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -155,6 +161,9 @@ class Verification:
     collectives: every collective instruction, in program order.
     compile_seconds: lowering + compiling; verify_seconds: all of verify, child start included.
     child_process: whether the compile ran in a child process.
+    comm_time_as_emitted: the compiled collectives priced one launch per instruction as
+      XLA:CPU emitted them; `compiled.comm_time` prices them as GPU / TPU XLA would combine
+      them (see `target_comm_time`).
     notes: anything that limits the comparison (unknown trip counts, missing analyses).
   """
   mesh_shape: Mapping[str, int]
@@ -170,6 +179,7 @@ class Verification:
   verify_seconds: float
   child_process: bool
   notes: tuple[str, ...] = ()
+  comm_time_as_emitted: float = 0.0
 
   @property
   def comm_bytes_scattered(self) -> float:
@@ -228,6 +238,11 @@ class Verification:
              f"verify {self.verify_seconds:.2f} s",
              "", "per device, per step:",
              _table(["figure", "predicted", "compiled", "error"], rows), ""]
+    if self.comm_time_as_emitted:
+      lines.append(
+          f"comm time prices the compiled collectives as GPU / TPU XLA combines them (30 MiB "
+          f"launches, reduce-scatter where only a slice is read); one launch per instruction as "
+          f"XLA:CPU emitted them: {human_seconds(self.comm_time_as_emitted)}.")
     if self.loop_flops_added:
       lines.append(f"XLA counts each loop body once: {self.xla_flops:.4g} FLOPs reported, "
                    f"+{self.loop_flops_added:.4g} for the remaining loop iterations.")
@@ -275,6 +290,7 @@ class Verification:
         "collective_summary": self.collective_summary(),
         "compile_seconds": self.compile_seconds, "verify_seconds": self.verify_seconds,
         "child_process": self.child_process, "notes": list(self.notes),
+        "comm_time_as_emitted": self.comm_time_as_emitted,
     }
 
   @classmethod
@@ -287,7 +303,8 @@ class Verification:
         memory=MemoryBreakdown(**memory),
         collectives=tuple(Collective(**dict(c, axes=tuple(c["axes"]))) for c in d["collectives"]),
         compile_seconds=d["compile_seconds"], verify_seconds=d["verify_seconds"],
-        child_process=d["child_process"], notes=tuple(d.get("notes", ())))
+        child_process=d["child_process"], notes=tuple(d.get("notes", ())),
+        comm_time_as_emitted=d.get("comm_time_as_emitted", 0.0))
 
 
 def _pct(x: float | None) -> str:
@@ -800,13 +817,14 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
   users = _users(module)
   for comp in module.order:
     count = mult.get(comp, 0.0)
+    depth: dict[str, int] = {}
     for instr in module.computations[comp]:
       opcode = instr.opcode
-      if opcode.endswith("-done"):
-        continue
       base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
       kind = _OPCODES.get(base)
-      if kind is None:
+      before = max((depth.get(o, 0) for o in _operands(instr)), default=0)
+      depth[instr.name] = before + (1 if kind is not None else 0)
+      if opcode.endswith("-done") or kind is None:
         continue
       type_text = done_type.get(instr.name, instr.type) if opcode.endswith("-start") else instr.type
       try:
@@ -840,8 +858,46 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
           shape=_short(type_text), op_name=op_name.group(1) if op_name else "",
           reduction_flops=result_elements * scale * count if reduces else 0.0,
           scattered_bytes=_scattered_bytes(module, comp, instr, n, users)
-          if kind == "all-reduce" else 0.0, nodes=n_outer))
+          if kind == "all-reduce" else 0.0, nodes=n_outer, computation=comp,
+          depth=depth[instr.name]))
   return tuple(found)
+
+
+def target_comm_time(found: Sequence[Collective], profile: DeviceProfile) -> float:
+  """Seconds per step of the compiled collectives as GPU / TPU XLA would run them.
+
+  XLA:CPU's pipeline differs from the accelerators' in two ways that change time, not bytes:
+  it merges every gradient all-reduce of a step into one instruction but leaves all-gathers
+  apart, and it all-reduces where only a slice is read. GPU / TPU XLA combines independent
+  collectives of one kind and replica groups up to a size threshold (`search.COMBINE_BYTES`),
+  and emits reduce-scatter for an all-reduce read only in slices. So: collectives of one
+  computation at the same dependency depth, kind and groups are pooled and sent in
+  ceil(bytes / COMBINE_BYTES) launches, each paying the ring latency once; sliced all-reduce
+  bytes are priced as reduce-scatter.
+  """
+  from wapar_jax._src.search import COMBINE_BYTES
+  pools: dict[tuple, float] = collections.defaultdict(float)
+  for c in found:
+    if c.group_size <= 1:
+      continue
+    key = (c.computation, c.depth, c.group_size, c.num_groups, c.nodes, c.axes, c.count)
+    if c.kind == "all-reduce" and c.scattered_bytes:
+      pools[("reduce-scatter",) + key] += c.scattered_bytes
+      rest = c.nbytes - c.scattered_bytes
+      if rest > 0:
+        pools[("all-reduce",) + key] += rest
+    else:
+      pools[(c.kind,) + key] += c.nbytes
+  inner, outer = profile.intra_node, profile.inter_node
+  total = 0.0
+  for (kind, _, _, n, _, nodes, _, count), nbytes in pools.items():
+    launches = max(1, math.ceil(nbytes / COMBINE_BYTES))
+    n_inner = max(n // nodes, 1)
+    one = hierarchical_collective_time(
+        _COST_KIND.get(kind, kind), nbytes / launches, n_inner, nodes, inner.bandwidth,
+        inner.latency, outer.bandwidth, outer.latency)
+    total += count * launches * float(one)
+  return total
 
 
 # Instructions that move no data of their own, or are priced elsewhere (collectives).
@@ -984,9 +1040,36 @@ def _memory(compiled) -> tuple[MemoryBreakdown, list[str]]:
                          get("alias_size_in_bytes"), get("temp_size_in_bytes")), []
 
 
-def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
-                     started: float, child_process: bool = False) -> Verification:
-  """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan."""
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """What a compiled step costs per device, read from the module and priced on a profile.
+
+  Attributes:
+    figures: FLOPs (loop trip counts applied), bytes sent, comm / compute / step time, peak.
+      comm time is the collectives as the profile's XLA would run them (`target_comm_time`).
+    xla_flops, loop_flops_added: see `Verification`.
+    memory: the parts of the compiled peak memory.
+    collectives: every collective instruction, in program order.
+    notes: anything that limits the reading (unknown trip counts, missing analyses).
+    comm_time_as_emitted: the collectives priced one launch per instruction, as XLA:CPU
+      emitted them.
+  """
+  figures: Figures
+  xla_flops: float
+  loop_flops_added: float
+  memory: MemoryBreakdown
+  collectives: tuple[Collective, ...]
+  notes: tuple[str, ...]
+  comm_time_as_emitted: float = 0.0
+
+
+def read_compiled(compiled, mesh_shape: Mapping[str, int],
+                  profile: DeviceProfile) -> CompiledStep:
+  """Reads a compiled step (FLOPs, memory, collectives, kernels) and prices it on `profile`.
+
+  Works for any compiled SPMD step, planned or written by hand; `mesh_shape` names the axes
+  its collectives' replica groups are mapped to.
+  """
   notes = []
   analysis = {}
   try:
@@ -1001,22 +1084,31 @@ def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: fl
   mult, once, loop_notes = multiplicities(module)
   notes += loop_notes
   added = loop_flops_added(module, mult, once)
-  found = collectives(text, plan.mesh_shape, profile, module, mult, notes)
+  found = collectives(text, mesh_shape, profile, module, mult, notes)
   memory, mem_notes = _memory(compiled)
   notes += mem_notes
+  comm_time = target_comm_time(found, profile)
+  compute_time = kernel_seconds(module, mult, profile)
+  figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found), comm_time,
+                    memory.peak, compute_time, compute_time + comm_time)
+  return CompiledStep(figures, xla_flops, added, memory, found, tuple(notes),
+                      sum(c.time for c in found))
+
+
+def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
+                     started: float, child_process: bool = False) -> Verification:
+  """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan."""
+  step = read_compiled(compiled, plan.mesh_shape, profile)
   p = plan.predicted
   predicted = Figures(p.flops, p.comm_bytes, p.comm_time, p.peak_memory, p.compute_time,
                       p.step_time)
-  comm_time = sum(c.time for c in found)
-  compute_time = kernel_seconds(module, mult, profile)
-  compiled_figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found), comm_time,
-                             memory.peak, compute_time, compute_time + comm_time)
   return Verification(
       mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
-      predicted=predicted, compiled=compiled_figures, xla_flops=xla_flops,
-      loop_flops_added=added, memory=memory, collectives=found,
-      compile_seconds=compile_seconds, verify_seconds=time.perf_counter() - started,
-      child_process=child_process, notes=tuple(notes))
+      predicted=predicted, compiled=step.figures, xla_flops=step.xla_flops,
+      loop_flops_added=step.loop_flops_added, memory=step.memory,
+      collectives=step.collectives, compile_seconds=compile_seconds,
+      verify_seconds=time.perf_counter() - started, child_process=child_process,
+      notes=step.notes, comm_time_as_emitted=step.comm_time_as_emitted)
 
 
 def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
