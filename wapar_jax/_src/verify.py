@@ -974,8 +974,8 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float],
   takes the larger of its dot / convolution FLOPs at the achievable peak and the bytes it reads
   and writes (operands + result) at the achievable bandwidth. An in-place update (dynamic-
   update-slice or scatter at a fusion's root) moves its update, not the buffer it writes into.
-  This is the planner's roofline applied to what XLA actually emitted: its kernels, its fusion
-  boundaries, its recomputation.
+  Every kernel also pays the profile's `kernel_overhead`. This is the planner's roofline applied
+  to what XLA actually emitted: its kernels, its fusion boundaries, its recomputation.
   """
   bandwidth = profile.memory_bandwidth * profile.memory_efficiency
   total = 0.0
@@ -1009,6 +1009,7 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float],
       peak = profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * \
           profile.compute_efficiency
       seconds += max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
+      seconds += profile.kernel_overhead
     total += count * seconds
   return total
 
