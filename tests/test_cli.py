@@ -49,3 +49,11 @@ def test_profiles_lists_the_builtins(capsys):
     assert name in out
   with pytest.raises(SystemExit):
     main(["--help"])
+
+
+def test_calibrate_writes_a_profile_that_plans(tmp_path, capsys):
+  path = tmp_path / "me.json"
+  assert main(["calibrate", "--quick", "--out", str(path), "--name", "me"]) == 0
+  assert "profile written to" in capsys.readouterr().out
+  assert main(["plan", "mlp", "--devices", "2", "--profile", str(path), "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["profile"] == "me"

@@ -18,6 +18,7 @@ _EPILOG = """examples:
   wapar explain gpt2-small --devices 8 --profile h100-sxm   # why this plan, and what it costs
   wapar explain --plan plan.json --maxtext                  # export a saved plan's rules
   wapar profiles                                            # list; `wapar profiles show h100-sxm`
+  wapar calibrate --out me.json && wapar plan mlp --profile me.json   # this machine's figures
 """
 
 _EXPLAIN_EPILOG = """examples:
@@ -183,6 +184,23 @@ def _cmd_profiles(args) -> int:
   return 0
 
 
+def _cmd_calibrate(args) -> int:
+  from wapar_jax._src import calibrate
+  sizes = calibrate.TINY_SIZES if args.quick else None
+  profile = calibrate.calibrate(args.out, name=args.name, sizes=sizes, base=args.base)
+  if args.json:
+    print(json.dumps(profile.to_dict(), indent=2))
+  else:
+    print(f"{profile.name}: float32 {profile.flops_per_second('float32') / 1e9:.1f} GFLOP/s, "
+          f"bfloat16 {profile.flops_per_second('bfloat16') / 1e9:.1f} GFLOP/s, memory "
+          f"{profile.memory_bandwidth / 1e9:.2f} GB/s, kernel overhead "
+          f"{profile.kernel_overhead * 1e6:.2f} us, link {profile.intra_node.bandwidth / 1e9:.2f} "
+          f"GB/s + {profile.intra_node.latency * 1e6:.1f} us per step "
+          f"({profile.devices_per_node} local device(s))")
+    print(f"profile written to {args.out}; use it as `wapar plan MODEL --profile {args.out}`")
+  return 0
+
+
 def _add_plan_arguments(p, model_nargs=None) -> None:
   """The workload, device and search arguments shared by `plan`, `verify` and `explain`."""
   p.add_argument("model", nargs=model_nargs,
@@ -255,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=_PROFILES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("name", nargs="*", metavar="[show] NAME", help="a profile to show in full")
   p.set_defaults(run=_cmd_profiles)
+
+  p = sub.add_parser("calibrate", help="measure this machine's devices (matmul, memory, "
+                     "kernel overhead, collectives) and write a device profile")
+  p.add_argument("--out", default="calibrated.json",
+                 help="profile file to write (default calibrated.json)")
+  p.add_argument("--name", help="profile name (default calibrated-<device kind>)")
+  p.add_argument("--base", help="built-in profile (or file) for what one machine cannot "
+                 "measure: inter-node link, power (default: nearest to the device kind)")
+  p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in about a "
+                 "second, not figures to plan with")
+  p.add_argument("--json", action="store_true", help="print the profile as JSON")
+  p.set_defaults(run=_cmd_calibrate)
   return parser
 
 

@@ -33,7 +33,9 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from wapar_jax._src import planner, step as step_lib
 from wapar_jax._src.cost import collective_steps, collective_traffic
 from wapar_jax._src.errors import InvalidArgumentError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier, load_profile, save_profile
@@ -176,9 +178,6 @@ def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, fl
   planner's own units; on a CPU, where fused elementwise kernels with transcendentals run well
   below DRAM speed, it is several times lower than the raw stream rate.
   """
-  import optax  # here, not at the top: only this measurement builds a train step
-  from wapar_jax._src import planner, step  # planner imports profiles, not this module
-
   loss_fn, params, batch = _reference_step(nbytes)
   optimizer = optax.sgd(1e-3)
   params, batch = jax.device_put((params, batch), device)
@@ -191,7 +190,7 @@ def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, fl
       sources=("internal: prices planner bytes at 1 byte/s",))
   counted = planner.plan(loss_fn, params, batch, optimizer=optimizer, devices=1, profile=unit,
                          cache=False).predicted.compute_time
-  train_step = jax.jit(step.make_train_step(loss_fn, optimizer))
+  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
   opt_state = optimizer.init(params)
   return counted, _best_seconds(train_step, (params, opt_state, batch), repeats)
 

@@ -1,0 +1,115 @@
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import wapar_jax as wap
+from wapar_jax._src import calibrate as calibrate_lib
+from wapar_jax._src import profiles
+from wapar_jax._src.cost import collective_time
+from wapar_jax._src.errors import InvalidProfileError
+from wapar_jax._src.profiles import DeviceProfile, LinkTier
+
+
+def _mlp():
+  params = {"w1": jax.ShapeDtypeStruct((64, 128), jnp.float32),
+            "w2": jax.ShapeDtypeStruct((128, 10), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((32, 64), jnp.float32)}
+
+  def loss_fn(p, b):
+    return jnp.mean(jnp.tanh(b["x"] @ p["w1"]) @ p["w2"])
+
+  return loss_fn, params, batch
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+  path = tmp_path_factory.mktemp("calibrate") / "me.json"
+  return path, wap.calibrate(path, sizes=calibrate_lib.TINY_SIZES)
+
+
+def test_tiny_calibration_is_a_valid_profile_that_says_it_was_measured(calibrated):
+  path, profile = calibrated
+  assert profile.kind == jax.devices()[0].platform
+  assert profile.devices_per_node == len(jax.local_devices())
+  assert profile.kernel_overhead >= 0
+  assert "Measured with wapar calibrate" in profile.sources[0]
+  assert "Measured by wapar calibrate on" in profile.notes
+  for size in calibrate_lib.TINY_SIZES.matmul:  # the notes list every size measured
+    assert f"{size}:" in profile.notes
+  assert "alpha-beta fit" in profile.notes  # 8 virtual devices: collectives were measured
+  loaded = profiles.load_profile(path)
+  assert loaded == profile
+  assert DeviceProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+def test_calibrated_file_and_profile_both_plan(calibrated):
+  path, profile = calibrated
+  loss_fn, params, batch = _mlp()
+  for given in (path, str(path), profile):
+    plan = wap.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=4,
+                    profile=given, cache=False)
+    assert plan.profile == profile.name
+    assert plan.predicted.step_time > 0
+
+
+def test_single_device_keeps_the_base_link_and_says_so():
+  m = calibrate_lib.measure(calibrate_lib.TINY_SIZES, devices=jax.local_devices()[:1])
+  assert m.devices == 1 and m.collectives == () and m.link is None
+  profile = calibrate_lib.to_profile(m, name="solo", base="cpu")
+  assert profile.name == "solo"
+  assert profile.intra_node == profiles.load_profile("cpu").intra_node
+  assert "no collective was measured" in profile.notes
+
+
+def test_link_fit_recovers_alpha_beta():
+  n, link = 4, LinkTier(bandwidth=5e9, latency=3e-5)
+  samples = [(kind, nbytes, collective_time(kind, nbytes * (n if kind == "all-gather" else 1), n,
+                                            link.bandwidth, link.latency))
+             for kind in ("all-reduce", "all-gather") for nbytes in (1024, 2**20, 2**24)]
+  fitted = calibrate_lib.fit_link(samples, n)
+  assert fitted.bandwidth == pytest.approx(link.bandwidth, rel=1e-6)
+  assert fitted.latency == pytest.approx(link.latency, rel=1e-6)
+
+
+def test_kernel_overhead_round_trips_and_is_validated():
+  data = profiles.load_profile("h100-sxm").to_dict()
+  data["kernel_overhead"] = 4e-6
+  profile = DeviceProfile.from_dict(json.loads(json.dumps(data)))
+  assert profile.kernel_overhead == 4e-6
+  assert DeviceProfile.from_dict(profile.to_dict()) == profile
+  data["kernel_overhead"] = -1.0
+  with pytest.raises(InvalidProfileError, match="kernel_overhead"):
+    DeviceProfile.from_dict(data)
+
+
+def test_profiles_without_kernel_overhead_still_load(tmp_path):
+  data = profiles.load_profile("cpu").to_dict()
+  del data["kernel_overhead"]  # as every profile file written before the field existed
+  path = tmp_path / "old.json"
+  path.write_text(json.dumps(data))
+  assert profiles.load_profile(path).kernel_overhead == 0.0
+  assert all(profiles.load_profile(name).kernel_overhead == 0.0
+             for name in profiles.list_profiles())
+
+
+def test_kernel_overhead_adds_time_per_unfused_kernel():
+  loss_fn, params, batch = _mlp()
+  base = profiles.load_profile("cpu")
+
+  def compute_time(overhead):
+    profile = dataclasses.replace(base, kernel_overhead=overhead)
+    return wap.plan(loss_fn, params, batch, optimizer=optax.sgd(1e-3), devices=1,
+                    profile=profile, cache=False).predicted.compute_time
+
+  extra = compute_time(1e-3) - compute_time(0.0)
+  # Two matmuls forward, their gradients, a reduction or two: a handful of kernels, not the
+  # dozens of elementwise ops XLA fuses away.
+  assert 3e-3 <= extra <= 20e-3
