@@ -201,7 +201,9 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   var_batch = np.zeros(nv, dtype=bool)
   var_bytes = np.zeros(nv)
   self_paired, conflicts = set(), np.zeros((num_groups, num_groups), dtype=bool)
-  param_signatures = {v_classes[v] for v in traced.param_vars}
+  # As a multiset: a weight gradient computed transposed (dW^T = dy^T x, then a transpose, as
+  # jax differentiates a Dense layer fed by a reshape) is still weight-shaped.
+  param_signatures = {tuple(sorted(v_classes[v])) for v in traced.param_vars}
   var_weight = np.zeros(nv, dtype=bool)
   for v in range(nv):
     cls = v_classes[v]
@@ -213,7 +215,7 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
     for a, b in itertools.combinations(set(gs), 2):
       conflicts[a, b] = conflicts[b, a] = True
     var_batch[v] = any(c in batch_classes for c in cls)
-    var_weight[v] = bool(cls) and not var_batch[v] and cls in param_signatures
+    var_weight[v] = bool(cls) and not var_batch[v] and tuple(sorted(cls)) in param_signatures
 
   ops = traced.ops
   n = len(ops)
