@@ -39,7 +39,7 @@ POINTS = {
         ("plain", 16, None), ("mlp", 32, None), ("mlp", 512, None), ("cnn", 16, None),
         ("cnn", 128, None), ("gpt-tiny", 8, None), ("gpt-tiny", 64, 128),
         ("gpt-tiny-scan", 8, None), ("gpt-tiny-nnx", 32, None), ("gpt2-small", 1, 64),
-        ("gpt2-small", 4, 128), ("alexnet", 2, None), ("alexnet", 8, None), ("vgg16", 1, None),
+        ("gpt2-small", 2, 128), ("alexnet", 2, None), ("alexnet", 8, None), ("vgg16", 1, None),
     ],
     "gpu": [
         ("mlp", 512, None), ("cnn", 256, None), ("gpt-tiny", 64, 128), ("gpt-tiny-scan", 64, 128),
@@ -50,7 +50,7 @@ POINTS = {
 }
 DTYPE = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
 # Repeats per point: at least MIN_REPEATS, then more while the point has used under BUDGET_S.
-MIN_REPEATS, MAX_REPEATS, BUDGET_S = 3, 20, 4.0
+MIN_REPEATS, MAX_REPEATS, BUDGET_S = 5, 30, 6.0
 
 
 def measure_step(ex, optimizer) -> tuple[float, int]:
@@ -116,7 +116,8 @@ def write(rows, profile, platform_name, calibration_seconds):
                             summary["spearman"] >= TARGETS["spearman"])
   device = jax.devices()[0]
   meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-          "device": f"{device.device_kind} ({device.platform})", "cpus": os.cpu_count(),
+          "device": (device.device_kind if device.device_kind == device.platform else
+                     f"{device.device_kind} ({device.platform})"), "cpus": os.cpu_count(),
           "machine": platform.processor() or platform.machine(),
           "load_average": os.getloadavg(), "jax": jax.__version__,
           "python": platform.python_version(), "calibration_seconds": calibration_seconds}

@@ -281,15 +281,17 @@ def measure(sizes: Sizes | None = None, devices: Sequence | None = None) -> Meas
   matmul = {dtype: measure_matmul(device, dtype, sizes.matmul, sizes.repeats)
             for dtype in DTYPES}
   stream = measure_stream(device, sizes.stream_bytes, sizes.repeats)
-  step = tuple((nbytes, counted / seconds) for nbytes in sizes.step_bytes
-               for counted, seconds in [measure_step_bandwidth(device, nbytes, sizes.repeats)])
+  step = []
+  for nbytes in sizes.step_bytes:
+    counted, seconds = measure_step_bandwidth(device, nbytes, sizes.repeats)
+    step.append((nbytes, counted / seconds))
   overhead = measure_kernel_overhead(device, sizes.chain, sizes.repeats)
   collectives, link = (), None
   if len(devices) > 1:
     collectives = measure_collectives(devices, sizes.collective_bytes, sizes.repeats)
     link = fit_link(collectives, len(devices))
   return Measurements(platform=platform, device_kind=device.device_kind, devices=len(devices),
-                      matmul=matmul, stream=stream, step=step, kernel_overhead=overhead,
+                      matmul=matmul, stream=stream, step=tuple(step), kernel_overhead=overhead,
                       collectives=collectives, link=link,
                       memory_bytes=_memory_bytes(device, len(devices)),
                       seconds=time.perf_counter() - start)
@@ -337,6 +339,8 @@ def to_profile(m: Measurements, *, name: str | None = None,
   base_profile = load_profile(base or _base_name(m.platform, m.device_kind))
   when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   kind = m.platform if m.platform in ("cpu", "gpu", "tpu") else "gpu"
+  # CPUs report device_kind "cpu"; say the platform only when it adds something.
+  device = m.device_kind if m.device_kind == m.platform else f"{m.device_kind} ({m.platform})"
   peak = {dtype: max(rate for _, rate in rates) for dtype, rates in m.matmul.items()}
   if m.link is not None:
     link_note = (f"intra_node: alpha-beta fit of all-reduce and all-gather over {m.devices} "
@@ -353,8 +357,8 @@ def to_profile(m: Measurements, *, name: str | None = None,
     # Never let the unmeasured tier look faster than the measured one.
     inter = LinkTier(min(inter.bandwidth, intra.bandwidth), max(inter.latency, intra.latency))
   notes = (
-      f"Measured by wapar calibrate on {when}, jax {jax.__version__}, on {m.device_kind} "
-      f"({m.platform}), in {m.seconds:.1f} s; each figure is the minimum time over repeated "
+      f"Measured by wapar calibrate on {when}, jax {jax.__version__}, on {device}, in "
+      f"{m.seconds:.1f} s; each figure is the minimum time over repeated "
       f"runs. peak_flops: best rate of square n x n matmuls (GFLOP/s by n: " + "; ".join(
           f"{dtype} {_rates(rates, 1e9, '.1f')}" for dtype, rates in m.matmul.items()) +
       f"). memory_bandwidth: median over activation sizes of the bytes the planner counts for "
@@ -369,7 +373,7 @@ def to_profile(m: Measurements, *, name: str | None = None,
       f"they are those of the built-in profile {base_profile.name}.")
   return DeviceProfile(
       name=name or f"calibrated-{_slug(m.device_kind)}",
-      description=(f"{m.device_kind} ({m.platform}) as measured on this machine by "
+      description=(f"{device} as measured on this machine by "
                    f"`wapar calibrate` on {when}, {m.devices} local device(s)."),
       kind=kind,
       peak_flops=peak,
