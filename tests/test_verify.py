@@ -288,3 +288,31 @@ def test_compiled_step_time_is_compute_plus_comm(verified):
     c = v.compiled
     assert c.compute_time > 0
     assert c.step_time == pytest.approx(c.compute_time + c.comm_time)
+
+
+def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_reductions():
+  from wapar_jax._src import verify as verify_lib
+  from wapar_jax._src.cost import hierarchical_collective_time
+  profile = load_profile("h100-sxm")
+  link = profile.intra_node
+  mib = 2.0**20
+
+  def coll(kind, nbytes, depth, scattered=0.0):
+    return verify_lib.Collective(
+        kind=kind, name=f"{kind}.{depth}", nbytes=nbytes, group_size=8, num_groups=1,
+        axes=("data",), crosses_nodes=False, count=1.0, sent_bytes=0.0, time=0.0,
+        scattered_bytes=scattered, computation="main", depth=depth)
+
+  def one(kind, nbytes):
+    return float(hierarchical_collective_time(kind, nbytes, 8, 1, link.bandwidth, link.latency,
+                                              link.bandwidth, link.latency))
+
+  # Two independent 10 MiB gathers go out as one launch; a dependent one pays its own.
+  found = [coll("all-gather", 10 * mib, 1), coll("all-gather", 10 * mib, 1),
+           coll("all-gather", 10 * mib, 2)]
+  assert verify_lib.target_comm_time(found, profile) == pytest.approx(
+      one("all-gather", 20 * mib) + one("all-gather", 10 * mib))
+  # 100 MiB of gradients read only in slices: reduce-scatter, in ceil(100 / 30) = 4 launches.
+  grads = [coll("all-reduce", 100 * mib, 1, scattered=100 * mib)]
+  assert verify_lib.target_comm_time(grads, profile) == pytest.approx(
+      4 * one("reduce-scatter", 25 * mib))
