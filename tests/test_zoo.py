@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import dataclasses
 import math
 import time
 
@@ -13,7 +14,8 @@ import pytest
 from wapar_jax._src import errors
 from wapar_jax._src import zoo
 
-TINY = ("mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan")
+TINY = ("mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan", "moe-tiny",
+        "bert-tiny", "t5-tiny", "vit-tiny", "resnet-tiny")
 
 
 def _count(params):
@@ -28,7 +30,7 @@ def test_list_examples_has_every_family():
   names = zoo.list_examples()
   assert set(TINY) <= set(names)
   for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b", "gpt-7b",
-               "alexnet", "vgg16"):
+               "alexnet", "vgg16", "resnet50", "bert-large", "vit-b16", "t5-base", "moe-gpt"):
     assert name in names
 
 
@@ -56,12 +58,13 @@ def test_tiny_examples_run(name):
   assert loss.shape == () and loss.dtype == jnp.float32 and np.isfinite(loss)
   assert _signature(grads) == _signature(ex.params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  if name.startswith("gpt"):
-    # GPT-2 initialisation (std 0.02): logits are near zero, so the loss is near log(vocab).
+  if name.startswith(("gpt", "moe", "bert")):
+    # GPT-2 / BERT initialisation (std 0.02): logits are near zero, so the loss is near
+    # log(vocab) (moe-* adds 0.01 times a load-balancing loss near 1).
     assert abs(float(loss) - math.log(256)) < 0.1
 
 
-@pytest.mark.parametrize("name", ("alexnet", "vgg16", "gpt2-small"))
+@pytest.mark.parametrize("name", ("alexnet", "vgg16", "gpt2-small", "resnet50"))
 def test_large_init_params_traces_to_abstract_params(name):
   ex = zoo.get_example(name)
   assert _signature(jax.eval_shape(ex.init_params, jax.random.key(0))) == _signature(ex.params)
@@ -85,6 +88,58 @@ def test_model_sizes():
   assert abs(_count(zoo.get_example("gpt2-small").params) / 124.44e6 - 1) < 0.01
   assert 6e9 < _count(zoo.get_example("gpt-7b").params) < 7.5e9
   assert abs(_count(zoo.get_example("vgg16").params) / 138.36e6 - 1) < 0.01
+  # Published counts: torchvision's ResNet-50, Hugging Face's bert-large (without its pooler,
+  # which a masked-LM loss does not use) and t5-base, timm's ViT-B/16.
+  assert abs(_count(zoo.get_example("resnet50").params) / 25.557e6 - 1) < 0.01
+  assert abs(_count(zoo.get_example("bert-large").params) / 334.09e6 - 1) < 0.01
+  assert abs(_count(zoo.get_example("vit-b16").params) / 86.568e6 - 1) < 0.01
+  assert abs(_count(zoo.get_example("t5-base").params) / 222.90e6 - 1) < 0.01
+  # moe-gpt has no published twin: GPT-2 small's attention with 8 experts of 2 x 768 x 3072 each.
+  d, layers, experts = 768, 12, 8
+  per_layer = 4 * (d * d + d) + 4 * d + d * experts + experts * 2 * d * 4 * d
+  assert _count(zoo.get_example("moe-gpt").params) == layers * per_layer + (50304 + 1024 + 2) * d
+
+
+def test_batch_norm_statistics_are_not_parameters():
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      zoo.get_example("resnet-tiny").params)]
+  assert not [p for p in paths if "mean" in p or "var" in p]
+  assert any("scale" in p for p in paths) and any("bias" in p for p in paths)
+
+
+def test_moe_experts_are_stacked():
+  moe = zoo.get_example("moe-gpt").params["block_0"]["moe"]
+  assert moe["w_in"].shape == (8, 768, 3072) and moe["w_out"].shape == (8, 3072, 768)
+  assert moe["router"].shape == (768, 8)
+
+
+def test_moe_dispatch_matches_per_token_experts():
+  cfg = zoo._MoEConfig(1, 16, 2, 32, 8, n_experts=4, capacity_factor=2.0)
+  layer = zoo._MoEMLP(cfg)
+  # Capacity 1 per expert (ceil(0.125 * 2 * 8 / 4)): at most 4 of a sequence's 16 choices.
+  tight = zoo._MoEMLP(dataclasses.replace(cfg, capacity_factor=0.125))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+
+  @jax.jit
+  def outputs(params, x):
+    y, aux = layer.apply({"params": params}, x)
+    y_tight, _ = tight.apply({"params": params}, x)
+    # Each token's gate-weighted sum of its top-2 experts, with the experts' weights gathered
+    # per token rather than dispatched.
+    gates, chosen = jax.lax.top_k(jax.nn.softmax(x @ params["router"], axis=-1), 2)
+    gates = gates / gates.sum(-1, keepdims=True)
+    hidden = jax.nn.gelu(jnp.einsum("btd,btkdf->btkf", x, params["w_in"][chosen]))
+    expected = jnp.einsum("btk,btkf,btkfd->btd", gates, hidden, params["w_out"][chosen])
+    return y, aux, y_tight, expected
+
+  y, aux, y_tight, expected = outputs(params, x)
+  # With capacity for every token, the dense dispatch / combine einsums change nothing.
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+  assert aux.shape == () and float(aux) >= 1.0 - 1e-6  # 1 exactly when routing is uniform
+  # Past capacity a token is dropped: its output is zero.
+  served = np.any(np.asarray(y_tight) != 0, axis=-1)
+  assert 0 < served.sum() <= 2 * 4
 
 
 def test_gpt_7b_builds_fast():
@@ -125,3 +180,17 @@ def test_invalid_overrides(kwargs):
 def test_seq_len_on_a_model_without_sequence_is_rejected():
   with pytest.raises(errors.InvalidArgumentError, match="seq_len"):
     zoo.get_example("mlp", seq_len=8)
+  with pytest.raises(errors.InvalidArgumentError, match=r"bert-tiny.*t5-tiny.*'vit-tiny'"):
+    zoo.get_example("vit-tiny", seq_len=8)
+
+
+@pytest.mark.parametrize("name", ("moe-tiny", "bert-tiny", "t5-tiny"))
+def test_seq_len_applies_to_every_sequence_model(name):
+  ex = zoo.get_example(name, batch_size=2, seq_len=16)
+  shapes = {k: x.shape for k, x in ex.batch.items()}
+  if name.startswith("t5"):  # the decoder gets a quarter of the encoder's length
+    assert shapes == {"inputs": (2, 16), "decoder_inputs": (2, 4), "targets": (2, 4)}
+  else:
+    assert set(shapes.values()) == {(2, 16)}
+  assert _count(ex.params) == _count(zoo.get_example(name).params)
+  assert jax.eval_shape(ex.loss_fn, ex.params, ex.batch).dtype == jnp.float32

@@ -262,9 +262,8 @@ def _dim_rules(eqn, in_shapes, out_shapes):
     return links, reduce_dims, gather_dims, True
 
   if name in _CUMULATIVE or name in ("sort", "top_k"):
+    # sort names its axis "dimension"; top_k had no axis param in older jax (the last dim).
     axis = p.get("axis", p.get("dimension", len(in_shapes[0]) - 1))
-    if name == "top_k":
-      axis = len(in_shapes[0]) - 1
     for pos, shape in enumerate(in_shapes):
       for d in range(len(shape)):
         if d != axis:
@@ -474,7 +473,7 @@ class _Builder:
     env = {}
     consts = getattr(closed, "consts", ())
     for cv, c in zip(jaxpr.constvars, consts):
-      env[cv] = self.new_var(jax.core.get_aval(c), len(self.ops))
+      env[cv] = self.new_var(jax.typeof(c), len(self.ops))
     for v, vid in zip(jaxpr.invars, outer_ids):
       if vid < 0:  # literal passed into a call: a fresh constant variable
         vid = self.new_var(v.aval, len(self.ops))
@@ -618,7 +617,7 @@ def trace_jaxpr(closed_jaxpr, num_params: int, num_opt_state: int, num_batch: in
   jaxpr = closed_jaxpr.jaxpr
   env = {}
   for cv, c in zip(jaxpr.constvars, closed_jaxpr.consts):
-    env[cv] = b.new_var(jax.core.get_aval(c), -1)
+    env[cv] = b.new_var(jax.typeof(c), -1)
   arg_ids = [b.new_var(v.aval, -1) for v in jaxpr.invars]
   for v, vid in zip(jaxpr.invars, arg_ids):
     env[v] = vid

@@ -990,8 +990,8 @@ _EXAMPLES = {
     "alexnet": _fixed_entry("AlexNet (torchvision layout), ImageNet 224x224x3 -> 1000", 32,
                             _imagenet(_AlexNet)),
     "vgg16": _fixed_entry("VGG-16, ImageNet 224x224x3 -> 1000", 32, _imagenet(_VGG16)),
-    "resnet-tiny": _fixed_entry("bottleneck ResNet, 4 blocks, width 8, 32x32x3 -> 10", 8,
-                                _resnet((1, 1, 1, 1), 8, 32, 10)),
+    "resnet-tiny": _fixed_entry("bottleneck ResNet, 2 stages of 1 block, width 8, 32x32x3 -> 10",
+                                8, _resnet((1, 1), 8, 32, 10)),
     "resnet50": _fixed_entry("ResNet-50 (v1.5, batch norm), ImageNet 224x224x3 -> 1000, 25.6M",
                              32, _resnet((3, 4, 6, 3), 64, 224, 1000)),
 }
