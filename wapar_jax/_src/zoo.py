@@ -295,7 +295,8 @@ def _resnet(stage_sizes, width, image_size, num_classes):
     batch, make_batch = _classification_batch(batch_size, (image_size, image_size, 3),
                                               num_classes, dtype)
     dummy = jnp.zeros((1, image_size, image_size, 3), dtype)
-    stats = _abstract(jax.eval_shape(module.init, jax.random.key(0), dummy)["batch_stats"])
+    variables = _abstract(jax.eval_shape(module.init, jax.random.key(0), dummy))
+    stats = variables["batch_stats"]
 
     @jax.jit
     def init_params(key):
@@ -312,7 +313,7 @@ def _resnet(stage_sizes, width, image_size, num_classes):
                                mutable=["batch_stats"])
       return _class_loss(logits, batch["y"])
 
-    return Example(name, description, loss_fn, _eval_params(init_params), batch, init_params,
+    return Example(name, description, loss_fn, variables["params"], batch, init_params,
                    make_batch)
   return build
 
@@ -546,7 +547,7 @@ class _BERT(nn.Module):
   Segment embeddings and the pooler / next-sentence head are left out: the masked-LM loss does
   not use them (they are 0.3% of BERT-large).
   """
-  cfg: _GPTConfig
+  cfg: _GPTConfig  # the same fields: layers, width, heads, vocabulary, position-table rows
 
   @nn.compact
   def __call__(self, tokens):
@@ -559,8 +560,8 @@ class _BERT(nn.Module):
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
     x = norm(name="ln_embed")(x)
     for i in range(cfg.n_layer):
-      x = _EncoderBlock(cfg.n_head, 4 * cfg.d_model, _BERT_LN_EPS, False, _normal, cfg.dtype,
-                        name=f"block_{i}")(x)
+      x = _EncoderBlock(cfg.n_head, 4 * cfg.d_model, _BERT_LN_EPS, pre_norm=False,
+                        kernel_init=_normal, dtype=cfg.dtype, name=f"block_{i}")(x)
     x = nn.Dense(cfg.d_model, kernel_init=_normal, dtype=cfg.dtype, param_dtype=cfg.dtype,
                  name="mlm_dense")(x)
     x = norm(name="mlm_ln")(jax.nn.gelu(x, approximate=False))
@@ -607,6 +608,9 @@ class _ViTConfig:
   dtype: Any = jnp.float32
 
 
+_VIT_LN_EPS = 1e-6
+
+
 class _ViT(nn.Module):
   """ViT: patch embedding, class token, learned positions, pre-LN blocks, class-token head."""
   cfg: _ViTConfig
@@ -622,9 +626,11 @@ class _ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.d_model)).astype(x.dtype), x], axis=1)
     x = x + self.param("pos_embed", _normal, (1, x.shape[1], cfg.d_model), cfg.dtype)
     for i in range(cfg.n_layer):
-      x = _EncoderBlock(cfg.n_head, 4 * cfg.d_model, 1e-6, True, nn.initializers.xavier_uniform(),
-                        cfg.dtype, name=f"block_{i}")(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.dtype, name="ln_f")(x[:, 0])
+      x = _EncoderBlock(cfg.n_head, 4 * cfg.d_model, _VIT_LN_EPS, pre_norm=True,
+                        kernel_init=nn.initializers.xavier_uniform(), dtype=cfg.dtype,
+                        name=f"block_{i}")(x)
+    x = nn.LayerNorm(epsilon=_VIT_LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype,
+                     name="ln_f")(x[:, 0])
     return nn.Dense(cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.dtype, name="head")(x)
 
 
@@ -703,7 +709,10 @@ class _T5Attention(nn.Module):
     q = dense(kernel_init=nn.initializers.normal(std * (d // h) ** -0.5), name="query")(x)
     k = dense(kernel_init=nn.initializers.normal(std), name="key")(memory)
     v = dense(kernel_init=nn.initializers.normal(std), name="value")(memory)
-    split = lambda y: y.reshape(*y.shape[:2], h, d // h)
+
+    def split(y):
+      return y.reshape(*y.shape[:2], h, d // h)
+
     out = _attention(split(q), split(k), split(v), causal=self.causal, bias=bias, scaled=False)
     return dense(kernel_init=nn.initializers.normal(std), name="attn_out")(out)
 
