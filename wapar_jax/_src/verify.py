@@ -956,6 +956,31 @@ def _fused_dots(module: HloModule, comp: str, seen: frozenset = frozenset()):
   return flops, dtype
 
 
+def _operand_reads(module: HloModule, comp: str, operand_bytes: Sequence[float]) -> list[float]:
+  """Bytes a fused computation reads of each operand: a parameter used only through slices
+  (slice, dynamic-slice) is read only in those slices."""
+  body = module.computations.get(comp, ())
+  param_index = {}
+  for instr in body:
+    if instr.opcode == "parameter":
+      m = re.match(r"(\d+)\)", instr.rest)
+      if m:
+        param_index[instr.name] = int(m.group(1))
+  sliced: dict[int, float] = {}
+  whole: set[int] = set()
+  for instr in body:
+    for k, name in enumerate(_operands(instr)):
+      i = param_index.get(name)
+      if i is None:
+        continue
+      if instr.opcode in ("slice", "dynamic-slice") and k == 0:
+        sliced[i] = sliced.get(i, 0.0) + type_bytes(instr.type)
+      else:
+        whole.add(i)
+  return [b if i in whole or i not in sliced else min(b, sliced[i])
+          for i, b in enumerate(operand_bytes)]
+
+
 def _in_place_root(module: HloModule, comp: str) -> bool:
   body = module.computations.get(comp, ())
   root = body[-1] if body else None
@@ -972,7 +997,8 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float],
 
   Each kernel (a fusion, dot, convolution, copy, ... at the top of the entry or of a loop body)
   takes the larger of its dot / convolution FLOPs at the achievable peak and the bytes it reads
-  and writes (operands + result) at the achievable bandwidth. An in-place update (dynamic-
+  and writes (operands + result) at the achievable bandwidth; an operand read only through
+  slices counts the slices. An in-place update (dynamic-
   update-slice or scatter at a fusion's root) moves its update, not the buffer it writes into.
   Every kernel also pays the profile's `kernel_overhead`. This is the planner's roofline applied
   to what XLA actually emitted: its kernels, its fusion boundaries, its recomputation.
@@ -1000,6 +1026,10 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float],
       else:
         callees = re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest)
         flops, dtype = _fused_dots(module, callees[0]) if callees else (0.0, None)
+        if callees:
+          in_bytes = _operand_reads(module, callees[0], in_bytes)
+        elif instr.opcode in ("slice", "dynamic-slice") and in_bytes:
+          in_bytes = [min(in_bytes[0], out_bytes)] + in_bytes[1:]
         in_place = instr.opcode in ("dynamic-update-slice", "scatter") or (
             callees and _in_place_root(module, callees[0]))
         if in_place and in_bytes:
