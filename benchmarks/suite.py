@@ -82,14 +82,17 @@ class Case:
   batch_size: int
   seq_len: int | None = None
   sweep: bool = False  # the WAP experiment: data parallel on 1, 2, 4, ... devices
+  tag: str = ""  # tells apart two cases of one model on one setting
 
   @property
   def name(self) -> str:
-    return f"{self.model}@{self.setting}"
+    return f"{self.model}{'-' + self.tag if self.tag else ''}@{self.setting}"
 
 
 CASES = (
     Case("alexnet", "4xtitanxp", 128, sweep=True),
+    # The paper's point: a small batch on PCIe runs faster on fewer GPUs.
+    Case("alexnet", "4xtitanxp", 16, sweep=True, tag="b16"),
     Case("alexnet", "8xp100", 128, sweep=True),
     Case("vgg16", "4xtitanxp", 32, sweep=True),
     Case("vgg16", "8xp100", 64, sweep=True),
