@@ -86,6 +86,8 @@ def test_scan_stacks_block_params_over_layers():
 
 def test_model_sizes():
   assert abs(_count(zoo.get_example("gpt2-small").params) / 124.44e6 - 1) < 0.01
+  assert _count(zoo.get_example("gpt2-small-scan").params) == _count(
+      zoo.get_example("gpt2-small").params)
   assert 6e9 < _count(zoo.get_example("gpt-7b").params) < 7.5e9
   assert abs(_count(zoo.get_example("vgg16").params) / 138.36e6 - 1) < 0.01
   # Published counts: torchvision's ResNet-50, Hugging Face's bert-large (without its pooler,

@@ -973,6 +973,8 @@ _EXAMPLES = {
     "gpt-tiny-nnx": _gpt_entry("gpt-tiny written with flax.nnx", **_TINY, kind="nnx"),
     "gpt-tiny-scan": _gpt_entry("gpt-tiny with nn.scan over layers", **_TINY, kind="scan"),
     "gpt2-small": _gpt_entry("GPT-2 small, 124M", 12, 768, 12, 50257, 1024, 8),
+    "gpt2-small-scan": _gpt_entry("GPT-2 small with nn.scan over its 12 layers", 12, 768, 12,
+                                  50257, 1024, 8, kind="scan"),
     "gpt2-medium": _gpt_entry("GPT-2 medium, 355M", 24, 1024, 16, 50257, 1024, 8),
     "gpt2-large": _gpt_entry("GPT-2 large, 774M", 36, 1280, 20, 50257, 1024, 8),
     "gpt2-xl": _gpt_entry("GPT-2 XL, 1.5B", 48, 1600, 25, 50257, 1024, 8),
