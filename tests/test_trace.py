@@ -117,3 +117,25 @@ def test_remat_inside_scan_counts_the_recomputation():
   matmul = 2 * 32 * 64 * 64
   assert dot_flops(plain) == pytest.approx(4 * 3 * matmul)   # forward, dx, dW per layer
   assert dot_flops(remat) == pytest.approx(4 * 4 * matmul)   # plus the recomputed forward
+
+
+def test_closed_over_constants_and_top_k_on_a_leading_axis_trace():
+  import numpy as np
+  import wapar_jax as wap
+  mask = jnp.asarray(np.tril(np.ones((16, 16), np.float32)))  # a concrete array the loss closes over
+
+  def loss_fn(params, batch):
+    h = batch["x"] @ params["w"] @ mask          # [B, 16]
+    # top_k over the feature axis, written as the leading axis of the transpose: the batch
+    # axis (now last) must stay free to shard.
+    top, _ = lax.top_k(h.T, 4, axis=0)           # [4, B]
+    return jnp.mean(top ** 2)
+
+  params = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((32, 8), jnp.float32)}
+  traced, _ = trace_train_step(loss_fn, params, batch, TX)
+  assert not traced.unknown_primitives
+  plan = wap.plan(loss_fn, params, batch, optimizer=TX, devices=8, profile="cpu", strategy="dp",
+                  all_devices=True)
+  assert plan.mesh_shape == {"data": 8}
+  assert plan.batch_specs["x"] == jax.sharding.PartitionSpec("data", None)
