@@ -135,6 +135,9 @@ def test_closed_over_constants_and_top_k_on_a_leading_axis_trace():
   batch = {"x": jax.ShapeDtypeStruct((32, 8), jnp.float32)}
   traced, _ = trace_train_step(loss_fn, params, batch, TX)
   assert not traced.unknown_primitives
+  top_k = next(op for op in traced.ops if op.primitive == "top_k")
+  batch_class = traced.var_classes[traced.batch_vars[0]][0]
+  assert traced.var_classes[top_k.out_vars[0]][1] == batch_class
   plan = wap.plan(loss_fn, params, batch, optimizer=TX, devices=8, profile="cpu", strategy="dp",
                   all_devices=True)
   assert plan.mesh_shape == {"data": 8}
