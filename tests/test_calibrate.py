@@ -113,3 +113,34 @@ def test_kernel_overhead_adds_time_per_unfused_kernel():
   # Two matmuls forward, their gradients, a reduction or two: a handful of kernels, not the
   # dozens of elementwise ops XLA fuses away.
   assert 3e-3 <= extra <= 20e-3
+
+
+def test_fit_matmul_recovers_a_saturating_rate():
+  peak, half = 2e11, 64.0
+  rates = [(n, peak * n / (n + half)) for n in (64, 128, 256, 1024)]
+  fitted_peak, fitted_half = calibrate_lib.fit_matmul(rates)
+  assert fitted_peak == pytest.approx(peak, rel=1e-6)
+  assert fitted_half == pytest.approx(half, rel=1e-6)
+  # A rate that falls with size is no saturating curve: the best rate, no size term.
+  assert calibrate_lib.fit_matmul([(64, 3e9), (128, 2e9)]) == (3e9, 0.0)
+
+
+def test_matmul_half_size_slows_small_matmuls_only():
+  from wapar_jax._src import emit, search
+  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.trace import trace_train_step
+
+  def loss_fn(params, batch):
+    return jnp.mean(jnp.tanh(batch["x"] @ params["w"]))
+
+  params = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  traced, _ = trace_train_step(loss_fn, params, batch, optax.sgd(0.1))
+  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)),
+                             [emit.path_str(k) for k in emit.leaf_paths(params)])
+  profile = dataclasses.replace(wap.load_profile("cpu"), matmul_half_size=64.0)
+  efficiency = search.matmul_efficiency(space, profile)
+  dots = [op.index for op in traced.ops if op.primitive == "dot_general"]
+  assert dots and all(efficiency[i] == pytest.approx(0.5) for i in dots)  # 64 x 64 x 64: half
+  assert all(efficiency[op.index] == 1.0 for op in traced.ops if op.primitive != "dot_general")
+  assert (search.matmul_efficiency(space, wap.load_profile("cpu")) == 1.0).all()

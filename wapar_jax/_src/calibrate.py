@@ -67,10 +67,10 @@ class Sizes:
 # Per platform: sizes that reach the sustained rate yet finish in seconds. CPU matmuls peak by
 # n = 512-1024 and a 2-core host does 1024^3 in ~15 ms; GPUs need n >= 4096 to fill the chip.
 DEFAULT_SIZES = {
-    "cpu": Sizes(matmul=(256, 512, 1024), stream_bytes=(64 * MiB, 256 * MiB),
+    "cpu": Sizes(matmul=(64, 128, 256, 512, 1024), stream_bytes=(64 * MiB, 256 * MiB),
                  step_bytes=(8 * MiB, 32 * MiB, 128 * MiB),
                  collective_bytes=(4096, 64 * 1024, MiB, 16 * MiB), chain=(50, 200), repeats=7),
-    "gpu": Sizes(matmul=(1024, 4096, 8192), stream_bytes=(256 * MiB, 1024 * MiB),
+    "gpu": Sizes(matmul=(256, 1024, 4096, 8192), stream_bytes=(256 * MiB, 1024 * MiB),
                  step_bytes=(64 * MiB, 256 * MiB, 1024 * MiB),
                  collective_bytes=(4096, 64 * 1024, MiB, 16 * MiB, 128 * MiB), chain=(50, 400),
                  repeats=10),
@@ -131,13 +131,40 @@ def _best_seconds(fn: Callable, args: Sequence, repeats: int) -> float:
 
 def measure_matmul(device, dtype: str, sizes: Sequence[int],
                    repeats: int) -> tuple[tuple[int, float], ...]:
-  """(n, FLOP/s) of `n x n @ n x n` in `dtype` for each n."""
-  matmul = jax.jit(jnp.matmul)
+  """(n, FLOP/s) of `n x n @ n x n` in `dtype` for each n.
+
+  Small sizes run as a chain of dependent matmuls inside one program (about as many FLOPs as
+  the largest size), so the program's dispatch does not pass for a slow matmul.
+  """
+  largest = max(sizes)
   rates = []
   for n in sizes:
-    a = jax.device_put(jnp.ones((n, n), dtype), device)
-    rates.append((n, 2 * n**3 / _best_seconds(matmul, (a, a), repeats)))
+    chain = max(1, round((largest / n) ** 3))
+
+    def run(x, a, chain=chain):
+      return jax.lax.fori_loop(0, chain, lambda _, y: y @ a, x)
+
+    a = jax.device_put(jnp.full((n, n), 1.0 / n, dtype), device)  # keeps the chain at 1.0
+    rates.append((n, chain * 2 * n**3 / _best_seconds(jax.jit(run), (a, a), repeats)))
   return tuple(rates)
+
+
+def fit_matmul(rates: Sequence[tuple[int, float]]) -> tuple[float, float]:
+  """(peak FLOP/s, half size) of rate(n) = peak * n / (n + half), fitted to (n, rate) pairs.
+
+  1 / rate = 1 / peak + (half / peak) / n is a line in 1 / n: least squares, weighting each
+  size alike. A fit that is not a saturating curve (too few sizes, noise) gives the best rate
+  measured and half size 0.
+  """
+  best = max(rate for _, rate in rates)
+  if len(rates) < 2:
+    return best, 0.0
+  x = np.array([1.0 / n for n, _ in rates])
+  y = np.array([1.0 / rate for _, rate in rates])
+  slope, intercept = np.polyfit(x, y, 1)
+  if intercept <= 0 or slope <= 0:
+    return best, 0.0
+  return float(1.0 / intercept), float(slope / intercept)
 
 
 def measure_stream(device, sizes: Sequence[int], repeats: int) -> tuple[tuple[int, float], ...]:
@@ -341,7 +368,9 @@ def to_profile(m: Measurements, *, name: str | None = None,
   kind = m.platform if m.platform in ("cpu", "gpu", "tpu") else "gpu"
   # CPUs report device_kind "cpu"; say the platform only when it adds something.
   device = m.device_kind if m.device_kind == m.platform else f"{m.device_kind} ({m.platform})"
-  peak = {dtype: max(rate for _, rate in rates) for dtype, rates in m.matmul.items()}
+  fits = {dtype: fit_matmul(rates) for dtype, rates in m.matmul.items()}
+  peak = {dtype: fit[0] for dtype, fit in fits.items()}
+  half_size = fits.get("float32", next(iter(fits.values())))[1]
   if m.link is not None:
     link_note = (f"intra_node: alpha-beta fit of all-reduce and all-gather over {m.devices} "
                  f"local devices (bytes per device -> ms: " + ", ".join(
@@ -359,9 +388,10 @@ def to_profile(m: Measurements, *, name: str | None = None,
   notes = (
       f"Measured by wapar calibrate on {when}, jax {jax.__version__}, on {device}, in "
       f"{m.seconds:.1f} s; each figure is the minimum time over repeated "
-      f"runs. peak_flops: best rate of square n x n matmuls (GFLOP/s by n: " + "; ".join(
+      f"runs. peak_flops and matmul_half_size: rate(n) = peak * n / (n + half) fitted to "
+      f"square n x n matmuls (GFLOP/s by n: " + "; ".join(
           f"{dtype} {_rates(rates, 1e9, '.1f')}" for dtype, rates in m.matmul.items()) +
-      f"). memory_bandwidth: median over activation sizes of the bytes the planner counts for "
+      f"; half size from float32: {half_size:.0f}). memory_bandwidth: median over activation sizes of the bytes the planner counts for "
       f"a memory-bound reference train step (layer norm, gelu, residual, log-sum-exp on a "
       f"float32 [n, 1024] activation, SGD) over its measured time, so that it is in the "
       f"planner's units (GB/s by activation bytes: {_rates(m.step, 1e9, '.2f')}); for "
@@ -387,6 +417,7 @@ def to_profile(m: Measurements, *, name: str | None = None,
       compute_efficiency=1.0,
       memory_efficiency=1.0,
       kernel_overhead=m.kernel_overhead,
+      matmul_half_size=half_size,
       sources=(f"Measured with wapar calibrate on {when} (jax {jax.__version__}, "
                f"{m.device_kind}, {m.devices} local {m.platform} device(s))",
                f"Unmeasured figures (inter-node link, power) from the built-in profile "

@@ -402,9 +402,40 @@ class _Aggregates:
   opt_model: np.ndarray     # [O] bool
 
 
+def _gemm_size(eqn) -> float:
+  """Geometric mean of the (m, n, k) of a dot or convolution seen as one GEMM; 0 otherwise."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    k = math.prod(lhs[d] for d in lc)
+    m = math.prod(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
+    n = math.prod(rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb)
+  elif name == "conv_general_dilated":
+    dn = eqn.params["dimension_numbers"]
+    out, rhs = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+    n = out[dn.out_spec[1]]
+    k = math.prod(rhs) // max(rhs[dn.rhs_spec[0]], 1)
+    m = math.prod(out) // max(n, 1)
+  else:
+    return 0.0
+  return float(m * n * k) ** (1 / 3)
+
+
+def matmul_efficiency(space: SearchSpace, profile: DeviceProfile) -> np.ndarray:
+  """Per op: the fraction of peak its matmul reaches at its size (1 for other ops, and for
+  profiles without `matmul_half_size`)."""
+  half = profile.matmul_half_size
+  if not half:
+    return np.ones(len(space.traced.ops))
+  size = np.array([_gemm_size(op.eqn) for op in space.traced.ops])
+  return np.where(size > 0, size / (size + half), 1.0)
+
+
 def op_roofline(space: SearchSpace, profile: DeviceProfile) -> tuple[np.ndarray, np.ndarray]:
   """Per op on one device: (FLOPs / achievable peak, bytes / achievable bandwidth) seconds."""
   peak = np.array([profile.flops_per_second(_op_dtype(op)) for op in space.traced.ops])
+  peak = peak * matmul_efficiency(space, profile)
   fusible = np.array([op.fusible for op in space.traced.ops], dtype=bool)
   nbytes = space.costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
   return (space.costs.flops / (peak * profile.compute_efficiency),

@@ -61,6 +61,10 @@ class DeviceProfile:
     kernel_overhead: seconds every kernel XLA launches pays on top of its roofline time
       (launch, dispatch); `wapar calibrate` measures it. 0 in the datasheet profiles, whose
       figures are for large kernels.
+    matmul_half_size: the matmul size at which half of the peak rate is reached: a dot whose
+      GEMM dims m, n, k have geometric mean g runs at peak * g / (g + matmul_half_size).
+      `wapar calibrate` fits it; 0 (the datasheet profiles) means every matmul reaches
+      `compute_efficiency` of peak.
     sources: where the figures come from (URLs, datasheet names); never empty.
     notes: which figures are estimates, and why.
   """
@@ -80,6 +84,7 @@ class DeviceProfile:
   sources: tuple[str, ...]
   notes: str = ""
   kernel_overhead: float = 0.0
+  matmul_half_size: float = 0.0
 
   def __post_init__(self):
     _raise_if_any(_value_problems(self.__dict__), self.name)
@@ -189,6 +194,7 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
   for name in ("compute_efficiency", "memory_efficiency"):
     check(name, fraction, "a number in (0, 1]")
   check("kernel_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
+  check("matmul_half_size", lambda x: _is_number(x) and x >= 0, "a number >= 0")
   check("sources", lambda x: isinstance(x, (list, tuple)) and len(x) > 0 and
         all(isinstance(s, str) and s.strip() for s in x), "a non-empty list of non-empty strings")
   if all(positive(values.get(k)) for k in ("power_idle_watts", "power_busy_watts")):
