@@ -16,8 +16,8 @@ import numpy as np
 
 # Category of a temporary along the data axis.
 DATA_BATCH, DATA_WEIGHT, DATA_NONE = 0, 1, 2
-# An elementwise result consumed within this many ops is fused into its consumer.
-_FUSION_WINDOW = 3
+# Non-elementwise kernels that still fuse their elementwise producers (reduce fusions).
+_FUSING_KERNELS = ("reduce_", "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin")
 LAYOUT_PRIMITIVES = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims",
                                "transpose", "convert_element_type", "iota", "copy", "copy_p"})
 
@@ -27,22 +27,21 @@ def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
 
   Outputs of non-fusible ops (dots, reductions, gathers, ...) are. Layout ops (broadcast,
   reshape, transpose, convert) are bitcasts or fused into every consumer, so never. An
-  elementwise result is fused into its consumers, recomputed where it is needed, unless a
-  non-fusible op reads it far from where it was made (a residual saved for the backward pass).
+  elementwise result is fused into its elementwise consumers and into reductions, recomputed
+  where it is needed, but a kernel that cannot fuse its producers (a dot, a convolution, a
+  gather) reads it from memory, so it is written out.
   """
   n = traced.num_vars
   made_by_fusible = np.zeros(n, dtype=bool)
   layout = np.zeros(n, dtype=bool)
-  read_far_by_kernel = np.zeros(n, dtype=bool)
+  read_by_kernel = np.zeros(n, dtype=bool)
   for op in traced.ops:
     outs = list(op.out_vars)
     made_by_fusible[outs] = op.fusible
     layout[outs] = op.primitive in LAYOUT_PRIMITIVES
-    if not op.fusible:
-      for v in op.in_vars:
-        if v >= 0 and op.index - traced.def_pos[v] > _FUSION_WINDOW:
-          read_far_by_kernel[v] = True
-  kept = ~layout & (~made_by_fusible | read_far_by_kernel)
+    if not op.fusible and not op.primitive.startswith(_FUSING_KERNELS):
+      read_by_kernel[[v for v in op.in_vars if v >= 0]] = True
+  kept = ~layout & (~made_by_fusible | read_by_kernel)
   # A value recomputed where it is read keeps its own inputs alive until then.
   last_use = traced.last_use.copy()
   for op in reversed(traced.ops):
