@@ -142,3 +142,19 @@ def test_closed_over_constants_and_top_k_on_a_leading_axis_trace():
                   all_devices=True)
   assert plan.mesh_shape == {"data": 8}
   assert plan.batch_specs["x"] == jax.sharding.PartitionSpec("data", None)
+
+
+def test_rev_needs_only_the_dims_it_reverses_whole():
+  # The gradient of a convolution flips the kernel's spatial dims; its channels keep their split.
+  def loss_fn(params, batch):
+    kernel = lax.rev(params["k"], (0, 1))
+    return jnp.mean((batch["x"] @ kernel.reshape(-1, 8)) ** 2)
+
+  params = {"k": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((16, 36), jnp.float32)}
+  traced, _ = trace_train_step(loss_fn, params, batch, TX)
+  rev = next(op for op in traced.ops if op.primitive == "rev")
+  (source,), (result,) = [v for v in rev.in_vars if v >= 0], rev.out_vars
+  assert [d for _, d in rev.gather_dims] == [0, 1]
+  for d in (2, 3):
+    assert traced.var_classes[source][d] == traced.var_classes[result][d]

@@ -295,9 +295,12 @@ def _dim_rules(eqn, in_shapes, out_shapes):
   if name in ("pad", "slice", "dynamic_slice", "rev", "reduce_window_sum", "reduce_window_max",
               "reduce_window_min", "reduce_window", "select_and_scatter_add",
               "select_and_gather_add"):
-    # Dims that keep their size keep their sharding; the others need the whole dim.
+    # Dims that keep their size keep their sharding; the others need the whole dim. rev needs
+    # only the dims it reverses whole (a transposed convolution flips the kernel's spatial dims,
+    # not its channels).
+    reversed_dims = set(p.get("dimensions", ())) if name == "rev" else set()
     for d, (a, b) in enumerate(zip(in_shapes[0], out_shapes[0])):
-      if a == b and name != "rev":
+      if a == b and d not in reversed_dims:
         link(("i", 0, d), ("o", 0, d))
       else:
         gather_dims.append((0, d))
