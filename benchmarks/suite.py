@@ -11,7 +11,7 @@ paper's models on the paper's machines it also sweeps the device count (throughp
 per sample). Results: `benchmarks/results/suite.json`, `suite.md`, `suite_*.png`; each case is
 kept in `results/suite_cases/` so an interrupted run resumes.
 
-    python benchmarks/suite.py                 # all cases; about 40 min on 2 CPU cores
+    python benchmarks/suite.py                 # all cases; about 30 min on 2 CPU cores
     python benchmarks/suite.py --cases gpt2-small@8xh100 --fresh
     python benchmarks/suite.py --report        # rebuild the tables and plots from kept cases
 """
