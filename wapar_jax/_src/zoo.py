@@ -98,20 +98,27 @@ def _classification_batch(batch_size, input_shape, num_classes, dtype):
   return batch, make_batch
 
 
-def _linen_example(name, description, module, batch, make_batch, input_key, label_key):
-  """Wraps a linen module whose output is logits into an Example with a cross-entropy loss."""
-  x = batch[input_key]
-  dummy = jnp.zeros((1, *x.shape[1:]), x.dtype)  # init needs shapes only; batch 1 is cheapest.
+def _module_example(name, description, module, batch, make_batch, input_keys, loss):
+  """Wraps a linen module applied to `batch[k] for k in input_keys` into an Example whose loss
+  is `loss(module outputs, batch)`."""
+  # init needs shapes only; batch 1 is cheapest.
+  dummies = [jnp.zeros((1, *batch[k].shape[1:]), batch[k].dtype) for k in input_keys]
 
   @jax.jit
   def init_params(key):
-    return module.init(key, dummy)["params"]
+    return module.init(key, *dummies)["params"]
 
   def loss_fn(params, batch):
-    return _class_loss(module.apply({"params": params}, batch[input_key]), batch[label_key])
+    return loss(module.apply({"params": params}, *(batch[k] for k in input_keys)), batch)
 
   return Example(name, description, loss_fn, _eval_params(init_params), batch, init_params,
                  make_batch)
+
+
+def _linen_example(name, description, module, batch, make_batch, input_key, label_key):
+  """Wraps a linen module whose output is logits into an Example with a cross-entropy loss."""
+  return _module_example(name, description, module, batch, make_batch, (input_key,),
+                         lambda logits, batch: _class_loss(logits, batch[label_key]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,18 +590,14 @@ def _bert(name, description, cfg, batch_size, seq_len):
     return {"inputs": jnp.where(masked, _MASK_ID, tokens), "targets": tokens,
             "weights": masked.astype(jnp.float32)}
 
-  @jax.jit
-  def init_params(key):
-    return module.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-
-  def loss_fn(params, batch):
-    logits = module.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  def masked_lm_loss(logits, batch):
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                            batch["targets"])
     weights = batch["weights"]
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
-  return Example(name, description, loss_fn, _eval_params(init_params), batch, init_params,
-                 make_batch)
+  return _module_example(name, description, module, batch, make_batch, ("inputs",),
+                         masked_lm_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -782,17 +785,9 @@ def _t5(name, description, cfg, batch_size, seq_len):
             "decoder_inputs": jnp.concatenate([start, targets[:, :-1]], axis=1),
             "targets": targets}
 
-  @jax.jit
-  def init_params(key):
-    return module.init(key, jnp.zeros((1, in_shape[1]), jnp.int32),
-                       jnp.zeros((1, out_shape[1]), jnp.int32))["params"]
-
-  def loss_fn(params, batch):
-    logits = module.apply({"params": params}, batch["inputs"], batch["decoder_inputs"])
-    return _class_loss(logits, batch["targets"])
-
-  return Example(name, description, loss_fn, _eval_params(init_params), batch, init_params,
-                 make_batch)
+  return _module_example(name, description, module, batch, make_batch,
+                         ("inputs", "decoder_inputs"),
+                         lambda logits, batch: _class_loss(logits, batch["targets"]))
 
 
 def _t5_target_len(seq_len):
@@ -902,16 +897,11 @@ def _moe(name, description, cfg, batch_size, seq_len):
   module = _MoEGPT(cfg)
   batch, make_batch = _token_batch(batch_size, seq_len, cfg.vocab)
 
-  @jax.jit
-  def init_params(key):
-    return module.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-
-  def loss_fn(params, batch):
-    logits, aux = module.apply({"params": params}, batch["inputs"])
+  def loss(outputs, batch):
+    logits, aux = outputs
     return _class_loss(logits, batch["targets"]) + _AUX_LOSS_WEIGHT * aux
 
-  return Example(name, description, loss_fn, _eval_params(init_params), batch, init_params,
-                 make_batch)
+  return _module_example(name, description, module, batch, make_batch, ("inputs",), loss)
 
 
 # ---------------------------------------------------------------------------------------------
