@@ -26,7 +26,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time
@@ -42,6 +41,7 @@ from wapar_jax._src import emit
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src import zoo
 from wapar_jax._src.explain import human_bytes, human_seconds
+from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.step import abstract, make_train_step
 
 RESULTS = Path(__file__).parent / "results"
@@ -492,12 +492,6 @@ def plots(cases: list[dict], out: Path) -> list[Path]:
   return written
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", nargs="*", help="case names (model@setting); default all")
@@ -527,7 +521,7 @@ def main(argv=None) -> int:
       print(f"{case.name}: model not in the zoo, skipped", flush=True)
       continue
     result = run_case(case)
-    _atomic_write(path, json.dumps(result, indent=1))
+    write_text_atomic(path, json.dumps(result, indent=1))
     print(f"{case.name:28s} plan/best {result['plan_vs_best'] or float('nan'):.3f}  "
           f"tau {result['kendall_tau'] if result['kendall_tau'] is not None else float('nan'):.2f}"
           f"  {result['seconds']:.0f} s", flush=True)
@@ -535,8 +529,8 @@ def main(argv=None) -> int:
            if (case_dir / f"{c.name}.json").exists()]
   meta = {"jax": jax.__version__, "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  _atomic_write(out / "suite.json", json.dumps({"meta": meta, "cases": cases}, indent=1))
-  _atomic_write(out / "suite.md", markdown(cases, meta))
+  write_text_atomic(out / "suite.json", json.dumps({"meta": meta, "cases": cases}, indent=1))
+  write_text_atomic(out / "suite.md", markdown(cases, meta))
   written = plots(cases, out)
   print("\n".join(summary_lines(cases)))
   print(f"wrote {out / 'suite.json'}, {out / 'suite.md'}, " + ", ".join(str(p) for p in written))

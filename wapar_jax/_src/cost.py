@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import jax
 import jax.extend as jex
 import numpy as np
 
+from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.trace import ELEMENTWISE, TracedStep
 
 _COST_FIELDS = ("flops", "bytes accessed", "transcendentals")
@@ -84,10 +84,7 @@ class CostCache:
       return
     try:
       self.path.parent.mkdir(parents=True, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.entries, f)
-      os.replace(tmp, self.path)
+      write_text_atomic(self.path, json.dumps(self.entries))
       self.dirty = False
     except OSError as e:
       warnings.warn(f"could not write the op-cost cache {self.path}: {e}", stacklevel=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -20,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import details as details_lib, emit
 from wapar_jax._src.errors import CorruptPlanFileError, InvalidArgumentError
+from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.search import Candidate
 from wapar_jax._src.step import abstract
 
@@ -349,17 +349,7 @@ class Plan:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the plan as JSON atomically: a reader never sees half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plan-", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w") as f:
-        f.write(self.to_json())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    write_text_atomic(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Plan":

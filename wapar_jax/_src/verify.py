@@ -30,6 +30,7 @@ import numpy as np
 from wapar_jax._src.cost import (hierarchical_collective_time,
                                  hierarchical_collective_traffic)
 from wapar_jax._src.errors import InvalidArgumentError, NotEnoughDevicesError, WaparError
+from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 
 # A child compile of GPT-2 small takes ~10 s including jax start-up; this bounds a hung child.
@@ -1313,10 +1314,7 @@ def _child_main(argv: Sequence[str]) -> int:
   compiled, seconds = _compile_here(plan, devices[:plan.num_devices], loss_fn, optimizer, params,
                                     batch)
   result = analyse_compiled(compiled, plan, profile, seconds, started, child_process=True)
-  tmp = out_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result.to_dict(), f)
-  os.replace(tmp, out_path)
+  write_text_atomic(out_path, json.dumps(result.to_dict()))
   return 0
 
 

@@ -14,7 +14,6 @@ import importlib.resources
 import json
 import math
 import os
-import tempfile
 import types
 from typing import Any, Mapping
 
@@ -22,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from wapar_jax._src.errors import InvalidArgumentError, InvalidProfileError, UnknownProfileError
+from wapar_jax._src.files import write_text_atomic
 
 KINDS = ("gpu", "tpu", "cpu")
 REQUIRED_DTYPES = ("float32", "bfloat16")
@@ -304,15 +304,4 @@ def save_profile(profile: str | os.PathLike | DeviceProfile, path: str | os.Path
   A reader never sees half a file: the JSON goes to a temporary file in the same directory,
   which then replaces `path`.
   """
-  text = json.dumps(load_profile(profile).to_dict(), indent=2) + "\n"
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".profile-",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  write_text_atomic(path, json.dumps(load_profile(profile).to_dict(), indent=2) + "\n")
