@@ -694,6 +694,12 @@ def _dot_flops(instr: _Instr, types: Mapping[str, str]) -> float:
   return 0.0
 
 
+def _types(module: HloModule, comp: str) -> dict[str, str]:
+  types = dict(module.params.get(comp, {}))
+  types.update({i.name: i.type for i in module.computations[comp]})
+  return types
+
+
 def loop_flops_added(module: HloModule, mult: Mapping[str, float],
                      once: Mapping[str, float]) -> float:
   """Dot / convolution FLOPs of the loop iterations XLA's cost analysis leaves out."""
@@ -702,8 +708,7 @@ def loop_flops_added(module: HloModule, mult: Mapping[str, float],
     extra = mult.get(comp, 0.0) - once.get(comp, 0.0)
     if extra <= 0:
       continue
-    types = dict(module.params.get(comp, {}))
-    types.update({i.name: i.type for i in instrs})
+    types = _types(module, comp)
     for instr in instrs:
       if instr.opcode in ("dot", "convolution"):
         added += extra * _dot_flops(instr, types)
@@ -931,12 +936,6 @@ def _kernel_computations(module: HloModule) -> set[str]:
       elif instr.opcode == "call":
         stack += re.findall(r"\b(?:to_apply|calls)=%?([\w.\-]+)", instr.rest)
   return found
-
-
-def _types(module: HloModule, comp: str) -> dict[str, str]:
-  types = dict(module.params.get(comp, {}))
-  types.update({i.name: i.type for i in module.computations[comp]})
-  return types
 
 
 def _fused_dots(module: HloModule, comp: str, seen: frozenset = frozenset()):
