@@ -213,7 +213,7 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   step = jax.jit(make_train_step(loss_fn, tx), in_shardings=(p_sh, o_sh, b_sh),
                  out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())), donate_argnums=(0, 1))
   opt_state = abstract(jax.eval_shape(tx.init, params))
-  compiled = step.lower(params, opt_state, batch).compile()
+  compiled = verify_lib.compile_like_target(step.lower(params, opt_state, batch))
   compile_seconds = time.perf_counter() - t0
   read = verify_lib.read_compiled(compiled, mesh_shape, profile)
   row = _row("maxtext rules", None, read.figures, None, profile,
@@ -260,11 +260,6 @@ def run_case(case: Case) -> dict:
          "profile": setting.profile, "devices": setting.devices, "example": kwargs, "rows": []}
   started = time.perf_counter()
   out["rows"].append(_planned_row("plan", ex, tx, setting, profile, "auto", setting.devices))
-  if out["rows"][0].get("remat", "none") != "none":
-    # XLA:CPU undoes rematerialisation (it CSEs the recomputed forward away), so a remat plan's
-    # memory cannot be checked here: also keep the best plan that does without it.
-    out["rows"].append(_planned_row("plan, no remat", ex, tx, setting, profile, "auto",
-                                    setting.devices, remat="none"))
   for strategy in BASELINES:
     out["rows"].append(_planned_row(strategy, ex, tx, setting, profile, strategy,
                                     setting.devices))
@@ -294,8 +289,6 @@ def summarise(out: dict) -> dict:
   else:
     out["best_baseline"], out["plan_vs_best"] = None, None
   out["plan_fits"] = bool(plan and plan["fits_compiled"])
-  no_remat = next((r for r in rows if r["name"] == "plan, no remat"), None)
-  out["plan_no_remat_fits"] = bool(no_remat and no_remat["fits_compiled"])
   return out
 
 
@@ -423,11 +416,8 @@ def summary_lines(cases: list[dict]) -> list[str]:
                f"{len(ratios)}; at least 10% faster in {sum(r <= 0.9 for r in ratios)}.")
   if no_baseline:
     fitted = [c["case"] for c in cases if c["case"] in no_baseline and c["plan_fits"]]
-    no_remat = [c["case"] for c in cases if c["case"] in no_baseline
-                and c.get("plan_no_remat_fits")]
     out.append(f"- no baseline fits in {', '.join(no_baseline)}; compiled memory confirms the "
-               f"plan fits in {', '.join(fitted) or 'none of them'}; the best plan without "
-               f"remat (checkable on XLA:CPU) fits in {', '.join(no_remat) or 'none of them'}.")
+               f"plan fits in {', '.join(fitted) or 'none of them'}.")
   return out
 
 

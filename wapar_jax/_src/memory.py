@@ -18,6 +18,12 @@ import numpy as np
 DATA_BATCH, DATA_WEIGHT, DATA_NONE = 0, 1, 2
 # Non-elementwise kernels that still fuse their elementwise producers (reduce fusions).
 _FUSING_KERNELS = ("reduce_", "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin")
+# Elementwise ops XLA's fusion will not duplicate into several consumers (its IsExpensive).
+_EXPENSIVE = frozenset({"exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic", "erf", "erfc",
+                        "erf_inv", "pow", "sqrt", "rsqrt", "cbrt", "atan2"})
+# Kernels XLA runs in place on their first operand.
+_IN_PLACE = frozenset({"scatter", "scatter-add", "scatter-sub", "scatter-mul", "scatter-min",
+                       "scatter-max", "dynamic_update_slice"})
 LAYOUT_PRIMITIVES = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims",
                                "transpose", "convert_element_type", "iota", "copy", "copy_p"})
 
@@ -29,19 +35,31 @@ def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
   reshape, transpose, convert) are bitcasts or fused into every consumer, so never. An
   elementwise result is fused into its elementwise consumers and into reductions, recomputed
   where it is needed, but a kernel that cannot fuse its producers (a dot, a convolution, a
-  gather) reads it from memory, so it is written out.
+  gather) reads it from memory, so it is written out. So is an expensive elementwise result
+  (exp, tanh, ...) read by more than one op: XLA does not duplicate expensive producers into
+  several kernels (a GELU's tanh is kept for the backward pass, not recomputed there).
   """
   n = traced.num_vars
   made_by_fusible = np.zeros(n, dtype=bool)
   layout = np.zeros(n, dtype=bool)
   read_by_kernel = np.zeros(n, dtype=bool)
+  expensive = np.zeros(n, dtype=bool)
+  read_by_reduction = np.zeros(n, dtype=bool)
+  readers = np.zeros(n, dtype=np.int64)
   for op in traced.ops:
     outs = list(op.out_vars)
     made_by_fusible[outs] = op.fusible
     layout[outs] = op.primitive in LAYOUT_PRIMITIVES
-    if not op.fusible and not op.primitive.startswith(_FUSING_KERNELS):
-      read_by_kernel[[v for v in op.in_vars if v >= 0]] = True
-  kept = ~layout & (~made_by_fusible | read_by_kernel)
+    expensive[outs] = op.primitive in _EXPENSIVE
+    ins = list({v for v in op.in_vars if v >= 0})
+    readers[ins] += 1
+    if op.primitive.startswith(_FUSING_KERNELS):
+      read_by_reduction[ins] = True
+    elif not op.fusible:
+      read_by_kernel[ins] = True
+  shared = readers > 1
+  kept = ~layout & (~made_by_fusible | read_by_kernel
+                    | (shared & (expensive | read_by_reduction)))
   # A value recomputed where it is read keeps its own inputs alive until then.
   last_use = traced.last_use.copy()
   for op in reversed(traced.ops):
@@ -51,7 +69,37 @@ def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
       for v in op.in_vars:
         if v >= 0 and last_use[v] < until:
           last_use[v] = until
+  _share_dying_buffers(traced, kept, last_use)
   return kept, last_use
+
+
+def _share_dying_buffers(traced, kept: np.ndarray, last_use: np.ndarray) -> None:
+  """An elementwise kernel or an in-place update writes into a same-size buffer it reads last.
+
+  XLA's buffer assignment lets such a kernel's output take over an operand buffer that dies
+  there, so the two are never live together: the dying operand is freed one op earlier. The
+  operand may be read through the fusion (its last use was moved here above). Measured on
+  GPT-2's loss gradient: logits, their scatter-added gradient and the sum of both are two
+  buffers in the compiled step, not three.
+  """
+  nbytes = np.array([np.prod(s, dtype=np.float64) * i
+                     for s, i in zip(traced.var_shape, traced.var_itemsize)])
+  temporaries = kept & (traced.def_pos >= 0)
+  dying: dict[int, list[int]] = {}
+  for v in np.flatnonzero(temporaries):
+    dying.setdefault(int(last_use[v]), []).append(int(v))
+  for op in traced.ops:
+    if not (op.fusible or op.primitive in _IN_PLACE):
+      continue
+    candidates = dying.get(op.index, [])
+    for out in op.out_vars:
+      if not kept[out]:
+        continue
+      for v in candidates:
+        if nbytes[v] == nbytes[out] and traced.def_pos[v] < op.index:
+          last_use[v] = op.index - 1
+          candidates.remove(v)
+          break
 
 
 def liveness_curves(def_pos, last_use, nbytes, data_cat, on_model, num_ops) -> np.ndarray:

@@ -37,6 +37,10 @@ from wapar_jax._src.profiles import DeviceProfile, load_profile
 DEFAULT_TIMEOUT_S = 300.0
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # Opcodes as XLA prints them -> the kind used here (and, via _COST_KIND, by cost.py's formulas).
+# XLA:CPU expands optimization barriers before its CSE pass, which merges a rematerialised
+# forward pass back into the original one; GPU and TPU compile with the barriers in place.
+# Keeping the pass off makes the CPU module rematerialise as the target does (same results).
+TARGET_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 _OPCODES = {"all-reduce": "all-reduce", "all-gather": "all-gather",
             "reduce-scatter": "reduce-scatter", "all-to-all": "all-to-all",
             "ragged-all-to-all": "all-to-all", "collective-permute": "collective-permute",
@@ -1142,6 +1146,11 @@ def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: fl
       notes=step.notes, comm_time_as_emitted=step.comm_time_as_emitted)
 
 
+def compile_like_target(lowered):
+  """Compiles a lowered step as a GPU/TPU compiler would treat its remat (see above)."""
+  return lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
+
+
 def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
   import jax
   from wapar_jax._src.step import abstract
@@ -1152,7 +1161,7 @@ def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
   batch = abstract(plan.abstract_batch if batch is None else batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, batch).compile()
+  compiled = compile_like_target(step.lower(params, opt_state, batch))
   return compiled, time.perf_counter() - t0
 
 

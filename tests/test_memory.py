@@ -1,0 +1,51 @@
+"""Which values the memory model writes out, and which buffers it lets a kernel reuse."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from wapar_jax._src import memory
+from wapar_jax._src.trace import trace_train_step
+
+PARAMS = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+BATCH = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+
+
+def _outputs_of(traced, primitive):
+  return [v for op in traced.ops if op.primitive == primitive for v in op.out_vars]
+
+
+def _traced(loss_fn):
+  return trace_train_step(loss_fn, PARAMS, BATCH, optax.sgd(0.1))[0]
+
+
+def test_an_expensive_value_read_twice_is_written_out():
+  # tanh's output is read by the forward sum and by its own derivative in the backward pass:
+  # XLA does not duplicate the tanh into both kernels.
+  traced = _traced(lambda p, x: jnp.sum(jnp.tanh(x @ p["w"])))
+  kept, _ = memory.materialised(traced)
+  assert all(kept[v] for v in _outputs_of(traced, "tanh"))
+
+
+def test_a_cheap_value_read_once_is_fused():
+  traced = _traced(lambda p, x: jnp.sum((x @ p["w"]) * 2.0 + 1.0))
+  kept, _ = memory.materialised(traced)
+  assert not any(kept[v] for v in _outputs_of(traced, "add"))
+
+
+def test_an_elementwise_kernel_reuses_a_same_size_operand_that_dies_there():
+  def loss(p, x):
+    a = x @ p["w"]
+    b = x @ p["w"].T
+    c = jnp.sin(a) + b  # written out: the next dot reads it
+    return jnp.sum(c @ p["w"])
+
+  traced = _traced(loss)
+  kept, last_use = memory.materialised(traced)
+  (c,) = [v for v in _outputs_of(traced, "add") if kept[v]][:1]
+  writer = int(traced.def_pos[c])
+  # b's last reader is the add, which takes over its buffer: b is freed one op earlier, so
+  # b and c are never live together.
+  b = [v for v in _outputs_of(traced, "dot_general") if traced.def_pos[v] < writer][1]
+  assert traced.last_use[b] == writer
+  assert last_use[b] == writer - 1
