@@ -530,7 +530,11 @@ class _Builder:
         self.union_vars(inner, ovid, 0, 1)
         self.loop_dims.append(self.dim(ovid, 0))
       self.last_use[inner] = max(self.last_use[inner], end)
-    self.close_region(eqn, env, outer_in, outer_out)
+    # The loop state is one set of buffers, updated in place: the initial carry becomes it
+    # (so it is not kept alive through the loop) and the final carry is it, bound outside
+    # only once the loop ends.
+    self.after_loop(outer_out[:n_carry], end)
+    self.close_region(eqn, env, outer_in[:n_consts] + outer_in[n_consts + n_carry:], outer_out)
 
   def while_loop(self, eqn, env, mult, branch):
     p = eqn.params
@@ -559,7 +563,13 @@ class _Builder:
       self.union_vars(self.inner_out(sub, iv), inner)
     cond, csub = self.sub_env(p["cond_jaxpr"], cond_consts + inner_carry)
     self.walk(cond, csub, mult * (trips + 1), branch)
-    self.close_region(eqn, env, outer_in + inner_carry, outer_out)
+    self.after_loop(outer_out, len(self.ops) - 1)  # as for scan: the carry is the loop state
+    self.close_region(eqn, env, cond_consts + body_consts + inner_carry, outer_out)
+
+  def after_loop(self, carry_out, end):
+    for vid in carry_out:
+      self.def_pos[vid] = end + 1
+      self.last_use[vid] = max(self.last_use[vid], end + 1)
 
   def cond(self, eqn, env, mult):
     outer_in = [self.read(env, v) for v in eqn.invars[1:]]
