@@ -146,14 +146,13 @@ def _row(name: str, plan, figures: verify_lib.Figures, predicted, profile, extra
   return row
 
 
-def _planned_row(name, ex, tx, setting: Setting, profile, strategy, devices,
-                 remat: str | None = None) -> dict:
+def _planned_row(name, ex, tx, setting: Setting, profile, strategy, devices) -> dict:
   forced = strategy != "auto"
   t0 = time.perf_counter()
   try:
     plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=devices,
                     profile=_unbounded(profile) if forced else profile, strategy=strategy,
-                    all_devices=forced, remat="none" if forced else remat,
+                    all_devices=forced, remat="none" if forced else None,
                     microbatches=1 if forced else None)
   except wap.WaparError as e:
     return {"name": name, "error": f"{type(e).__name__}: {e}"}

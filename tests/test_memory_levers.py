@@ -87,6 +87,7 @@ def test_planner_accumulates_when_memory_forces_it():
   assert plan.predicted.peak_memory <= budget
   assert "memory decided this plan" in plan.memory_decision
   assert "activations" in plan.memory_decision
+  assert plan.memory_decision in plan.explain()
   assert _compiled_peak(plan, ex) < _compiled_peak(roomy, ex)
 
 

@@ -224,9 +224,11 @@ def _sections(plan, top: int) -> list[_Section]:
       f"(batch {batch}, {plan.num_devices} devices).",
   )
   remat, micro = getattr(c, "remat", "none"), getattr(c, "microbatches", 1)
-  if remat != "none" or micro > 1:
-    notes += (f"to fit memory the step runs with remat={remat!r} and {micro} micro-batch(es) "
-              "of gradient accumulation.",)
+  if plan.memory_decision:  # names the memory term that ruled out the fastest option
+    notes += (plan.memory_decision,)
+  elif remat != "none" or micro > 1:
+    notes += (f"the step runs with remat={remat!r} and {micro} micro-batch(es) of gradient "
+              "accumulation.",)
   sections.append(_Section("predicted step, per device", notes))
   total = sum(v for _, v in d.memory) or 1.0
   dominant = max(d.memory, key=lambda kv: kv[1])

@@ -36,11 +36,11 @@ from wapar_jax._src.profiles import DeviceProfile, load_profile
 # A child compile of GPT-2 small takes ~10 s including jax start-up; this bounds a hung child.
 DEFAULT_TIMEOUT_S = 300.0
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-# Opcodes as XLA prints them -> the kind used here (and, via _COST_KIND, by cost.py's formulas).
 # XLA:CPU expands optimization barriers before its CSE pass, which merges a rematerialised
 # forward pass back into the original one; GPU and TPU compile with the barriers in place.
 # Keeping the pass off makes the CPU module rematerialise as the target does (same results).
 TARGET_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+# Opcodes as XLA prints them -> the kind used here (and, via _COST_KIND, by cost.py's formulas).
 _OPCODES = {"all-reduce": "all-reduce", "all-gather": "all-gather",
             "reduce-scatter": "reduce-scatter", "all-to-all": "all-to-all",
             "ragged-all-to-all": "all-to-all", "collective-permute": "collective-permute",
