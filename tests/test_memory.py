@@ -19,12 +19,30 @@ def _traced(loss_fn):
   return trace_train_step(loss_fn, PARAMS, BATCH, optax.sgd(0.1))[0]
 
 
-def test_a_value_read_twice_is_written_out():
-  # tanh's output is read by the forward sum and by its own derivative in the backward pass:
-  # XLA does not duplicate the tanh into both kernels, and recomputing it would keep its input.
-  traced = _traced(lambda p, x: jnp.sum(jnp.tanh(x @ p["w"])))
+def _deep(p, h):
+  for _ in range(8):  # layers between a value and its reads in the backward pass
+    h = jnp.sin(h @ p["w"])
+  return jnp.sum(h)
+
+
+def test_a_value_read_again_in_the_backward_pass_is_written_out():
+  # tanh's output is read by the next layer and, much later, by its own derivative: XLA keeps
+  # it rather than recompute the tanh there.
+  traced = _traced(lambda p, x: _deep(p, jnp.tanh(x @ p["w"])))
   kept, _ = memory.materialised(traced)
   assert all(kept[v] for v in _outputs_of(traced, "tanh"))
+
+
+def test_a_value_read_only_by_its_neighbours_is_fused():
+  # Like a batch norm's output feeding a ReLU and the ReLU's mask: both readers follow it.
+  def loss(p, x):
+    y = (x @ p["w"]) * 2.0 + 1.0
+    return _deep(p, jnp.maximum(y, 0.0) + (y > 0))
+
+  traced = _traced(loss)
+  kept, _ = memory.materialised(traced)
+  (y,) = [v for v in _outputs_of(traced, "add") if traced.var_shape[v] == (32, 64)][:1]
+  assert not kept[y]
 
 
 def test_a_cheap_value_read_once_is_fused():
