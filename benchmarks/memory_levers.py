@@ -69,12 +69,16 @@ def main():
   import optax
   import wapar_jax as wap
   from wapar_jax._src import zoo
+  from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
 
   rows = []
   for title, example, overrides, devices, profile in CASES:
     ex = zoo.get_example(example, **overrides)
     device_profile = wap.load_profile(profile)
-    budget = device_profile.memory_bytes * 0.9  # the planner's default headroom
+    # Compiled memory fits within 90% of the device (fragmentation, runtime buffers); the
+    # planner's own budget keeps 15% free, the rest for its memory model's error.
+    fits_at = device_profile.memory_bytes * 0.9
+    budget = device_profile.memory_bytes * (1 - DEFAULT_MEMORY_HEADROOM)
     for label, kwargs in (("dp baseline", {"strategy": "dp", "all_devices": True}),
                           ("planner", {})):
       t0 = time.perf_counter()
@@ -90,16 +94,18 @@ def main():
         plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3),
                         devices=devices, profile=unbounded, remat=c.remat,
                         microbatches=c.microbatches, **kwargs)
-      row = {"case": title, "plan": label, "fits": plan.predicted.peak_memory <= budget,
+      row = {"case": title, "plan": label,
+             "fits": plan.predicted.peak_memory <= budget,
              "strategy": plan.strategy, "mesh": dict(plan.mesh_shape),
              "remat": plan.chosen.remat, "microbatches": plan.chosen.microbatches,
-             "predicted_gib": plan.predicted.peak_memory / 2**30, "budget_gib": budget / 2**30,
+             "predicted_gib": plan.predicted.peak_memory / 2**30,
+             "budget_gib": budget / 2**30, "fits_at_gib": fits_at / 2**30,
              "compiled_gib": None, "planning_s": time.perf_counter() - t0,
              "step_s": plan.predicted.step_time, "notes": notes}
       if not args.no_compile:
         peak, err = compiled_peak(example, overrides, plan, plan.num_devices, args.timeout)
         row["compiled_gib"] = None if peak is None else peak / 2**30
-        row["fits_compiled"] = peak is not None and peak <= budget
+        row["fits_compiled"] = peak is not None and peak <= fits_at
         if err:
           row["notes"] += f" compile failed: {err}"
       rows.append(row)
@@ -110,7 +116,8 @@ def main():
   fmt = lambda x: "-" if x is None else f"{x:.2f}"
   lines = ["# Fitting what data parallelism cannot", "",
            "| case | plan | fits (predicted) | fits (compiled) | strategy | mesh | remat | micro-batches | predicted GiB | "
-           "budget GiB | compiled GiB (XLA:CPU) | step s | planning s | notes |",
+           "planner budget GiB | compiled GiB (XLA:CPU; fits within 90% of the device) | "
+           "step s | planning s | notes |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     fits_compiled = {True: "yes", False: "no"}.get(r.get("fits_compiled"), "-")

@@ -13,6 +13,7 @@ import pytest
 
 import wapar_jax as wap
 from wapar_jax._src import verify, zoo
+from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
 from wapar_jax._src.step import loss_and_grads, make_train_step, repeated_blocks
 
 TX = optax.adamw(1e-3)
@@ -80,7 +81,8 @@ def test_planner_accumulates_when_memory_forces_it():
   assert roomy.chosen.microbatches == 1 and roomy.memory_decision == ""
   # A device with 75% of what the plain data-parallel step needs.
   budget = 0.75 * roomy.predicted.peak_memory
-  tight = dataclasses.replace(cpu, name="tight", memory_bytes=budget / 0.9)
+  tight = dataclasses.replace(cpu, name="tight",
+                              memory_bytes=budget / (1 - DEFAULT_MEMORY_HEADROOM))
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile=tight,
                   strategy="dp", all_devices=True)
   assert plan.chosen.microbatches > 1 or plan.chosen.remat != "none"

@@ -64,11 +64,12 @@ def _optimizer(name: str, lr: float):
 def _make_plan(args):
   import wapar_jax as wap
   loss_fn, params, batch = _workload(args.model, args.batch_size, args.seq_len, args.dtype)
+  headroom = {} if args.memory_headroom is None else {"memory_headroom": args.memory_headroom}
   return wap.plan(loss_fn, params, batch, optimizer=_optimizer(args.optimizer, args.lr),
                   devices=args.devices, profile=args.profile, objective=args.objective,
-                  strategy=args.strategy, memory_headroom=args.memory_headroom,
-                  all_devices=args.all_devices, cache=not args.no_cache,
-                  progress=_progress(args), remat=args.remat, microbatches=args.microbatches)
+                  strategy=args.strategy, all_devices=args.all_devices,
+                  cache=not args.no_cache, progress=_progress(args), remat=args.remat,
+                  microbatches=args.microbatches, **headroom)
 
 
 def _progress(args):
@@ -215,8 +216,9 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
                  choices=("auto", "dp", "zero1", "fsdp", "tp", "dp_tp"),
                  help="auto, or restrict to one family (for baselines)")
   p.add_argument("--all-devices", action="store_true", help="only plans that use every device")
-  p.add_argument("--memory-headroom", type=float, default=0.1,
-                 help="fraction of device memory kept free (default 0.1)")
+  p.add_argument("--memory-headroom", type=float,
+                 help="fraction of device memory kept free (default: wap.plan's, for "
+                      "fragmentation, runtime buffers and the memory model's error)")
   p.add_argument("--remat", choices=("none", "layers", "layers_dots"),
                  help="force per-layer rematerialisation (default: searched when memory decides)")
   p.add_argument("--microbatches", type=int,
