@@ -67,3 +67,13 @@ def test_an_elementwise_kernel_reuses_a_same_size_operand_that_dies_there():
   b = [v for v in _outputs_of(traced, "dot_general") if traced.def_pos[v] < writer][1]
   assert traced.last_use[b] == writer
   assert last_use[b] == writer - 1
+
+
+def test_a_value_a_kernel_reads_through_a_reshape_is_written_out():
+  def loss(p, x):
+    h = jnp.sin(x @ p["w"]).reshape(32, 8, 8).reshape(32, 64)  # bitcasts, as Dense inputs get
+    return jnp.sum(h @ p["w"])
+
+  traced = _traced(loss)
+  kept, _ = memory.materialised(traced)
+  assert all(kept[v] for v in _outputs_of(traced, "sin"))

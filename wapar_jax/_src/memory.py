@@ -37,7 +37,7 @@ def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
   recomputed there, and so is one whose readers all follow it closely (XLA duplicates a cheap
   producer into neighbouring kernels: a batch norm's output feeding both the ReLU and its
   mask). One read by a kernel that cannot fuse its producers (a dot, a convolution, a gather),
-  or read again much later, is written out. Measured on compiled GPT-2 / BERT / GPT-1.3B /
+  directly or through a reshape / transpose / copy, or read again much later, is written out. Measured on compiled GPT-2 / BERT / GPT-1.3B /
   ResNet-50 steps: a LayerNorm's centred and normalised input, a GELU's tanh, the attention
   softmax and a batch norm's centred input are kept for the backward pass, not recomputed.
   """
@@ -54,6 +54,10 @@ def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
     readers[ins] += 1
     if not op.fusible and not op.primitive.startswith(_FUSING_KERNELS):
       read_by_kernel[ins] = True
+  # A kernel reading a reshape / transpose / copy reads its operand's buffer.
+  for op in reversed(traced.ops):
+    if op.primitive in LAYOUT_PRIMITIVES and read_by_kernel[list(op.out_vars)].any():
+      read_by_kernel[[v for v in op.in_vars if v >= 0]] = True
   read_again_later = (readers > 1) & (traced.last_use - traced.def_pos > _LOCAL_READS)
   kept = ~layout & (~made_by_fusible | read_by_kernel | read_again_later)
   # A value recomputed where it is read keeps its own inputs alive until then.
