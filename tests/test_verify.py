@@ -316,3 +316,14 @@ def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_redu
   grads = [coll("all-reduce", 100 * mib, 1, scattered=100 * mib)]
   assert verify_lib.target_comm_time(grads, profile) == pytest.approx(
       4 * one("reduce-scatter", 25 * mib))
+
+
+def test_cpu_expanded_max_pool_gradients_are_noted():
+  import flax.linen as nn
+  x = jax.ShapeDtypeStruct((8, 32, 32, 16), jnp.float32)
+  pooled = jax.jit(jax.grad(lambda x: jnp.sum(nn.max_pool(x, (3, 3), (2, 2)) ** 2)))
+  plain = jax.jit(jax.grad(lambda x: jnp.sum(nn.avg_pool(x, (3, 3), (2, 2)) ** 2)))
+  profile = load_profile("h100-sxm")
+  read = lambda f: verify_lib.read_compiled(f.lower(x).compile(), {}, profile).notes
+  assert any("max-pool gradient" in n for n in read(pooled))
+  assert not any("max-pool gradient" in n for n in read(plain))

@@ -1075,6 +1075,17 @@ def _memory(compiled) -> tuple[MemoryBreakdown, list[str]]:
                          get("alias_size_in_bytes"), get("temp_size_in_bytes")), []
 
 
+def _cpu_only_buffers(module: HloModule) -> list[str]:
+  """Notes on buffers XLA:CPU allocates where a GPU compile would not."""
+  pooling = sum(1 for instrs in module.computations.values() for i in instrs
+                if i.opcode == "scatter" and "select_and_scatter" in i.rest)
+  if not pooling:
+    return []
+  return [f"XLA:CPU expanded {pooling} max-pool gradient(s) (select-and-scatter) into scatters "
+          "over s32 index arrays; GPU XLA emits select-and-scatter itself, so the compiled peak "
+          "here includes buffers a GPU compile does not allocate."]
+
+
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
   """What a compiled step costs per device, read from the module and priced on a profile.
@@ -1121,7 +1132,7 @@ def read_compiled(compiled, mesh_shape: Mapping[str, int],
   added = loop_flops_added(module, mult, once)
   found = collectives(text, mesh_shape, profile, module, mult, notes)
   memory, mem_notes = _memory(compiled)
-  notes += mem_notes
+  notes += mem_notes + _cpu_only_buffers(module)
   comm_time = target_comm_time(found, profile)
   compute_time = kernel_seconds(module, mult, profile)
   figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found), comm_time,
