@@ -1,9 +1,10 @@
 """Models that do not fit with data parallelism: what the planner does instead, checked by XLA.
 
 For each case the planner runs twice: the data-parallel baseline (`strategy="dp"`, every
-device; where none fits, its closest option) and the free search. Each chosen step is then compiled for its mesh on virtual CPU
-devices (in a child process with enough devices) and the compiled module's memory
-(arguments + temporaries + outputs - aliases) is put next to the prediction.
+device; where none fits, its closest option) and the free search. Each chosen step is then
+compiled for its mesh on virtual CPU devices (in a child process with enough devices) and the
+compiled module's memory (arguments + temporaries + outputs - aliases) is put next to the
+prediction.
 
 The compile keeps XLA:CPU from expanding optimization barriers before CSE (as GPU and TPU
 compilers do), so a remat plan's compiled memory includes its remat saving.
@@ -115,8 +116,8 @@ def main():
   (RESULTS / "memory_levers.json").write_text(json.dumps(rows, indent=1))
   fmt = lambda x: "-" if x is None else f"{x:.2f}"
   lines = ["# Fitting what data parallelism cannot", "",
-           "| case | plan | fits (predicted) | fits (compiled) | strategy | mesh | remat | micro-batches | predicted GiB | "
-           "planner budget GiB | compiled GiB (XLA:CPU; fits within 90% of the device) | "
+           "| case | plan | fits (predicted) | fits (compiled) | strategy | mesh | remat | "
+           "micro-batches | predicted GiB | planner budget GiB | compiled GiB (XLA:CPU; fits within 90% of the device) | "
            "step s | planning s | notes |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -19,7 +19,7 @@ DATA_BATCH, DATA_WEIGHT, DATA_NONE = 0, 1, 2
 # Non-elementwise kernels that still fuse their elementwise producers (reduce fusions).
 _FUSING_KERNELS = ("reduce_", "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin")
 # Readers within this many equations of a value count as its neighbours (results measured on
-# the suite's 127 rows are the same for any window from 4 to 64).
+# the suite's 126 rows are the same for any window from 4 to 64).
 _LOCAL_READS = 16
 # Kernels XLA runs in place on their first operand.
 _IN_PLACE = frozenset({"scatter", "scatter-add", "scatter-sub", "scatter-mul", "scatter-min",
@@ -37,9 +37,10 @@ def materialised(traced) -> tuple[np.ndarray, np.ndarray]:
   recomputed there, and so is one whose readers all follow it closely (XLA duplicates a cheap
   producer into neighbouring kernels: a batch norm's output feeding both the ReLU and its
   mask). One read by a kernel that cannot fuse its producers (a dot, a convolution, a gather),
-  directly or through a reshape / transpose / copy, or read again much later, is written out. Measured on compiled GPT-2 / BERT / GPT-1.3B /
-  ResNet-50 steps: a LayerNorm's centred and normalised input, a GELU's tanh, the attention
-  softmax and a batch norm's centred input are kept for the backward pass, not recomputed.
+  directly or through a reshape / transpose / copy, or read again much later, is written out.
+  Measured on compiled GPT-2 / BERT / ViT / GPT-1.3B / ResNet-50 steps: a LayerNorm's centred
+  and normalised input, a GELU's tanh, the attention softmax and a batch norm's centred input
+  are kept for the backward pass, not recomputed.
   """
   n = traced.num_vars
   made_by_fusible = np.zeros(n, dtype=bool)
