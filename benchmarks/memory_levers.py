@@ -117,8 +117,8 @@ def main():
   fmt = lambda x: "-" if x is None else f"{x:.2f}"
   lines = ["# Fitting what data parallelism cannot", "",
            "| case | plan | fits (predicted) | fits (compiled) | strategy | mesh | remat | "
-           "micro-batches | predicted GiB | planner budget GiB | compiled GiB (XLA:CPU; fits within 90% of the device) | "
-           "step s | planning s | notes |",
+           "micro-batches | predicted GiB | planner budget GiB | "
+           "compiled GiB (XLA:CPU; fits within 90% of the device) | step s | planning s | notes |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     fits_compiled = {True: "yes", False: "no"}.get(r.get("fits_compiled"), "-")
