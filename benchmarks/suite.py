@@ -281,7 +281,7 @@ def summarise(out: dict) -> dict:
   out["kendall_tau"] = kendall_tau([r["predicted"]["step_time"] for r in priced],
                                    [r["compiled"]["step_time"] for r in priced])
   plan = next((r for r in rows if r["name"] == "plan"), None)
-  fitting = [r for r in rows if not r["name"].startswith("plan") and r["fits_compiled"]]
+  fitting = [r for r in rows if r["name"] != "plan" and r["fits_compiled"]]
   out["baselines_fit"] = len(fitting)
   if plan is not None and fitting:
     best = min(fitting, key=lambda r: r["compiled"]["step_time"])
@@ -436,7 +436,7 @@ def plots(cases: list[dict], out: Path) -> list[Path]:
                               (axes[1], "peak_memory", "peak memory (bytes)")):
       x = [r["compiled"][figure] for _, r in rows]
       y = [r["predicted"][figure] for _, r in rows]
-      colors = ["tab:red" if r["name"].startswith("plan") else "tab:blue" for _, r in rows]
+      colors = ["tab:red" if r["name"] == "plan" else "tab:blue" for _, r in rows]
       ax.scatter(x, y, c=colors, s=14)
       lo, hi = min(x + y), max(x + y)
       ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import wapar_jax as wap
-from wapar_jax._src import verify, zoo
+from wapar_jax._src import zoo
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
 from wapar_jax._src.step import loss_and_grads, make_train_step, repeated_blocks
 
@@ -65,12 +65,10 @@ def test_emitted_step_with_levers_matches_single_device():
   np.testing.assert_allclose(losses, ref, rtol=1e-4)
 
 
-def _compiled_peak(plan, ex):
-  opt_state = jax.eval_shape(TX.init, ex.params)
-  compiled = verify.compile_like_target(plan.train_step().lower(ex.params, opt_state, ex.batch))
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-          - m.alias_size_in_bytes)
+def _compiled_peak(plan):
+  # The plan may carry a made-up profile; memory does not depend on the one verify prices with.
+  devices = jax.devices()[:plan.num_devices]
+  return plan.verify(devices=devices, profile="cpu").compiled.peak_memory
 
 
 def test_planner_accumulates_when_memory_forces_it():
@@ -90,7 +88,7 @@ def test_planner_accumulates_when_memory_forces_it():
   assert "memory decided this plan" in plan.memory_decision
   assert "activations" in plan.memory_decision
   assert plan.memory_decision in plan.explain()
-  assert _compiled_peak(plan, ex) < _compiled_peak(roomy, ex)
+  assert _compiled_peak(plan) < _compiled_peak(roomy)
 
 
 def test_bad_lever_arguments_are_named_errors():

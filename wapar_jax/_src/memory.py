@@ -83,8 +83,7 @@ def _share_dying_buffers(traced, kept: np.ndarray, last_use: np.ndarray) -> None
   GPT-2's loss gradient: logits, their scatter-added gradient and the sum of both are two
   buffers in the compiled step, not three.
   """
-  nbytes = np.array([np.prod(s, dtype=np.float64) * i
-                     for s, i in zip(traced.var_shape, traced.var_itemsize)])
+  nbytes = traced.var_bytes()
   temporaries = kept & (traced.def_pos >= 0)
   dying: dict[int, list[int]] = {}
   for v in np.flatnonzero(temporaries):

@@ -207,7 +207,7 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   nv = traced.num_vars
   var_group = np.zeros((nv, num_groups), dtype=bool)
   var_batch = np.zeros(nv, dtype=bool)
-  var_bytes = np.zeros(nv)
+  var_bytes = traced.var_bytes()
   self_paired, conflicts = set(), np.zeros((num_groups, num_groups), dtype=bool)
   # As a multiset: a weight gradient computed transposed (dW^T = dy^T x, then a transpose, as
   # jax differentiates a Dense layer fed by a reshape) is still weight-shaped.
@@ -215,7 +215,6 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   var_weight = np.zeros(nv, dtype=bool)
   for v in range(nv):
     cls = v_classes[v]
-    var_bytes[v] = math.prod(traced.var_shape[v]) * traced.var_itemsize[v]
     gs = [class_group[c] for c in cls if c in class_group]
     var_group[v, gs] = True
     if len(gs) != len(set(gs)):

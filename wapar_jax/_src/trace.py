@@ -119,6 +119,11 @@ class TracedStep:
   def num_vars(self) -> int:
     return len(self.var_shape)
 
+  def var_bytes(self) -> np.ndarray:
+    """Bytes of every variable (unsharded), as float64."""
+    return np.array([math.prod(shape) * itemsize
+                     for shape, itemsize in zip(self.var_shape, self.var_itemsize)], dtype=float)
+
 
 class _UnionFind:
 
