@@ -8,6 +8,10 @@ benchmarks/results/timing_<platform>.{json,md}.
 
     python benchmarks/timing.py --calibrate              # calibrate, then compare
     python benchmarks/timing.py --profile my-machine.json
+    python benchmarks/timing.py --calibrate --datasheet h200   # the built-in profile too
+
+With `--datasheet NAME` each point is also predicted with that built-in (datasheet) profile,
+against the same measurement: how far planning with no calibration is off on this machine.
 
 Targets: median absolute relative error <= 25%, Spearman rank correlation >= 0.9.
 """
@@ -86,34 +90,52 @@ def spearman(a, b) -> float:
   return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def run(profile, points, dtype):
+def _predicted_step(ex, optimizer, profile):
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optimizer, devices=1,
+                  profile=profile)
+  return plan.predicted.step_time, plan.predicted.flops
+
+
+def run(profile, points, dtype, datasheet=None, max_seconds=None):
   optimizer = optax.adamw(1e-3)
   rows = []
+  started = time.perf_counter()
   for name, batch_size, seq_len in points:
+    if max_seconds is not None and time.perf_counter() - started > max_seconds:
+      print(f"--max-seconds {max_seconds:.0f} spent: {name} b{batch_size} and later points "
+            "not measured", flush=True)
+      break
     ex = zoo.get_example(name, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optimizer, devices=1,
-                    profile=profile)
+    predicted, flops = _predicted_step(ex, optimizer, profile)
     measured, repeats = measure_step(ex, optimizer)
-    predicted = plan.predicted.step_time
-    rows.append({"model": name, "batch": batch_size, "seq_len": seq_len, "dtype": dtype,
-                 "predicted_ms": predicted * 1e3, "measured_ms": measured * 1e3,
-                 "error": predicted / measured - 1, "repeats": repeats,
-                 "gflop": plan.predicted.flops / 1e9})
-    print(f"{name:14s} b{batch_size:<4d} t{seq_len or '-':<5} predicted "
-          f"{predicted * 1e3:9.2f} ms  measured {measured * 1e3:9.2f} ms  "
-          f"error {rows[-1]['error']:+.0%}", flush=True)
+    row = {"model": name, "batch": batch_size, "seq_len": seq_len, "dtype": dtype,
+           "predicted_ms": predicted * 1e3, "measured_ms": measured * 1e3,
+           "error": predicted / measured - 1, "repeats": repeats, "gflop": flops / 1e9}
+    line = (f"{name:14s} b{batch_size:<4d} t{seq_len or '-':<5} predicted "
+            f"{predicted * 1e3:9.2f} ms  measured {measured * 1e3:9.2f} ms  "
+            f"error {row['error']:+.0%}")
+    if datasheet is not None:
+      sheet, _ = _predicted_step(ex, optimizer, datasheet)
+      row.update(datasheet_predicted_ms=sheet * 1e3, datasheet_error=sheet / measured - 1)
+      line += f"  ({datasheet.name}: {row['datasheet_error']:+.0%})"
+    rows.append(row)
+    print(line, flush=True)
   return rows
 
 
-def write(rows, profile, platform_name, calibration_seconds):
-  errors = np.array([r["error"] for r in rows])
-  summary = {
-      "median_abs_error": float(np.median(np.abs(errors))),
-      "spearman": spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
-      "points": len(rows),
-  }
+def _accuracy(rows, predicted_key: str, error_key: str) -> dict:
+  return {"median_abs_error": float(np.median(np.abs([r[error_key] for r in rows]))),
+          "spearman": spearman([r[predicted_key] for r in rows],
+                               [r["measured_ms"] for r in rows])}
+
+
+def write(rows, profile, platform_name, calibration_seconds, datasheet=None):
+  summary = {**_accuracy(rows, "predicted_ms", "error"), "points": len(rows)}
   summary["targets_met"] = (summary["median_abs_error"] <= TARGETS["median_abs_error"] and
                             summary["spearman"] >= TARGETS["spearman"])
+  if datasheet is not None:
+    summary["datasheet"] = {"profile": datasheet.name,
+                            **_accuracy(rows, "datasheet_predicted_ms", "datasheet_error")}
   device = jax.devices()[0]
   meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
           "device": (device.device_kind if device.device_kind == device.platform else
@@ -136,17 +158,25 @@ def write(rows, profile, platform_name, calibration_seconds):
       f"{profile.memory_bandwidth / 1e9:.2f} GB/s, kernel overhead "
       f"{profile.kernel_overhead * 1e6:.2f} us). Measured: minimum over repeats of the warm, "
       f"jitted AdamW step. Error = predicted / measured - 1.", "",
-      "| model | batch | seq | dtype | GFLOP | predicted ms | measured ms | error |",
-      "|---|---|---|---|---|---|---|---|",
+      "| model | batch | seq | dtype | GFLOP | predicted ms | measured ms | error |"
+      + (f" `{datasheet.name}` ms | error |" if datasheet else ""),
+      "|---|---|---|---|---|---|---|---|" + ("---|---|" if datasheet else ""),
   ]
   for r in rows:
     lines.append(f"| {r['model']} | {r['batch']} | {r['seq_len'] or '-'} | {r['dtype']} | "
                  f"{r['gflop']:.3g} | {r['predicted_ms']:.3g} | {r['measured_ms']:.3g} | "
-                 f"{r['error']:+.0%} |")
+                 f"{r['error']:+.0%} |"
+                 + (f" {r['datasheet_predicted_ms']:.3g} | {r['datasheet_error']:+.0%} |"
+                    if datasheet else ""))
   lines += ["", f"Median absolute error {summary['median_abs_error']:.1%} (target <= "
             f"{TARGETS['median_abs_error']:.0%}), Spearman {summary['spearman']:.3f} (target >= "
             f"{TARGETS['spearman']}), {len(rows)} points: targets "
             f"{'met' if summary['targets_met'] else 'NOT met'}.", ""]
+  if datasheet is not None:
+    d = summary["datasheet"]
+    lines += [f"With the built-in datasheet profile `{datasheet.name}` instead (no calibration): "
+              f"median absolute error {d['median_abs_error']:.1%}, Spearman "
+              f"{d['spearman']:.3f}.", ""]
   stem.with_suffix(".md").write_text("\n".join(lines))
   return summary
 
@@ -157,7 +187,10 @@ def main(argv=None) -> int:
   what.add_argument("--calibrate", action="store_true",
                     help="calibrate jax.devices()[0] first (profile saved next to the results)")
   what.add_argument("--profile", help="a calibrated profile (name or .json file)")
+  parser.add_argument("--datasheet", help="a built-in profile to predict with as well")
   parser.add_argument("--only", nargs="*", help="model names to keep (default: all points)")
+  parser.add_argument("--max-seconds", type=float,
+                      help="start no new point after this many seconds (results still written)")
   args = parser.parse_args(argv)
   platform_name = jax.devices()[0].platform
   calibration_seconds = None
@@ -172,8 +205,9 @@ def main(argv=None) -> int:
   points = POINTS.get(platform_name, POINTS["gpu"])
   if args.only:
     points = [p for p in points if p[0] in args.only]
-  rows = run(profile, points, DTYPE.get(platform_name, "bfloat16"))
-  summary = write(rows, profile, platform_name, calibration_seconds)
+  datasheet = wap.load_profile(args.datasheet) if args.datasheet else None
+  rows = run(profile, points, DTYPE.get(platform_name, "bfloat16"), datasheet, args.max_seconds)
+  summary = write(rows, profile, platform_name, calibration_seconds, datasheet)
   print(f"median |error| {summary['median_abs_error']:.1%}, Spearman {summary['spearman']:.3f}: "
         f"targets {'met' if summary['targets_met'] else 'NOT met'}")
   return 0 if summary["targets_met"] else 1

@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +162,21 @@ def test_save_profile_is_atomic_and_round_trips(tmp_path, monkeypatch):
   assert replaced and replaced[0][1] == str(path)
   assert sorted(os.listdir(tmp_path)) == ["saved.json"]
   assert profiles.load_profile(path) == profiles.load_profile("tpu-v5e")
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    new = tmp_path / "new.json"
+    profiles.save_profile("cpu", new)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644  # as open() makes it, not mkstemp's 0600
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    kept.chmod(0o640)
+    profiles.save_profile("cpu", kept)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640  # a replaced file keeps its mode
+  finally:
+    os.umask(umask)
 
 
 def test_save_profile_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):

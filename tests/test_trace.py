@@ -12,7 +12,7 @@ from wapar_jax import NonScalarLossError
 from wapar_jax._src import zoo
 from wapar_jax._src.cost import CostCache, step_costs
 from wapar_jax._src.step import make_train_step
-from wapar_jax._src.trace import _reshape_links, trace_train_step
+from wapar_jax._src.trace import _reshape_links, _source, trace_train_step
 
 TX = optax.adamw(1e-3)
 
@@ -158,3 +158,22 @@ def test_rev_needs_only_the_dims_it_reverses_whole():
   assert [d for _, d in rev.gather_dims] == [0, 1]
   for d in (2, 3):
     assert traced.var_classes[source][d] == traced.var_classes[result][d]
+
+
+def test_source_names_the_model_line_not_an_installed_library(tmp_path, monkeypatch):
+  # A layer from an installed library (as flax is in a virtualenv): the hot spot should name
+  # the researcher's line that called it.
+  lib = tmp_path / "site-packages"
+  lib.mkdir()
+  (lib / "fake_layers.py").write_text(
+      "import jax.numpy as jnp\n\ndef dense(w, x):\n  return jnp.tanh(x @ w)\n")
+  monkeypatch.syspath_prepend(str(lib))
+  import fake_layers
+
+  def loss_fn(params, batch):
+    return fake_layers.dense(params["w"], batch["x"]).sum()
+
+  jaxpr = jax.make_jaxpr(loss_fn)({"w": jnp.ones((4, 4))}, {"x": jnp.ones((2, 4))})
+  dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
+  assert _source(dot).startswith(f"{__file__}:")
+  assert _source(dot).endswith(".loss_fn)")

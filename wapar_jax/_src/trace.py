@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import warnings
 from typing import Any
 
@@ -149,10 +151,20 @@ class _UnionFind:
       self.parent[max(ra, rb)] = min(ra, rb)
 
 
+_INSTALLED = re.compile(r"[/\\](site|dist)-packages[/\\]")
+_OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # built-in examples
+
+
 def _source(eqn) -> str:
-  frame = source_info_util.user_frame(eqn.source_info.traceback)
-  if frame is None:
+  """The researcher's line that made `eqn`: the innermost frame outside jax and installed
+  libraries (flax, optax, ...), else the innermost outside jax."""
+  frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+  if not frames:
     return "?"
+  # jax excludes only its own files and the standard library; in a virtualenv, site-packages
+  # lies outside the latter, so a flax layer would be named instead of the model's line.
+  frame = next((f for f in frames if not _INSTALLED.search(f.file_name)
+                or f.file_name.startswith(_OWN_PACKAGE)), frames[0])
   return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 
@@ -407,6 +419,18 @@ def _cost_key(eqn, in_shapes) -> str:
   return f"{eqn.primitive.name}[{params}]({', '.join(ins)})"
 
 
+def _scan_operand_counts(params) -> tuple[int, int]:
+  """(constants, carries) among a scan's operands; the rest are the scanned inputs.
+
+  jax 0.10 names the counts; later versions describe the operands as flat trees instead
+  (and move carries the body leaves unchanged into the constants).
+  """
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  consts, carry, _ = params["ft_in"].unpack()
+  return len(consts), len(carry)
+
+
 def _while_trip_count(eqn) -> int | None:
   """Trip count of a `fori_loop`-shaped while: cond is `i < N` with N a literal, i from 0."""
   cond = eqn.params["cond_jaxpr"].jaxpr
@@ -506,7 +530,7 @@ class _Builder:
   def scan(self, eqn, env, mult, branch):
     p = eqn.params
     closed, length = p["jaxpr"], int(p["length"])
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = _scan_operand_counts(p)
     start = len(self.ops)
     outer_in = [self.read(env, v) for v in eqn.invars]
     outer_out = [self.new_var(v.aval, start) for v in eqn.outvars]

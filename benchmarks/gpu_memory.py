@@ -1,0 +1,261 @@
+"""Predicted peak memory against GPU XLA's compiled memory, for every row of the suite.
+
+The suite compiles each plan and baseline on virtual CPU devices. XLA:CPU partitions like GPU
+XLA but allocates differently in places: it has no select-and-scatter emitter and expands every
+max-pool gradient into a scatter over s32 index arrays, buffers a GPU never allocates. This
+script compiles the same rows with GPU XLA for the rows' real device counts on a machine with a
+single GPU: JAX's mock GPU client (`mock_num_gpu_processes`) presents N devices, one per mocked
+process, that compile an N-device SPMD module (NCCL mocked) and are never run. Each compile is
+a plain `lowered.compile()`, what a GPU user gets (no XLA options, remat barriers as GPU XLA
+treats them).
+
+    python benchmarks/gpu_memory.py prepare               # on CPU: plan every suite row
+    python benchmarks/gpu_memory.py compile --workers 4   # on a GPU machine
+    python benchmarks/gpu_memory.py report                # tables from the compiled parts
+
+`prepare` plans each row as `suite.py` does and keeps the plan (specs, remat, micro-batches),
+its predicted peak and the suite's XLA:CPU peak in `results/gpu_memory_plans.json`, so the GPU
+machine only compiles. `compile` writes `results/gpu_memory_part<k>.jsonl` line by line (a
+run cut short keeps what it compiled); `report` writes `results/gpu_memory.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+PLANS = RESULTS / "gpu_memory_plans.json"
+TARGET = 0.15  # the suite's memory target: |predicted / compiled - 1| <= 15%
+# Cases in the order they are compiled: a run cut short has the CNN rows (the ones XLA:CPU
+# allocates differently) and one case per model family first.
+ORDER = ("alexnet@8xp100", "alexnet@4xtitanxp", "alexnet-b16@4xtitanxp", "vgg16@4xtitanxp",
+         "vgg16@8xp100", "resnet50@8xa100-pcie", "gpt2-small@8xh100", "vit-b16@8xa100-pcie",
+         "bert-large@8xh100", "t5-base@8xh100", "moe-gpt@8xh100", "gpt2-small-scan@8xh100",
+         "gpt-1.3b@4xtitanxp", "gpt2-medium@8xh100", "gpt2-small@8xa100-pcie",
+         "gpt2-large@8xa100-pcie", "gpt-1.3b@8xh100", "gpt2-small@2x8xh100",
+         "gpt2-small@v5e-16", "gpt-7b@8xh100", "gpt-7b@2x8xh100")
+
+
+def prepare(cases: list[str] | None) -> None:
+  sys.path.insert(0, str(HERE))
+  import optax
+  import suite
+  import wapar_jax as wap
+
+  entries = []
+  for case in sorted(suite.CASES, key=lambda c: ORDER.index(c.name) if c.name in ORDER else 99):
+    if cases and case.name not in cases:
+      continue
+    setting = suite.SETTINGS[case.setting]
+    profile = wap.load_profile(setting.profile)
+    ex, kwargs = suite._example(case)
+    tx = optax.adamw(1e-3)
+    cpu = _cpu_peaks(case.name)
+    for strategy in ("auto",) + suite.BASELINES:
+      forced = strategy != "auto"
+      name = strategy if forced else "plan"
+      try:
+        plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=setting.devices,
+                        profile=suite._unbounded(profile) if forced else profile,
+                        strategy=strategy, all_devices=forced, remat="none" if forced else None,
+                        microbatches=1 if forced else None)
+      except wap.WaparError as e:
+        print(f"{case.name:24s} {name:6s} no plan: {e}", flush=True)
+        continue
+      data = json.loads(plan.to_json())
+      data["candidates"] = []  # the compile needs the chosen layout only
+      data.pop("details", None)
+      entries.append({"case": case.name, "row": name, "model": case.model, "example": kwargs,
+                      "plan": data, "predicted_peak": plan.predicted.peak_memory,
+                      "cpu_peak": cpu.get(name)})
+      print(f"{case.name:24s} {name:6s} {plan.strategy:6s} {dict(plan.mesh_shape)} "
+            f"predicted {plan.predicted.peak_memory / 2**30:.2f} GiB", flush=True)
+  RESULTS.mkdir(exist_ok=True)
+  from wapar_jax._src.files import write_text_atomic
+  write_text_atomic(PLANS, json.dumps(entries) + "\n")
+  print(f"{len(entries)} rows -> {PLANS}")
+
+
+def _cpu_peaks(case: str) -> dict:
+  path = RESULTS / "suite_cases" / f"{case}.json"
+  if not path.exists():
+    return {}
+  rows = json.loads(path.read_text())["rows"]
+  return {r["name"]: r["compiled"]["peak_memory"] for r in rows if "compiled" in r}
+
+
+def compile_rows(workers: int, budget_s: float, mock_devices: int, only: list[str]) -> None:
+  """Starts `workers` processes, each with its own mock client, taking every workers-th row."""
+  # Compiles only: no worker takes GPU memory up front, and none autotunes kernels on the GPU
+  # (a timing run may share it); cuBLAS / cuDNN then run their default algorithms.
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+  procs = [subprocess.Popen([sys.executable, __file__, "worker", str(k), str(workers),
+                             str(budget_s), str(mock_devices), *only], env=env)
+           for k in range(workers)]
+  codes = [p.wait() for p in procs]
+  print(f"workers exited {codes}")
+
+
+def worker(index: int, workers: int, budget_s: float, mock_devices: int,
+           only: list[str]) -> None:
+  import jax
+  # Before the backend starts: N mocked processes with one GPU each (this machine's GPU).
+  jax.config.update("mock_num_gpu_processes", mock_devices)
+  import optax
+  from wapar_jax._src import zoo
+  from wapar_jax._src.plan import Plan
+  from wapar_jax._src.step import abstract
+  from wapar_jax._src.verify import _memory
+
+  entries = [e for e in json.loads(PLANS.read_text())
+             if not only or f"{e['case']}:{e['row']}" in only][index::workers]
+  devices = jax.devices()
+  out = RESULTS / f"gpu_memory_part{index}.jsonl"
+  started = time.perf_counter()
+  with open(out, "w") as f:
+    for e in entries:
+      if time.perf_counter() - started > budget_s:
+        print(f"worker {index}: budget spent, {e['case']} {e['row']} and later not compiled")
+        break
+      record = {k: e[k] for k in ("case", "row", "predicted_peak", "cpu_peak")}
+      plan = Plan.from_json(json.dumps(e["plan"]))
+      record.update(mesh=dict(plan.mesh_shape), strategy=plan.strategy,
+                    remat=plan.chosen.remat, microbatches=plan.chosen.microbatches)
+      t0 = time.perf_counter()
+      try:
+        ex = zoo.get_example(e["model"], **e["example"])
+        tx = optax.adamw(1e-3)
+        step = plan.train_step(devices=devices[:plan.num_devices], loss_fn=ex.loss_fn,
+                               optimizer=tx, params=ex.params, batch=ex.batch)
+        params, batch = abstract(ex.params), abstract(ex.batch)
+        opt_state = abstract(jax.eval_shape(tx.init, params))
+        compiled = step.lower(params, opt_state, batch).compile()
+        memory, notes = _memory(compiled)
+        record.update(gpu_peak=memory.peak, argument=memory.argument, output=memory.output,
+                      alias=memory.alias, temp=memory.temp, notes=notes)
+      except Exception as err:  # one failing row is reported, the rest still compile
+        record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+      record["compile_seconds"] = time.perf_counter() - t0
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      peak = record.get("gpu_peak")
+      print(f"[{index}] {e['case']:24s} {e['row']:6s} "
+            + (f"gpu {peak / 2**30:7.2f} GiB predicted {e['predicted_peak'] / 2**30:7.2f} "
+               f"({e['predicted_peak'] / peak - 1:+.1%})" if peak else record.get("error", ""))
+            + f"  {record['compile_seconds']:.0f} s", flush=True)
+  meta = {"jax": jax.__version__, "device": jax.local_devices()[0].device_kind,
+          "platform": devices[0].platform, "mock_devices": len(devices)}
+  (RESULTS / f"gpu_memory_meta{index}.json").write_text(json.dumps(meta) + "\n")
+
+
+def report() -> None:
+  import numpy as np
+  from wapar_jax._src.explain import human_bytes
+  from wapar_jax._src.files import write_text_atomic
+
+  rows, meta = [], {}
+  for part in sorted(RESULTS.glob("gpu_memory_part*.jsonl")):
+    for line in part.read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except ValueError:  # a worker stopped mid-line
+        pass
+  for m in sorted(RESULTS.glob("gpu_memory_meta*.json")):
+    meta = json.loads(m.read_text())
+  order = {c: i for i, c in enumerate(ORDER)}
+  names = ("plan", "dp", "fsdp", "zero1", "tp", "dp_tp")
+  rows.sort(key=lambda r: (order.get(r["case"], 99), names.index(r["row"])))
+  for r in rows:
+    if "gpu_peak" in r:
+      r["gpu_error"] = r["predicted_peak"] / r["gpu_peak"] - 1
+      if r.get("cpu_peak"):
+        r["cpu_error"] = r["predicted_peak"] / r["cpu_peak"] - 1
+  done = [r for r in rows if "gpu_error" in r]
+  within = [r for r in done if abs(r["gpu_error"]) <= TARGET]
+  cpu_missed = [r for r in done if "cpu_error" in r and abs(r["cpu_error"]) > TARGET]
+  summary = {
+      "rows_compiled": len(done), "rows_failed": len(rows) - len(done),
+      "within_15pct_gpu": len(within),
+      "median_abs_error_gpu": float(np.median([abs(r["gpu_error"]) for r in done])) if done
+      else None,
+      "cpu_misses_within_on_gpu": sum(abs(r["gpu_error"]) <= TARGET for r in cpu_missed),
+      "cpu_misses_compiled": len(cpu_missed)}
+  RESULTS.mkdir(exist_ok=True)
+  write_text_atomic(RESULTS / "gpu_memory.json",
+                    json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+  dry_run = meta.get("platform", "gpu") != "gpu"
+  lines = [
+      "# Predicted peak memory vs GPU XLA's compiled memory", "",
+      *(["**Dry run on CPU devices: these are XLA:CPU compiles, not GPU ones.**", ""]
+        if dry_run else []),
+      f"GPU XLA (jax {meta.get('jax', '?')}, {meta.get('device', '?')}) compiling each suite row "
+      f"for its mesh on mock GPU devices ({meta.get('mock_devices', '?')} mocked, one real GPU; "
+      "compiled, never run). Peak = `memory_analysis()` arguments + outputs - aliases + "
+      "temporaries, per device. Error = predicted / compiled - 1; the XLA:CPU column is the "
+      "suite's compile of the same row.", "",
+      "| case | row | mesh | remat, micro-batches | predicted | GPU compiled | err | "
+      "XLA:CPU compiled | err |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
+    levers = f"{r['remat']}, {r['microbatches']}"
+    if "gpu_peak" not in r:
+      lines.append(f"| {r['case']} | {r['row']} | {mesh} | {levers} | "
+                   f"{human_bytes(r['predicted_peak'])} | {r.get('error', '')[:100]} | | | |")
+      continue
+    cpu = (f"{human_bytes(r['cpu_peak'])} | {100 * r['cpu_error']:+.1f}%" if "cpu_error" in r
+           else "- | -")
+    flag = "" if abs(r["gpu_error"]) <= TARGET else " **"
+    lines.append(f"| {r['case']} | {r['row']} | {mesh} | {levers} | "
+                 f"{human_bytes(r['predicted_peak'])} | {human_bytes(r['gpu_peak'])} | "
+                 f"{100 * r['gpu_error']:+.1f}%{flag} | {cpu} |")
+  med = summary["median_abs_error_gpu"]
+  lines += ["", f"Rows compiled: {len(done)} ({summary['rows_failed']} failed or not reached); "
+            f"within 15% of the GPU compile: {len(within)} of {len(done)}"
+            + (f", median |error| {100 * med:.1f}%" if med is not None else "")
+            + f". Rows outside 15% on XLA:CPU that the GPU compile covers: "
+            f"{len(cpu_missed)}, of which within 15% on GPU: "
+            f"{summary['cpu_misses_within_on_gpu']}.", ""]
+  write_text_atomic(RESULTS / "gpu_memory.md", "\n".join(lines))
+  print("\n".join(lines[-2:]))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("prepare", help="plan every suite row here (CPU) and keep the plans")
+  p.add_argument("--cases", nargs="*", help="suite case names (default: all)")
+  c = sub.add_parser("compile", help="compile the kept plans on mock GPU devices")
+  c.add_argument("--workers", type=int, default=4, help="compiling processes")
+  c.add_argument("--budget-s", type=float, default=300.0,
+                 help="seconds after which a worker starts no new compile")
+  c.add_argument("--mock-devices", type=int, default=16, help="mock GPU devices per worker")
+  c.add_argument("--only", nargs="*", default=[],
+                 help="CASE:ROW pairs to compile, e.g. resnet50@8xa100-pcie:dp (default: all)")
+  sub.add_parser("report", help="tables from the compiled parts")
+  w = sub.add_parser("worker")
+  for name in ("index", "workers", "budget_s", "mock_devices"):
+    w.add_argument(name, type=float if name == "budget_s" else int)
+  w.add_argument("only", nargs="*")
+  args = parser.parse_args(argv)
+  if args.command == "prepare":
+    prepare(args.cases)
+  elif args.command == "compile":
+    compile_rows(args.workers, args.budget_s, args.mock_devices, args.only)
+    report()
+  elif args.command == "report":
+    report()
+  else:
+    worker(args.index, args.workers, args.budget_s, args.mock_devices, args.only)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
