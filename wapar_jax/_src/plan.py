@@ -39,11 +39,15 @@ class Prediction:
   peak_memory: float     # bytes per device
   energy: float          # joules per step, all used devices
   memory_budget: float   # bytes per device the plan had to fit in
+  # peak_memory is under the buffer rules of the profile's compiler (GPU XLA for GPU and TPU
+  # profiles); this is the same step as XLA:CPU compiles it, what `verify` compares with.
+  # 0 in plan files from before it was recorded.
+  peak_memory_xla_cpu: float = 0.0
 
   @classmethod
   def of(cls, c: Candidate, memory_budget: float) -> "Prediction":
     return cls(c.step_time, c.compute_time, c.comm_time, c.flops, c.comm_bytes, c.peak_memory,
-               c.energy, memory_budget)
+               c.energy, memory_budget, c.peak_memory_xla_cpu)
 
 
 def _spec_to_json(spec: P) -> list:

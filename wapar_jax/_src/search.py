@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -85,6 +85,9 @@ class Candidate:
   microbatches: int = 1
   # Mesh axes whose collectives cross nodes (laid out as create_hybrid_device_mesh does).
   cross_node_axes: tuple[str, ...] = ()
+  # The peak as XLA:CPU would compile the step (what `plan.verify()` compiles on this host);
+  # peak_memory is the profile's compiler's (memory.compiler_for). 0 in plans from before.
+  peak_memory_xla_cpu: float = 0.0
 
   @property
   def mesh_shape(self) -> dict[str, int]:
@@ -139,8 +142,9 @@ class SearchSpace:
   var_bytes: np.ndarray             # [V]
   var_batch: np.ndarray             # [V] bool
   var_weight: np.ndarray            # [V] bool: shaped like a parameter, no batch dim
-  temp_vars: np.ndarray             # [V] bool: counted in the temporaries' liveness
-  temp_last_use: np.ndarray         # [V] last op needing it, counting recomputation by fusion
+  # Per compiler (memory.COMPILERS): ([V] bool counted in the temporaries' liveness, [V] last
+  # op needing each, counting recomputation by fusion).
+  temps: Mapping[str, tuple[np.ndarray, np.ndarray]]
   op_group: np.ndarray              # [N, G] bool
   op_data_cat: np.ndarray           # [N] memory.DATA_* category of the op's work
   op_out_var: np.ndarray            # [N] first output variable (-1 if none)
@@ -271,18 +275,21 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
 
   red_batch_sink, red_group_sink = red_batch.copy(), red_group.copy()
   _reduce_at_sinks(ops, red_batch_sink, red_group_sink)
-  temp_vars, temp_last_use = memory.materialised(traced)
-  temp_vars[list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)] = False
   outputs = set(traced.output_vars) - {traced.loss_var}
-  temp_vars[list(outputs)] = False  # new params / opt state are written into donated buffers
+  not_temporary = list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)
+  not_temporary += list(outputs)  # new params / opt state are written into donated buffers
+  temps = {}
+  for compiler in memory.COMPILERS:
+    temp_vars, temp_last_use = memory.materialised(traced, compiler)
+    temp_vars[not_temporary] = False
+    temps[compiler] = (temp_vars, temp_last_use)
 
   pv = list(traced.param_vars)
   ov = list(traced.opt_state_vars)
   return SearchSpace(
       traced=traced, costs=costs, groups=tuple(groups), batch_classes=frozenset(batch_classes),
       self_paired=frozenset(self_paired), conflicts=conflicts, var_group=var_group,
-      var_bytes=var_bytes, var_batch=var_batch, var_weight=var_weight, temp_vars=temp_vars,
-      temp_last_use=temp_last_use,
+      var_bytes=var_bytes, var_batch=var_batch, var_weight=var_weight, temps=temps,
       op_group=op_group, op_data_cat=op_data_cat, op_out_var=op_out_var,
       op_out_bytes=op_out_bytes, red_batch=red_batch, red_group=red_group,
       red_batch_sink=red_batch_sink, red_group_sink=red_group_sink,
@@ -387,6 +394,14 @@ def group_sets(space: SearchSpace, tp: int) -> list[tuple[int, ...]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class _MemoryCurves:
+  """Liveness of the temporaries under one compiler's buffer rules."""
+  curves: np.ndarray        # memory.liveness_curves
+  update_pos: int           # program point where the weight gradients are all live
+  grad_curves: np.ndarray   # memory.liveness_curves of the weight gradients alone
+
+
+@dataclasses.dataclass(frozen=True)
 class _Aggregates:
   """Sums over ops / variables for one model-split group set (see module docstring)."""
   compute: np.ndarray       # [3 data cats, 2 model] seconds at one device
@@ -400,9 +415,7 @@ class _Aggregates:
   gather_data_n: np.ndarray
   gather_model: np.ndarray  # [2 batch] input bytes gathered over model
   gather_model_n: np.ndarray
-  curves: np.ndarray        # memory.liveness_curves
-  update_pos: int           # program point where the weight gradients are all live
-  grad_curves: np.ndarray   # memory.liveness_curves of the weight gradients alone
+  memory: Mapping[str, "_MemoryCurves"]  # per compiler
   param_model: np.ndarray   # [P] bool
   opt_model: np.ndarray     # [O] bool
 
@@ -515,22 +528,23 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
   gather_model_n = np.bincount(g_vbatch[on_model], weights=mult[g_op][on_model], minlength=2)
 
   t = space.traced
-  temp = space.temp_vars
   data_cat = np.where(space.var_batch, memory.DATA_BATCH,
                       np.where(space.var_weight, memory.DATA_WEIGHT, memory.DATA_NONE))
-  curves = memory.liveness_curves(t.def_pos[temp], space.temp_last_use[temp], space.var_bytes[temp],
-                                  data_cat[temp], var_model[temp], len(t.ops))
-  update_pos = int(np.argmax(curves[memory.DATA_WEIGHT].sum(axis=0)))
   # Weight gradients, full size (the partial sums a data-axis reduction reads), while they live.
   grads = np.zeros(t.num_vars, dtype=bool)
   grads[out[space.red_batch_sink & (out_weight == 1) & has_out]] = True
-  grad_curves = memory.liveness_curves(
-      t.def_pos[grads], space.temp_last_use[grads], space.var_bytes[grads],
-      np.full(int(grads.sum()), memory.DATA_NONE), var_model[grads], len(t.ops))
+  curves_by_compiler = {}
+  for compiler, (temp, last_use) in space.temps.items():
+    curves = memory.liveness_curves(t.def_pos[temp], last_use[temp], space.var_bytes[temp],
+                                    data_cat[temp], var_model[temp], len(t.ops))
+    grad_curves = memory.liveness_curves(
+        t.def_pos[grads], last_use[grads], space.var_bytes[grads],
+        np.full(int(grads.sum()), memory.DATA_NONE), var_model[grads], len(t.ops))
+    curves_by_compiler[compiler] = _MemoryCurves(
+        curves, int(np.argmax(curves[memory.DATA_WEIGHT].sum(axis=0))), grad_curves)
   return _Aggregates(compute, flops, red_data, red_data_n, loop_iterations, red_model,
                      red_model_n, gather_data,
-                     gather_data_n, gather_model, gather_model_n, curves, update_pos,
-                     grad_curves,
+                     gather_data_n, gather_model, gather_model_n, curves_by_compiler,
                      space.param_group[:, mask].any(axis=1), space.opt_group[:, mask].any(axis=1))
 
 
@@ -658,16 +672,19 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   # earliest as soon as the last layers' gradients are ready; measured: VGG-16's classifier
   # gradients coexist with its activation peak, GPT-1.3B's peak is mid-backward with few
   # gradients live). FSDP holds its gathered parameters through the whole step.
-  grad_shadow = memory.per_device(agg.grad_curves, (1, 1, 1), tp) if dp > 1 else 0.0
-  temps = memory.peak_bytes(agg.curves, data_div, tp, extra=grad_shadow)
-  if storage == "zero1":
-    # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
-    # buffers are freed: the two never coexist (measured, 1.3B on 4 devices: compiled
-    # temporaries 16.6 GiB, summing both predicted 22.7).
-    temps = max(temps, memory.bytes_at(agg.curves, agg.update_pos, data_div, tp) + gathered_peak)
-  else:
-    temps += gathered_peak
-  peak = param_mem + opt_mem + space.batch_bytes / dp + temps
+  def temporaries(m: _MemoryCurves) -> float:
+    grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if dp > 1 else 0.0
+    temps = memory.peak_bytes(m.curves, data_div, tp, extra=grad_shadow)
+    if storage == "zero1":
+      # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
+      # buffers are freed: the two never coexist (measured, 1.3B on 4 devices: compiled
+      # temporaries 16.6 GiB, summing both predicted 22.7).
+      return max(temps, memory.bytes_at(m.curves, m.update_pos, data_div, tp) + gathered_peak)
+    return temps + gathered_peak
+
+  state = param_mem + opt_mem + space.batch_bytes / dp
+  peak = state + temporaries(agg.memory[memory.compiler_for(profile.kind)])
+  peak_xla_cpu = state + temporaries(agg.memory[memory.XLA_CPU])
 
   step_time = compute_time + comm_time
   energy = d * (profile.power_idle_watts * step_time +
@@ -679,7 +696,8 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
                    param_memory=param_mem, opt_state_memory=opt_mem,
                    activation_memory=peak - param_mem - opt_mem,
                    remat=space.remat, microbatches=space.microbatches,
-                   cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1))
+                   cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1),
+                   peak_memory_xla_cpu=peak_xla_cpu)
 
 
 def device_counts(max_devices: int, all_devices: bool) -> list[int]:

@@ -1142,19 +1142,30 @@ def read_compiled(compiled, mesh_shape: Mapping[str, int],
 
 
 def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
-                     started: float, child_process: bool = False) -> Verification:
-  """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan."""
+                     started: float, child_process: bool = False,
+                     platform: str = "cpu") -> Verification:
+  """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan.
+
+  `platform`: where it was compiled. On "cpu" the plan's peak is taken as XLA:CPU would
+  compile the step, since its buffer rules differ from GPU XLA's (see `memory.materialised`).
+  """
   step = read_compiled(compiled, plan.mesh_shape, profile)
   p = plan.predicted
-  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, p.peak_memory, p.compute_time,
-                      p.step_time)
+  peak, notes = p.peak_memory, list(step.notes)
+  if platform == "cpu" and p.peak_memory_xla_cpu and p.peak_memory_xla_cpu != p.peak_memory:
+    peak = p.peak_memory_xla_cpu
+    notes.append(f"peak memory predicted as XLA:CPU compiles the step: "
+                 f"{peak / 2**30:.2f} GiB; the plan's figure for {plan.profile}'s compiler, "
+                 f"which keeps fewer values for the backward pass, is "
+                 f"{p.peak_memory / 2**30:.2f} GiB.")
+  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, peak, p.compute_time, p.step_time)
   return Verification(
       mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
       predicted=predicted, compiled=step.figures, xla_flops=step.xla_flops,
       loop_flops_added=step.loop_flops_added, memory=step.memory,
       collectives=step.collectives, compile_seconds=compile_seconds,
       verify_seconds=time.perf_counter() - started, child_process=child_process,
-      notes=step.notes, comm_time_as_emitted=step.comm_time_as_emitted)
+      notes=tuple(notes), comm_time_as_emitted=step.comm_time_as_emitted)
 
 
 def compile_like_target(lowered):
@@ -1221,7 +1232,8 @@ def verify(plan, devices: Sequence[Any] | None = None, *, profile=None,
           f"compile in a child process with {needed} virtual CPU devices. Got {len(devices)}.")
   if devices is not None:
     compiled, seconds = _compile_here(plan, devices, loss_fn, optimizer, params, batch)
-    return analyse_compiled(compiled, plan, device_profile, seconds, started)
+    return analyse_compiled(compiled, plan, device_profile, seconds, started,
+                            platform=devices[0].platform)
   return _verify_in_child(plan, device_profile, workload, loss_fn, optimizer, params, batch,
                           timeout, started)
 
