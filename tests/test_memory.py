@@ -77,3 +77,42 @@ def test_a_value_a_kernel_reads_through_a_reshape_is_written_out():
   traced = _traced(loss)
   kept, _ = memory.materialised(traced)
   assert all(kept[v] for v in _outputs_of(traced, "sin"))
+
+
+def test_gpu_xla_recomputes_a_cheap_value_read_again_later_but_keeps_an_expensive_one():
+  # A LayerNorm-like chain: rsqrt (expensive) feeds a cheap product that the backward pass
+  # reads again much later. XLA:CPU writes both out; GPU XLA recomputes the product from kept
+  # inputs inside the backward fusion (measured on an H200 with mock devices).
+  def loss(p, x):
+    h = x @ p["w"]
+    scale = jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+    normed = h * scale
+    return _deep(p, normed * normed)
+
+  traced = _traced(loss)
+  squares = [op for op in traced.ops if op.primitive == "mul" and op.in_vars[0] == op.in_vars[1]]
+  cheap = squares[1].in_vars[0]  # h * scale, squared (the first square is h * h)
+  expensive = _outputs_of(traced, "rsqrt")
+  cpu_kept, _ = memory.materialised(traced, memory.XLA_CPU)
+  gpu_kept, _ = memory.materialised(traced, memory.XLA_GPU)
+  assert cpu_kept[cheap] and not gpu_kept[cheap]
+  assert all(cpu_kept[v] and gpu_kept[v] for v in expensive)
+
+
+def test_gpu_xla_does_not_keep_a_value_a_kernel_reads_through_a_transpose():
+  # XLA:CPU writes out a value a dot reads through a transpose; GPU XLA fuses the value into
+  # the transposing copy the dot reads.
+  def loss(p, x):
+    y = jnp.sin(x @ p["w"]) + 1.0
+    return jnp.sum(y.T @ x)
+
+  traced = _traced(loss)
+  (y,) = [v for v in _outputs_of(traced, "add") if traced.var_shape[v] == (32, 64)][:1]
+  assert memory.materialised(traced, memory.XLA_CPU)[0][y]
+  assert not memory.materialised(traced, memory.XLA_GPU)[0][y]
+
+
+def test_profiles_pick_their_compilers_rules():
+  assert memory.compiler_for("cpu") == memory.XLA_CPU
+  assert memory.compiler_for("gpu") == memory.XLA_GPU
+  assert memory.compiler_for("tpu") == memory.XLA_GPU

@@ -327,3 +327,18 @@ def test_cpu_expanded_max_pool_gradients_are_noted():
   read = lambda f: verify_lib.read_compiled(f.lower(x).compile(), {}, profile).notes
   assert any("max-pool gradient" in n for n in read(pooled))
   assert not any("max-pool gradient" in n for n in read(plain))
+
+
+def test_a_gpu_plan_is_checked_on_cpu_against_its_xla_cpu_memory_figure():
+  # GPU XLA keeps fewer values for the backward pass than XLA:CPU: the plan fits with the
+  # former, the CPU compile is compared with the latter.
+  ex = zoo.get_example("gpt-tiny", batch_size=64, seq_len=128)  # activations dominate
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
+                  profile="h100-sxm", strategy="dp", all_devices=True)
+  p = plan.predicted
+  assert p.peak_memory < 0.95 * p.peak_memory_xla_cpu
+  v = plan.verify(devices=jax.devices("cpu")[:8])
+  assert v.predicted.peak_memory == p.peak_memory_xla_cpu
+  assert abs(v.errors["peak_memory"]) < 0.15
+  assert any("as XLA:CPU compiles the step" in n for n in v.notes)
+  assert wap.Plan.from_json(plan.to_json()).predicted == p

@@ -61,7 +61,9 @@ def summary(plan, max_params: int = 12) -> str:
       f"communication {human_seconds(p.comm_time)})",
       f"  FLOPs          {p.flops:.4g}",
       f"  communicated   {human_bytes(p.comm_bytes)}",
-      f"  peak memory    {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget",
+      f"  peak memory    {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget"
+      + (f" ({human_bytes(p.peak_memory_xla_cpu)} as XLA:CPU compiles it, what plan.verify() "
+         "checks)" if p.peak_memory_xla_cpu and p.peak_memory_xla_cpu != p.peak_memory else ""),
       f"  energy         {p.energy:.4g} J per step (all {plan.num_devices} devices)",
       "",
   ]

@@ -39,6 +39,13 @@ XLA_CPU, XLA_GPU = "xla:cpu", "xla:gpu"
 COMPILERS = (XLA_CPU, XLA_GPU)
 
 
+# Whether a gradient all-reduce writes into its operand's buffer. XLA:CPU allocates a new
+# full-size result; GPU XLA does not (H200, mock devices: VGG-16 data parallel, predicted with a
+# second full-size copy of each live gradient +34%, without +15%; over 111 suite rows, within
+# 15% in 103 without, 89 with).
+REDUCES_IN_PLACE = {XLA_CPU: False, XLA_GPU: True}
+
+
 def compiler_for(profile_kind: str) -> str:
   """The compiler whose buffer rules price a profile ("cpu", "gpu" or "tpu")."""
   return XLA_CPU if profile_kind == "cpu" else XLA_GPU

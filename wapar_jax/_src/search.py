@@ -666,14 +666,17 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
     param_mem = float(per_param.sum())
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
-  # Collective buffers the liveness scan does not see. A gradient reduction over the data axis
-  # reads full-size partial sums and writes a new result: while a weight gradient lives, count
-  # it once more at full size (XLA combines the gradients into a few large collectives, the
-  # earliest as soon as the last layers' gradients are ready; measured: VGG-16's classifier
-  # gradients coexist with its activation peak, GPT-1.3B's peak is mid-backward with few
-  # gradients live). FSDP holds its gathered parameters through the whole step.
-  def temporaries(m: _MemoryCurves) -> float:
-    grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if dp > 1 else 0.0
+  # Collective buffers the liveness scan does not see. On XLA:CPU a gradient reduction over
+  # the data axis reads full-size partial sums and writes a new result: while a weight
+  # gradient lives, count it once more at full size (XLA combines the gradients into a few
+  # large collectives, the earliest as soon as the last layers' gradients are ready; measured:
+  # VGG-16's classifier gradients coexist with its activation peak, GPT-1.3B's peak is
+  # mid-backward with few gradients live). GPU XLA reduces into the partial sums' own buffer
+  # (see memory.REDUCES_IN_PLACE). FSDP holds its gathered parameters through the whole step.
+  def temporaries(compiler: str) -> float:
+    m = agg.memory[compiler]
+    shadow = dp > 1 and not memory.REDUCES_IN_PLACE[compiler]
+    grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if shadow else 0.0
     temps = memory.peak_bytes(m.curves, data_div, tp, extra=grad_shadow)
     if storage == "zero1":
       # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
@@ -683,8 +686,8 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
     return temps + gathered_peak
 
   state = param_mem + opt_mem + space.batch_bytes / dp
-  peak = state + temporaries(agg.memory[memory.compiler_for(profile.kind)])
-  peak_xla_cpu = state + temporaries(agg.memory[memory.XLA_CPU])
+  peak = state + temporaries(memory.compiler_for(profile.kind))
+  peak_xla_cpu = state + temporaries(memory.XLA_CPU)
 
   step_time = compute_time + comm_time
   energy = d * (profile.power_idle_watts * step_time +
