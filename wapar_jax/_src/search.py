@@ -415,7 +415,7 @@ class _Aggregates:
   gather_data_n: np.ndarray
   gather_model: np.ndarray  # [2 batch] input bytes gathered over model
   gather_model_n: np.ndarray
-  memory: Mapping[str, "_MemoryCurves"]  # per compiler
+  memory: Mapping[str, _MemoryCurves]  # per compiler
   param_model: np.ndarray   # [P] bool
   opt_model: np.ndarray     # [O] bool
 
