@@ -119,8 +119,7 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
   import optax
   from wapar_jax._src import zoo
   from wapar_jax._src.plan import Plan
-  from wapar_jax._src.step import abstract
-  from wapar_jax._src.verify import _memory
+  from wapar_jax._src.verify import _memory, lower_plan_step
 
   entries = [e for e in json.loads(PLANS.read_text())
              if not only or f"{e['case']}:{e['row']}" in only][index::workers]
@@ -140,12 +139,9 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
       t0 = time.perf_counter()
       try:
         ex = zoo.get_example(e["model"], **e["example"])
-        tx = optax.adamw(1e-3)
-        step = plan.train_step(devices=devices[:plan.num_devices], loss_fn=ex.loss_fn,
-                               optimizer=tx, params=ex.params, batch=ex.batch)
-        params, batch = abstract(ex.params), abstract(ex.batch)
-        opt_state = abstract(jax.eval_shape(tx.init, params))
-        compiled = step.lower(params, opt_state, batch).compile()
+        lowered = lower_plan_step(plan, devices[:plan.num_devices], ex.loss_fn,
+                                  optax.adamw(1e-3), ex.params, ex.batch)
+        compiled = lowered.compile()  # as a GPU user compiles it: no options
         memory, notes = _memory(compiled)
         record.update(gpu_peak=memory.peak, argument=memory.argument, output=memory.output,
                       alias=memory.alias, temp=memory.temp, notes=notes)

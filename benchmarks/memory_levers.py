@@ -32,18 +32,15 @@ CASES = [
 ]
 
 _COMPILE = """
-import json, sys, jax, optax
+import json, sys, optax
 import wapar_jax as wap
 from wapar_jax._src import verify, zoo
 name, overrides, plan_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 ex = zoo.get_example(name, **overrides)
-tx = optax.adamw(1e-3)
 plan = wap.Plan.load(plan_file)
-step = plan.train_step(loss_fn=ex.loss_fn, optimizer=tx, params=ex.params, batch=ex.batch)
-opt = jax.eval_shape(tx.init, ex.params)
-m = verify.compile_like_target(step.lower(ex.params, opt, ex.batch)).memory_analysis()
-print(json.dumps({"compiled_peak": m.argument_size_in_bytes + m.temp_size_in_bytes
-                  + m.output_size_in_bytes - m.alias_size_in_bytes}))
+lowered = verify.lower_plan_step(plan, None, ex.loss_fn, optax.adamw(1e-3), ex.params, ex.batch)
+memory, _ = verify._memory(verify.compile_like_target(lowered))
+print(json.dumps({"compiled_peak": memory.peak}))
 """
 
 

@@ -398,7 +398,8 @@ class _MemoryCurves:
   """Liveness of the temporaries under one compiler's buffer rules."""
   curves: np.ndarray        # memory.liveness_curves
   update_pos: int           # program point where the weight gradients are all live
-  grad_curves: np.ndarray   # memory.liveness_curves of the weight gradients alone
+  # memory.liveness_curves of the weight gradients alone (None where reductions run in place)
+  grad_curves: np.ndarray | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,7 +538,7 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
   for compiler, (temp, last_use) in space.temps.items():
     curves = memory.liveness_curves(t.def_pos[temp], last_use[temp], space.var_bytes[temp],
                                     data_cat[temp], var_model[temp], len(t.ops))
-    grad_curves = memory.liveness_curves(
+    grad_curves = None if memory.REDUCES_IN_PLACE[compiler] else memory.liveness_curves(
         t.def_pos[grads], last_use[grads], space.var_bytes[grads],
         np.full(int(grads.sum()), memory.DATA_NONE), var_model[grads], len(t.ops))
     curves_by_compiler[compiler] = _MemoryCurves(
@@ -675,7 +676,7 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   # (see memory.REDUCES_IN_PLACE). FSDP holds its gathered parameters through the whole step.
   def temporaries(compiler: str) -> float:
     m = agg.memory[compiler]
-    shadow = dp > 1 and not memory.REDUCES_IN_PLACE[compiler]
+    shadow = dp > 1 and m.grad_curves is not None
     grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if shadow else 0.0
     temps = memory.peak_bytes(m.curves, data_div, tp, extra=grad_shadow)
     if storage == "zero1":

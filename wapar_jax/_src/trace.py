@@ -16,6 +16,7 @@ the output) and `gather_dims` (the operand must be all-gathered first).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -159,13 +160,14 @@ _OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bu
 def _source(eqn) -> str:
   """The researcher's line that made `eqn`: the innermost frame outside jax and installed
   libraries (flax, optax, ...), else the innermost outside jax."""
-  frames = list(source_info_util.user_frames(eqn.source_info.traceback))
-  if not frames:
+  frames = source_info_util.user_frames(eqn.source_info.traceback)
+  first = next(frames, None)
+  if first is None:
     return "?"
   # jax excludes only its own files and the standard library; in a virtualenv, site-packages
   # lies outside the latter, so a flax layer would be named instead of the model's line.
-  frame = next((f for f in frames if not _INSTALLED.search(f.file_name)
-                or f.file_name.startswith(_OWN_PACKAGE)), frames[0])
+  frame = next((f for f in itertools.chain([first], frames) if not _INSTALLED.search(f.file_name)
+                or f.file_name.startswith(_OWN_PACKAGE)), first)
   return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 

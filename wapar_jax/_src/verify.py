@@ -1173,7 +1173,9 @@ def compile_like_target(lowered):
   return lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
 
 
-def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
+def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=None, batch=None):
+  """The plan's sharded train step lowered for `devices` (default: the plan's own) on abstract
+  arguments; `loss_fn` ... `batch` as for `Plan.train_step`."""
   import jax
   from wapar_jax._src.step import abstract
   step = plan.train_step(devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params,
@@ -1182,8 +1184,13 @@ def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
   params = abstract(plan.abstract_params if params is None else params)
   batch = abstract(plan.abstract_batch if batch is None else batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
+  return step.lower(params, opt_state, batch)
+
+
+def _compile_here(plan, devices, loss_fn, optimizer, params, batch):
+  lowered = lower_plan_step(plan, devices, loss_fn, optimizer, params, batch)
   t0 = time.perf_counter()
-  compiled = compile_like_target(step.lower(params, opt_state, batch))
+  compiled = compile_like_target(lowered)
   return compiled, time.perf_counter() - t0
 
 
