@@ -69,7 +69,7 @@ def _make_plan(args):
                   devices=args.devices, profile=args.profile, objective=args.objective,
                   strategy=args.strategy, all_devices=args.all_devices,
                   cache=not args.no_cache, progress=_progress(args), remat=args.remat,
-                  microbatches=args.microbatches, **headroom)
+                  microbatches=args.microbatches, memory_rules=args.memory_rules, **headroom)
 
 
 def _progress(args):
@@ -219,6 +219,9 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
   p.add_argument("--memory-headroom", type=float,
                  help="fraction of device memory kept free (default: wap.plan's, for "
                       "fragmentation, runtime buffers and the memory model's error)")
+  p.add_argument("--memory-rules", default="profile", choices=("profile", "xla:cpu"),
+                 help="whose buffer rules decide the fit: the profile's compiler (default), "
+                      "or XLA:CPU's, so `verify` on CPU devices checks it (higher peaks)")
   p.add_argument("--remat", choices=("none", "layers", "layers_dots"),
                  help="force per-layer rematerialisation (default: searched when memory decides)")
   p.add_argument("--microbatches", type=int,

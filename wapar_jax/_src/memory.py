@@ -16,6 +16,9 @@ mesh is then the max over program points of a weighted sum of a few curves.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 
 # Category of a temporary along the data axis.
@@ -98,15 +101,28 @@ def materialised(traced, compiler: str = XLA_CPU) -> tuple[np.ndarray, np.ndarra
         expensive[list(op.out_vars)] = True
     read_again_later &= expensive
   kept = ~layout & (~made_by_fusible | read_by_kernel | read_again_later)
-  # A value recomputed where it is read keeps its own inputs alive until then.
   last_use = traced.last_use.copy()
+  # Reads XLA:CPU serves from a buffer of its own (`scratch_buffers`) do not keep a variable
+  # alive: it dies at its last other reader.
+  plain_last = _last_plain_reads(traced) if compiler == XLA_CPU else {}
+  for v, last in plain_last.items():
+    last_use[v] = last
+  # A value recomputed where it is read keeps its own inputs alive until then. So does an
+  # elementwise value that dies early for such a reroute: XLA:CPU recomputes it later from its
+  # inputs (ResNet-50: a block's output, read in the backward pass by the next block's
+  # residual gradient, is remade from the kept convolution outputs and batch statistics).
+  needed = last_use.copy()
   for op in reversed(traced.ops):
-    dropped = [v for v in op.out_vars if not kept[v]]
-    if dropped:
-      until = max(last_use[v] for v in dropped)
+    remade = [v for v in op.out_vars
+              if not kept[v] or (v in plain_last and made_by_fusible[v])]
+    if remade:
+      until = max(needed[v] for v in remade)
       for v in op.in_vars:
-        if v >= 0 and last_use[v] < until:
-          last_use[v] = until
+        if v >= 0 and needed[v] < until:
+          needed[v] = until
+  remade_later = np.zeros(n, dtype=bool)
+  remade_later[[v for v in plain_last if made_by_fusible[v]]] = True
+  last_use = np.where(remade_later, last_use, needed)
   _share_dying_buffers(traced, kept, last_use)
   return kept, last_use
 
@@ -137,6 +153,100 @@ def _share_dying_buffers(traced, kept: np.ndarray, last_use: np.ndarray) -> None
           last_use[v] = op.index - 1
           candidates.remove(v)
           break
+
+
+@dataclasses.dataclass(frozen=True)
+class Scratch:
+  """Buffers the compiled step has that no variable of the step stands for.
+
+  Each is sharded like a variable of the step (`like`), with its own size, live from op `start`
+  to op `stop` inclusive.
+  """
+  like: np.ndarray
+  nbytes: np.ndarray
+  start: np.ndarray
+  stop: np.ndarray
+
+
+def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
+  """XLA:CPU's buffers of its own: transposed conv operands and max-pool gradient indices.
+
+  - XLA:CPU runs a convolution on operands laid out batch-major / feature-minor (kernels
+    spatial-major, output feature minor). A conv whose dimension numbers differ (a kernel
+    gradient reads the activations with batch and feature swapped) reads a transposed copy,
+    made as soon as its operand is (AlexNet on 4 devices, model split: the replicated input
+    images twice, [128, 224, 224, 3] and [3, 224, 224, 128], from the first op to the last).
+  - It expands a max pool's gradient (`select_and_scatter_add`) into a reduce-window over the
+    pool's input and one int32 iota per dim, giving the argmax's coordinates, then a scatter
+    into zeros. The iotas and the zeros are made at the top of the step (they read nothing);
+    the iotas die when the indices are computed, after the forward pass, the zeros become the
+    gradient. VGG-16 on 4 devices, model split, batch 128: 9.4 GiB of iotas live at the peak.
+  GPU XLA fuses the iotas into the reduce-window and computes the indices just before the
+  scatter, so it has none of these.
+  """
+  like, nbytes, start, stop = [], [], [], []
+  if compiler == XLA_CPU:
+    sizes = traced.var_bytes()
+    for v, conv in _transposed_conv_operands(traced):
+      like.append(v)
+      nbytes.append(sizes[v])
+      start.append(max(int(traced.def_pos[v]), 0))
+      stop.append(conv)
+    pooled_at = {op.in_vars[0]: op.index for op in traced.ops
+                 if op.primitive == "reduce_window_max"}
+    for op in traced.ops:
+      if op.primitive != "select_and_scatter_add":
+        continue
+      source, operand = op.in_vars[0], op.in_vars[1]
+      elements = math.prod(traced.var_shape[operand])
+      rank = len(traced.var_shape[operand])
+      # The indices are computed where the forward pool is (measured on AlexNet and VGG-16).
+      pooled = pooled_at.get(operand, int(traced.def_pos[traced.loss_var]))
+      like += [operand, operand, source]
+      nbytes += [sizes[operand], 4 * rank * elements,
+                 4 * rank * math.prod(traced.var_shape[source])]
+      start += [0, 0, pooled]
+      stop += [op.index - 1, pooled, op.index]
+  return Scratch(np.asarray(like, dtype=np.int64), np.asarray(nbytes, dtype=float),
+                 np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64))
+
+
+def _canonical_spec(spec, is_kernel: bool) -> bool:
+  rank = len(spec)
+  if is_kernel:  # output feature, input feature, spatial: laid out spatial..., in, out
+    return tuple(spec) == (rank - 1, rank - 2, *range(rank - 2))
+  return tuple(spec) == (0, rank - 1, *range(1, rank - 1))  # batch, feature, spatial
+
+
+def _transposed_conv_operands(traced) -> list[tuple[int, int]]:
+  """(variable, conv op) for each conv operand XLA:CPU transposes first."""
+  twins = []
+  for op in traced.ops:
+    if op.primitive != "conv_general_dilated":
+      continue
+    dn = op.eqn.params["dimension_numbers"]
+    for k, (spec, is_kernel) in enumerate(((dn.lhs_spec, False), (dn.rhs_spec, True))):
+      v = op.in_vars[k]
+      if v >= 0 and not _canonical_spec(spec, is_kernel):
+        twins.append((v, op.index))
+  return twins
+
+
+def _last_plain_reads(traced) -> dict[int, int]:
+  """{variable: its last read} counting only reads of the variable itself, for variables the
+  step makes that XLA:CPU reads elsewhere through a buffer of its own: a transposed conv
+  operand, a max pool's input, whose gradient reads the argmax indices instead."""
+  rerouted = set(_transposed_conv_operands(traced))
+  rerouted.update((op.in_vars[1], op.index) for op in traced.ops
+                  if op.primitive == "select_and_scatter_add")
+  outputs = set(traced.output_vars)
+  last = {v: int(traced.def_pos[v]) for v, _ in rerouted
+          if traced.def_pos[v] >= 0 and v not in outputs}
+  for op in traced.ops:
+    for v in op.in_vars:
+      if v in last and (v, op.index) not in rerouted:
+        last[v] = max(last[v], op.index)
+  return last
 
 
 def liveness_curves(def_pos, last_use, nbytes, data_cat, on_model, num_ops) -> np.ndarray:

@@ -113,7 +113,8 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
          cache: bool = True,
          progress: Callable | None = None,
          remat: str | None = None,
-         microbatches: int | None = None) -> Plan:
+         microbatches: int | None = None,
+         memory_rules: str = "profile") -> Plan:
   """Plans how to shard a single-device train step.
 
   Args:
@@ -139,6 +140,10 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     remat: per-layer rematerialisation, "none", "layers" or "layers_dots" (keep matmul
       outputs); default: searched when memory, not speed, decides the plan.
     microbatches: gradient-accumulation micro-batches per step; default: searched likewise.
+    memory_rules: whose buffer rules decide whether a plan fits: "profile", the compiler that
+      will run the step (GPU XLA for GPU and TPU profiles), or "xla:cpu", to plan a step that
+      `plan.verify()` on CPU devices can show fits (XLA:CPU keeps more buffers: every GPU
+      compile measured peaked below XLA:CPU's). `plan.predicted` reports both.
 
   Returns:
     A frozen `Plan`.
@@ -195,7 +200,7 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
       for _ in phase("search", [space]):
         ranked = search_lib.search(space, device_profile, max_devices, strategy=strategy,
                                    objective=objective, memory_headroom=memory_headroom,
-                                   all_devices=all_devices)
+                                   all_devices=all_devices, memory_rules=memory_rules)
     except IndivisibleBatchError:
       if variant == (remat or "none", microbatches or 1):
         raise

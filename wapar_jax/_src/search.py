@@ -32,6 +32,10 @@ from wapar_jax._src.trace import TracedStep
 STRATEGIES = ("auto", "dp", "zero1", "fsdp", "tp", "dp_tp")
 STORAGES = ("replicated", "zero1", "fsdp")
 OBJECTIVES = ("time", "energy")
+# Whose buffer rules decide whether a plan fits: the compiler that will run the step
+# (memory.compiler_for the profile), or XLA:CPU's, so that `plan.verify()` on CPU devices checks
+# the fit (its peaks are higher: every GPU XLA compile measured lay below XLA:CPU's).
+MEMORY_RULES = ("profile", memory.XLA_CPU)
 DATA, MODEL = "data", "model"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error. At 10% the fastest 1.3B plan on 4 x titanxp-pcie sat 0.2% under
@@ -86,7 +90,8 @@ class Candidate:
   # Mesh axes whose collectives cross nodes (laid out as create_hybrid_device_mesh does).
   cross_node_axes: tuple[str, ...] = ()
   # The peak as XLA:CPU would compile the step (what `plan.verify()` compiles on this host);
-  # peak_memory is the profile's compiler's (memory.compiler_for). 0 in plans from before.
+  # peak_memory is under the rules that decide the fit (MEMORY_RULES: by default the profile's
+  # compiler, memory.compiler_for). 0 in plans from before.
   peak_memory_xla_cpu: float = 0.0
 
   @property
@@ -145,6 +150,7 @@ class SearchSpace:
   # Per compiler (memory.COMPILERS): ([V] bool counted in the temporaries' liveness, [V] last
   # op needing each, counting recomputation by fusion).
   temps: Mapping[str, tuple[np.ndarray, np.ndarray]]
+  scratch: Mapping[str, memory.Scratch]  # per compiler: buffers no variable stands for
   op_group: np.ndarray              # [N, G] bool
   op_data_cat: np.ndarray           # [N] memory.DATA_* category of the op's work
   op_out_var: np.ndarray            # [N] first output variable (-1 if none)
@@ -157,6 +163,9 @@ class SearchSpace:
   param_group: np.ndarray           # [P, G] bool
   param_bytes: np.ndarray           # [P]
   param_dims: tuple[tuple[tuple[int, int], ...], ...]  # per param: (class, size) per dim
+  # Per param: the last op reading it for compute, not for the optimizer update (how long an
+  # FSDP-gathered copy lives); the step's end where a loop reads it (needed every iteration).
+  param_read_until: np.ndarray
   opt_bytes: np.ndarray             # [O]
   opt_weight: np.ndarray            # [O] bool: shaped like a parameter
   opt_group: np.ndarray             # [O, G] bool
@@ -283,13 +292,24 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
     temp_vars, temp_last_use = memory.materialised(traced, compiler)
     temp_vars[not_temporary] = False
     temps[compiler] = (temp_vars, temp_last_use)
+  scratch = {compiler: memory.scratch_buffers(traced, compiler) for compiler in memory.COMPILERS}
 
   pv = list(traced.param_vars)
   ov = list(traced.opt_state_vars)
+  param_index = {v: i for i, v in enumerate(pv)}
+  param_read_until = np.zeros(len(pv), dtype=np.int64)
+  for op in ops:
+    if op_data_cat[op.index] == memory.DATA_WEIGHT:
+      continue
+    for v in op.in_vars:
+      if v in param_index:
+        i = param_index[v]
+        param_read_until[i] = len(ops) if op.multiplicity > 1 else max(param_read_until[i], op.index)
   return SearchSpace(
       traced=traced, costs=costs, groups=tuple(groups), batch_classes=frozenset(batch_classes),
       self_paired=frozenset(self_paired), conflicts=conflicts, var_group=var_group,
       var_bytes=var_bytes, var_batch=var_batch, var_weight=var_weight, temps=temps,
+      scratch=scratch,
       op_group=op_group, op_data_cat=op_data_cat, op_out_var=op_out_var,
       op_out_bytes=op_out_bytes, red_batch=red_batch, red_group=red_group,
       red_batch_sink=red_batch_sink, red_group_sink=red_group_sink,
@@ -297,6 +317,7 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
                np.asarray(g_batch, dtype=bool), np.asarray(g_group, dtype=np.int64)),
       param_group=var_group[pv], param_bytes=var_bytes[pv],
       param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
+      param_read_until=param_read_until,
       opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
       batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size,
       batch_reduce_rounds=_reduction_rounds(ops, red_batch_sink),
@@ -417,6 +438,8 @@ class _Aggregates:
   gather_model: np.ndarray  # [2 batch] input bytes gathered over model
   gather_model_n: np.ndarray
   memory: Mapping[str, _MemoryCurves]  # per compiler
+  # [2 model, points]: bytes of parameters big enough for FSDP while compute still reads them
+  gathered_curves: np.ndarray
   param_model: np.ndarray   # [P] bool
   opt_model: np.ndarray     # [O] bool
 
@@ -536,17 +559,28 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
   grads[out[space.red_batch_sink & (out_weight == 1) & has_out]] = True
   curves_by_compiler = {}
   for compiler, (temp, last_use) in space.temps.items():
-    curves = memory.liveness_curves(t.def_pos[temp], last_use[temp], space.var_bytes[temp],
-                                    data_cat[temp], var_model[temp], len(t.ops))
+    extra = space.scratch[compiler]
+    curves = memory.liveness_curves(
+        np.concatenate([t.def_pos[temp], extra.start]),
+        np.concatenate([last_use[temp], extra.stop]),
+        np.concatenate([space.var_bytes[temp], extra.nbytes]),
+        np.concatenate([data_cat[temp], data_cat[extra.like]]),
+        np.concatenate([var_model[temp], var_model[extra.like]]), len(t.ops))
     grad_curves = None if memory.REDUCES_IN_PLACE[compiler] else memory.liveness_curves(
         t.def_pos[grads], last_use[grads], space.var_bytes[grads],
         np.full(int(grads.sum()), memory.DATA_NONE), var_model[grads], len(t.ops))
     curves_by_compiler[compiler] = _MemoryCurves(
         curves, int(np.argmax(curves[memory.DATA_WEIGHT].sum(axis=0))), grad_curves)
+  param_model = space.param_group[:, mask].any(axis=1)
+  big = space.param_bytes >= FSDP_MIN_BYTES
+  gathered_curves = memory.liveness_curves(
+      np.zeros(int(big.sum()), dtype=np.int64), space.param_read_until[big],
+      space.param_bytes[big], np.full(int(big.sum()), memory.DATA_NONE), param_model[big],
+      len(t.ops))[memory.DATA_NONE]
   return _Aggregates(compute, flops, red_data, red_data_n, loop_iterations, red_model,
                      red_model_n, gather_data,
                      gather_data_n, gather_model, gather_model_n, curves_by_compiler,
-                     space.param_group[:, mask].any(axis=1), space.opt_group[:, mask].any(axis=1))
+                     gathered_curves, param_model, space.opt_group[:, mask].any(axis=1))
 
 
 def _fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.ndarray:
@@ -602,7 +636,7 @@ def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, 
 
 
 def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int, tp: int,
-           groups: tuple[int, ...], storage: str, budget: float) -> Candidate:
+           groups: tuple[int, ...], storage: str, budget: float, fit_compiler: str) -> Candidate:
   d = dp * tp
   sharded_state = storage != "replicated"
   data_div = data_divisors(dp, storage)
@@ -650,21 +684,24 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   opt_div = np.where(agg.opt_model, tp, 1).astype(float)
   shardable = _fsdp_shardable(space, dp, groups) if dp > 1 else np.zeros(len(param_div), bool)
   per_param = space.param_bytes / param_div
+  gathered_live: np.ndarray | float = 0.0  # FSDP's gathered parameters, per program point
+  zero1_gathered = 0.0
   if storage == "fsdp":
     # Gathered once, at the top of the step where the emitted step pins parameters to their
     # compute layout; the backward pass reads the same gathered copy (measured on gpt2-small,
-    # 8 devices: 74 all-gathers of 474 MiB, one per parameter).
+    # 8 devices: 74 all-gathers of 474 MiB, one per parameter), which lives until its last
+    # read there (AlexNet: the classifier's gathered weights are gone when its weight
+    # gradients are made). Big parameters that do not split dp ways are in param_mem instead.
     gathered = float(per_param[shardable].sum())
     add("all-gather", gathered, _combined(gathered) + agg.loop_iterations, dp, data_span)
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
-    gathered_peak = float(per_param[shardable].sum())
+    unsplit = float(per_param[~shardable & (space.param_bytes >= FSDP_MIN_BYTES)].sum())
+    gathered_live = np.maximum(agg.gathered_curves[0] + agg.gathered_curves[1] / tp - unsplit, 0)
   else:
-    gathered_peak = 0.0
-    if storage == "zero1":  # updated parameters are all-gathered from their shards
-      gathered = float(per_param[shardable].sum())
-      add("all-gather", gathered, _combined(gathered), dp, data_span)
-      gathered_peak = gathered  # into a new buffer
     param_mem = float(per_param.sum())
+    if storage == "zero1":  # updated parameters are all-gathered from their shards
+      zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
+      add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
   # Collective buffers the liveness scan does not see. On XLA:CPU a gradient reduction over
@@ -673,21 +710,21 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   # large collectives, the earliest as soon as the last layers' gradients are ready; measured:
   # VGG-16's classifier gradients coexist with its activation peak, GPT-1.3B's peak is
   # mid-backward with few gradients live). GPU XLA reduces into the partial sums' own buffer
-  # (see memory.REDUCES_IN_PLACE). FSDP holds its gathered parameters through the whole step.
+  # (see memory.REDUCES_IN_PLACE).
   def temporaries(compiler: str) -> float:
     m = agg.memory[compiler]
     shadow = dp > 1 and m.grad_curves is not None
     grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if shadow else 0.0
-    temps = memory.peak_bytes(m.curves, data_div, tp, extra=grad_shadow)
+    temps = memory.peak_bytes(m.curves, data_div, tp, extra=grad_shadow + gathered_live)
     if storage == "zero1":
       # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
       # buffers are freed: the two never coexist (measured, 1.3B on 4 devices: compiled
       # temporaries 16.6 GiB, summing both predicted 22.7).
-      return max(temps, memory.bytes_at(m.curves, m.update_pos, data_div, tp) + gathered_peak)
-    return temps + gathered_peak
+      return max(temps, memory.bytes_at(m.curves, m.update_pos, data_div, tp) + zero1_gathered)
+    return temps
 
   state = param_mem + opt_mem + space.batch_bytes / dp
-  peak = state + temporaries(memory.compiler_for(profile.kind))
+  peak = state + temporaries(fit_compiler)
   peak_xla_cpu = state + temporaries(memory.XLA_CPU)
 
   step_time = compute_time + comm_time
@@ -718,7 +755,7 @@ def device_counts(max_devices: int, all_devices: bool) -> list[int]:
 def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
            strategy: str = "auto", objective: str = "time",
            memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
-           all_devices: bool = False) -> list[Candidate]:
+           all_devices: bool = False, memory_rules: str = "profile") -> list[Candidate]:
   """All candidates, fitting ones first, each part ordered by the objective."""
   if strategy not in STRATEGIES:
     raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}. Got {strategy!r}.")
@@ -726,6 +763,9 @@ def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
     raise InvalidArgumentError(f"objective must be one of {OBJECTIVES}. Got {objective!r}.")
   if not 0 <= memory_headroom < 1:
     raise InvalidArgumentError(f"memory_headroom must be in [0, 1). Got {memory_headroom!r}.")
+  if memory_rules not in MEMORY_RULES:
+    raise InvalidArgumentError(f"memory_rules must be one of {MEMORY_RULES}. Got {memory_rules!r}.")
+  fit_compiler = memory.compiler_for(profile.kind) if memory_rules == "profile" else memory_rules
   budget = profile.memory_bytes * (1 - memory_headroom)
   op_seconds = _op_seconds(space, profile)
   aggregates: dict[tuple[int, ...], _Aggregates] = {}
@@ -743,7 +783,8 @@ def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
             continue
           if groups not in aggregates:
             aggregates[groups] = _aggregate(space, groups, op_seconds)
-          found.append(_price(space, aggregates[groups], profile, dp, tp, groups, storage, budget))
+          found.append(_price(space, aggregates[groups], profile, dp, tp, groups, storage, budget,
+                              fit_compiler))
   if not found:
     divisible = [d for d in range(1, max_devices + 1) if space.batch_size % d == 0]
     raise IndivisibleBatchError(
