@@ -1,10 +1,12 @@
 """Which values the memory model writes out, and which buffers it lets a kernel reuse."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from wapar_jax._src import memory
+from wapar_jax._src import memory, zoo
 from wapar_jax._src.trace import trace_train_step
 
 PARAMS = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
@@ -116,3 +118,57 @@ def test_profiles_pick_their_compilers_rules():
   assert memory.compiler_for("cpu") == memory.XLA_CPU
   assert memory.compiler_for("gpu") == memory.XLA_GPU
   assert memory.compiler_for("tpu") == memory.XLA_GPU
+
+
+def _cnn():
+  # Two conv -> ReLU -> 2x2 max-pool layers, then a dense classifier.
+  ex = zoo.get_example("cnn", batch_size=16)
+  return trace_train_step(ex.loss_fn, ex.params, ex.batch, optax.sgd(0.1))[0]
+
+
+def _scratch(traced, compiler, like):
+  s = memory.scratch_buffers(traced, compiler)
+  return [(float(b), int(a), int(z)) for v, b, a, z in zip(s.like, s.nbytes, s.start, s.stop)
+          if v == like]
+
+
+def test_xla_cpu_expands_a_max_pool_gradient_into_iotas_indices_and_zeros():
+  traced = _cnn()
+  pool_grads = [op for op in traced.ops if op.primitive == "select_and_scatter_add"]
+  assert len(pool_grads) == 2
+  for op in pool_grads:
+    source, pooled_input = op.in_vars[0], op.in_vars[1]
+    (forward_pool,) = [p.index for p in traced.ops
+                       if p.primitive == "reduce_window_max" and p.in_vars[0] == pooled_input]
+    elements = math.prod(traced.var_shape[pooled_input])
+    # One int32 iota per dim (rank 4), from the top of the step to the forward pool ...
+    assert (4 * 4 * elements, 0, forward_pool) in _scratch(traced, memory.XLA_CPU, pooled_input)
+    # ... a zero gradient the scatter writes into, made at the top of the step ...
+    assert (4 * elements, 0, op.index - 1) in _scratch(traced, memory.XLA_CPU, pooled_input)
+    # ... and the argmax coordinates, one int32 per dim per output, until the scatter.
+    indices = 4 * 4 * math.prod(traced.var_shape[source])
+    assert (indices, forward_pool, op.index) in _scratch(traced, memory.XLA_CPU, source)
+  assert memory.scratch_buffers(traced, memory.XLA_GPU).like.size == 0
+
+
+def test_xla_cpu_reads_a_kernel_gradients_activations_through_a_transposed_copy():
+  traced = _cnn()
+  images = traced.batch_vars[0]
+  ((nbytes, start, stop),) = _scratch(traced, memory.XLA_CPU, images)
+  assert nbytes == traced.var_bytes()[images] and start == 0
+  conv = traced.ops[stop]
+  assert conv.primitive == "conv_general_dilated" and conv.in_vars[0] == images
+  kernels = {traced.var_shape[v] for v in traced.param_vars if len(traced.var_shape[v]) == 4}
+  assert traced.var_shape[conv.out_vars[0]] in kernels  # a kernel gradient
+
+
+def test_a_max_pool_input_is_not_kept_for_its_gradient_on_xla_cpu():
+  # The gradient reads the argmax indices, computed in the forward pass, instead.
+  traced = _cnn()
+  op = next(op for op in traced.ops if op.primitive == "select_and_scatter_add")
+  pooled_input = op.in_vars[1]
+  forward_end = traced.def_pos[traced.loss_var]
+  _, cpu_last_use = memory.materialised(traced, memory.XLA_CPU)
+  _, gpu_last_use = memory.materialised(traced, memory.XLA_GPU)
+  assert cpu_last_use[pooled_input] < forward_end
+  assert gpu_last_use[pooled_input] >= op.index

@@ -204,3 +204,43 @@ def test_sharded_init_matches_unsharded_init():
     assert leaf.sharding.spec == spec
     np.testing.assert_allclose(np.asarray(leaf), np.asarray(want), rtol=1e-6)
   assert any("data" in spec for spec in jax.tree.leaves(plan.param_specs, is_leaf=_is_spec))
+
+
+def test_memory_rules_choose_whose_peak_must_fit():
+  # GPU XLA keeps fewer values than XLA:CPU: with a budget between the two peaks, the plan fits
+  # under the profile's (GPU) rules and not under XLA:CPU's, which plan.verify() would compile.
+  ex = zoo.get_example("gpt-tiny", batch_size=64, seq_len=128)
+  forced = dict(optimizer=TX, devices=8, strategy="dp", all_devices=True, remat="none",
+                microbatches=1)
+  roomy = wap.plan(ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", **forced).predicted
+  assert roomy.peak_memory < 0.95 * roomy.peak_memory_xla_cpu
+  between = (roomy.peak_memory + roomy.peak_memory_xla_cpu) / 2
+  card = dataclasses.replace(wap.load_profile("h100-sxm"), name="between",
+                             memory_bytes=between / (1 - 0.15))
+  fits = wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, **forced)
+  assert fits.predicted.peak_memory == pytest.approx(roomy.peak_memory)
+  with pytest.raises(wap.NoFeasiblePlanError):
+    wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, memory_rules="xla:cpu", **forced)
+  with pytest.raises(wap.InvalidArgumentError, match="memory_rules"):
+    wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, memory_rules="gpu", **forced)
+
+
+def test_fsdp_frees_gathered_parameters_after_their_last_read():
+  # The classifier's gathered weights are read last by the backward pass's first matmuls, long
+  # before the optimizer update at the end of the step.
+  from wapar_jax._src import emit, search
+  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.trace import trace_train_step
+  ex = zoo.get_example("mlp", batch_size=64)
+  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
+  paths = [emit.path_str(k) for k in emit.leaf_paths(ex.params)]
+  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)), paths)
+  agg = search._aggregate(space, (), search._op_seconds(space, wap.load_profile("cpu")))
+  big = space.param_bytes >= search.FSDP_MIN_BYTES
+  assert big.any()
+  gathered = agg.gathered_curves.sum(axis=0)
+  assert gathered[0] == pytest.approx(space.param_bytes[big].sum())
+  # The optimizer reads every parameter last (adamw's weight decay); its shards, not the
+  # gathered copies.
+  update = min(max(op.index for op in traced.ops if v in op.in_vars) for v in traced.param_vars)
+  assert gathered[update] == 0

@@ -12,6 +12,9 @@ The scan is split by sharding category so one pass serves every mesh: a value's 
 is its bytes divided by the data degree (if it carries the batch, or is weight-shaped under
 ZeRO/FSDP) and by the model degree (if one of its classes is on the model axis). The peak for a
 mesh is then the max over program points of a weighted sum of a few curves.
+
+Some buffers of a compiled step stand for no variable of the step (XLA:CPU's transposed conv
+operands, its max-pool gradient indices): `scratch_buffers` lists them, sharded like a variable.
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ class Scratch:
 
 
 def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
-  """XLA:CPU's buffers of its own: transposed conv operands and max-pool gradient indices.
+  """XLA:CPU's buffers of its own: transposed conv operands, max-pool gradient indices, zeros.
 
   - XLA:CPU runs a convolution on operands laid out batch-major / feature-minor (kernels
     spatial-major, output feature minor). A conv whose dimension numbers differ (a kernel
@@ -179,10 +182,14 @@ def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
   - It expands a max pool's gradient (`select_and_scatter_add`) into a reduce-window over the
     pool's input and one int32 iota per dim, giving the argmax's coordinates, then a scatter
     into zeros. The iotas and the zeros are made at the top of the step (they read nothing);
-    the iotas die when the indices are computed, after the forward pass, the zeros become the
-    gradient. VGG-16 on 4 devices, model split, batch 128: 9.4 GiB of iotas live at the peak.
+    the iotas die where the forward pool runs (the indices are computed right after it), the
+    zeros become the gradient. VGG-16 on 4 devices, model split, batch 128: 9.4 GiB of iotas
+    live at the compiled peak.
+  - A gather's gradient (an embedding's, a cross-entropy's) scatter-adds into zeros; XLA:CPU
+    makes the zeros at the top of the step too (GPT-1.3B, FSDP on 4 devices: the embedding's
+    zero gradient, [50257, 2048], from the first op to the last layer's backward pass).
   GPU XLA fuses the iotas into the reduce-window and computes the indices just before the
-  scatter, so it has none of these.
+  scatter; none of these were seen in its compiles.
   """
   like, nbytes, start, stop = [], [], [], []
   if compiler == XLA_CPU:
@@ -192,6 +199,13 @@ def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
       nbytes.append(sizes[v])
       start.append(max(int(traced.def_pos[v]), 0))
       stop.append(conv)
+    for op in traced.ops:
+      if op.primitive == "scatter-add" and _is_constant_fill(traced, op.in_vars[0]):
+        out = op.out_vars[0]
+        like.append(out)
+        nbytes.append(sizes[out])
+        start.append(0)
+        stop.append(op.index - 1)
     pooled_at = {op.in_vars[0]: op.index for op in traced.ops
                  if op.primitive == "reduce_window_max"}
     for op in traced.ops:
@@ -209,6 +223,15 @@ def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
       stop += [op.index - 1, pooled, op.index]
   return Scratch(np.asarray(like, dtype=np.int64), np.asarray(nbytes, dtype=float),
                  np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64))
+
+
+def _is_constant_fill(traced, v: int) -> bool:
+  """Whether variable v is a broadcast of a literal (zeros for a scatter to add into)."""
+  if v < 0 or traced.def_pos[v] < 0:
+    return False
+  op = traced.ops[traced.def_pos[v]]
+  return op.primitive == "broadcast_in_dim" and all(
+      u < 0 or not traced.var_shape[u] for u in op.in_vars)
 
 
 def _canonical_spec(spec, is_kernel: bool) -> bool:

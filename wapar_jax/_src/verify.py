@@ -1082,8 +1082,10 @@ def _cpu_only_buffers(module: HloModule) -> list[str]:
   if not pooling:
     return []
   return [f"XLA:CPU expanded {pooling} max-pool gradient(s) (select-and-scatter) into scatters "
-          "over s32 index arrays; GPU XLA emits select-and-scatter itself, so the compiled peak "
-          "here includes buffers a GPU compile does not allocate."]
+          "over s32 index arrays, with one int32 iota per dim of each pooled input made at the "
+          "top of the step; GPU XLA fuses the iotas and computes the indices just before each "
+          "scatter, so the compiled peak here includes buffers a GPU compile does not allocate "
+          "(the XLA:CPU memory figure counts them)."]
 
 
 @dataclasses.dataclass(frozen=True)
