@@ -12,11 +12,15 @@ treats them).
     python benchmarks/gpu_memory.py prepare               # on CPU: plan every suite row
     python benchmarks/gpu_memory.py compile --workers 4   # on a GPU machine
     python benchmarks/gpu_memory.py report                # tables from the compiled parts
+    python benchmarks/gpu_memory.py reprice               # on CPU: the current model's figures
 
 `prepare` plans each row as `suite.py` does and keeps the plan (specs, remat, micro-batches),
 its predicted peak and the suite's XLA:CPU peak in `results/gpu_memory_plans.json`, so the GPU
 machine only compiles. `compile` writes `results/gpu_memory_part<k>.jsonl` line by line (a
 run cut short keeps what it compiled); `report` writes `results/gpu_memory.{json,md}`.
+`reprice` prices each compiled row's kept step again with the memory model as it is now
+(`results/gpu_memory_repriced.json`, which `report` then uses), so the comparison follows the
+model without another GPU session.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 PLANS = RESULTS / "gpu_memory_plans.json"
+REPRICED = RESULTS / "gpu_memory_repriced.json"
 TARGET = 0.15  # the suite's memory target: |predicted / compiled - 1| <= 15%
 # GPU XLA rematerialises a module that exceeds the compiling GPU's memory until it fits (its
 # `hlo_rematerialization` pass, at about 100 GiB on an H200): such a compile is another
@@ -160,18 +165,72 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
   (RESULTS / f"gpu_memory_meta{index}.json").write_text(json.dumps(meta) + "\n")
 
 
-def report() -> None:
-  import numpy as np
-  from wapar_jax._src.explain import human_bytes
-  from wapar_jax._src.files import write_text_atomic
-
-  rows, meta = [], {}
+def _compiled_rows() -> list[dict]:
+  rows = []
   for part in sorted(RESULTS.glob("gpu_memory_part*.jsonl")):
     for line in part.read_text().splitlines():
       try:
         rows.append(json.loads(line))
       except ValueError:  # a worker stopped mid-line
         pass
+  return rows
+
+
+def reprice() -> None:
+  """The predicted peaks of every compiled row's step under the current memory model."""
+  import dataclasses
+  import optax
+  import wapar_jax as wap
+  from wapar_jax._src import emit, search, zoo
+  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.files import write_text_atomic
+  from wapar_jax._src.step import abstract
+  from wapar_jax._src.trace import trace_train_step
+
+  kept = {(e["case"], e["row"]): e for e in json.loads(PLANS.read_text())}
+  ranked, out = {}, []
+  for r in _compiled_rows():
+    if "gpu_peak" not in r or r["gpu_peak"] >= CLAMPED_AT:
+      continue
+    e = kept[(r["case"], r["row"])]
+    chosen = e["plan"]["chosen"]
+    key = (r["case"], chosen["remat"], chosen["microbatches"])
+    if key not in ranked:
+      ex = zoo.get_example(e["model"], **e["example"])
+      params, batch = abstract(ex.params), abstract(ex.batch)
+      traced, _ = trace_train_step(ex.loss_fn, params, batch, optax.adamw(1e-3),
+                                   remat=key[1], microbatches=key[2])
+      paths = [emit.path_str(k) for k in emit.leaf_paths(params)]
+      space = search.build_space(traced, step_costs(traced, CostCache()), paths,
+                                 remat=key[1], microbatches=key[2])
+      profile = dataclasses.replace(wap.load_profile(e["plan"]["profile"]), memory_bytes=1e18)
+      ranked[key] = search.search(space, profile, e["plan"]["devices_offered"])
+    same = [c for c in ranked[key] if c.strategy == chosen["strategy"]
+            and c.mesh_shape == r["mesh"] and list(c.model_groups) == chosen["model_groups"]]
+    if not same:
+      print(f"{r['case']:24s} {r['row']:6s} its step is no longer a candidate", flush=True)
+      continue
+    out.append({"case": r["case"], "row": r["row"], "predicted_peak": same[0].peak_memory,
+                "predicted_peak_xla_cpu": same[0].peak_memory_xla_cpu})
+    print(f"{r['case']:24s} {r['row']:6s} predicted {same[0].peak_memory / 2**30:7.2f} GiB, "
+          f"GPU compiled {r['gpu_peak'] / 2**30:7.2f} "
+          f"({same[0].peak_memory / r['gpu_peak'] - 1:+.1%})", flush=True)
+  write_text_atomic(REPRICED, json.dumps(out, indent=1) + "\n")
+  print(f"{len(out)} rows -> {REPRICED}")
+
+
+def report() -> None:
+  import numpy as np
+  from wapar_jax._src.explain import human_bytes
+  from wapar_jax._src.files import write_text_atomic
+
+  rows, meta = _compiled_rows(), {}
+  repriced = {}
+  if REPRICED.exists():
+    repriced = {(p["case"], p["row"]): p for p in json.loads(REPRICED.read_text())}
+  for r in rows:
+    r.update({k: v for k, v in repriced.get((r["case"], r["row"]), {}).items()
+              if k.startswith("predicted")})
   for m in sorted(RESULTS.glob("gpu_memory_meta*.json")):
     meta = json.loads(m.read_text())
   order = {c: i for i, c in enumerate(ORDER)}
@@ -209,7 +268,9 @@ def report() -> None:
       "compiled, never run). Peak = `memory_analysis()` arguments + outputs - aliases + "
       "temporaries, per device. Error = predicted / compiled - 1. *predicted*: the plan's peak, "
       "under GPU XLA's buffer rules; the XLA:CPU columns: the same row predicted under "
-      "XLA:CPU's rules and compiled by the suite.", "",
+      "XLA:CPU's rules and compiled by the suite."
+      + (" Predictions re-priced by the memory model as of the last `reprice` (same steps as "
+         "compiled)." if repriced else ""), "",
       "| case | row | mesh | remat, micro-batches | predicted | GPU compiled | err | "
       "predicted (XLA:CPU) | XLA:CPU compiled | err |",
       "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -255,6 +316,7 @@ def main(argv=None) -> int:
   c.add_argument("--only", nargs="*", default=[],
                  help="CASE:ROW pairs to compile, e.g. resnet50@8xa100-pcie:dp (default: all)")
   sub.add_parser("report", help="tables from the compiled parts")
+  sub.add_parser("reprice", help="price the compiled rows' steps with the current model (CPU)")
   w = sub.add_parser("worker")
   for name in ("index", "workers", "budget_s", "mock_devices"):
     w.add_argument(name, type=float if name == "budget_s" else int)
@@ -266,6 +328,9 @@ def main(argv=None) -> int:
     compile_rows(args.workers, args.budget_s, args.mock_devices, args.only)
     report()
   elif args.command == "report":
+    report()
+  elif args.command == "reprice":
+    reprice()
     report()
   else:
     worker(args.index, args.workers, args.budget_s, args.mock_devices, args.only)
