@@ -166,6 +166,7 @@ class SearchSpace:
   # Per param: the last op reading it for compute, not for the optimizer update (how long an
   # FSDP-gathered copy lives); the step's end where a loop reads it (needed every iteration).
   param_read_until: np.ndarray
+  param_first_read: np.ndarray  # [P] first op reading each parameter
   opt_bytes: np.ndarray             # [O]
   opt_weight: np.ndarray            # [O] bool: shaped like a parameter
   opt_group: np.ndarray             # [O, G] bool
@@ -298,7 +299,11 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   ov = list(traced.opt_state_vars)
   param_index = {v: i for i, v in enumerate(pv)}
   param_read_until = np.zeros(len(pv), dtype=np.int64)
+  param_first_read = np.full(len(pv), len(ops), dtype=np.int64)
   for op in ops:
+    for v in op.in_vars:
+      if v in param_index:
+        param_first_read[param_index[v]] = min(param_first_read[param_index[v]], op.index)
     if op_data_cat[op.index] == memory.DATA_WEIGHT:
       continue
     for v in op.in_vars:
@@ -317,7 +322,7 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
                np.asarray(g_batch, dtype=bool), np.asarray(g_group, dtype=np.int64)),
       param_group=var_group[pv], param_bytes=var_bytes[pv],
       param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
-      param_read_until=param_read_until,
+      param_read_until=param_read_until, param_first_read=param_first_read,
       opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
       batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size,
       batch_reduce_rounds=_reduction_rounds(ops, red_batch_sink),
@@ -595,6 +600,22 @@ def _fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.
   return ok
 
 
+def _gathered_strided(space: SearchSpace, dp: int, groups: tuple[int, ...],
+                      shardable: np.ndarray, tp: int) -> np.ndarray:
+  """Per FSDP-sharded parameter: gathered along a dim with a non-trivial dim before it (in the
+  per-device layout), which XLA:CPU gathers transposed and copies back to row-major."""
+  in_groups = {c for g in groups for c in space.groups[g].classes}
+  loop = space.traced.loop_classes
+  strided = np.zeros(len(space.param_dims), dtype=bool)
+  for i in np.flatnonzero(shardable):
+    dims = space.param_dims[i]
+    d = fsdp_dim(dims, dp, [c in in_groups for c, _ in dims], loop)
+    if d is not None:
+      before = math.prod(size // tp if c in in_groups else size for c, size in dims[:d])
+      strided[i] = before > 1
+  return strided
+
+
 def fsdp_dim(dims: Sequence[tuple[int, int]], dp: int, taken: Sequence[bool],
              loop_classes: frozenset[int]) -> int | None:
   """The dim a parameter is split on along the data axis: the largest free one that divides."""
@@ -685,6 +706,7 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   shardable = _fsdp_shardable(space, dp, groups) if dp > 1 else np.zeros(len(param_div), bool)
   per_param = space.param_bytes / param_div
   gathered_live: np.ndarray | float = 0.0  # FSDP's gathered parameters, per program point
+  relayout_cpu: np.ndarray | float = 0.0
   zero1_gathered = 0.0
   if storage == "fsdp":
     # Gathered once, at the top of the step where the emitted step pins parameters to their
@@ -697,6 +719,14 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
     unsplit = float(per_param[~shardable & (space.param_bytes >= FSDP_MIN_BYTES)].sum())
     gathered_live = np.maximum(agg.gathered_curves[0] + agg.gathered_curves[1] / tp - unsplit, 0)
+    # XLA:CPU gathers a parameter split along a minor dim in a transposed layout and copies
+    # it back, every copy at the top of the step, each living until the parameter's first
+    # read (GPT-1.3B, 4 devices, per-layer remat: 24 MLP input kernels, 1.5 GiB).
+    strided = _gathered_strided(space, dp, groups, shardable, tp)
+    relayout_cpu = np.zeros(len(space.traced.ops) + 2)
+    np.add.at(relayout_cpu, space.param_first_read[strided] + 1, -per_param[strided])
+    relayout_cpu[0] += per_param[strided].sum()
+    relayout_cpu = np.cumsum(relayout_cpu)[:len(space.traced.ops) + 1]
   else:
     param_mem = float(per_param.sum())
     if storage == "zero1":  # updated parameters are all-gathered from their shards
@@ -705,25 +735,20 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
   # Collective buffers the liveness scan does not see. On XLA:CPU a gradient reduction over
-  # the data axis reads full-size partial sums and writes a new result. Reduce-scattered
-  # (sharded state), the liveness scan holds the result, 1/dp of a gradient: count the
-  # full-size partial sum while the gradient lives. All-reduced (replicated state), the scan
-  # holds the partial sum: count the full-size result where the gradients are all live, as
-  # XLA:CPU combines them into one all-reduce after the last is made (AlexNet on 4 devices:
-  # 16 gradients, 244 MiB, in one all-reduce at the end of the backward pass; counting each
-  # result from its gradient's birth over-predicted AlexNet and VGG-16 by 15%). GPU XLA
-  # reduces into the partial sums' own buffer (see memory.REDUCES_IN_PLACE).
+  # the data axis reads full-size partial sums and writes a new result: while a weight
+  # gradient lives, count it once more at full size (measured: VGG-16's classifier gradients
+  # coexist with its activation peak, GPT-1.3B's peak is mid-backward with few gradients
+  # live). XLA:CPU often combines the all-reduces into one after the last gradient is made
+  # (AlexNet on 4 devices: 16 gradients, 244 MiB), so the result exists only then; counting
+  # it there alone brings AlexNet and VGG-16 data parallel from +15% to +4% and -1%, but the
+  # per-layer remat of gpt-tiny to -17%, whose recomputed backward keeps more than this
+  # model sees. GPU XLA reduces into the partial sums' own buffer (memory.REDUCES_IN_PLACE).
   def temporaries(compiler: str) -> float:
     m = agg.memory[compiler]
-    grad_shadow: np.ndarray | float = 0.0
-    if dp > 1 and m.grad_curves is not None:
-      full = memory.per_device(m.grad_curves, (1, 1, 1), tp)
-      if sharded_state:
-        grad_shadow = full
-      else:
-        grad_shadow = np.zeros_like(full)
-        grad_shadow[m.update_pos] = full.max()
-    temps = memory.peak_bytes(m.curves, data_div, tp, extra=grad_shadow + gathered_live)
+    shadow = dp > 1 and m.grad_curves is not None
+    grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if shadow else 0.0
+    extra = grad_shadow + gathered_live + (relayout_cpu if compiler == memory.XLA_CPU else 0.0)
+    temps = memory.peak_bytes(m.curves, data_div, tp, extra=extra)
     if storage == "zero1":
       # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
       # buffers are freed: the two never coexist (measured, 1.3B on 4 devices: compiled
