@@ -165,15 +165,22 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
   (RESULTS / f"gpu_memory_meta{index}.json").write_text(json.dumps(meta) + "\n")
 
 
-def _compiled_rows() -> list[dict]:
-  rows = []
+def _compiled_rows() -> tuple[list[dict], dict]:
+  """The compiled rows and their machine: from the workers' parts, or, where this checkout has
+  none (they stay on the GPU machine's copy), from the last report."""
+  rows, meta = [], {}
   for part in sorted(RESULTS.glob("gpu_memory_part*.jsonl")):
     for line in part.read_text().splitlines():
       try:
         rows.append(json.loads(line))
       except ValueError:  # a worker stopped mid-line
         pass
-  return rows
+  for m in sorted(RESULTS.glob("gpu_memory_meta*.json")):
+    meta = json.loads(m.read_text())
+  if not rows and (RESULTS / "gpu_memory.json").exists():
+    last = json.loads((RESULTS / "gpu_memory.json").read_text())
+    rows, meta = last["rows"], last["meta"]
+  return rows, meta
 
 
 def reprice() -> None:
@@ -189,7 +196,7 @@ def reprice() -> None:
 
   kept = {(e["case"], e["row"]): e for e in json.loads(PLANS.read_text())}
   ranked, out = {}, []
-  for r in _compiled_rows():
+  for r in _compiled_rows()[0]:
     if "gpu_peak" not in r or r["gpu_peak"] >= CLAMPED_AT:
       continue
     e = kept[(r["case"], r["row"])]
@@ -224,15 +231,13 @@ def report() -> None:
   from wapar_jax._src.explain import human_bytes
   from wapar_jax._src.files import write_text_atomic
 
-  rows, meta = _compiled_rows(), {}
+  rows, meta = _compiled_rows()
   repriced = {}
   if REPRICED.exists():
     repriced = {(p["case"], p["row"]): p for p in json.loads(REPRICED.read_text())}
   for r in rows:
     r.update({k: v for k, v in repriced.get((r["case"], r["row"]), {}).items()
               if k.startswith("predicted")})
-  for m in sorted(RESULTS.glob("gpu_memory_meta*.json")):
-    meta = json.loads(m.read_text())
   order = {c: i for i, c in enumerate(ORDER)}
   names = ("plan", "dp", "fsdp", "zero1", "tp", "dp_tp")
   rows.sort(key=lambda r: (order.get(r["case"], 99), names.index(r["row"])))

@@ -244,3 +244,19 @@ def test_fsdp_frees_gathered_parameters_after_their_last_read():
   # gathered copies.
   update = min(max(op.index for op in traced.ops if v in op.in_vars) for v in traced.param_vars)
   assert gathered[update] == 0
+
+
+def test_fsdp_parameters_gathered_along_a_minor_dim_are_found():
+  # XLA:CPU gathers those transposed and copies them back to row-major (priced in its peak).
+  from wapar_jax._src import emit, search
+  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.trace import trace_train_step
+  ex = zoo.get_example("mlp", batch_size=64)
+  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
+  paths = [emit.path_str(k) for k in emit.leaf_paths(ex.params)]
+  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)), paths)
+  shardable = search._fsdp_shardable(space, 4, ())
+  strided = dict(zip(paths, search._gathered_strided(space, 4, (), shardable, 1)))
+  shapes = dict(zip(paths, (traced.var_shape[v] for v in traced.param_vars)))
+  assert shapes["Dense_0/kernel"] == (64, 256) and strided["Dense_0/kernel"]  # split on 256
+  assert shapes["Dense_1/kernel"] == (256, 256) and not strided["Dense_1/kernel"]  # on dim 0
