@@ -735,18 +735,24 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
   # Collective buffers the liveness scan does not see. On XLA:CPU a gradient reduction over
-  # the data axis reads full-size partial sums and writes a new result: while a weight
-  # gradient lives, count it once more at full size (measured: VGG-16's classifier gradients
-  # coexist with its activation peak, GPT-1.3B's peak is mid-backward with few gradients
-  # live). XLA:CPU often combines the all-reduces into one after the last gradient is made
-  # (AlexNet on 4 devices: 16 gradients, 244 MiB), so the result exists only then; counting
-  # it there alone brings AlexNet and VGG-16 data parallel from +15% to +4% and -1%, but the
-  # per-layer remat of gpt-tiny to -17%, whose recomputed backward keeps more than this
-  # model sees. GPU XLA reduces into the partial sums' own buffer (memory.REDUCES_IN_PLACE).
+  # the data axis reads full-size partial sums and writes a new result. Reduce-scattered
+  # (sharded state), the liveness scan holds the result, 1/dp of a gradient: count the
+  # full-size partial sum while the gradient lives. All-reduced (replicated state), the scan
+  # holds the partial sum: count the full-size result where the gradients are all live, as
+  # XLA:CPU combines the all-reduces into one after the last gradient is made (AlexNet on 4
+  # devices: 16 gradients, 244 MiB, at the end of the backward pass; gpt-tiny likewise;
+  # counting each result from its gradient's birth over-predicted AlexNet and VGG-16 by 15%).
+  # GPU XLA reduces into the partial sums' own buffer (see memory.REDUCES_IN_PLACE).
   def temporaries(compiler: str) -> float:
     m = agg.memory[compiler]
-    shadow = dp > 1 and m.grad_curves is not None
-    grad_shadow = memory.per_device(m.grad_curves, (1, 1, 1), tp) if shadow else 0.0
+    grad_shadow: np.ndarray | float = 0.0
+    if dp > 1 and m.grad_curves is not None:
+      full = memory.per_device(m.grad_curves, (1, 1, 1), tp)
+      if sharded_state:
+        grad_shadow = full
+      else:
+        grad_shadow = np.zeros_like(full)
+        grad_shadow[m.update_pos] = full.max()
     extra = grad_shadow + gathered_live + (relayout_cpu if compiler == memory.XLA_CPU else 0.0)
     temps = memory.peak_bytes(m.curves, data_div, tp, extra=extra)
     if storage == "zero1":
