@@ -132,7 +132,7 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "tp", "dp_tp".
     memory_headroom: fraction of device memory kept free: fragmentation, runtime buffers and the
       memory model's error (predicted peaks are within 15% of XLA's compiled peak on most of
-      the benchmark suite, median 2.7%, either side).
+      the benchmark suite, median 2.3%, either side).
     all_devices: only consider using every device offered.
     cache: keep per-equation XLA costs on disk (~/.cache/wapar_jax) across runs.
     progress: `progress(phase, items) -> iterable of items`, wrapped around each long phase
