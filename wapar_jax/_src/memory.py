@@ -117,17 +117,16 @@ def materialised(traced, compiler: str = XLA_CPU) -> tuple[np.ndarray, np.ndarra
   # elementwise value that dies early for such a reroute: XLA:CPU recomputes it later from its
   # inputs (ResNet-50: a block's output, read in the backward pass by the next block's
   # residual gradient, is remade from the kept convolution outputs and batch statistics).
+  remade_later = np.zeros(n, dtype=bool)
+  remade_later[[v for v in plain_last if made_by_fusible[v]]] = True
   needed = last_use.copy()
   for op in reversed(traced.ops):
-    remade = [v for v in op.out_vars
-              if not kept[v] or (v in plain_last and made_by_fusible[v])]
+    remade = [v for v in op.out_vars if not kept[v] or remade_later[v]]
     if remade:
       until = max(needed[v] for v in remade)
       for v in op.in_vars:
         if v >= 0 and needed[v] < until:
           needed[v] = until
-  remade_later = np.zeros(n, dtype=bool)
-  remade_later[[v for v in plain_last if made_by_fusible[v]]] = True
   last_use = np.where(remade_later, last_use, needed)
   _share_dying_buffers(traced, kept, last_use)
   return kept, last_use
@@ -202,6 +201,8 @@ def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
       nbytes.append(sizes[v])
       start.append(max(int(traced.def_pos[v]), 0))
       stop.append(conv)
+    pooled_at = {op.in_vars[0]: op.index for op in traced.ops
+                 if op.primitive == "reduce_window_max"}
     for op in traced.ops:
       if op.primitive == "scatter-add" and _is_constant_fill(traced, op.in_vars[0]):
         out = op.out_vars[0]
@@ -209,9 +210,6 @@ def scratch_buffers(traced, compiler: str = XLA_CPU) -> Scratch:
         nbytes.append(sizes[out])
         start.append(0)
         stop.append(op.index - 1)
-    pooled_at = {op.in_vars[0]: op.index for op in traced.ops
-                 if op.primitive == "reduce_window_max"}
-    for op in traced.ops:
       if op.primitive != "select_and_scatter_add":
         continue
       source, operand = op.in_vars[0], op.in_vars[1]

@@ -302,13 +302,11 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   param_first_read = np.full(len(pv), len(ops), dtype=np.int64)
   for op in ops:
     for v in op.in_vars:
-      if v in param_index:
-        param_first_read[param_index[v]] = min(param_first_read[param_index[v]], op.index)
-    if op_data_cat[op.index] == memory.DATA_WEIGHT:
-      continue
-    for v in op.in_vars:
-      if v in param_index:
-        i = param_index[v]
+      i = param_index.get(v)
+      if i is None:
+        continue
+      param_first_read[i] = min(param_first_read[i], op.index)
+      if op_data_cat[op.index] != memory.DATA_WEIGHT:  # not the optimizer update
         param_read_until[i] = len(ops) if op.multiplicity > 1 else max(param_read_until[i], op.index)
   return SearchSpace(
       traced=traced, costs=costs, groups=tuple(groups), batch_classes=frozenset(batch_classes),
@@ -723,10 +721,11 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
     # it back, every copy at the top of the step, each living until the parameter's first
     # read (GPT-1.3B, 4 devices, per-layer remat: 24 MLP input kernels, 1.5 GiB).
     strided = _gathered_strided(space, dp, groups, shardable, tp)
-    relayout_cpu = np.zeros(len(space.traced.ops) + 2)
-    np.add.at(relayout_cpu, space.param_first_read[strided] + 1, -per_param[strided])
-    relayout_cpu[0] += per_param[strided].sum()
-    relayout_cpu = np.cumsum(relayout_cpu)[:len(space.traced.ops) + 1]
+    k = int(strided.sum())
+    relayout_cpu = memory.liveness_curves(
+        np.zeros(k, dtype=np.int64), space.param_first_read[strided], per_param[strided],
+        np.full(k, memory.DATA_NONE), np.zeros(k, dtype=bool),
+        len(space.traced.ops))[memory.DATA_NONE, 0]
   else:
     param_mem = float(per_param.sum())
     if storage == "zero1":  # updated parameters are all-gathered from their shards
