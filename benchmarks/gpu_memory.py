@@ -7,10 +7,16 @@ script compiles the same rows with GPU XLA for the rows' real device counts on a
 single GPU: JAX's mock GPU client (`mock_num_gpu_processes`) presents N devices, one per mocked
 process, that compile an N-device SPMD module (NCCL mocked) and are never run. Each compile is
 a plain `lowered.compile()`, what a GPU user gets (no XLA options, remat barriers as GPU XLA
-treats them).
+treats them), but for the row's card: GPU XLA's scheduler may spend memory up to a limit taken
+from the compiling GPU (80% of it, times `xla_gpu_memory_limit_slop_factor`); the slop factor
+scales that limit to the row's card. Measured, it moves three rows of 113 (GPT-7B's FSDP plan
+with dots-saving remat 78.6 -> 71.3 GiB, GPT-1.3B's per-layer remat plan 12.23 -> 12.95, GPT-7B
+16-way tensor parallel 244.8 -> 241.3): what those remat plans keep beyond the prediction is
+GPU XLA's order of the backward pass, not the limit.
 
     python benchmarks/gpu_memory.py prepare               # on CPU: plan every suite row
     python benchmarks/gpu_memory.py compile --workers 4   # on a GPU machine
+    python benchmarks/gpu_memory.py compile --dump alexnet@8xp100:tp --dump-to DIR
     python benchmarks/gpu_memory.py report                # tables from the compiled parts
     python benchmarks/gpu_memory.py reprice               # on CPU: the current model's figures
 
@@ -18,7 +24,9 @@ treats them).
 its predicted peak and the suite's XLA:CPU peak in `results/gpu_memory_plans.json`, so the GPU
 machine only compiles. `compile` writes `results/gpu_memory_part<k>.jsonl` line by line (a
 run cut short keeps what it compiled); `report` writes `results/gpu_memory.{json,md}`.
-`reprice` prices each compiled row's kept step again with the memory model as it is now
+`--dump` keeps GPU XLA's buffer assignment (live ranges, the buffers at the peak) of the named
+rows in `DIR/<case>_<row>/`, to see what a prediction missed. `reprice` prices each compiled
+row's kept step again with the memory model as it is now
 (`results/gpu_memory_repriced.json`, which `report` then uses), so the comparison follows the
 model without another GPU session.
 """
@@ -102,13 +110,19 @@ def _cpu_peaks(case: str) -> dict:
   return {r["name"]: r["compiled"]["peak_memory"] for r in rows if "compiled" in r}
 
 
-def compile_rows(workers: int, budget_s: float, mock_devices: int, only: list[str]) -> None:
-  """Starts `workers` processes, each with its own mock client, taking every workers-th row."""
+def compile_rows(workers: int, budget_s: float, mock_devices: int, only: list[str],
+                 dump: list[str], dump_to: str | None) -> None:
+  """Starts `workers` processes, each with its own mock client, taking every workers-th row;
+  the rows in `dump` are dumped under `dump_to`."""
   # Compiles only: no worker takes GPU memory up front, and none autotunes kernels on the GPU
   # (a timing run may share it); cuBLAS / cuDNN then run their default algorithms.
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
                       " --xla_disable_hlo_passes=rematerialization").strip()
+  if dump:
+    if not dump_to:
+      raise SystemExit("--dump needs --dump-to DIR")
+    env["GPU_MEMORY_DUMP"] = json.dumps({"rows": dump, "to": str(Path(dump_to).resolve())})
   procs = [subprocess.Popen([sys.executable, __file__, "worker", str(k), str(workers),
                              str(budget_s), str(mock_devices), *only], env=env)
            for k in range(workers)]
@@ -122,12 +136,15 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
   # Before the backend starts: N mocked processes with one GPU each (this machine's GPU).
   jax.config.update("mock_num_gpu_processes", mock_devices)
   import optax
+  from wapar_jax import load_profile
   from wapar_jax._src import zoo
   from wapar_jax._src.plan import Plan
   from wapar_jax._src.verify import _memory, lower_plan_step
 
   entries = [e for e in json.loads(PLANS.read_text())
              if not only or f"{e['case']}:{e['row']}" in only][index::workers]
+  compiling_gpu_bytes = _gpu_memory_bytes()
+  dump = json.loads(os.environ.get("GPU_MEMORY_DUMP", '{"rows": []}'))
   devices = jax.devices()
   out = RESULTS / f"gpu_memory_part{index}.jsonl"
   started = time.perf_counter()
@@ -146,7 +163,15 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
         ex = zoo.get_example(e["model"], **e["example"])
         lowered = lower_plan_step(plan, devices[:plan.num_devices], ex.loss_fn,
                                   optax.adamw(1e-3), ex.params, ex.batch)
-        compiled = lowered.compile()  # as a GPU user compiles it: no options
+        # As a GPU user with the row's card compiles it (dumping changes nothing compiled).
+        row = f"{e['case']}:{e['row']}"
+        options = _scheduler_limit_for(load_profile(e["plan"]["profile"]).memory_bytes,
+                                       compiling_gpu_bytes)
+        if row in dump["rows"]:
+          options.update(xla_dump_to=f"{dump['to']}/{row.replace(':', '_').replace('@', '_')}",
+                         xla_dump_hlo_module_re="train_step")
+        compiled = lowered.compile(compiler_options=options or None)
+        record["scheduler_slop"] = options.get("xla_gpu_memory_limit_slop_factor")
         memory, notes = _memory(compiled)
         record.update(gpu_peak=memory.peak, argument=memory.argument, output=memory.output,
                       alias=memory.alias, temp=memory.temp, notes=notes)
@@ -163,6 +188,26 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
   meta = {"jax": jax.__version__, "device": jax.local_devices()[0].device_kind,
           "platform": devices[0].platform, "mock_devices": len(devices)}
   (RESULTS / f"gpu_memory_meta{index}.json").write_text(json.dumps(meta) + "\n")
+
+
+def _gpu_memory_bytes() -> float | None:
+  """The compiling GPU's memory (the mock devices report none of their own)."""
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                          "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split()[0]) * 2**20
+  except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+    return None
+
+
+def _scheduler_limit_for(card_bytes: float, compiling_gpu_bytes: float | None) -> dict:
+  """XLA options that give the scheduler the row's card's memory limit, not the compiling
+  GPU's (GPU XLA's default slop factor is 95%; it takes an integer percentage)."""
+  if not compiling_gpu_bytes or card_bytes >= compiling_gpu_bytes:
+    return {}
+  return {"xla_gpu_memory_limit_slop_factor":
+          max(1, round(95 * card_bytes / compiling_gpu_bytes))}
 
 
 def _compiled_rows() -> tuple[list[dict], dict]:
@@ -274,6 +319,9 @@ def report() -> None:
       "temporaries, per device. Error = predicted / compiled - 1. *predicted*: the plan's peak, "
       "under GPU XLA's buffer rules; the XLA:CPU columns: the same row predicted under "
       "XLA:CPU's rules and compiled by the suite."
+      + (" Each compile's scheduler had the memory limit of the row's card "
+         "(`xla_gpu_memory_limit_slop_factor`), not the compiling GPU's."
+         if any(r.get("scheduler_slop") for r in rows) else "")
       + (" Predictions re-priced by the memory model as of the last `reprice` (same steps as "
          "compiled)." if repriced else ""), "",
       "| case | row | mesh | remat, micro-batches | predicted | GPU compiled | err | "
@@ -320,6 +368,9 @@ def main(argv=None) -> int:
   c.add_argument("--mock-devices", type=int, default=16, help="mock GPU devices per worker")
   c.add_argument("--only", nargs="*", default=[],
                  help="CASE:ROW pairs to compile, e.g. resnet50@8xa100-pcie:dp (default: all)")
+  c.add_argument("--dump", nargs="*", default=[],
+                 help="CASE:ROW pairs whose compiled buffer assignment is dumped")
+  c.add_argument("--dump-to", help="folder for --dump, one sub-folder per row")
   sub.add_parser("report", help="tables from the compiled parts")
   sub.add_parser("reprice", help="price the compiled rows' steps with the current model (CPU)")
   w = sub.add_parser("worker")
@@ -330,7 +381,8 @@ def main(argv=None) -> int:
   if args.command == "prepare":
     prepare(args.cases)
   elif args.command == "compile":
-    compile_rows(args.workers, args.budget_s, args.mock_devices, args.only)
+    compile_rows(args.workers, args.budget_s, args.mock_devices, args.only, args.dump,
+                 args.dump_to)
     report()
   elif args.command == "report":
     report()

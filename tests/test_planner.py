@@ -260,3 +260,21 @@ def test_fsdp_parameters_gathered_along_a_minor_dim_are_found():
   shapes = dict(zip(paths, (traced.var_shape[v] for v in traced.param_vars)))
   assert shapes["Dense_0/kernel"] == (64, 256) and strided["Dense_0/kernel"]  # split on 256
   assert shapes["Dense_1/kernel"] == (256, 256) and not strided["Dense_1/kernel"]  # on dim 0
+
+
+def test_xla_cpu_reduces_gradients_in_combined_buckets_of_256():
+  # XLA:CPU combines independent all-reduces 256 operands at a time: 300 gradients reduce in
+  # two buckets, each where its last gradient is made, all 256 / 44 at once.
+  from wapar_jax._src import emit, memory, search
+  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.trace import trace_train_step
+  params = {f"p{i:03d}": jax.ShapeDtypeStruct((64, 8), jnp.float32) for i in range(300)}
+  batch = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+  loss = lambda p, x: sum(jnp.mean(jnp.tanh(x @ w)) for w in p.values())
+  traced, _ = trace_train_step(loss, params, batch, optax.sgd(0.1))
+  paths = [emit.path_str(k) for k in emit.leaf_paths(params)]
+  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)), paths)
+  agg = search._aggregate(space, (), search._op_seconds(space, wap.load_profile("cpu")))
+  combined = agg.memory[memory.XLA_CPU].combine_curves.sum(axis=(0, 1))
+  assert sorted(combined[combined > 0]) == [44 * 2048, 256 * 2048]
+  assert agg.memory[memory.XLA_GPU].combine_curves is None  # GPU XLA reduces in place

@@ -53,6 +53,10 @@ COMPILERS = (XLA_CPU, XLA_GPU)
 # second full-size copy of each live gradient +34%, without +15%; over 111 suite rows, within
 # 15% in 103 without, 89 with).
 REDUCES_IN_PLACE = {XLA_CPU: False, XLA_GPU: True}
+# XLA:CPU combines independent all-reduces into one per this many operands, with no byte
+# limit (its CpuAllReduceCombiner): the gradients reduce in buckets of 256, in the order they
+# are made (GPT-1.3B, 390 gradients: two combined all-reduces, of 256 and 134).
+CPU_COMBINE_COUNT = 256
 
 
 def compiler_for(profile_kind: str) -> str:

@@ -40,7 +40,8 @@ class Prediction:
   energy: float          # joules per step, all used devices
   memory_budget: float   # bytes per device the plan had to fit in
   # peak_memory is under the buffer rules that decided the fit (`plan(memory_rules=...)`: by
-  # default the profile's compiler, GPU XLA for GPU and TPU profiles); this is the same step
+  # default the profile's compiler, GPU XLA for GPU and TPU profiles, and for their
+  # rematerialised plans the larger of GPU XLA's and XLA:CPU's); this is the same step
   # as XLA:CPU compiles it, what `verify` compares with.
   # 0 in plan files from before it was recorded.
   peak_memory_xla_cpu: float = 0.0

@@ -142,8 +142,9 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     microbatches: gradient-accumulation micro-batches per step; default: searched likewise.
     memory_rules: whose buffer rules decide whether a plan fits: "profile", the compiler that
       will run the step (GPU XLA for GPU and TPU profiles), or "xla:cpu", to plan a step that
-      `plan.verify()` on CPU devices can show fits (XLA:CPU keeps more buffers: every GPU
-      compile measured peaked below XLA:CPU's). `plan.predicted` reports both.
+      `plan.verify()` on CPU devices can show fits (XLA:CPU keeps more buffers than GPU XLA
+      in a plain backward pass; in a rematerialised one GPU XLA kept more, so a GPU or TPU
+      profile fits its remat plans to the larger of the two). `plan.predicted` reports both.
 
   Returns:
     A frozen `Plan`.

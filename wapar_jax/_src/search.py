@@ -424,6 +424,9 @@ class _MemoryCurves:
   update_pos: int           # program point where the weight gradients are all live
   # memory.liveness_curves of the weight gradients alone (None where reductions run in place)
   grad_curves: np.ndarray | None
+  # The same gradients, each at the one point where its combined reduction runs (None where
+  # reductions run in place)
+  combine_curves: np.ndarray | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,11 +572,24 @@ def _aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarr
         np.concatenate([space.var_bytes[temp], extra.nbytes]),
         np.concatenate([data_cat[temp], data_cat[extra.like]]),
         np.concatenate([var_model[temp], var_model[extra.like]]), len(t.ops))
-    grad_curves = None if memory.REDUCES_IN_PLACE[compiler] else memory.liveness_curves(
-        t.def_pos[grads], last_use[grads], space.var_bytes[grads],
-        np.full(int(grads.sum()), memory.DATA_NONE), var_model[grads], len(t.ops))
+    grad_curves = combine_curves = None
+    if not memory.REDUCES_IN_PLACE[compiler]:
+      made, kinds = t.def_pos[grads], np.full(int(grads.sum()), memory.DATA_NONE)
+      grad_curves = memory.liveness_curves(made, last_use[grads], space.var_bytes[grads], kinds,
+                                           var_model[grads], len(t.ops))
+      # Each bucket of gradients, in the order they are made, reduces right after its last is
+      # made, once that op's operands are freed.
+      order = np.argsort(made, kind="stable")
+      bucket = np.empty_like(order)
+      bucket[order] = np.arange(len(order)) // memory.CPU_COMBINE_COUNT
+      reduced_at = np.zeros(int(bucket.max(initial=-1)) + 1, dtype=np.int64)
+      np.maximum.at(reduced_at, bucket, made + 1)
+      combine_curves = memory.liveness_curves(
+          reduced_at[bucket], reduced_at[bucket], space.var_bytes[grads], kinds,
+          var_model[grads], len(t.ops))
     curves_by_compiler[compiler] = _MemoryCurves(
-        curves, int(np.argmax(curves[memory.DATA_WEIGHT].sum(axis=0))), grad_curves)
+        curves, int(np.argmax(curves[memory.DATA_WEIGHT].sum(axis=0))), grad_curves,
+        combine_curves)
   param_model = space.param_group[:, mask].any(axis=1)
   big = space.param_bytes >= FSDP_MIN_BYTES
   gathered_curves = memory.liveness_curves(
@@ -733,25 +749,22 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
       add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
   opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
-  # Collective buffers the liveness scan does not see. On XLA:CPU a gradient reduction over
-  # the data axis reads full-size partial sums and writes a new result. Reduce-scattered
-  # (sharded state), the liveness scan holds the result, 1/dp of a gradient: count the
-  # full-size partial sum while the gradient lives. All-reduced (replicated state), the scan
-  # holds the partial sum: count the full-size result where the gradients are all live, as
-  # XLA:CPU combines the all-reduces into one after the last gradient is made (AlexNet on 4
-  # devices: 16 gradients, 244 MiB, at the end of the backward pass; gpt-tiny likewise;
-  # counting each result from its gradient's birth over-predicted AlexNet and VGG-16 by 15%).
-  # GPU XLA reduces into the partial sums' own buffer (see memory.REDUCES_IN_PLACE).
+  # Collective buffers the liveness scan does not see. XLA:CPU reduces gradients over the
+  # data axis with all-reduces (sharded state too: it has no reduce-scatter and slices the
+  # full result), combined in buckets (memory.CPU_COMBINE_COUNT), each reading full-size
+  # partial sums and writing a new full-size result: both live where the bucket reduces
+  # (AlexNet ZeRO-1 on 4 devices: 16 gradients of 233 MiB, twice, at the end of the backward
+  # pass; GPT-1.3B's two buckets one after the other). Replicated, the liveness scan holds
+  # one of the two, partial sum then result; sharded it holds the 1/dp slice: count the
+  # full-size gradient while it lives too. GPU XLA reduces into the partial sums' own buffer
+  # (see memory.REDUCES_IN_PLACE).
   def temporaries(compiler: str) -> float:
     m = agg.memory[compiler]
     grad_shadow: np.ndarray | float = 0.0
     if dp > 1 and m.grad_curves is not None:
-      full = memory.per_device(m.grad_curves, (1, 1, 1), tp)
+      grad_shadow = memory.per_device(m.combine_curves, (1, 1, 1), tp)
       if sharded_state:
-        grad_shadow = full
-      else:
-        grad_shadow = np.zeros_like(full)
-        grad_shadow[m.update_pos] = full.max()
+        grad_shadow = grad_shadow + memory.per_device(m.grad_curves, (1, 1, 1), tp)
     extra = grad_shadow + gathered_live + (relayout_cpu if compiler == memory.XLA_CPU else 0.0)
     temps = memory.peak_bytes(m.curves, data_div, tp, extra=extra)
     if storage == "zero1":
@@ -762,8 +775,16 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
     return temps
 
   state = param_mem + opt_mem + space.batch_bytes / dp
-  peak = state + temporaries(fit_compiler)
   peak_xla_cpu = state + temporaries(memory.XLA_CPU)
+  peak = state + temporaries(fit_compiler)
+  if fit_compiler == memory.XLA_GPU and space.remat != "none":
+    # GPU XLA does not keep to the jaxpr's order in a rematerialised backward pass: it runs
+    # recomputations and defers weight-gradient matmuls across layers, and kept more than
+    # XLA:CPU in both remat plans compiled for an H200 (GPT-1.3B, per-layer: 12.95 GiB
+    # against XLA:CPU's 12.01, predicted 9.36 under GPU rules; GPT-7B, dots saved: every
+    # layer's recomputed softmax at once, 71.3 against 50.4). Fit such plans to the larger
+    # of the two compilers' rules.
+    peak = max(peak, peak_xla_cpu)
 
   step_time = compute_time + comm_time
   energy = d * (profile.power_idle_watts * step_time +

@@ -1157,9 +1157,8 @@ def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: fl
   if platform == "cpu" and p.peak_memory_xla_cpu and p.peak_memory_xla_cpu != p.peak_memory:
     peak = p.peak_memory_xla_cpu
     notes.append(f"peak memory predicted as XLA:CPU compiles the step: "
-                 f"{peak / 2**30:.2f} GiB; the plan's figure for {plan.profile}'s compiler, "
-                 f"which keeps fewer values for the backward pass, is "
-                 f"{p.peak_memory / 2**30:.2f} GiB.")
+                 f"{peak / 2**30:.2f} GiB; the plan's figure, under the buffer rules of "
+                 f"{plan.profile}'s compiler, is {p.peak_memory / 2**30:.2f} GiB.")
   predicted = Figures(p.flops, p.comm_bytes, p.comm_time, peak, p.compute_time, p.step_time)
   return Verification(
       mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
