@@ -172,3 +172,21 @@ def test_a_max_pool_input_is_not_kept_for_its_gradient_on_xla_cpu():
   _, gpu_last_use = memory.materialised(traced, memory.XLA_GPU)
   assert cpu_last_use[pooled_input] < forward_end
   assert gpu_last_use[pooled_input] >= op.index
+
+
+def test_an_expensive_value_read_late_through_a_cheap_one_is_written_out():
+  # jax >= 0.11 writes tanh's derivative as `one_minus_square(t)`, read only in the backward
+  # pass: XLA keeps t there rather than recompute the tanh. Here `1 - t * t` stands in for it.
+  def loss(p, x):
+    t = jnp.tanh(x)  # of the batch: no gradient flows through it
+    slope = 1.0 - t * t  # read once, at the end
+    h = t + 1.0
+    for _ in range(8):
+      h = jnp.sin(h @ p["w"])
+    return jnp.sum(h) + jnp.sum(slope * x)
+
+  traced = _traced(loss)
+  for compiler in memory.COMPILERS:
+    kept, _ = memory.materialised(traced, compiler)
+    assert all(kept[v] for v in _outputs_of(traced, "tanh")), compiler
+    assert not any(kept[v] for v in _outputs_of(traced, "sub")), compiler  # recomputed late
