@@ -123,7 +123,7 @@ def materialised(traced, compiler: str = XLA_CPU) -> tuple[np.ndarray, np.ndarra
   # residual gradient, is remade from the kept convolution outputs and batch statistics).
   remade_later = np.zeros(n, dtype=bool)
   remade_later[[v for v in plain_last if made_by_fusible[v]]] = True
-  needed = _needed_until(traced, kept | remade_later, remade_later, last_use)
+  needed = _needed_until(traced, kept, remade_later, last_use)
   # An expensive value read nearby and, through a cheap value recomputed from it, much later
   # is read again later too: XLA keeps it rather than recompute it there (jax >= 0.11: a
   # GELU's tanh feeds `one_minus_square`, whose only reader is in the backward pass). Cheap
@@ -132,19 +132,19 @@ def materialised(traced, compiler: str = XLA_CPU) -> tuple[np.ndarray, np.ndarra
                         & (needed - traced.def_pos > _LOCAL_READS))
   if read_through_later.any():
     kept |= read_through_later
-    needed = _needed_until(traced, kept | remade_later, remade_later, last_use)
+    needed = _needed_until(traced, kept, remade_later, last_use)
   last_use = np.where(remade_later, last_use, needed)
   _share_dying_buffers(traced, kept, last_use)
   return kept, last_use
 
 
-def _needed_until(traced, stays: np.ndarray, remade_later: np.ndarray,
+def _needed_until(traced, kept: np.ndarray, remade_later: np.ndarray,
                   last_use: np.ndarray) -> np.ndarray:
-  """Until when each variable is needed: a value recomputed where it is read (not in `stays`,
-  or in `remade_later`) keeps its own inputs alive until its last read."""
+  """Until when each variable is needed: a value recomputed where it is read (not kept, or
+  remade later) keeps its own inputs alive until its last read."""
   needed = last_use.copy()
   for op in reversed(traced.ops):
-    remade = [v for v in op.out_vars if not stays[v] or remade_later[v]]
+    remade = [v for v in op.out_vars if not kept[v] or remade_later[v]]
     if remade:
       until = max(needed[v] for v in remade)
       for v in op.in_vars:
