@@ -88,12 +88,14 @@ def materialised(traced, compiler: str = XLA_CPU) -> tuple[np.ndarray, np.ndarra
   n = traced.num_vars
   made_by_fusible = np.zeros(n, dtype=bool)
   layout = np.zeros(n, dtype=bool)
+  expensive = np.zeros(n, dtype=bool)
   read_by_kernel = np.zeros(n, dtype=bool)
   readers = np.zeros(n, dtype=np.int64)
   for op in traced.ops:
     outs = list(op.out_vars)
     made_by_fusible[outs] = op.fusible
     layout[outs] = op.primitive in LAYOUT_PRIMITIVES
+    expensive[outs] = op.primitive in _EXPENSIVE
     ins = list({v for v in op.in_vars if v >= 0})
     readers[ins] += 1
     if not op.fusible and not op.primitive.startswith(_FUSING_KERNELS):
@@ -104,10 +106,6 @@ def materialised(traced, compiler: str = XLA_CPU) -> tuple[np.ndarray, np.ndarra
     if op.primitive in through and read_by_kernel[list(op.out_vars)].any():
       read_by_kernel[[v for v in op.in_vars if v >= 0]] = True
   read_again_later = (readers > 1) & (traced.last_use - traced.def_pos > _LOCAL_READS)
-  expensive = np.zeros(n, dtype=bool)
-  for op in traced.ops:
-    if op.primitive in _EXPENSIVE:
-      expensive[list(op.out_vars)] = True
   if compiler == XLA_GPU:
     read_again_later &= expensive
   kept = ~layout & (~made_by_fusible | read_by_kernel | read_again_later)

@@ -776,7 +776,7 @@ def _price(space: SearchSpace, agg: _Aggregates, profile: DeviceProfile, dp: int
 
   state = param_mem + opt_mem + space.batch_bytes / dp
   peak_xla_cpu = state + temporaries(memory.XLA_CPU)
-  peak = state + temporaries(fit_compiler)
+  peak = peak_xla_cpu if fit_compiler == memory.XLA_CPU else state + temporaries(fit_compiler)
   if fit_compiler == memory.XLA_GPU and space.remat != "none":
     # GPU XLA does not keep to the jaxpr's order in a rematerialised backward pass: it runs
     # recomputations and defers weight-gradient matmuls across layers, and kept more than
