@@ -234,7 +234,7 @@ def reprice() -> None:
   import optax
   import wapar_jax as wap
   from wapar_jax._src import emit, search, zoo
-  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.cost.xla import CostCache, step_costs
   from wapar_jax._src.files import write_text_atomic
   from wapar_jax._src.step import abstract
   from wapar_jax._src.trace import trace_train_step

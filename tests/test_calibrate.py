@@ -13,8 +13,8 @@ import pytest
 import wapar_jax as wap
 from wapar_jax._src import calibrate as calibrate_lib
 from wapar_jax._src import profiles
-from wapar_jax._src.cost import collective_time
-from wapar_jax._src.errors import InvalidProfileError
+from wapar_jax._src.cost.collectives import collective_time
+from wapar_jax.errors import InvalidProfileError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier
 
 
@@ -127,7 +127,7 @@ def test_fit_matmul_recovers_a_saturating_rate():
 
 def test_matmul_half_size_slows_small_matmuls_only():
   from wapar_jax._src import emit, search
-  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.cost.xla import CostCache, step_costs
   from wapar_jax._src.trace import trace_train_step
 
   def loss_fn(params, batch):

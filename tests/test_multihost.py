@@ -164,7 +164,7 @@ def test_axis_spans_keep_model_inside_a_node():
 
 
 def test_cross_node_data_axis_is_priced_two_level():
-  from wapar_jax._src.cost import collective_time, hierarchical_collective_time
+  from wapar_jax._src.cost.collectives import collective_time, hierarchical_collective_time
   # Two nodes of 8: the slow link carries 1/8 of what a flat ring over 16 would push through it.
   flat = collective_time("all-reduce", 1e9, 16, 4.5e10, 1e-5)
   two_level = hierarchical_collective_time("all-reduce", 1e9, 8, 2, 3.7e11, 5e-6, 4.5e10, 1e-5)

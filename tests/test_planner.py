@@ -229,7 +229,7 @@ def test_fsdp_frees_gathered_parameters_after_their_last_read():
   # The classifier's gathered weights are read last by the backward pass's first matmuls, long
   # before the optimizer update at the end of the step.
   from wapar_jax._src import emit, search
-  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.cost.xla import CostCache, step_costs
   from wapar_jax._src.trace import trace_train_step
   ex = zoo.get_example("mlp", batch_size=64)
   traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
@@ -249,7 +249,7 @@ def test_fsdp_frees_gathered_parameters_after_their_last_read():
 def test_fsdp_parameters_gathered_along_a_minor_dim_are_found():
   # XLA:CPU gathers those transposed and copies them back to row-major (priced in its peak).
   from wapar_jax._src import emit, search
-  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.cost.xla import CostCache, step_costs
   from wapar_jax._src.trace import trace_train_step
   ex = zoo.get_example("mlp", batch_size=64)
   traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
@@ -266,7 +266,7 @@ def test_xla_cpu_reduces_gradients_in_combined_buckets_of_256():
   # XLA:CPU combines independent all-reduces 256 operands at a time: 300 gradients reduce in
   # two buckets, each where its last gradient is made, all 256 / 44 at once.
   from wapar_jax._src import emit, memory, search
-  from wapar_jax._src.cost import CostCache, step_costs
+  from wapar_jax._src.cost.xla import CostCache, step_costs
   from wapar_jax._src.trace import trace_train_step
   params = {f"p{i:03d}": jax.ShapeDtypeStruct((64, 8), jnp.float32) for i in range(300)}
   batch = jax.ShapeDtypeStruct((32, 64), jnp.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wapar_jax._src import profiles
-from wapar_jax._src.errors import InvalidProfileError, UnknownProfileError, WaparError
+from wapar_jax.errors import InvalidProfileError, UnknownProfileError, WaparError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier
 
 BUILTINS = ("a100-40g-pcie", "a100-80g-sxm", "cpu", "h100-sxm", "h200", "p100-nvlink",

@@ -10,7 +10,7 @@ from jax import lax
 
 from wapar_jax import NonScalarLossError
 from wapar_jax._src import zoo
-from wapar_jax._src.cost import CostCache, step_costs
+from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.trace import _reshape_links, _source, trace_train_step
 

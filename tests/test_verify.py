@@ -15,7 +15,7 @@ import pytest
 import wapar_jax as wap
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src import zoo
-from wapar_jax._src.cost import collective_traffic
+from wapar_jax._src.cost.collectives import collective_traffic
 from wapar_jax._src.profiles import load_profile
 from wapar_jax.cli import main
 
@@ -292,7 +292,7 @@ def test_compiled_step_time_is_compute_plus_comm(verified):
 
 def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_reductions():
   from wapar_jax._src import verify as verify_lib
-  from wapar_jax._src.cost import hierarchical_collective_time
+  from wapar_jax._src.cost.collectives import hierarchical_collective_time
   profile = load_profile("h100-sxm")
   link = profile.intra_node
   mib = 2.0**20

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wapar_jax._src import errors
+from wapar_jax import errors
 from wapar_jax._src import zoo
 
 TINY = ("mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan", "moe-tiny",

@@ -6,16 +6,16 @@ batch leaf, and emits the jitted, sharded train step.
 """
 
 from wapar_jax._src.calibrate import calibrate as calibrate
-from wapar_jax._src.errors import CorruptPlanFileError as CorruptPlanFileError
-from wapar_jax._src.errors import IndivisibleBatchError as IndivisibleBatchError
-from wapar_jax._src.errors import InvalidArgumentError as InvalidArgumentError
-from wapar_jax._src.errors import InvalidProfileError as InvalidProfileError
-from wapar_jax._src.errors import NoFeasiblePlanError as NoFeasiblePlanError
-from wapar_jax._src.errors import NonScalarLossError as NonScalarLossError
-from wapar_jax._src.errors import NotEnoughDevicesError as NotEnoughDevicesError
-from wapar_jax._src.errors import PlanMismatchError as PlanMismatchError
-from wapar_jax._src.errors import UnknownProfileError as UnknownProfileError
-from wapar_jax._src.errors import WaparError as WaparError
+from wapar_jax.errors import CorruptPlanFileError as CorruptPlanFileError
+from wapar_jax.errors import IndivisibleBatchError as IndivisibleBatchError
+from wapar_jax.errors import InvalidArgumentError as InvalidArgumentError
+from wapar_jax.errors import InvalidProfileError as InvalidProfileError
+from wapar_jax.errors import NoFeasiblePlanError as NoFeasiblePlanError
+from wapar_jax.errors import NonScalarLossError as NonScalarLossError
+from wapar_jax.errors import NotEnoughDevicesError as NotEnoughDevicesError
+from wapar_jax.errors import PlanMismatchError as PlanMismatchError
+from wapar_jax.errors import UnknownProfileError as UnknownProfileError
+from wapar_jax.errors import WaparError as WaparError
 from wapar_jax._src.models import linen_params as linen_params
 from wapar_jax._src.plan import Plan as Plan
 from wapar_jax._src.plan import Prediction as Prediction
@@ -26,7 +26,7 @@ from wapar_jax._src.profiles import list_profiles as list_profiles
 from wapar_jax._src.profiles import load_profile as load_profile
 from wapar_jax._src.search import Candidate as Candidate
 from wapar_jax._src.verify import Verification as Verification
-from wapar_jax._src.verify import VerificationFailedError as VerificationFailedError
+from wapar_jax.errors import VerificationFailedError as VerificationFailedError
 
 __version__ = "0.1.0"
 

@@ -163,7 +163,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_profiles(args) -> int:
-  from wapar_jax._src.errors import InvalidArgumentError
+  from wapar_jax.errors import InvalidArgumentError
   from wapar_jax._src.profiles import list_profiles, load_profile
   words = list(args.name)
   if words[:1] in (["list"], ["ls"]):

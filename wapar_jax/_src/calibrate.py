@@ -36,8 +36,8 @@ import numpy as np
 import optax
 
 from wapar_jax._src import planner, step as step_lib
-from wapar_jax._src.cost import collective_steps, collective_traffic
-from wapar_jax._src.errors import InvalidArgumentError
+from wapar_jax._src.cost.collectives import collective_steps, collective_traffic
+from wapar_jax.errors import InvalidArgumentError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier, load_profile, save_profile
 
 MiB = 2**20

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wapar_jax._src import search as search_lib
-from wapar_jax._src.errors import PlanMismatchError
+from wapar_jax.errors import PlanMismatchError
 
 # Equations kept on a plan, costliest first (after merging repeats of one source line).
 TOP_HOTSPOTS = 20

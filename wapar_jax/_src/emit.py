@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from wapar_jax._src.errors import NotEnoughDevicesError, PlanMismatchError
+from wapar_jax.errors import NotEnoughDevicesError, PlanMismatchError
 from wapar_jax._src.step import make_train_step
 
 PathKeys = tuple  # a leaf's path as plain str / int keys, stable across pytree containers

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src.errors import InvalidArgumentError
+from wapar_jax.errors import InvalidArgumentError
 
 _AXIS_ORDER = ("model", "data")  # tensor-parallel rules first: they win over FSDP fallbacks
 

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import details as details_lib, emit
-from wapar_jax._src.errors import CorruptPlanFileError, InvalidArgumentError
+from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.search import Candidate
 from wapar_jax._src.step import abstract

@@ -12,8 +12,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import details as details_lib, emit, search as search_lib
-from wapar_jax._src.cost import CostCache, step_costs
-from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError, NoFeasiblePlanError
+from wapar_jax._src.cost.xla import CostCache, step_costs
+from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError, NoFeasiblePlanError
 from wapar_jax._src.plan import Plan, Prediction
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DATA, DEFAULT_MEMORY_HEADROOM, MODEL, Candidate, SearchSpace

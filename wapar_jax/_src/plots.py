@@ -15,7 +15,7 @@ import math
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src.errors import InvalidArgumentError
+from wapar_jax.errors import InvalidArgumentError
 
 
 def _pyplot():

@@ -23,9 +23,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wapar_jax._src import memory
-from wapar_jax._src.cost import (StepCosts, hierarchical_collective_steps,
-                                 hierarchical_collective_traffic)
-from wapar_jax._src.errors import IndivisibleBatchError, InvalidArgumentError
+from wapar_jax._src.cost.xla import StepCosts
+from wapar_jax._src.cost.collectives import (COMBINE_BYTES, hierarchical_collective_steps,
+                                             hierarchical_collective_traffic)
+from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.trace import TracedStep
 
@@ -48,7 +49,7 @@ FSDP_MIN_BYTES = 64 * 1024
 MAX_SEARCHED_GROUPS = 12
 # XLA combines independent collectives (weight gradients, FSDP gathers) up to this many bytes
 # (XLA GPU's all-reduce combine threshold); one combined collective pays latency once.
-COMBINE_BYTES = 30 * 2**20
+
 # Summed per-op bytes of elementwise ops over-count fused programs (see DESIGN): count a share.
 FUSED_BYTES_SHARE = 0.3
 

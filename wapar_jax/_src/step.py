@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from wapar_jax._src.errors import InvalidArgumentError
+from wapar_jax.errors import InvalidArgumentError
 
 # Per-layer rematerialisation policies: what a checkpointed layer keeps for the backward pass.
 _POLICIES = {

@@ -28,7 +28,7 @@ import jax.extend as jex
 import numpy as np
 from jax._src import source_info_util
 
-from wapar_jax._src.errors import InvalidArgumentError, NonScalarLossError
+from wapar_jax.errors import InvalidArgumentError, NonScalarLossError
 from wapar_jax._src.step import abstract, make_train_step
 
 _Var = jex.core.Var

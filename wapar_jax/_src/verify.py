@@ -27,9 +27,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from wapar_jax._src.cost import (hierarchical_collective_time,
-                                 hierarchical_collective_traffic)
-from wapar_jax._src.errors import InvalidArgumentError, NotEnoughDevicesError, WaparError
+from wapar_jax._src.cost.collectives import hierarchical_collective_time, hierarchical_collective_traffic
+from wapar_jax.errors import (InvalidArgumentError, NotEnoughDevicesError,
+                              VerificationFailedError)
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 
@@ -49,10 +49,6 @@ _COST_KIND = {"collective-permute": "permute"}
 _DTYPE_BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16,
                "u16": 16, "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64,
                "u64": 64, "f64": 64, "c64": 64, "c128": 128, "token": 0, "tf32": 32}
-
-
-class VerificationFailedError(WaparError, RuntimeError):
-  """Compiling the plan's step for verification failed, timed out, or cannot be arranged."""
 
 
 # --- results ------------------------------------------------------------------------------
@@ -885,7 +881,7 @@ def target_comm_time(found: Sequence[Collective], profile: DeviceProfile) -> flo
   ceil(bytes / COMBINE_BYTES) launches, each paying the ring latency once; sliced all-reduce
   bytes are priced as reduce-scatter.
   """
-  from wapar_jax._src.search import COMBINE_BYTES
+  from wapar_jax._src.cost.collectives import COMBINE_BYTES
   pools: dict[tuple, float] = collections.defaultdict(float)
   for c in found:
     if c.group_size <= 1:

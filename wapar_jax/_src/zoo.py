@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wapar_jax._src import errors
+from wapar_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
-from wapar_jax._src.errors import InvalidArgumentError, InvalidProfileError, UnknownProfileError
+from wapar_jax.errors import InvalidArgumentError, InvalidProfileError, UnknownProfileError
 from wapar_jax._src.files import write_text_atomic
 
 KINDS = ("gpu", "tpu", "cpu")

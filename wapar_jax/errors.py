@@ -1,7 +1,14 @@
 """Named errors. Each message says what was wrong, what to do next, and ends with what was got.
 
 Naming follows ``<Verb/Adjective><Object>Error`` (as flax.errors does), one base class so callers can
-catch everything the planner raises with ``except wapar_jax.WaparError``.
+catch everything the planner raises with ``except wapar_jax.errors.WaparError``.
+
+Example:
+  >>> from wapar_jax import errors
+  >>> try:
+  ...   plan = wapar_jax.plan(loss_fn, params, batch, optimizer=tx, devices=4)
+  ... except errors.NoFeasiblePlanError as e:
+  ...   print(e.closest.mesh_shape)
 """
 
 
@@ -50,3 +57,7 @@ class PlanMismatchError(WaparError, ValueError):
 
 class CorruptPlanFileError(WaparError, ValueError):
   """A plan file cannot be parsed or has the wrong version."""
+
+
+class VerificationFailedError(WaparError, RuntimeError):
+  """Compiling the plan's step for verification failed, timed out, or cannot be arranged."""

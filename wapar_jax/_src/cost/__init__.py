@@ -1,0 +1,1 @@
+"""Cost of a traced step: per-equation XLA cost analysis, roofline time, collectives."""
