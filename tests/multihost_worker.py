@@ -42,9 +42,9 @@ def main(argv=None) -> int:
   import dataclasses
   import optax
   import wapar_jax as wap
-  from wapar_jax._src import zoo
+  from wapar_jax import examples
 
-  ex = zoo.get_example("gpt-tiny")
+  ex = examples.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
   # Each process is one "node" of the plan, so the data axis is the one that crosses processes.
   profile = dataclasses.replace(wap.load_profile("h100-sxm"), name="h100-4-per-node",

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import wapar_jax as wap
-from wapar_jax._src import zoo
+from wapar_jax import examples
 from wapar_jax._src.step import make_train_step
 
 MODELS = ["mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan"]
@@ -29,7 +29,7 @@ STEPS = 3
 
 
 def _reference(name):
-  ex = zoo.get_example(name)
+  ex = examples.get_example(name)
   tx = optax.adamw(1e-3)
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))

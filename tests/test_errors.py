@@ -17,7 +17,7 @@ import pytest
 from jax.interpreters import mlir
 
 import wapar_jax as wap
-from wapar_jax._src import zoo
+from wapar_jax import examples
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
 
 TX = optax.adamw(1e-3)
@@ -25,7 +25,7 @@ TX = optax.adamw(1e-3)
 
 @pytest.fixture(scope="module")
 def mlp():
-  return zoo.get_example("mlp")
+  return examples.get_example("mlp")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def mlp_plan(mlp):
 
 
 def test_model_that_fits_no_plan_names_largest_tensors_and_device_count():
-  ex = zoo.get_example("gpt-tiny")
+  ex = examples.get_example("gpt-tiny")
   tiny = dataclasses.replace(wap.load_profile("cpu"), name="tiny-memory", memory_bytes=1e5)
-  with pytest.raises(wap.NoFeasiblePlanError) as info:
+  with pytest.raises(wap.errors.NoFeasiblePlanError) as info:
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile=tiny)
   message = str(info.value)
   assert "block_0/mlp_in/kernel [64, 256]" in message      # largest tensors, by path
@@ -52,8 +52,8 @@ def test_model_that_fits_no_plan_names_largest_tensors_and_device_count():
 
 
 def test_batch_that_does_not_divide():
-  ex = zoo.get_example("mlp", batch_size=7)
-  with pytest.raises(wap.IndivisibleBatchError) as info:
+  ex = examples.get_example("mlp", batch_size=7)
+  with pytest.raises(wap.errors.IndivisibleBatchError) as info:
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, strategy="dp",
              all_devices=True)
   assert "batch size 7" in str(info.value) and "divisible" in str(info.value)
@@ -63,7 +63,7 @@ def test_non_scalar_loss(mlp):
   def per_example_loss(params, batch):
     return mlp.loss_fn(params, batch) * jnp.ones(batch["x"].shape[0])
 
-  with pytest.raises(wap.NonScalarLossError, match=r"jnp.mean.*Got shape \(16,\)|Got shape"):
+  with pytest.raises(wap.errors.NonScalarLossError, match=r"jnp.mean.*Got shape \(16,\)|Got shape"):
     wap.plan(per_example_loss, mlp.params, mlp.batch, optimizer=TX, devices=8)
 
 
@@ -93,14 +93,14 @@ def test_unknown_primitive_is_planned_conservatively_with_a_warning(mlp):
 
 
 def test_unknown_or_malformed_profile(tmp_path, mlp):
-  with pytest.raises(wap.UnknownProfileError, match="Built-in profiles: .*h100-sxm"):
+  with pytest.raises(wap.errors.UnknownProfileError, match="Built-in profiles: .*h100-sxm"):
     wap.plan(mlp.loss_fn, mlp.params, mlp.batch, optimizer=TX, profile="h900")
   bad = tmp_path / "gpu.json"
   bad.write_text(json.dumps({"name": "gpu", "memory_bytes": -1}))
-  with pytest.raises(wap.InvalidProfileError):
+  with pytest.raises(wap.errors.InvalidProfileError):
     wap.plan(mlp.loss_fn, mlp.params, mlp.batch, optimizer=TX, profile=str(bad))
   bad.write_text("{oops")
-  with pytest.raises((wap.InvalidProfileError, wap.UnknownProfileError)):
+  with pytest.raises((wap.errors.InvalidProfileError, wap.errors.UnknownProfileError)):
     wap.load_profile(str(bad))
 
 
@@ -109,19 +109,19 @@ def test_corrupt_plan_file(tmp_path, mlp_plan):
   mlp_plan.save(path)
   text = path.read_text()
   path.write_text(text[: len(text) // 2])                      # truncated
-  with pytest.raises(wap.CorruptPlanFileError, match="JSON"):
+  with pytest.raises(wap.errors.CorruptPlanFileError, match="JSON"):
     wap.Plan.load(path)
   data = json.loads(text)
   data["version"] = 99
   path.write_text(json.dumps(data))
-  with pytest.raises(wap.CorruptPlanFileError, match="version 99.*plan again"):
+  with pytest.raises(wap.errors.CorruptPlanFileError, match="version 99.*plan again"):
     wap.Plan.load(path)
   data["version"] = 2
   del data["mesh_shape"]
   path.write_text(json.dumps(data))
-  with pytest.raises(wap.CorruptPlanFileError, match="mesh_shape"):
+  with pytest.raises(wap.errors.CorruptPlanFileError, match="mesh_shape"):
     wap.Plan.load(path)
-  with pytest.raises(wap.CorruptPlanFileError, match="cannot read"):
+  with pytest.raises(wap.errors.CorruptPlanFileError, match="cannot read"):
     wap.Plan.load(tmp_path / "missing.json")
 
 
@@ -147,7 +147,7 @@ def test_plan_file_from_another_model_names_each_difference(tmp_path, mlp, mlp_p
   changed[second]["bias"] = jax.ShapeDtypeStruct(changed[second]["bias"].shape, jnp.bfloat16)
   changed["extra"] = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   del changed[first]["bias"]
-  with pytest.raises(wap.PlanMismatchError) as info:
+  with pytest.raises(wap.errors.PlanMismatchError) as info:
     loaded.train_step(loss_fn=mlp.loss_fn, optimizer=TX, params=changed, batch=mlp.batch)
   message = str(info.value)
   assert f"missing: {first}/bias" in message
@@ -159,14 +159,14 @@ def test_plan_file_from_another_model_names_each_difference(tmp_path, mlp, mlp_p
   bigger = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2 * x.shape[0],) + x.shape[1:], x.dtype),
                         mlp.batch)
   loaded.check_fits(mlp.params, bigger)
-  with pytest.raises(wap.PlanMismatchError, match="batch missing: y"):
+  with pytest.raises(wap.errors.PlanMismatchError, match="batch missing: y"):
     loaded.check_fits(mlp.params, {"x": mlp.batch["x"]})
 
 
 def test_fewer_real_devices_than_the_plan_needs():
-  ex = zoo.get_example("mlp", batch_size=16)
+  ex = examples.get_example("mlp", batch_size=16)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=16, profile="cpu",
                   strategy="dp", all_devices=True)
   assert plan.num_devices == 16
-  with pytest.raises(wap.NotEnoughDevicesError, match="needs 16 devices but 8.*devices=8"):
+  with pytest.raises(wap.errors.NotEnoughDevicesError, match="needs 16 devices but 8.*devices=8"):
     plan.shard(ex.init_params(jax.random.key(0)))

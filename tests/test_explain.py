@@ -13,7 +13,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import wapar_jax as wap
-from wapar_jax._src import zoo
+from wapar_jax import examples
 
 matplotlib.use("Agg")
 TX = optax.adamw(1e-3)
@@ -21,14 +21,14 @@ TX = optax.adamw(1e-3)
 
 @pytest.fixture(scope="module")
 def tp_plan():
-  ex = zoo.get_example("gpt-tiny")
+  ex = examples.get_example("gpt-tiny")
   return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
                   strategy="dp_tp", all_devices=True)
 
 
 @pytest.fixture(scope="module")
 def alexnet_plan():
-  ex = zoo.get_example("alexnet", batch_size=4)
+  ex = examples.get_example("alexnet", batch_size=4)
   return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.01), devices=4,
                   profile="titanxp-pcie", strategy="dp")
 
@@ -42,7 +42,7 @@ def test_explain_tells_why(alexnet_plan):
     assert section in text
   assert "dominated by" in text
   # Hot spots point at the model's source lines.
-  assert "zoo.py:" in text and "conv_general_dilated" in text
+  assert "_imagenet.py:" in text and "conv_general_dilated" in text
   html = alexnet_plan._repr_html_()
   assert html.startswith('<div class="wapar-plan">') and "<table>" in html
 
@@ -95,7 +95,7 @@ def test_plots_are_figures(alexnet_plan, tp_plan):
   fig = tp_plan.plot_layout("block_0/mlp_in/kernel")
   texts = [t.get_text() for t in fig.axes[0].texts]
   assert sorted(texts) == ["devices\n0, 2, 4, 6", "devices\n1, 3, 5, 7"]
-  with pytest.raises(wap.InvalidArgumentError, match="no parameter"):
+  with pytest.raises(wap.errors.InvalidArgumentError, match="no parameter"):
     tp_plan.plot_layout("nope")
 
 

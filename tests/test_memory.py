@@ -1,12 +1,16 @@
 """Which values the memory model writes out, and which buffers it lets a kernel reuse."""
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from wapar_jax._src import memory, zoo
+from wapar_jax import examples
+from wapar_jax._src import compilers
+from wapar_jax._src.compilers import XLA_CPU, XLA_GPU
+from wapar_jax._src.memory.buffers import materialised
 from wapar_jax._src.trace import trace_train_step
 
 PARAMS = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
@@ -31,7 +35,7 @@ def test_a_value_read_again_in_the_backward_pass_is_written_out():
   # tanh's output is read by the next layer and, much later, by its own derivative: XLA keeps
   # it rather than recompute the tanh there.
   traced = _traced(lambda p, x: _deep(p, jnp.tanh(x @ p["w"])))
-  kept, _ = memory.materialised(traced)
+  kept, _ = materialised(traced, XLA_CPU)
   assert all(kept[v] for v in _outputs_of(traced, "tanh"))
 
 
@@ -42,14 +46,14 @@ def test_a_value_read_only_by_its_neighbours_is_fused():
     return _deep(p, jnp.maximum(y, 0.0) + (y > 0))
 
   traced = _traced(loss)
-  kept, _ = memory.materialised(traced)
+  kept, _ = materialised(traced, XLA_CPU)
   (y,) = [v for v in _outputs_of(traced, "add") if traced.var_shape[v] == (32, 64)][:1]
   assert not kept[y]
 
 
 def test_a_cheap_value_read_once_is_fused():
   traced = _traced(lambda p, x: jnp.sum((x @ p["w"]) * 2.0 + 1.0))
-  kept, _ = memory.materialised(traced)
+  kept, _ = materialised(traced, XLA_CPU)
   assert not any(kept[v] for v in _outputs_of(traced, "add"))
 
 
@@ -61,7 +65,7 @@ def test_an_elementwise_kernel_reuses_a_same_size_operand_that_dies_there():
     return jnp.sum(c @ p["w"])
 
   traced = _traced(loss)
-  kept, last_use = memory.materialised(traced)
+  kept, last_use = materialised(traced, XLA_CPU)
   (c,) = [v for v in _outputs_of(traced, "add") if kept[v]][:1]
   writer = int(traced.def_pos[c])
   # b's last reader is the add, which takes over its buffer: b is freed one op earlier, so
@@ -77,7 +81,7 @@ def test_a_value_a_kernel_reads_through_a_reshape_is_written_out():
     return jnp.sum(h @ p["w"])
 
   traced = _traced(loss)
-  kept, _ = memory.materialised(traced)
+  kept, _ = materialised(traced, XLA_CPU)
   assert all(kept[v] for v in _outputs_of(traced, "sin"))
 
 
@@ -95,8 +99,8 @@ def test_gpu_xla_recomputes_a_cheap_value_read_again_later_but_keeps_an_expensiv
   squares = [op for op in traced.ops if op.primitive == "mul" and op.in_vars[0] == op.in_vars[1]]
   cheap = squares[1].in_vars[0]  # h * scale, squared (the first square is h * h)
   expensive = _outputs_of(traced, "rsqrt")
-  cpu_kept, _ = memory.materialised(traced, memory.XLA_CPU)
-  gpu_kept, _ = memory.materialised(traced, memory.XLA_GPU)
+  cpu_kept, _ = materialised(traced, XLA_CPU)
+  gpu_kept, _ = materialised(traced, XLA_GPU)
   assert cpu_kept[cheap] and not gpu_kept[cheap]
   assert all(cpu_kept[v] and gpu_kept[v] for v in expensive)
 
@@ -110,24 +114,26 @@ def test_gpu_xla_does_not_keep_a_value_a_kernel_reads_through_a_transpose():
 
   traced = _traced(loss)
   (y,) = [v for v in _outputs_of(traced, "add") if traced.var_shape[v] == (32, 64)][:1]
-  assert memory.materialised(traced, memory.XLA_CPU)[0][y]
-  assert not memory.materialised(traced, memory.XLA_GPU)[0][y]
+  assert materialised(traced, XLA_CPU)[0][y]
+  assert not materialised(traced, XLA_GPU)[0][y]
 
 
 def test_profiles_pick_their_compilers_rules():
-  assert memory.compiler_for("cpu") == memory.XLA_CPU
-  assert memory.compiler_for("gpu") == memory.XLA_GPU
-  assert memory.compiler_for("tpu") == memory.XLA_GPU
+  assert compilers.for_profile("cpu") is XLA_CPU
+  assert compilers.for_profile("gpu") is XLA_GPU
+  # No TPU measurements yet: TPU XLA's rules are GPU XLA's under their own name.
+  assert compilers.for_profile("tpu").name == "xla:tpu"
+  assert dataclasses.replace(compilers.for_profile("tpu"), name="xla:gpu") == XLA_GPU
 
 
 def _cnn():
   # Two conv -> ReLU -> 2x2 max-pool layers, then a dense classifier.
-  ex = zoo.get_example("cnn", batch_size=16)
+  ex = examples.get_example("cnn", batch_size=16)
   return trace_train_step(ex.loss_fn, ex.params, ex.batch, optax.sgd(0.1))[0]
 
 
 def _scratch(traced, compiler, like):
-  s = memory.scratch_buffers(traced, compiler)
+  s = compiler.scratch_buffers(traced)
   return [(float(b), int(a), int(z)) for v, b, a, z in zip(s.like, s.nbytes, s.start, s.stop)
           if v == like]
 
@@ -142,19 +148,19 @@ def test_xla_cpu_expands_a_max_pool_gradient_into_iotas_indices_and_zeros():
                        if p.primitive == "reduce_window_max" and p.in_vars[0] == pooled_input]
     elements = math.prod(traced.var_shape[pooled_input])
     # One int32 iota per dim (rank 4), from the top of the step to the forward pool ...
-    assert (4 * 4 * elements, 0, forward_pool) in _scratch(traced, memory.XLA_CPU, pooled_input)
+    assert (4 * 4 * elements, 0, forward_pool) in _scratch(traced, XLA_CPU, pooled_input)
     # ... a zero gradient the scatter writes into, made at the top of the step ...
-    assert (4 * elements, 0, op.index - 1) in _scratch(traced, memory.XLA_CPU, pooled_input)
+    assert (4 * elements, 0, op.index - 1) in _scratch(traced, XLA_CPU, pooled_input)
     # ... and the argmax coordinates, one int32 per dim per output, until the scatter.
     indices = 4 * 4 * math.prod(traced.var_shape[source])
-    assert (indices, forward_pool, op.index) in _scratch(traced, memory.XLA_CPU, source)
-  assert memory.scratch_buffers(traced, memory.XLA_GPU).like.size == 0
+    assert (indices, forward_pool, op.index) in _scratch(traced, XLA_CPU, source)
+  assert XLA_GPU.scratch_buffers(traced).like.size == 0
 
 
 def test_xla_cpu_reads_a_kernel_gradients_activations_through_a_transposed_copy():
   traced = _cnn()
   images = traced.batch_vars[0]
-  ((nbytes, start, stop),) = _scratch(traced, memory.XLA_CPU, images)
+  ((nbytes, start, stop),) = _scratch(traced, XLA_CPU, images)
   assert nbytes == traced.var_bytes()[images] and start == 0
   conv = traced.ops[stop]
   assert conv.primitive == "conv_general_dilated" and conv.in_vars[0] == images
@@ -168,8 +174,8 @@ def test_a_max_pool_input_is_not_kept_for_its_gradient_on_xla_cpu():
   op = next(op for op in traced.ops if op.primitive == "select_and_scatter_add")
   pooled_input = op.in_vars[1]
   forward_end = traced.def_pos[traced.loss_var]
-  _, cpu_last_use = memory.materialised(traced, memory.XLA_CPU)
-  _, gpu_last_use = memory.materialised(traced, memory.XLA_GPU)
+  _, cpu_last_use = materialised(traced, XLA_CPU)
+  _, gpu_last_use = materialised(traced, XLA_GPU)
   assert cpu_last_use[pooled_input] < forward_end
   assert gpu_last_use[pooled_input] >= op.index
 
@@ -186,7 +192,7 @@ def test_an_expensive_value_read_late_through_a_cheap_one_is_written_out():
     return jnp.sum(h) + jnp.sum(slope * x)
 
   traced = _traced(loss)
-  for compiler in memory.COMPILERS:
-    kept, _ = memory.materialised(traced, compiler)
+  for compiler in compilers.REGISTRY.values():
+    kept, _ = materialised(traced, compiler)
     assert all(kept[v] for v in _outputs_of(traced, "tanh")), compiler
     assert not any(kept[v] for v in _outputs_of(traced, "sub")), compiler  # recomputed late

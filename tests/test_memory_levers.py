@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import wapar_jax as wap
-from wapar_jax._src import zoo
+from wapar_jax import examples
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
 from wapar_jax._src.step import loss_and_grads, make_train_step, repeated_blocks
 
@@ -22,7 +22,7 @@ TX = optax.adamw(1e-3)
 @pytest.mark.parametrize("name", ["gpt-tiny", "gpt-tiny-scan", "gpt-tiny-nnx"])
 @pytest.mark.parametrize("remat,microbatches", [("layers", 1), ("layers_dots", 2), ("none", 4)])
 def test_levers_keep_loss_and_gradients(name, remat, microbatches):
-  ex = zoo.get_example(name)
+  ex = examples.get_example(name)
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
   loss, grads = jax.jit(loss_and_grads(ex.loss_fn))(params, batch)
@@ -35,7 +35,7 @@ def test_levers_keep_loss_and_gradients(name, remat, microbatches):
 
 
 def test_layers_of_a_python_loop_are_found_without_names():
-  ex = zoo.get_example("gpt2-small", seq_len=64)
+  ex = examples.get_example("gpt2-small", seq_len=64)
   eqns = jax.make_jaxpr(ex.loss_fn)(ex.params, ex.batch).jaxpr.eqns
   blocks = repeated_blocks(eqns)
   assert len(blocks) == 12  # one per transformer block
@@ -43,7 +43,7 @@ def test_layers_of_a_python_loop_are_found_without_names():
 
 
 def test_emitted_step_with_levers_matches_single_device():
-  ex = zoo.get_example("gpt-tiny", batch_size=16)
+  ex = examples.get_example("gpt-tiny", batch_size=16)
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
   ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
@@ -72,7 +72,7 @@ def _compiled_peak(plan):
 
 
 def test_planner_accumulates_when_memory_forces_it():
-  ex = zoo.get_example("gpt-tiny", batch_size=64)
+  ex = examples.get_example("gpt-tiny", batch_size=64)
   cpu = wap.load_profile("cpu")
   roomy = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile=cpu,
                    strategy="dp", all_devices=True)
@@ -92,16 +92,16 @@ def test_planner_accumulates_when_memory_forces_it():
 
 
 def test_bad_lever_arguments_are_named_errors():
-  ex = zoo.get_example("mlp")
-  with pytest.raises(wap.InvalidArgumentError, match="remat must be one of"):
+  ex = examples.get_example("mlp")
+  with pytest.raises(wap.errors.InvalidArgumentError, match="remat must be one of"):
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, remat="everything")
-  with pytest.raises(wap.InvalidArgumentError, match="microbatches must be a positive int"):
+  with pytest.raises(wap.errors.InvalidArgumentError, match="microbatches must be a positive int"):
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, microbatches=0)
 
 
 def test_remat_is_verified_by_the_compiled_memory():
   # Compiled as the target compiles it, the recomputed forward survives: more FLOPs, less memory.
-  ex = zoo.get_example("gpt-tiny", batch_size=64)
+  ex = examples.get_example("gpt-tiny", batch_size=64)
   verified = {}
   for remat in ("none", "layers"):
     plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile="cpu",
@@ -116,7 +116,7 @@ def test_remat_is_verified_by_the_compiled_memory():
 def test_a_gpu_profile_fits_a_rematerialised_plan_to_the_larger_compiler_peak():
   # GPU XLA reorders a rematerialised backward pass (recomputations early, weight-gradient
   # matmuls late) and kept more than XLA:CPU in every remat plan compiled for a GPU.
-  ex = zoo.get_example("gpt-tiny", batch_size=64)
+  ex = examples.get_example("gpt-tiny", batch_size=64)
   for remat in ("none", "layers"):
     p = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile="h100-sxm",
                  strategy="dp", all_devices=True, remat=remat, microbatches=1).predicted

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 import wapar_jax as wap
-from wapar_jax._src import emit, search, zoo
+from wapar_jax import examples
+from wapar_jax._src import emit, search
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 STEPS = 3
@@ -86,7 +87,7 @@ def _report(stdout: str) -> dict:
 
 def _single_process_losses(strategy: str) -> list[float]:
   """The same plan family on this process's 8 devices: the numbers the workers must match."""
-  ex = zoo.get_example("gpt-tiny")
+  ex = examples.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=8, profile="h100-sxm",
                   strategy=strategy, all_devices=True)
@@ -169,7 +170,7 @@ def test_cross_node_data_axis_is_priced_two_level():
   flat = collective_time("all-reduce", 1e9, 16, 4.5e10, 1e-5)
   two_level = hierarchical_collective_time("all-reduce", 1e9, 8, 2, 3.7e11, 5e-6, 4.5e10, 1e-5)
   assert two_level < flat / 4
-  ex = zoo.get_example("gpt-tiny", batch_size=32)
+  ex = examples.get_example("gpt-tiny", batch_size=32)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=16,
                   profile="h100-sxm", strategy="dp", all_devices=True)
   assert plan.chosen.cross_node_axes == ("data",)

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import wapar_jax as wap
-from wapar_jax._src import zoo
+from wapar_jax import examples
 
 TX = optax.adamw(1e-3)
 
@@ -25,7 +25,7 @@ def _is_spec(x):
 
 @pytest.fixture(scope="module")
 def gpt_tiny():
-  return zoo.get_example("gpt-tiny")
+  return examples.get_example("gpt-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_json_round_trip_and_training_from_a_loaded_plan(gpt_tiny, tiny_plan, tm
   assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temp file left behind
   loaded = wap.Plan.load(path)
   assert loaded == tiny_plan
-  with pytest.raises(wap.InvalidArgumentError, match="loss_fn"):
+  with pytest.raises(wap.errors.InvalidArgumentError, match="loss_fn"):
     loaded.train_step()
   step = loaded.train_step(loss_fn=gpt_tiny.loss_fn, optimizer=TX, params=gpt_tiny.params,
                            batch=gpt_tiny.batch)
@@ -70,20 +70,20 @@ def test_json_round_trip_and_training_from_a_loaded_plan(gpt_tiny, tiny_plan, tm
 def test_corrupt_or_foreign_plan_files_are_named_errors(tmp_path, tiny_plan):
   bad = tmp_path / "bad.json"
   bad.write_text("{not json")
-  with pytest.raises(wap.CorruptPlanFileError, match="JSON"):
+  with pytest.raises(wap.errors.CorruptPlanFileError, match="JSON"):
     wap.Plan.load(bad)
   bad.write_text(json.dumps({"hello": 1}))
-  with pytest.raises(wap.CorruptPlanFileError, match="not a wapar_jax plan"):
+  with pytest.raises(wap.errors.CorruptPlanFileError, match="not a wapar_jax plan"):
     wap.Plan.load(bad)
-  other = zoo.get_example("mlp")
-  with pytest.raises(wap.PlanMismatchError, match="no spec"):
+  other = examples.get_example("mlp")
+  with pytest.raises(wap.errors.PlanMismatchError, match="no spec"):
     tiny_plan.shard(other.init_params(jax.random.key(0)))
 
 
 def test_small_per_device_batch_on_pcie_prefers_fewer_devices():
   # The WAP paper's finding: AlexNet with a small batch trains faster on one Titan Xp than on
   # four over PCIe, because the gradient all-reduce outweighs the compute it saves.
-  ex = zoo.get_example("alexnet", batch_size=4)
+  ex = examples.get_example("alexnet", batch_size=4)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.01), devices=4,
                   profile="titanxp-pcie", strategy="dp")
   assert plan.num_devices == 1
@@ -92,7 +92,7 @@ def test_small_per_device_batch_on_pcie_prefers_fewer_devices():
 
 
 def test_tensor_parallel_finds_megatron_split_from_structure():
-  ex = zoo.get_example("gpt2-small", seq_len=128)
+  ex = examples.get_example("gpt2-small", seq_len=128)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile="h100-sxm",
                   strategy="tp", all_devices=True)
   specs = {"/".join(map(str, k)): s for k, s in plan.flat_param_specs.items()}
@@ -104,7 +104,7 @@ def test_tensor_parallel_finds_megatron_split_from_structure():
 
 
 def test_specs_do_not_depend_on_parameter_names():
-  ex = zoo.get_example("plain")
+  ex = examples.get_example("plain")
   renamed = {"zz": "w1", "aa": "b1", "q": "w2", "x": "b2"}
 
   def renamed_loss(params, batch):
@@ -120,7 +120,7 @@ def test_specs_do_not_depend_on_parameter_names():
 
 
 def test_nnx_model_is_accepted_directly():
-  ex = zoo.get_example("gpt-tiny-nnx")
+  ex = examples.get_example("gpt-tiny-nnx")
 
   class Mlp(nnx.Module):
 
@@ -157,7 +157,7 @@ def test_linen_params_are_abstract():
 
 def test_plan_that_cannot_fit_names_the_closest_option(gpt_tiny):
   tiny = dataclasses.replace(wap.load_profile("cpu"), name="tiny-memory", memory_bytes=1e5)
-  with pytest.raises(wap.NoFeasiblePlanError, match="Closest") as info:
+  with pytest.raises(wap.errors.NoFeasiblePlanError, match="Closest") as info:
     wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=8,
              profile=tiny)
   assert info.value.closest is not None
@@ -165,8 +165,8 @@ def test_plan_that_cannot_fit_names_the_closest_option(gpt_tiny):
 
 
 def test_indivisible_batch_is_a_named_error():
-  ex = zoo.get_example("mlp", batch_size=7)
-  with pytest.raises(wap.IndivisibleBatchError, match="batch size 7"):
+  ex = examples.get_example("mlp", batch_size=7)
+  with pytest.raises(wap.errors.IndivisibleBatchError, match="batch size 7"):
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, strategy="dp",
              all_devices=True)
 
@@ -175,11 +175,11 @@ def test_devices_may_be_a_list_and_bad_arguments_are_named(gpt_tiny):
   plan = wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX,
                   devices=jax.devices()[:4], profile="cpu")
   assert plan.devices_offered == 4
-  with pytest.raises(wap.InvalidArgumentError, match="optax"):
+  with pytest.raises(wap.errors.InvalidArgumentError, match="optax"):
     wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer="adam")
-  with pytest.raises(wap.InvalidArgumentError, match="strategy"):
+  with pytest.raises(wap.errors.InvalidArgumentError, match="strategy"):
     wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, strategy="magic")
-  with pytest.raises(wap.UnknownProfileError):
+  with pytest.raises(wap.errors.UnknownProfileError):
     wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, profile="h900")
 
 
@@ -193,7 +193,7 @@ def test_energy_objective_never_uses_more_energy_than_time_objective(gpt_tiny):
 
 
 def test_sharded_init_matches_unsharded_init():
-  ex = zoo.get_example("mlp")
+  ex = examples.get_example("mlp")
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
                   strategy="fsdp", all_devices=True)
   key = jax.random.key(3)
@@ -209,72 +209,19 @@ def test_sharded_init_matches_unsharded_init():
 def test_memory_rules_choose_whose_peak_must_fit():
   # GPU XLA keeps fewer values than XLA:CPU: with a budget between the two peaks, the plan fits
   # under the profile's (GPU) rules and not under XLA:CPU's, which plan.verify() would compile.
-  ex = zoo.get_example("gpt-tiny", batch_size=64, seq_len=128)
+  ex = examples.get_example("gpt-tiny", batch_size=64, seq_len=128)
   forced = dict(optimizer=TX, devices=8, strategy="dp", all_devices=True, remat="none",
                 microbatches=1)
-  roomy = wap.plan(ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", **forced).predicted
-  assert roomy.peak_memory < 0.95 * roomy.peak_memory_xla_cpu
-  between = (roomy.peak_memory + roomy.peak_memory_xla_cpu) / 2
+  gpu = wap.plan(ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", **forced).predicted
+  cpu = wap.plan(ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", memory_rules="xla:cpu",
+                 **forced).predicted
+  assert gpu.peak_memory < 0.95 * cpu.peak_memory
+  between = (gpu.peak_memory + cpu.peak_memory) / 2
   card = dataclasses.replace(wap.load_profile("h100-sxm"), name="between",
                              memory_bytes=between / (1 - 0.15))
   fits = wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, **forced)
-  assert fits.predicted.peak_memory == pytest.approx(roomy.peak_memory)
-  with pytest.raises(wap.NoFeasiblePlanError):
+  assert fits.predicted.peak_memory == pytest.approx(gpu.peak_memory)
+  with pytest.raises(wap.errors.NoFeasiblePlanError):
     wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, memory_rules="xla:cpu", **forced)
-  with pytest.raises(wap.InvalidArgumentError, match="memory_rules"):
+  with pytest.raises(wap.errors.InvalidArgumentError, match="memory_rules"):
     wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, memory_rules="gpu", **forced)
-
-
-def test_fsdp_frees_gathered_parameters_after_their_last_read():
-  # The classifier's gathered weights are read last by the backward pass's first matmuls, long
-  # before the optimizer update at the end of the step.
-  from wapar_jax._src import emit, search
-  from wapar_jax._src.cost.xla import CostCache, step_costs
-  from wapar_jax._src.trace import trace_train_step
-  ex = zoo.get_example("mlp", batch_size=64)
-  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
-  paths = [emit.path_str(k) for k in emit.leaf_paths(ex.params)]
-  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)), paths)
-  agg = search._aggregate(space, (), search._op_seconds(space, wap.load_profile("cpu")))
-  big = space.param_bytes >= search.FSDP_MIN_BYTES
-  assert big.any()
-  gathered = agg.gathered_curves.sum(axis=0)
-  assert gathered[0] == pytest.approx(space.param_bytes[big].sum())
-  # The optimizer reads every parameter last (adamw's weight decay); its shards, not the
-  # gathered copies.
-  update = min(max(op.index for op in traced.ops if v in op.in_vars) for v in traced.param_vars)
-  assert gathered[update] == 0
-
-
-def test_fsdp_parameters_gathered_along_a_minor_dim_are_found():
-  # XLA:CPU gathers those transposed and copies them back to row-major (priced in its peak).
-  from wapar_jax._src import emit, search
-  from wapar_jax._src.cost.xla import CostCache, step_costs
-  from wapar_jax._src.trace import trace_train_step
-  ex = zoo.get_example("mlp", batch_size=64)
-  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
-  paths = [emit.path_str(k) for k in emit.leaf_paths(ex.params)]
-  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)), paths)
-  shardable = search._fsdp_shardable(space, 4, ())
-  strided = dict(zip(paths, search._gathered_strided(space, 4, (), shardable, 1)))
-  shapes = dict(zip(paths, (traced.var_shape[v] for v in traced.param_vars)))
-  assert shapes["Dense_0/kernel"] == (64, 256) and strided["Dense_0/kernel"]  # split on 256
-  assert shapes["Dense_1/kernel"] == (256, 256) and not strided["Dense_1/kernel"]  # on dim 0
-
-
-def test_xla_cpu_reduces_gradients_in_combined_buckets_of_256():
-  # XLA:CPU combines independent all-reduces 256 operands at a time: 300 gradients reduce in
-  # two buckets, each where its last gradient is made, all 256 / 44 at once.
-  from wapar_jax._src import emit, memory, search
-  from wapar_jax._src.cost.xla import CostCache, step_costs
-  from wapar_jax._src.trace import trace_train_step
-  params = {f"p{i:03d}": jax.ShapeDtypeStruct((64, 8), jnp.float32) for i in range(300)}
-  batch = jax.ShapeDtypeStruct((32, 64), jnp.float32)
-  loss = lambda p, x: sum(jnp.mean(jnp.tanh(x @ w)) for w in p.values())
-  traced, _ = trace_train_step(loss, params, batch, optax.sgd(0.1))
-  paths = [emit.path_str(k) for k in emit.leaf_paths(params)]
-  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)), paths)
-  agg = search._aggregate(space, (), search._op_seconds(space, wap.load_profile("cpu")))
-  combined = agg.memory[memory.XLA_CPU].combine_curves.sum(axis=(0, 1))
-  assert sorted(combined[combined > 0]) == [44 * 2048, 256 * 2048]
-  assert agg.memory[memory.XLA_GPU].combine_curves is None  # GPU XLA reduces in place

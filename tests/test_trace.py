@@ -2,23 +2,28 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import sys
+
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import optax
 import pytest
 from jax import lax
 
-from wapar_jax import NonScalarLossError
-from wapar_jax._src import zoo
+from wapar_jax import examples
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.step import make_train_step
-from wapar_jax._src.trace import _reshape_links, _source, trace_train_step
+from wapar_jax._src.trace import trace_jaxpr, trace_train_step
+from wapar_jax._src.trace.dim_rules import RULES, DimLinks, dim_rules, register, reshape_links
+from wapar_jax._src.trace.source import source_line
+from wapar_jax.errors import NonScalarLossError
 
 TX = optax.adamw(1e-3)
 
 
 def _traced(name):
-  ex = zoo.get_example(name)
+  ex = examples.get_example(name)
   traced, opt_state = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
   return ex, traced, opt_state
 
@@ -83,8 +88,43 @@ def test_dimension_classes_follow_the_program_not_names():
 
 
 def test_reshape_links_keep_major_dims():
-  assert _reshape_links((8, 16, 64), (128, 64)) == ([(0, 0), (2, 1)], [1])
-  assert _reshape_links((4, 768), (4, 12, 64)) == ([(0, 0), (1, 1)], [])
+  assert reshape_links((8, 16, 64), (128, 64)) == ([(0, 0), (2, 1)], [1])
+  assert reshape_links((4, 768), (4, 12, 64)) == ([(0, 0), (1, 1)], [])
+
+
+def test_a_registered_rule_decides_a_new_primitives_classes():
+  swap_p = jex.core.Primitive("wapar_test_swap")  # a made-up primitive: [A, B] -> [B, A]
+  swap_p.def_abstract_eval(lambda x: x.update(shape=x.shape[::-1]))
+  closed = jax.make_jaxpr(swap_p.bind)(jax.ShapeDtypeStruct((4, 8), jnp.float32))
+
+  def classes():
+    traced = trace_jaxpr(closed, 0, 0, 1, loss_output=0)
+    (x,), (y,) = traced.batch_vars, traced.output_vars
+    return traced.var_classes[x], traced.var_classes[y], traced.unknown_primitives
+
+  x, y, unknown = classes()  # the fallback cannot line [4, 8] up with [8, 4]
+  assert unknown == ("wapar_test_swap",) and not set(x) & set(y)
+
+  @register("wapar_test_swap")
+  def _swap(eqn, in_shapes, out_shapes):
+    return DimLinks(links=((("i", 0, 0), ("o", 0, 1)), (("i", 0, 1), ("o", 0, 0))))
+
+  try:
+    x, y, unknown = classes()
+    assert unknown == () and x == y[::-1]
+    with pytest.raises(ValueError, match="already has a dim rule"):
+      register("wapar_test_swap")(_swap)
+  finally:
+    del RULES["wapar_test_swap"]
+  assert dim_rules(closed.jaxpr.eqns[0], [(4, 8)], [(8, 4)]).known is False
+
+
+def test_every_registered_rule_names_a_jax_primitive():
+  # `from jax import lax` above loaded the modules that define every lax primitive.
+  primitives = {v.name for m in list(sys.modules.values()) if m and m.__name__.startswith("jax")
+                for v in list(vars(m).values()) if isinstance(v, jex.core.Primitive)}
+  assert {"dot_general", "scatter-add", "sharding_constraint"} <= primitives
+  assert sorted(set(RULES) - primitives) == []  # a typo'd name would never match an equation
 
 
 def test_non_scalar_loss_is_a_named_error():
@@ -175,5 +215,5 @@ def test_source_names_the_model_line_not_an_installed_library(tmp_path, monkeypa
 
   jaxpr = jax.make_jaxpr(loss_fn)({"w": jnp.ones((4, 4))}, {"x": jnp.ones((2, 4))})
   dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
-  assert _source(dot).startswith(f"{__file__}:")
-  assert _source(dot).endswith(".loss_fn)")
+  assert source_line(dot).startswith(f"{__file__}:")
+  assert source_line(dot).endswith(".loss_fn)")

@@ -13,13 +13,14 @@ import optax
 import pytest
 
 import wapar_jax as wap
+from wapar_jax import examples
 from wapar_jax._src import verify as verify_lib
-from wapar_jax._src import zoo
 from wapar_jax._src.cost.collectives import collective_traffic
 from wapar_jax._src.profiles import load_profile
+from wapar_jax._src.verify import collectives, hlo, kernels, replica_groups
 from wapar_jax.cli import main
 
-parse = verify_lib.parse_replica_groups
+parse = replica_groups.parse_replica_groups
 
 
 # --- replica groups, every printed form -----------------------------------------------------
@@ -66,34 +67,34 @@ def test_mesh_groups_with_sub_axes_and_device_ids():
   text = "mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}"
   groups = parse(text, 8)
   assert groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
-  assert verify_lib.group_axes(groups, {"data": 2, "model": 4}) == ("model",)
+  assert replica_groups.group_axes(groups, {"data": 2, "model": 4}) == ("model",)
 
 
 def test_replica_groups_text_in_instruction_lines():
   line = ("%all-reduce = f32[2,32,64]{2,1,0} all-reduce(%bitcast.14), channel_id=1, "
           "replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, use_global_device_ids=true")
-  assert verify_lib.replica_groups_text(line) == "mesh['axis_0'=4,'axis_1'=2] {'axis_0'}"
+  assert replica_groups.replica_groups_text(line) == "mesh['axis_0'=4,'axis_1'=2] {'axis_0'}"
   line = "x = f32[8] all-reduce(%p), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add"
-  assert verify_lib.replica_groups_text(line) == "[4,2]<=[2,4]T(1,0)"
+  assert replica_groups.replica_groups_text(line) == "[4,2]<=[2,4]T(1,0)"
   line = "x = f32[8] all-reduce(%p), replica_groups={{0,1},{2,3}}, to_apply=%add"
-  assert verify_lib.replica_groups_text(line) == "{{0,1},{2,3}}"
+  assert replica_groups.replica_groups_text(line) == "{{0,1},{2,3}}"
   with pytest.raises(ValueError):
     parse("bogus", 8)
 
 
 def test_group_axes_and_nodes():
   mesh = {"data": 4, "model": 2}
-  assert verify_lib.group_axes([[0, 1], [2, 3]], mesh) == ("model",)
-  assert verify_lib.group_axes([[0, 2, 4, 6], [1, 3, 5, 7]], mesh) == ("data",)
-  assert verify_lib.group_axes([list(range(8))], mesh) == ("data", "model")
-  assert verify_lib.group_axes([[3]], mesh) == ()
-  assert not verify_lib.crosses_nodes([[0, 1, 2, 3], [4, 5, 6, 7]], per_node=4)
-  assert verify_lib.crosses_nodes([[0, 4], [1, 5]], per_node=4)
+  assert replica_groups.group_axes([[0, 1], [2, 3]], mesh) == ("model",)
+  assert replica_groups.group_axes([[0, 2, 4, 6], [1, 3, 5, 7]], mesh) == ("data",)
+  assert replica_groups.group_axes([list(range(8))], mesh) == ("data", "model")
+  assert replica_groups.group_axes([[3]], mesh) == ()
+  assert not replica_groups.crosses_nodes([[0, 1, 2, 3], [4, 5, 6, 7]], per_node=4)
+  assert replica_groups.crosses_nodes([[0, 4], [1, 5]], per_node=4)
   # 12 devices on 8-device nodes are laid out 6 + 6, as the planner prices them.
-  assert verify_lib.node_size(12, 8) == 6 and verify_lib.node_size(16, 8) == 8
-  assert verify_lib.group_span([list(range(16))], 8) == (8, 2)
-  assert verify_lib.group_span([[0, 8], [1, 9]], 8) == (1, 2)
-  assert verify_lib.group_span([[0, 1, 2, 8]], 8) == (1, 4)  # uneven: flat on the slow link
+  assert replica_groups.node_size(12, 8) == 6 and replica_groups.node_size(16, 8) == 8
+  assert replica_groups.group_span([list(range(16))], 8) == (8, 2)
+  assert replica_groups.group_span([[0, 8], [1, 9]], 8) == (1, 2)
+  assert replica_groups.group_span([[0, 1, 2, 8]], 8) == (1, 4)  # uneven: flat on the slow link
 
 
 # --- HLO text ----------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ ENTRY %main (a: f32[16,64], b: bf16[4,64]) -> f32[16,64] {
 
 def test_collectives_from_hlo_text():
   profile = load_profile("h100-sxm")
-  found = {c.kind: c for c in verify_lib.collectives(_HLO, {"data": 4, "model": 2}, profile)}
+  found = {c.kind: c for c in collectives.collectives(_HLO, {"data": 4, "model": 2}, profile)}
   assert set(found) == {"all-reduce", "all-gather", "reduce-scatter", "collective-permute"}
   ar = found["all-reduce"]
   assert (ar.count, ar.group_size, ar.nbytes, ar.axes) == (5.0, 2, 16 * 64 * 4, ("model",))
@@ -145,22 +146,22 @@ def test_collectives_from_hlo_text():
   rs = found["reduce-scatter"]  # priced on its full (operand) buffer
   assert (rs.group_size, rs.nbytes) == (8, 2 * 64 * 4 * 8)
   assert found["collective-permute"].sent_bytes == 16 * 64 * 4
-  module = verify_lib.parse_hlo(_HLO)
-  mult, once, notes = verify_lib.multiplicities(module)
+  module = hlo.parse_hlo(_HLO)
+  mult, once, notes = hlo.multiplicities(module)
   assert (mult["body"], once["body"], mult["cond"], notes) == (5.0, 1.0, 6.0, [])
 
 
 def test_type_bytes():
-  assert verify_lib.type_bytes("f32[8,64]{1,0}") == 8 * 64 * 4
-  assert verify_lib.type_bytes("(bf16[4]{0}, /*index=1*/s8[3], pred[])") == 8 + 3 + 1
-  assert verify_lib.type_bytes("f32[]") == 4
+  assert hlo.type_bytes("f32[8,64]{1,0}") == 8 * 64 * 4
+  assert hlo.type_bytes("(bf16[4]{0}, /*index=1*/s8[3], pred[])") == 8 + 3 + 1
+  assert hlo.type_bytes("f32[]") == 4
 
 
 # --- compiled truth for gpt-tiny -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def verified():
-  ex = zoo.get_example("gpt-tiny")
+  ex = examples.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
   out = {}
   for strategy in ("dp", "fsdp", "tp"):
@@ -217,7 +218,7 @@ def test_tp_collectives_are_over_the_model_axis(verified):
 
 def test_scanned_layers_are_counted_per_iteration():
   # XLA's cost analysis counts a while body once; verify adds the other iterations' matmuls.
-  ex = zoo.get_example("gpt-tiny-scan")
+  ex = examples.get_example("gpt-tiny-scan")
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
                   profile="cpu", strategy="dp", all_devices=True)
   v = plan.verify()
@@ -240,13 +241,13 @@ def test_table_and_json_round_trip(verified):
 def test_too_few_devices_passed_is_a_named_error(verified):
   _, results = verified
   plan, _ = results["dp"]
-  with pytest.raises(wap.NotEnoughDevicesError):
+  with pytest.raises(wap.errors.NotEnoughDevicesError):
     plan.verify(devices=jax.devices()[:2])
 
 
 def test_child_process_when_this_one_has_too_few_devices():
   # 16 devices > the 8 of this process: compiled in a child started with 16 virtual devices.
-  ex = zoo.get_example("mlp")
+  ex = examples.get_example("mlp")
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.1), devices=16,
                   profile="h100-sxm", strategy="dp", all_devices=True)
   v = plan.verify(workload={"example": "mlp", "optimizer": "sgd", "lr": 0.1}, timeout=120)
@@ -268,18 +269,17 @@ def test_cli_verify(capsys):
 
 
 def test_kernel_seconds_is_the_roofline_of_the_compiled_kernels():
-  from wapar_jax._src import verify as verify_lib
   profile = wap.load_profile("h100-sxm")
   a = jax.ShapeDtypeStruct((256, 512), jnp.float32)
   b = jax.ShapeDtypeStruct((512, 128), jnp.float32)
   compiled = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
-  module = verify_lib.parse_hlo(compiled.as_text())
-  mult = verify_lib.multiplicities(module)[0]
+  module = hlo.parse_hlo(compiled.as_text())
+  mult = hlo.multiplicities(module)[0]
   flops = 2 * 256 * 512 * 128
   nbytes = 4 * (256 * 512 + 512 * 128 + 256 * 128)
   expected = max(flops / (profile.peak_flops["float32"] * profile.compute_efficiency),
                  nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
-  assert verify_lib.kernel_seconds(module, mult, profile) == pytest.approx(expected, rel=0.01)
+  assert kernels.kernel_seconds(module, mult, profile) == pytest.approx(expected, rel=0.01)
 
 
 def test_compiled_step_time_is_compute_plus_comm(verified):
@@ -291,7 +291,6 @@ def test_compiled_step_time_is_compute_plus_comm(verified):
 
 
 def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_reductions():
-  from wapar_jax._src import verify as verify_lib
   from wapar_jax._src.cost.collectives import hierarchical_collective_time
   profile = load_profile("h100-sxm")
   link = profile.intra_node
@@ -310,11 +309,11 @@ def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_redu
   # Two independent 10 MiB gathers go out as one launch; a dependent one pays its own.
   found = [coll("all-gather", 10 * mib, 1), coll("all-gather", 10 * mib, 1),
            coll("all-gather", 10 * mib, 2)]
-  assert verify_lib.target_comm_time(found, profile) == pytest.approx(
+  assert collectives.target_comm_time(found, profile) == pytest.approx(
       one("all-gather", 20 * mib) + one("all-gather", 10 * mib))
   # 100 MiB of gradients read only in slices: reduce-scatter, in ceil(100 / 30) = 4 launches.
   grads = [coll("all-reduce", 100 * mib, 1, scattered=100 * mib)]
-  assert verify_lib.target_comm_time(grads, profile) == pytest.approx(
+  assert collectives.target_comm_time(grads, profile) == pytest.approx(
       4 * one("reduce-scatter", 25 * mib))
 
 
@@ -332,7 +331,7 @@ def test_cpu_expanded_max_pool_gradients_are_noted():
 def test_a_gpu_plan_is_checked_on_cpu_against_its_xla_cpu_memory_figure():
   # GPU XLA keeps fewer values for the backward pass than XLA:CPU: the plan fits with the
   # former, the CPU compile is compared with the latter.
-  ex = zoo.get_example("gpt-tiny", batch_size=64, seq_len=128)  # activations dominate
+  ex = examples.get_example("gpt-tiny", batch_size=64, seq_len=128)  # activations dominate
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
                   profile="h100-sxm", strategy="dp", all_devices=True)
   p = plan.predicted
@@ -348,7 +347,7 @@ def test_a_gpu_plan_is_checked_on_cpu_against_its_xla_cpu_memory_figure():
 def test_cnn_peak_memory_counts_the_buffers_xla_cpu_adds(strategy):
   # XLA:CPU's max-pool gradient iotas, indices and zeros and its transposed conv operands are
   # most of this CNN's peak: without them the prediction was 56% (tp) to 64% (dp) short.
-  ex = zoo.get_example("cnn", batch_size=256)
+  ex = examples.get_example("cnn", batch_size=256)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=4,
                   profile="h100-sxm", strategy=strategy, all_devices=True, remat="none",
                   microbatches=1)
@@ -360,7 +359,7 @@ def test_zero1_counts_xla_cpu_combined_gradient_all_reduce():
   # XLA:CPU has no reduce-scatter: it all-reduces AlexNet's 16 gradients in one combined op
   # and slices the result, so the full partial sums and the full results coexist at the end
   # of the backward pass (without them the prediction was 18% short).
-  ex = zoo.get_example("alexnet", batch_size=16)
+  ex = examples.get_example("alexnet", batch_size=16)
   plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=4,
                   profile="titanxp-pcie", strategy="zero1", all_devices=True, remat="none",
                   microbatches=1)

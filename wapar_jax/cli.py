@@ -43,14 +43,14 @@ _PROFILES_EPILOG = """examples:
 
 
 def _workload(model: str, batch_size, seq_len, dtype):
-  from wapar_jax._src import zoo
+  from wapar_jax import examples
   if ":" in model:
     module_name, fn_name = model.split(":", 1)
     sys.path.insert(0, os.getcwd())
     fn = getattr(importlib.import_module(module_name), fn_name)
     loss_fn, params, batch = fn()
     return loss_fn, params, batch
-  ex = zoo.get_example(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
+  ex = examples.get_example(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
   return ex.loss_fn, ex.params, ex.batch
 
 
@@ -101,7 +101,7 @@ def _cmd_explain(args) -> int:
   elif args.model:
     plan = _make_plan(args)
   else:
-    raise wap.InvalidArgumentError("explain needs a model to plan or --plan FILE, e.g. "
+    raise wap.errors.InvalidArgumentError("explain needs a model to plan or --plan FILE, e.g. "
                                    "`wapar explain gpt-tiny` or `wapar explain --plan plan.json`. "
                                    "Got neither.")
   if args.json:

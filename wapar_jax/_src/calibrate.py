@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wapar_jax._src import planner, step as step_lib
+from wapar_jax._src import step as step_lib
+from wapar_jax._src.planner import api as planner
 from wapar_jax._src.cost.collectives import collective_steps, collective_traffic
 from wapar_jax.errors import InvalidArgumentError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier, load_profile, save_profile
@@ -200,7 +201,7 @@ def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, fl
   """(planner bytes, seconds) of a memory-bound reference train step.
 
   The planner does not see the bytes a device moves: it sums XLA's per-equation bytes and
-  counts a share of them for fused elementwise ops (search.FUSED_BYTES_SHARE). Dividing the
+  counts a share of them for fused elementwise ops (roofline.FUSED_BYTES_SHARE). Dividing the
   bytes it counts for this step by the step's measured time gives the bandwidth in the
   planner's own units; on a CPU, where fused elementwise kernels with transcendentals run well
   below DRAM speed, it is several times lower than the raw stream rate.

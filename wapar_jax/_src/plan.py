@@ -17,15 +17,20 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import details as details_lib, emit
-from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError
+from wapar_jax._src import verify as verify_lib
+from wapar_jax._src.emit import mesh as mesh_lib, shardings as shardings_lib, step as step_lib
 from wapar_jax._src.files import write_text_atomic
-from wapar_jax._src.search import Candidate
-from wapar_jax._src.step import abstract
+from wapar_jax._src import fit_check
+from wapar_jax._src.plan_details import PlanDetails
+from wapar_jax._src.search.candidate import Candidate
+from wapar_jax._src.tree import abstract, nest, specs_like
+from wapar_jax._src.views import explain as explain_lib, export, plots
+from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError
 
-# 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). Version 1 is read too.
-PLAN_FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+# 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). 3: predictions under
+# the rules of the profile's compiler only (the XLA:CPU figure is verify's). 1 and 2 are read too.
+PLAN_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +44,16 @@ class Prediction:
   peak_memory: float     # bytes per device
   energy: float          # joules per step, all used devices
   memory_budget: float   # bytes per device the plan had to fit in
-  # peak_memory is under the buffer rules that decided the fit (`plan(memory_rules=...)`: by
-  # default the profile's compiler, GPU XLA for GPU and TPU profiles, and for their
-  # rematerialised plans the larger of GPU XLA's and XLA:CPU's); this is the same step
-  # as XLA:CPU compiles it, what `verify` compares with.
-  # 0 in plan files from before it was recorded.
-  peak_memory_xla_cpu: float = 0.0
 
   @classmethod
   def of(cls, c: Candidate, memory_budget: float) -> "Prediction":
     return cls(c.step_time, c.compute_time, c.comm_time, c.flops, c.comm_bytes, c.peak_memory,
-               c.energy, memory_budget, c.peak_memory_xla_cpu)
+               c.energy, memory_budget)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Prediction":
+    """Reads the known fields; others (from other versions) are left out."""
+    return cls(**{f.name: float(d[f.name]) for f in dataclasses.fields(cls)})
 
 
 def _spec_to_json(spec: P) -> list:
@@ -58,17 +62,6 @@ def _spec_to_json(spec: P) -> list:
 
 def _spec_from_json(entries: list) -> P:
   return P(*(tuple(e) if isinstance(e, list) else e for e in entries))
-
-
-def _nest(flat: Mapping[tuple, P]) -> dict:
-  """Nested dicts from leaf paths, for showing specs of a plan loaded without its model."""
-  root: dict = {}
-  for keys, spec in flat.items():
-    node = root
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1] if keys else ""] = spec
-  return root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +74,14 @@ class Plan:
     batch_specs: PartitionSpec per batch leaf, shaped like batch.
     opt_state_param_specs: per parameter, the spec of its optimizer-state leaves (differs from
       param_specs under ZeRO-1).
-    predicted: the chosen candidate's figures.
+    predicted: the chosen candidate's figures; peak memory under the buffer rules of the
+      profile's compiler (GPU XLA for GPU and TPU profiles).
     candidates: ranked alternatives (best first), including the best one per device count.
     strategy: family of the chosen candidate ("dp", "fsdp", "tp", "dp_tp", ...).
     profile: name of the device profile; devices_offered: how many devices the search could use.
-    details: leaf shapes / dtypes, dimension groups, hot spots and memory terms (see
-      `wapar_jax._src.details.PlanDetails`); None for a version-1 plan file.
+    details: leaf shapes / dtypes, dimension groups, hot spots and memory terms
+      (`PlanDetails`); None for a version-1 plan file.
+    stats: how planning went (seconds per phase, equations, candidates); not part of equality.
   """
   mesh_shape: Mapping[str, int]
   param_specs: Any
@@ -100,17 +95,18 @@ class Plan:
   profile: str
   devices_offered: int
   model_split: tuple[str, ...]
-  stats: Mapping[str, float]
+  stats: Mapping[str, float] = dataclasses.field(compare=False)
   flat_param_specs: Mapping[tuple, P] = dataclasses.field(repr=False)
   flat_opt_specs: Mapping[tuple, P] = dataclasses.field(repr=False)
   flat_batch_specs: Mapping[tuple, P] = dataclasses.field(repr=False)
-  loss_fn: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
-  optimizer: optax.GradientTransformation | None = dataclasses.field(
+  # What a plan straight from `wapar_jax.plan` carries to build its step; None from a file.
+  _loss_fn: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
+  _optimizer: optax.GradientTransformation | None = dataclasses.field(
       default=None, repr=False, compare=False)
-  abstract_params: Any = dataclasses.field(default=None, repr=False, compare=False)
-  abstract_batch: Any = dataclasses.field(default=None, repr=False, compare=False)
-  device_list: Any = dataclasses.field(default=None, repr=False, compare=False)
-  details: details_lib.PlanDetails | None = dataclasses.field(default=None, repr=False)
+  _abstract_params: Any = dataclasses.field(default=None, repr=False, compare=False)
+  _abstract_batch: Any = dataclasses.field(default=None, repr=False, compare=False)
+  _device_list: Any = dataclasses.field(default=None, repr=False, compare=False)
+  details: PlanDetails | None = dataclasses.field(default=None, repr=False)
   # Which memory term ruled out faster plans and which levers made this one fit ("" if none).
   memory_decision: str = ""
 
@@ -123,8 +119,7 @@ class Plan:
 
   def summary(self, max_params: int = 12) -> str:
     """Mesh, specs of the largest parameters, predicted costs and the device sweep, as text."""
-    from wapar_jax._src.explain import summary
-    return summary(self, max_params)
+    return explain_lib.summary(self, max_params)
 
   def explain(self, top: int = 10) -> str:
     """Why this plan: devices chosen and the margin to every other count, parameter groups,
@@ -133,42 +128,34 @@ class Plan:
     Example:
       >>> print(plan.explain())
     """
-    from wapar_jax._src.explain import explain
-    return explain(self, top)
+    return explain_lib.explain(self, top)
 
   def _repr_html_(self) -> str:
-    from wapar_jax._src.explain import html
-    return html(self)
+    return explain_lib.html(self)
 
   def plot_sweep(self):
     """Step time and energy per sample against device count (the WAP curve): a Figure."""
-    from wapar_jax._src.plots import plot_sweep
-    return plot_sweep(self)
+    return plots.plot_sweep(self)
 
   def plot_breakdown(self, max_candidates: int = 12):
     """Compute and communication time of each candidate kept, as stacked bars: a Figure."""
-    from wapar_jax._src.plots import plot_breakdown
-    return plot_breakdown(self, max_candidates)
+    return plots.plot_breakdown(self, max_candidates)
 
   def plot_layout(self, param_path: str | None = None):
     """Which device holds which block of a parameter (default: the largest): a Figure."""
-    from wapar_jax._src.plots import plot_layout
-    return plot_layout(self, param_path)
+    return plots.plot_layout(self, param_path)
 
   def logical_axis_rules(self) -> list[tuple[str, str | None]]:
     """The plan as flax-style `(logical axis, mesh axis)` rules (see `param_logical_axes`)."""
-    from wapar_jax._src.export import logical_axis_rules
-    return logical_axis_rules(self)
+    return export.logical_axis_rules(self)
 
   def param_logical_axes(self) -> Any:
     """Per parameter, the logical axis name of each dim, shaped like the parameter tree."""
-    from wapar_jax._src.export import param_logical_axes
-    return param_logical_axes(self)
+    return export.param_logical_axes(self)
 
   def to_maxtext_yaml(self) -> str:
     """mesh_axes, data_sharding and logical_axis_rules in MaxText's config style."""
-    from wapar_jax._src.export import to_maxtext_yaml
-    return to_maxtext_yaml(self)
+    return export.to_maxtext_yaml(self)
 
   def check_fits(self, params=None, batch=None) -> None:
     """Raises PlanMismatchError naming each leaf that is missing, extra, or differs in shape
@@ -178,24 +165,24 @@ class Plan:
       >>> plan.check_fits(params, batch)   # None if the plan fits
     """
     if self.details is not None:
-      details_lib.check_fits(self.details, params, batch)
+      fit_check.check_fits(self.details, params, batch)
     elif params is not None:  # a version-1 file knows only the leaf paths
-      emit.specs_like(params, self.flat_param_specs, "parameter specs")
+      specs_like(params, self.flat_param_specs, "parameter specs")
 
   # --- running the plan -------------------------------------------------------------------
 
   def make_mesh(self, devices: Sequence[Any] | None = None):
     """The plan's mesh over the first `num_devices` of `devices` (default: jax.devices())."""
-    return emit.make_mesh(self.mesh_shape, self.device_list if devices is None else devices)
+    return mesh_lib.make_mesh(self.mesh_shape, self._device_list if devices is None else devices)
 
   def _param_specs(self, params):
-    return emit.specs_like(params, self.flat_param_specs, "parameter specs")
+    return specs_like(params, self.flat_param_specs, "parameter specs")
 
   def _opt_param_specs(self, params):
-    return emit.specs_like(params, self.flat_opt_specs, "optimizer-state specs")
+    return specs_like(params, self.flat_opt_specs, "optimizer-state specs")
 
   def _batch_specs(self, batch):
-    return emit.specs_like(batch, self.flat_batch_specs, "batch specs")
+    return specs_like(batch, self.flat_batch_specs, "batch specs")
 
   def shard(self, params, devices=None):
     """Copies concrete parameters (or any tree shaped like them) onto the plan's mesh.
@@ -205,10 +192,10 @@ class Plan:
     """
     self.check_fits(params)
     mesh = self.make_mesh(devices)
-    shardings = emit.named(mesh, self._param_specs(params))
+    shardings = shardings_lib.named(mesh, self._param_specs(params))
     if jax.process_count() > 1:  # every process holds the same full copy; each keeps its shards
-      return emit.from_host_copy(params, shardings)
-    return emit.copy_to(params, shardings)
+      return shardings_lib.from_host_copy(params, shardings)
+    return shardings_lib.copy_to(params, shardings)
 
   def shard_batch(self, batch, devices=None):
     """The batch on the plan's mesh, split over the data axis.
@@ -219,20 +206,20 @@ class Plan:
     """
     self.check_fits(batch=batch)
     mesh = self.make_mesh(devices)
-    shardings = emit.named(mesh, self._batch_specs(batch))
+    shardings = shardings_lib.named(mesh, self._batch_specs(batch))
     if jax.process_count() > 1:
-      return emit.from_process_local(batch, shardings)
-    return emit.copy_to(batch, shardings)
+      return shardings_lib.from_process_local(batch, shardings)
+    return shardings_lib.copy_to(batch, shardings)
 
   def init_params(self, init_fn: Callable, *args, devices=None):
     """Runs `init_fn(*args)` so each device creates only its shard: no full host copy."""
     abstract_params = jax.eval_shape(init_fn, *args)
     mesh = self.make_mesh(devices)
-    shardings = emit.named(mesh, self._param_specs(abstract_params))
+    shardings = shardings_lib.named(mesh, self._param_specs(abstract_params))
     return jax.jit(init_fn, out_shardings=shardings)(*args)
 
   def _need(self, loss_fn, optimizer):
-    loss_fn = loss_fn or self.loss_fn
+    loss_fn = loss_fn or self._loss_fn
     if loss_fn is None:
       raise InvalidArgumentError(
           "this plan carries no loss_fn (it was loaded from JSON): pass it and the optimizer, "
@@ -240,7 +227,7 @@ class Plan:
     return loss_fn, self._need_optimizer(optimizer)
 
   def _need_optimizer(self, optimizer):
-    optimizer = optimizer or self.optimizer
+    optimizer = optimizer or self._optimizer
     if optimizer is None:
       raise InvalidArgumentError("this plan carries no optimizer (it was loaded from JSON): pass "
                                  "optimizer=. Got None.")
@@ -250,8 +237,8 @@ class Plan:
     """The optimizer state, each leaf created sharded like its parameter."""
     optimizer = self._need_optimizer(optimizer)
     mesh = self.make_mesh(devices)
-    specs = emit.opt_state_specs(optimizer, sharded_params, self._opt_param_specs(sharded_params))
-    return jax.jit(optimizer.init, out_shardings=emit.named(mesh, specs))(sharded_params)
+    specs = shardings_lib.opt_state_specs(optimizer, sharded_params, self._opt_param_specs(sharded_params))
+    return jax.jit(optimizer.init, out_shardings=shardings_lib.named(mesh, specs))(sharded_params)
 
   def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
     """`(params, opt_state, batch) -> (params, opt_state, loss)`, jitted with the plan's shardings.
@@ -260,16 +247,16 @@ class Plan:
     for a plan loaded from JSON, to shape the specs like the trees.
     """
     loss_fn, optimizer = self._need(loss_fn, optimizer)
-    params = self.abstract_params if params is None else params
-    batch = self.abstract_batch if batch is None else batch
+    params = self._abstract_params if params is None else params
+    batch = self._abstract_batch if batch is None else batch
     if params is None or batch is None:
       raise InvalidArgumentError(
           "a plan loaded from JSON needs the trees it applies to: pass params= and batch= "
           "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None.")
     self.check_fits(params, batch)
     mesh = self.make_mesh(devices)
-    opt_specs = emit.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
-    return emit.sharded_train_step(loss_fn, optimizer, mesh, self._param_specs(params),
+    opt_specs = shardings_lib.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
+    return step_lib.sharded_train_step(loss_fn, optimizer, mesh, self._param_specs(params),
                                    opt_specs, self._batch_specs(batch), remat=self.chosen.remat,
                                    microbatches=self.chosen.microbatches)
 
@@ -278,13 +265,12 @@ class Plan:
 
     Runs in a child process when this one has too few CPU devices. Keyword arguments
     (profile, workload, loss_fn, optimizer, params, batch, timeout) are those of
-    `wapar_jax._src.verify.verify`.
+    `wapar_jax.Verification`'s maker.
 
     Example:
       >>> print(plan.verify().table())
     """
-    from wapar_jax._src.verify import verify
-    return verify(self, devices, **kwargs)
+    return verify_lib.verify(self, devices, **kwargs)
 
   # --- files ------------------------------------------------------------------------------
 
@@ -340,15 +326,16 @@ class Plan:
 
       params, opt, batch = (flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs"))
       return cls(
-          mesh_shape=dict(data["mesh_shape"]), param_specs=_nest(params), batch_specs=_nest(batch),
-          opt_state_param_specs=_nest(opt), predicted=Prediction(**data["predicted"]),
+          mesh_shape=dict(data["mesh_shape"]), param_specs=nest(params), batch_specs=nest(batch),
+          opt_state_param_specs=nest(opt),
+          predicted=Prediction.from_dict(data["predicted"]),
           candidates=tuple(candidate(c) for c in data["candidates"]),
           chosen=candidate(data["chosen"]), strategy=data["strategy"],
           objective=data["objective"], profile=data["profile"],
           devices_offered=int(data["devices_offered"]), model_split=tuple(data["model_split"]),
           stats=dict(data["stats"]), memory_decision=data.get("memory_decision", ""),
           flat_param_specs=params, flat_opt_specs=opt, flat_batch_specs=batch,
-          details=(details_lib.PlanDetails.from_dict(data["details"]) if "details" in data
+          details=(PlanDetails.from_dict(data["details"]) if "details" in data
                    else None))
     except (KeyError, TypeError, ValueError) as e:
       raise CorruptPlanFileError(f"the plan file is missing or has malformed fields. Got {type(e).__name__}: {e}") from e

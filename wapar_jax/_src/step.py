@@ -37,18 +37,6 @@ REMAT_CHOICES = ("none", "layers", "layers_dots")
 _MIN_BLOCK_EQNS = 8
 
 
-def abstract(tree: Any) -> Any:
-  """Leaves as bare `ShapeDtypeStruct`s: no values, no device, no sharding.
-
-  `jax.eval_shape` results carry a single-device sharding that fails to lower for a mesh.
-  """
-
-  def strip(x):
-    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-
-  return jax.tree.map(strip, tree)
-
-
 def _signature(eqn) -> tuple:
   avals = lambda vs: tuple((tuple(getattr(v.aval, "shape", ())), str(getattr(v.aval, "dtype", "")))
                            for v in vs)

@@ -146,7 +146,7 @@ def _elementwise_key(op) -> tuple[str, int] | None:
   params and dtypes serves every shape (and every literal value, which only sets a constant).
   """
   eqn = op.eqn
-  if not op.fusible or eqn.primitive.name not in ELEMENTWISE or len(eqn.outvars) != 1:
+  if eqn.primitive.name not in ELEMENTWISE or len(eqn.outvars) != 1:
     return None
   shape = tuple(eqn.outvars[0].aval.shape)
   parts = []

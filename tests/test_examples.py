@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from wapar_jax import errors
-from wapar_jax._src import zoo
+from wapar_jax import examples
+from wapar_jax.examples import _moe
 
 TINY = ("mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan", "moe-tiny",
         "bert-tiny", "t5-tiny", "vit-tiny", "resnet-tiny")
@@ -27,16 +28,16 @@ def _signature(tree):
 
 
 def test_list_examples_has_every_family():
-  names = zoo.list_examples()
+  names = examples.list_examples()
   assert set(TINY) <= set(names)
   for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b", "gpt-7b",
                "alexnet", "vgg16", "resnet50", "bert-large", "vit-b16", "t5-base", "moe-gpt"):
     assert name in names
 
 
-@pytest.mark.parametrize("name", zoo.list_examples())
+@pytest.mark.parametrize("name", examples.list_examples())
 def test_every_example_is_abstract(name):
-  ex = zoo.get_example(name)
+  ex = examples.get_example(name)
   assert ex.name == name and ex.description
   for tree in (ex.params, ex.batch):
     leaves = jax.tree.leaves(tree)
@@ -47,7 +48,7 @@ def test_every_example_is_abstract(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_examples_run(name):
-  ex = zoo.get_example(name)
+  ex = examples.get_example(name)
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
   assert _signature(params) == _signature(ex.params)
@@ -66,7 +67,7 @@ def test_tiny_examples_run(name):
 
 @pytest.mark.parametrize("name", ("alexnet", "vgg16", "gpt2-small", "resnet50"))
 def test_large_init_params_traces_to_abstract_params(name):
-  ex = zoo.get_example(name)
+  ex = examples.get_example(name)
   assert _signature(jax.eval_shape(ex.init_params, jax.random.key(0))) == _signature(ex.params)
   assert _signature(jax.eval_shape(ex.make_batch, jax.random.key(0))) == _signature(ex.batch)
   loss = jax.eval_shape(ex.loss_fn, ex.params, ex.batch)
@@ -74,52 +75,53 @@ def test_large_init_params_traces_to_abstract_params(name):
 
 
 def test_gpt_variants_have_the_same_parameter_count():
-  counts = {name: _count(zoo.get_example(name).params)
+  counts = {name: _count(examples.get_example(name).params)
             for name in ("gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan")}
   assert len(set(counts.values())) == 1, counts
 
 
 def test_scan_stacks_block_params_over_layers():
-  params = zoo.get_example("gpt-tiny-scan").params
+  params = examples.get_example("gpt-tiny-scan").params
   assert all(x.shape[0] == 2 for x in jax.tree.leaves(params["blocks"]))
 
 
 def test_model_sizes():
-  assert abs(_count(zoo.get_example("gpt2-small").params) / 124.44e6 - 1) < 0.01
-  assert _count(zoo.get_example("gpt2-small-scan").params) == _count(
-      zoo.get_example("gpt2-small").params)
-  assert 6e9 < _count(zoo.get_example("gpt-7b").params) < 7.5e9
-  assert abs(_count(zoo.get_example("vgg16").params) / 138.36e6 - 1) < 0.01
+  assert abs(_count(examples.get_example("gpt2-small").params) / 124.44e6 - 1) < 0.01
+  assert _count(examples.get_example("gpt2-small-scan").params) == _count(
+      examples.get_example("gpt2-small").params)
+  assert 6e9 < _count(examples.get_example("gpt-7b").params) < 7.5e9
+  assert abs(_count(examples.get_example("vgg16").params) / 138.36e6 - 1) < 0.01
   # Published counts: torchvision's ResNet-50, Hugging Face's bert-large (without its pooler,
   # which a masked-LM loss does not use) and t5-base, timm's ViT-B/16.
-  assert abs(_count(zoo.get_example("resnet50").params) / 25.557e6 - 1) < 0.01
-  assert abs(_count(zoo.get_example("bert-large").params) / 334.09e6 - 1) < 0.01
-  assert abs(_count(zoo.get_example("vit-b16").params) / 86.568e6 - 1) < 0.01
-  assert abs(_count(zoo.get_example("t5-base").params) / 222.90e6 - 1) < 0.01
+  assert abs(_count(examples.get_example("resnet50").params) / 25.557e6 - 1) < 0.01
+  assert abs(_count(examples.get_example("bert-large").params) / 334.09e6 - 1) < 0.01
+  assert abs(_count(examples.get_example("vit-b16").params) / 86.568e6 - 1) < 0.01
+  assert abs(_count(examples.get_example("t5-base").params) / 222.90e6 - 1) < 0.01
   # moe-gpt has no published twin: GPT-2 small's attention with 8 experts of 2 x 768 x 3072 each.
   d, layers, experts = 768, 12, 8
   per_layer = 4 * (d * d + d) + 4 * d + d * experts + experts * 2 * d * 4 * d
-  assert _count(zoo.get_example("moe-gpt").params) == layers * per_layer + (50304 + 1024 + 2) * d
+  assert (_count(examples.get_example("moe-gpt").params)
+          == layers * per_layer + (50304 + 1024 + 2) * d)
 
 
 def test_batch_norm_statistics_are_not_parameters():
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-      zoo.get_example("resnet-tiny").params)]
+      examples.get_example("resnet-tiny").params)]
   assert not [p for p in paths if "mean" in p or "var" in p]
   assert any("scale" in p for p in paths) and any("bias" in p for p in paths)
 
 
 def test_moe_experts_are_stacked():
-  moe = zoo.get_example("moe-gpt").params["block_0"]["moe"]
+  moe = examples.get_example("moe-gpt").params["block_0"]["moe"]
   assert moe["w_in"].shape == (8, 768, 3072) and moe["w_out"].shape == (8, 3072, 768)
   assert moe["router"].shape == (768, 8)
 
 
 def test_moe_dispatch_matches_per_token_experts():
-  cfg = zoo._MoEConfig(1, 16, 2, 32, 8, n_experts=4, capacity_factor=2.0)
-  layer = zoo._MoEMLP(cfg)
+  cfg = _moe.MoEConfig(1, 16, 2, 32, 8, n_experts=4, capacity_factor=2.0)
+  layer = _moe.MoEMLP(cfg)
   # Capacity 1 per expert (ceil(0.125 * 2 * 8 / 4)): at most 4 of a sequence's 16 choices.
-  tight = zoo._MoEMLP(dataclasses.replace(cfg, capacity_factor=0.125))
+  tight = _moe.MoEMLP(dataclasses.replace(cfg, capacity_factor=0.125))
   x = jax.random.normal(jax.random.key(0), (2, 8, 16))
   params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
 
@@ -146,28 +148,28 @@ def test_moe_dispatch_matches_per_token_experts():
 
 def test_gpt_7b_builds_fast():
   start = time.perf_counter()
-  ex = zoo.get_example("gpt-7b")
+  ex = examples.get_example("gpt-7b")
   assert time.perf_counter() - start < 2.0
   assert ex.batch["inputs"].shape == (8, 2048)
 
 
 def test_overrides():
-  ex = zoo.get_example("gpt-tiny", batch_size=4, seq_len=16, dtype="bfloat16")
+  ex = examples.get_example("gpt-tiny", batch_size=4, seq_len=16, dtype="bfloat16")
   assert ex.batch["inputs"].shape == (4, 16)
   assert {jnp.dtype(x.dtype) for x in jax.tree.leaves(ex.params)} == {jnp.dtype(jnp.bfloat16)}
   # A shorter sequence keeps the default position table, so the parameter count is unchanged.
-  assert _count(ex.params) == _count(zoo.get_example("gpt-tiny").params)
+  assert _count(ex.params) == _count(examples.get_example("gpt-tiny").params)
   loss = jax.jit(ex.loss_fn)(ex.init_params(jax.random.key(0)), ex.make_batch(jax.random.key(1)))
   assert loss.dtype == jnp.float32 and np.isfinite(loss)
 
-  ex = zoo.get_example("cnn", batch_size=2, dtype="bfloat16")
+  ex = examples.get_example("cnn", batch_size=2, dtype="bfloat16")
   assert ex.batch["x"].shape == (2, 32, 32, 3) and ex.batch["x"].dtype == jnp.bfloat16
   assert jax.eval_shape(ex.loss_fn, ex.params, ex.batch).dtype == jnp.float32
 
 
 def test_unknown_name_lists_choices():
   with pytest.raises(errors.InvalidArgumentError, match=r"gpt2-small.*Got 'gpt-9000'\.$"):
-    zoo.get_example("gpt-9000")
+    examples.get_example("gpt-9000")
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -176,23 +178,23 @@ def test_unknown_name_lists_choices():
 ])
 def test_invalid_overrides(kwargs):
   with pytest.raises(errors.InvalidArgumentError, match="Got"):
-    zoo.get_example("gpt-tiny", **kwargs)
+    examples.get_example("gpt-tiny", **kwargs)
 
 
 def test_seq_len_on_a_model_without_sequence_is_rejected():
   with pytest.raises(errors.InvalidArgumentError, match="seq_len"):
-    zoo.get_example("mlp", seq_len=8)
+    examples.get_example("mlp", seq_len=8)
   with pytest.raises(errors.InvalidArgumentError, match=r"bert-tiny.*t5-tiny.*'vit-tiny'"):
-    zoo.get_example("vit-tiny", seq_len=8)
+    examples.get_example("vit-tiny", seq_len=8)
 
 
 @pytest.mark.parametrize("name", ("moe-tiny", "bert-tiny", "t5-tiny"))
 def test_seq_len_applies_to_every_sequence_model(name):
-  ex = zoo.get_example(name, batch_size=2, seq_len=16)
+  ex = examples.get_example(name, batch_size=2, seq_len=16)
   shapes = {k: x.shape for k, x in ex.batch.items()}
   if name.startswith("t5"):  # the decoder gets a quarter of the encoder's length
     assert shapes == {"inputs": (2, 16), "decoder_inputs": (2, 4), "targets": (2, 4)}
   else:
     assert set(shapes.values()) == {(2, 16)}
-  assert _count(ex.params) == _count(zoo.get_example(name).params)
+  assert _count(ex.params) == _count(examples.get_example(name).params)
   assert jax.eval_shape(ex.loss_fn, ex.params, ex.batch).dtype == jnp.float32

@@ -17,28 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import emit
-
-
-def human_bytes(n: float) -> str:
-  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if abs(n) >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{n:.0f} B"
-
-
-def human_seconds(s: float) -> str:
-  if s >= 1:
-    return f"{s:.3f} s"
-  if s >= 1e-3:
-    return f"{s * 1e3:.2f} ms"
-  return f"{s * 1e6:.1f} us"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-  line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
-  return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+from wapar_jax._src.fmt import human_bytes, human_seconds, table as _table
+from wapar_jax._src.tree import path_keys, path_str
 
 
 def _spec_str(spec: P) -> str:
@@ -62,21 +42,20 @@ def summary(plan, max_params: int = 12) -> str:
       f"  FLOPs          {p.flops:.4g}",
       f"  communicated   {human_bytes(p.comm_bytes)}",
       f"  peak memory    {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget"
-      + (f" ({human_bytes(p.peak_memory_xla_cpu)} as XLA:CPU compiles it, what plan.verify() "
-         "checks)" if p.peak_memory_xla_cpu and p.peak_memory_xla_cpu != p.peak_memory else ""),
+      + f" (under the rules of {plan.profile}'s compiler)",
       f"  energy         {p.energy:.4g} J per step (all {plan.num_devices} devices)",
       "",
   ]
   shapes = {}
-  if plan.abstract_params is not None:
-    shapes = {emit.path_keys(k): tuple(v.shape) for k, v in
-              jax.tree_util.tree_flatten_with_path(plan.abstract_params)[0]}
+  if plan._abstract_params is not None:
+    shapes = {path_keys(k): tuple(v.shape) for k, v in
+              jax.tree_util.tree_flatten_with_path(plan._abstract_params)[0]}
   items = sorted(plan.flat_param_specs.items(),
                  key=lambda kv: -_size(shapes.get(kv[0], ())))
-  rows = [[emit.path_str(k), str(shapes.get(k, "?")), _spec_str(s)] for k, s in items[:max_params]]
+  rows = [[path_str(k), str(shapes.get(k, "?")), _spec_str(s)] for k, s in items[:max_params]]
   lines.append(f"parameter specs (largest {min(max_params, len(items))} of {len(items)}):")
   lines.append(_table(["parameter", "shape", "spec"], rows))
-  batch_rows = [[emit.path_str(k), _spec_str(s)] for k, s in plan.flat_batch_specs.items()]
+  batch_rows = [[path_str(k), _spec_str(s)] for k, s in plan.flat_batch_specs.items()]
   lines += ["", "batch specs:", _table(["leaf", "spec"], batch_rows), ""]
 
   lines.append("best plan per device count (the WAP sweep):")

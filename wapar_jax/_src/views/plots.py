@@ -15,6 +15,7 @@ import math
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from wapar_jax._src.tree import path_str
 from wapar_jax.errors import InvalidArgumentError
 
 
@@ -126,7 +127,6 @@ def device_blocks(shape, spec: P, mesh_shape) -> tuple[list[int], list[str], dic
 def plot_layout(plan, param_path: str | None = None):
   """A parameter as a grid of blocks, each labelled with the devices that hold it."""
   Figure = _pyplot()
-  from wapar_jax._src.emit import path_str
   if plan.details is None:
     raise InvalidArgumentError("this plan has no leaf shapes (a version-1 plan file): plan "
                                "again to draw layouts. Got plan.details = None.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
+from wapar_jax._src.tree import nest, path_keys, path_str
 from wapar_jax.errors import InvalidArgumentError
 
 _AXIS_ORDER = ("model", "data")  # tensor-parallel rules first: they win over FSDP fallbacks
@@ -69,14 +70,12 @@ def logical_axis_rules(plan) -> list[tuple[str, str | None]]:
 def param_logical_axes(plan):
   """Per parameter leaf, the tuple of logical names of its dims (None: no group), as a tree
   shaped like the parameters (nested dicts for a plan loaded from JSON)."""
-  from wapar_jax._src.plan import _nest
   details = _details(plan)
   flat = {leaf.path: tuple(leaf.dims) for leaf in details.params}
-  if plan.abstract_params is not None:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(plan.abstract_params)
-    from wapar_jax._src.emit import path_keys
+  if plan._abstract_params is not None:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(plan._abstract_params)
     return jax.tree_util.tree_unflatten(treedef, [flat[path_keys(p)] for p, _ in leaves])
-  return _nest(flat)
+  return nest(flat)
 
 
 def spec_from_rules(names, rules) -> P:
@@ -94,7 +93,6 @@ def spec_from_rules(names, rules) -> P:
 def rules_reproduce(plan, rules=None) -> tuple[int, int, list[str]]:
   """(specs reproduced, parameters, paths that differ) when the rules are applied to the
   plan's logical axes: how faithfully the exported rules stand for the plan."""
-  from wapar_jax._src.emit import path_str
   details = _details(plan)
   rules = logical_axis_rules(plan) if rules is None else rules
   differ = []

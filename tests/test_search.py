@@ -1,0 +1,85 @@
+"""The search's arrays and sums, checked against what the step does by hand."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import wapar_jax as wap
+from wapar_jax import examples
+from wapar_jax._src.compilers import XLA_CPU, XLA_GPU
+from wapar_jax._src.cost import roofline
+from wapar_jax._src.cost.xla import CostCache, step_costs
+from wapar_jax._src.search import aggregates as aggregate_lib, pricing, space as space_lib
+from wapar_jax._src.trace import trace_train_step
+from wapar_jax._src.tree import leaf_paths, path_str
+
+TX = optax.adamw(1e-3)
+
+
+def _space(loss_fn, params, batch, rules=XLA_CPU, optimizer=TX, **kwargs):
+  traced, _ = trace_train_step(loss_fn, params, batch, optimizer, **kwargs)
+  paths = [path_str(k) for k in leaf_paths(params)]
+  return space_lib.build_space(traced, step_costs(traced, CostCache(persist=False)), paths,
+                               rules=rules, **kwargs)
+
+
+def _aggregate(space, groups=()):
+  seconds = roofline.op_seconds(space.traced, space.costs, wap.load_profile("cpu"),
+                                space.fusible)
+  return aggregate_lib.aggregate(space, groups, seconds)
+
+
+def test_fsdp_frees_gathered_parameters_after_their_last_read():
+  # The classifier's gathered weights are read last by the backward pass's first matmuls, long
+  # before the optimizer update at the end of the step.
+  ex = examples.get_example("mlp", batch_size=64)
+  space = _space(ex.loss_fn, ex.params, ex.batch)
+  agg = _aggregate(space)
+  big = space.param_bytes >= space_lib.FSDP_MIN_BYTES
+  assert big.any()
+  gathered = agg.gathered_curves.sum(axis=0)
+  assert gathered[0] == pytest.approx(space.param_bytes[big].sum())
+  # The optimizer reads every parameter last (adamw's weight decay); its shards, not the
+  # gathered copies.
+  traced = space.traced
+  update = min(max(op.index for op in traced.ops if v in op.in_vars) for v in traced.param_vars)
+  assert gathered[update] == 0
+
+
+def test_fsdp_parameters_gathered_along_a_minor_dim_are_found():
+  # XLA:CPU gathers those transposed and copies them back to row-major (priced in its peak).
+  ex = examples.get_example("mlp", batch_size=64)
+  space = _space(ex.loss_fn, ex.params, ex.batch)
+  paths = [path_str(k) for k in leaf_paths(ex.params)]
+  shardable = pricing.fsdp_shardable(space, 4, ())
+  strided = dict(zip(paths, pricing.gathered_strided(space, 4, (), shardable, 1)))
+  shapes = dict(zip(paths, (space.traced.var_shape[v] for v in space.traced.param_vars)))
+  assert shapes["Dense_0/kernel"] == (64, 256) and strided["Dense_0/kernel"]  # split on 256
+  assert shapes["Dense_1/kernel"] == (256, 256) and not strided["Dense_1/kernel"]  # on dim 0
+
+
+def test_xla_cpu_reduces_gradients_in_combined_buckets_of_256():
+  # XLA:CPU combines independent all-reduces 256 operands at a time: 300 gradients reduce in
+  # two buckets, each where its last gradient is made, all 256 / 44 at once.
+  params = {f"p{i:03d}": jax.ShapeDtypeStruct((64, 8), jnp.float32) for i in range(300)}
+  batch = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+  loss = lambda p, x: sum(jnp.mean(jnp.tanh(x @ w)) for w in p.values())  # noqa: E731
+  cpu = _aggregate(_space(loss, params, batch, optimizer=optax.sgd(0.1)))
+  (curves,) = cpu.memory
+  combined = curves.combine_curves.sum(axis=(0, 1))
+  assert sorted(combined[combined > 0]) == [44 * 2048, 256 * 2048]
+  gpu = _aggregate(_space(loss, params, batch, rules=XLA_GPU, optimizer=optax.sgd(0.1)))
+  assert gpu.memory[0].combine_curves is None  # GPU XLA reduces in place
+
+
+def test_a_gpu_remat_step_is_priced_under_both_rule_sets():
+  # GPU XLA's peak in a rematerialised step is bounded by XLA:CPU's rules; a plain step is
+  # priced under GPU XLA's alone (one liveness scan per candidate, not two).
+  ex = examples.get_example("gpt-tiny", batch_size=8)
+  plain = _space(ex.loss_fn, ex.params, ex.batch, rules=XLA_GPU)
+  remat = _space(ex.loss_fn, ex.params, ex.batch, rules=XLA_GPU, remat="layers")
+  assert [b.rules.name for b in plain.buffers] == ["xla:gpu"]
+  assert [b.rules.name for b in remat.buffers] == ["xla:gpu", "xla:cpu"]
+  assert [b.rules.name for b in _space(ex.loss_fn, ex.params, ex.batch, remat="layers").buffers
+          ] == ["xla:cpu"]

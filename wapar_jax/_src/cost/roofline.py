@@ -1,0 +1,76 @@
+"""Roofline time of each equation on one device: FLOPs at the achievable peak (matmuls at the
+efficiency their size reaches), bytes at the achievable bandwidth, and a launch per kernel."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from wapar_jax._src.cost.xla import StepCosts
+from wapar_jax._src.profiles import DeviceProfile
+
+# Summed per-op bytes of elementwise ops over-count fused programs: count a share of them.
+FUSED_BYTES_SHARE = 0.3
+
+
+def gemm_size(eqn) -> float:
+  """Geometric mean of the (m, n, k) of a dot or convolution seen as one GEMM; 0 otherwise."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    k = math.prod(lhs[d] for d in lc)
+    m = math.prod(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
+    n = math.prod(rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb)
+  elif name == "conv_general_dilated":
+    dn = eqn.params["dimension_numbers"]
+    out, rhs = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+    n = out[dn.out_spec[1]]
+    k = math.prod(rhs) // max(rhs[dn.rhs_spec[0]], 1)
+    m = math.prod(out) // max(n, 1)
+  else:
+    return 0.0
+  return float(m * n * k) ** (1 / 3)
+
+
+def matmul_efficiency(traced, profile: DeviceProfile) -> np.ndarray:
+  """Per op: the fraction of peak its matmul reaches at its size (1 for other ops, and for
+  profiles without `matmul_half_size`)."""
+  half = profile.matmul_half_size
+  if not half:
+    return np.ones(len(traced.ops))
+  size = np.array([gemm_size(op.eqn) for op in traced.ops])
+  return np.where(size > 0, size / (size + half), 1.0)
+
+
+def op_dtype(op):
+  """The dtype an op computes in: that of its first typed operand or result."""
+  for v in list(op.eqn.invars) + list(op.eqn.outvars):
+    dtype = getattr(v.aval, "dtype", None)
+    if dtype is not None:
+      return dtype
+  return "float32"
+
+
+def op_roofline(traced, costs: StepCosts, profile: DeviceProfile,
+                fusible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per op on one device: (FLOPs / achievable peak, bytes / achievable bandwidth) seconds.
+
+  `fusible[i]`: op i is fused into its consumers, so only a share of its bytes move.
+  """
+  peak = np.array([profile.flops_per_second(op_dtype(op)) for op in traced.ops])
+  peak = peak * matmul_efficiency(traced, profile)
+  nbytes = costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
+  return (costs.flops / (peak * profile.compute_efficiency),
+          nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+
+
+def op_seconds(traced, costs: StepCosts, profile: DeviceProfile,
+               fusible: np.ndarray) -> np.ndarray:
+  """Roofline time of each op on one device: the larger of its compute and memory time, plus
+  the profile's per-kernel overhead for every run of an op that XLA does not fuse away."""
+  costed = (costs.flops > 0) | (costs.bytes_accessed > 0)
+  kernels = np.where(~fusible & costed, costs.multiplicity, 0.0)
+  return np.maximum(*op_roofline(traced, costs, profile, fusible)) + \
+      profile.kernel_overhead * kernels

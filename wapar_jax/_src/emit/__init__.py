@@ -1,0 +1,1 @@
+"""Plan -> mesh, shardings, a jitted sharded train step, sharded initialisation."""

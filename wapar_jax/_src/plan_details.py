@@ -1,0 +1,113 @@
+"""What a Plan keeps about its model besides the specs: leaves, dimension groups, hot spots.
+
+Built once by the planner (`planner.details`) from the search space and the chosen candidate, so that a plan (also
+one loaded from JSON, with no model at hand) can explain itself, export logical-axis rules and
+check that it is applied to the model it was made for.
+
+Example:
+  >>> plan = wapar_jax.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=8)
+  >>> [g.name for g in plan.details.groups]
+  ['embed', 'heads', 'mlp', 'wpe', 'wte']
+  >>> plan.details.hotspots[0].source
+  'model.py:42 (Block.__call__)'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Logical names of the batch dim and of a scanned layer dim.
+BATCH, LAYERS = "batch", "layers"
+
+
+@dataclasses.dataclass(frozen=True)
+class DimGroup:
+  """A logical axis found in the program: isomorphic dimension classes decided together.
+
+  Attributes:
+    name: a readable name derived from the parameters it occurs in ("embed", "mlp", ...).
+    size: the dimension's size (what a mesh axis must divide).
+    mesh_axes: the mesh axes it is split on in this plan, most used first; () = replicated.
+    param_bytes: bytes of all parameters it occurs in.
+    where: "path[dim]" of (the first few of) its occurrences.
+  """
+  name: str
+  size: int
+  mesh_axes: tuple[str, ...]
+  param_bytes: float
+  where: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One parameter or batch leaf as planned: path, shape, dtype, logical name of each dim."""
+  path: tuple
+  shape: tuple[int, ...]
+  dtype: str
+  dims: tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hotspot:
+  """Equations of one source line, primitive and shape, with their predicted cost per device.
+
+  `seconds` is the roofline time on one device of the chosen plan, all `count` equations and
+  loop iterations together; `flops` likewise. `bound` says which roofline term limits it.
+  """
+  primitive: str
+  source: str
+  shapes: str
+  count: int
+  flops: float
+  seconds: float
+  bound: str  # "compute" or "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanDetails:
+  """Everything a Plan keeps to explain, export and check itself; plain data, JSON-able.
+
+  Attributes:
+    groups: dimension groups (logical axes) of the parameters.
+    params / batch: per leaf, its path, shape, dtype and logical dim names.
+    hotspots: the costliest equations of the chosen plan, costliest first.
+    memory: per-device peak memory by term: "parameters", "optimizer state", "batch",
+      "activations" (temporaries, and FSDP's gathered weights).
+    compute_bound_seconds / memory_bound_seconds: the compute time split by roofline term.
+    unknown_primitives: primitives the planner had no sharding rule for (costed conservatively).
+  """
+  groups: tuple[DimGroup, ...]
+  params: tuple[Leaf, ...]
+  batch: tuple[Leaf, ...]
+  hotspots: tuple[Hotspot, ...]
+  memory: tuple[tuple[str, float], ...]
+  compute_bound_seconds: float
+  memory_bound_seconds: float
+  unknown_primitives: tuple[str, ...] = ()
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    for leaf in d["params"] + d["batch"]:
+      leaf["path"] = list(leaf["path"])
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "PlanDetails":
+    def leaf(x):
+      return Leaf(tuple(x["path"]), tuple(x["shape"]), str(x["dtype"]), tuple(x["dims"]))
+
+    return cls(
+        groups=tuple(DimGroup(g["name"], int(g["size"]), tuple(g["mesh_axes"]),
+                              float(g["param_bytes"]), tuple(g["where"])) for g in d["groups"]),
+        params=tuple(leaf(x) for x in d["params"]), batch=tuple(leaf(x) for x in d["batch"]),
+        hotspots=tuple(Hotspot(**h) for h in d["hotspots"]),
+        memory=tuple((str(k), float(v)) for k, v in d["memory"]),
+        compute_bound_seconds=float(d["compute_bound_seconds"]),
+        memory_bound_seconds=float(d["memory_bound_seconds"]),
+        unknown_primitives=tuple(d.get("unknown_primitives", ())))
+
+  def group(self, name: str) -> DimGroup:
+    for g in self.groups:
+      if g.name == name:
+        return g
+    raise KeyError(name)

@@ -1,0 +1,66 @@
+"""The chosen plan's costliest equations by source line, and its memory by term."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wapar_jax._src.cost import roofline
+from wapar_jax._src.plan_details import Hotspot
+from wapar_jax._src.search.aggregates import data_divisors
+
+# Equations kept on a plan, costliest first (after merging repeats of one source line).
+TOP_HOTSPOTS = 20
+
+
+def op_divisors(space, c) -> np.ndarray:
+  """How many ways the chosen candidate splits each equation's work (as `pricing.price` does)."""
+  mask = np.zeros(len(space.groups), dtype=bool)
+  mask[list(c.model_groups)] = True
+  on_model = space.op_group[:, mask].any(axis=1) if mask.any() else np.zeros(len(space.op_group), bool)
+  data_div = np.array(data_divisors(c.data, c.storage), dtype=float)
+  return data_div[space.op_data_cat] * np.where(on_model, c.model, 1)
+
+
+def hotspots(space, c, profile) -> tuple[tuple[Hotspot, ...], float, float]:
+  traced = space.traced
+  flop_seconds, memory_seconds = roofline.op_roofline(traced, space.costs, profile,
+                                                       space.fusible)
+  seconds = np.maximum(flop_seconds, memory_seconds)
+  div = op_divisors(space, c)
+  per_device = seconds / div
+  compute_bound = float(per_device[flop_seconds >= seconds].sum())
+  merged: dict[tuple, list] = {}
+  for op in traced.ops:
+    i = op.index
+    if per_device[i] <= 0:
+      continue
+    key = (op.primitive, op.source, _shapes(op))
+    entry = merged.setdefault(key, [0, 0.0, 0.0, 0.0])
+    entry[0] += 1
+    entry[1] += space.costs.flops[i] / div[i]
+    entry[2] += per_device[i]
+    entry[3] += flop_seconds[i] / div[i]
+  top = sorted(merged.items(), key=lambda kv: -kv[1][2])[:TOP_HOTSPOTS]
+  hot = tuple(Hotspot(prim, src, shapes, int(n), float(f), float(s),
+                      "compute" if fs >= 0.999 * s else "memory")
+              for (prim, src, shapes), (n, f, s, fs) in top)
+  return hot, compute_bound, float(per_device.sum()) - compute_bound
+
+
+def _shapes(op) -> str:
+  def one(v):
+    aval = v.aval
+    dtype = getattr(aval, "dtype", None)
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int32": "i32"}.get(
+        str(dtype), str(dtype))
+    return f"{short}[{','.join(map(str, getattr(aval, 'shape', ())))}]"
+
+  return f"{', '.join(one(v) for v in op.eqn.invars)} -> {', '.join(one(v) for v in op.eqn.outvars)}"
+
+
+def memory_terms(space, c) -> tuple[tuple[str, float], ...]:
+  """Per-device peak memory by term, from the terms the search priced."""
+  batch = space.batch_bytes / c.data
+  activations = max(c.activation_memory - batch, 0.0)
+  return (("parameters", c.param_memory), ("optimizer state", c.opt_state_memory),
+          ("batch", batch), ("activations", activations))

@@ -1,0 +1,148 @@
+"""Sums over ops and variables for one set of model-split groups.
+
+For a fixed set of model-split groups, every op and every variable falls in one of a handful of
+sharding categories (carries the batch or not, is weight-shaped or not, touches a model-split
+class or not), and its per-device cost is its unsharded cost divided by dp and/or tp according
+to its category. So one O(#ops) pass per group set yields a few sums, and each (dp, tp,
+storage) is then priced in O(1) plus one max over the memory curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from wapar_jax._src.memory import liveness
+from wapar_jax._src.search.space import FSDP_MIN_BYTES, CompilerBuffers, SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryCurves:
+  """Liveness of the temporaries under one compiler's buffer rules."""
+  curves: np.ndarray        # liveness.liveness_curves
+  update_pos: int           # program point where the weight gradients are all live
+  # liveness.liveness_curves of the weight gradients alone (None where reductions run in place)
+  grad_curves: np.ndarray | None
+  # The same gradients, each at the one point where its combined reduction runs (None where
+  # reductions run in place)
+  combine_curves: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregates:
+  """Sums over ops / variables for one model-split group set (see the package docstring)."""
+  compute: np.ndarray       # [3 data cats, 2 model] seconds at one device
+  flops: np.ndarray         # [3, 2]
+  red_data: np.ndarray      # [2 weight-shaped?, 2 model] output bytes reduced over data
+  red_data_n: np.ndarray    # [2, 2] collective counts (weight gradients: see loop_iterations)
+  loop_iterations: float    # iterations of the deepest loop holding weight-gradient reductions
+  red_model: np.ndarray     # [2 batch, 2 model] output bytes reduced over model
+  red_model_n: np.ndarray
+  gather_data: np.ndarray   # [2 model] input bytes gathered over data
+  gather_data_n: np.ndarray
+  gather_model: np.ndarray  # [2 batch] input bytes gathered over model
+  gather_model_n: np.ndarray
+  memory: tuple[MemoryCurves, ...]  # per rule set of SearchSpace.buffers, in its order
+  # [2 model, points]: bytes of parameters big enough for FSDP while compute still reads them
+  gathered_curves: np.ndarray
+  param_model: np.ndarray   # [P] bool
+  opt_model: np.ndarray     # [O] bool
+
+
+def data_divisors(dp: int, storage: str) -> tuple[int, int, int]:
+  """Data-axis split of work / values per memory.DATA_* category: batch, weight-shaped, other.
+
+  Weight-shaped work (the optimizer update) splits only when the state is sharded.
+  """
+  return dp, dp if storage != "replicated" else 1, 1
+
+
+def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarray) -> Aggregates:
+  """The sums one model-split group set needs, over every op and variable of the step."""
+  mask = np.zeros(len(space.groups), dtype=bool)
+  mask[list(groups)] = True
+  var_model = space.var_group[:, mask].any(axis=1)
+  op_model = space.op_group[:, mask].any(axis=1).astype(np.int64)
+  cat = space.op_data_cat
+  compute = np.zeros((3, 2))
+  flops = np.zeros((3, 2))
+  np.add.at(compute, (cat, op_model), op_seconds)
+  np.add.at(flops, (cat, op_model), space.costs.flops)
+
+  mult = space.costs.multiplicity
+  out = space.op_out_var
+  has_out = out >= 0
+  out_model = np.where(has_out, var_model[np.maximum(out, 0)], False).astype(np.int64)
+  out_batch = np.where(has_out, space.var_batch[np.maximum(out, 0)], False).astype(np.int64)
+  out_weight = np.where(has_out, space.var_weight[np.maximum(out, 0)], False).astype(np.int64)
+  weighted = mult * space.op_out_bytes
+
+  def summed(select, index_a, index_b, values):
+    acc = np.zeros((2, 2))
+    np.add.at(acc, (index_a[select], index_b[select]), values[select])
+    return acc
+
+  red_data = summed(space.red_batch, out_weight, out_model, weighted)
+  red_data_n = summed(space.red_batch_sink, out_weight, out_model, mult)
+  in_loop_weight = space.red_batch & (out_weight == 1) & (mult > 1)
+  loop_iterations = float(mult[in_loop_weight].max()) if in_loop_weight.any() else 0.0
+  red_m = space.red_group[:, mask].any(axis=1)
+  red_model = summed(red_m, out_batch, out_model, weighted)
+  red_model_n = summed(space.red_group_sink[:, mask].any(axis=1), out_batch, out_model, mult)
+
+  g_op, g_var, g_batch, g_group = space.gathers
+  g_bytes = space.var_bytes[g_var] * mult[g_op]
+  g_model = var_model[g_var].astype(np.int64)
+  gather_data = np.bincount(g_model[g_batch], weights=g_bytes[g_batch], minlength=2)
+  gather_data_n = np.bincount(g_model[g_batch], weights=mult[g_op][g_batch], minlength=2)
+  on_model = (g_group >= 0) & mask[np.maximum(g_group, 0)]
+  g_vbatch = space.var_batch[g_var].astype(np.int64)
+  gather_model = np.bincount(g_vbatch[on_model], weights=g_bytes[on_model], minlength=2)
+  gather_model_n = np.bincount(g_vbatch[on_model], weights=mult[g_op][on_model], minlength=2)
+
+  t = space.traced
+  data_cat = np.where(space.var_batch, liveness.DATA_BATCH,
+                      np.where(space.var_weight, liveness.DATA_WEIGHT, liveness.DATA_NONE))
+  # Weight gradients, full size (the partial sums a data-axis reduction reads), while they live.
+  grads = np.zeros(t.num_vars, dtype=bool)
+  grads[out[space.red_batch_sink & (out_weight == 1) & has_out]] = True
+  curves = tuple(_memory_curves(space, b, data_cat, var_model, grads) for b in space.buffers)
+  param_model = space.param_group[:, mask].any(axis=1)
+  big = space.param_bytes >= FSDP_MIN_BYTES
+  gathered_curves = liveness.liveness_curves(
+      np.zeros(int(big.sum()), dtype=np.int64), space.param_read_until[big],
+      space.param_bytes[big], np.full(int(big.sum()), liveness.DATA_NONE), param_model[big],
+      len(t.ops))[liveness.DATA_NONE]
+  return Aggregates(compute, flops, red_data, red_data_n, loop_iterations, red_model,
+                    red_model_n, gather_data, gather_data_n, gather_model, gather_model_n, curves,
+                    gathered_curves, param_model, space.opt_group[:, mask].any(axis=1))
+
+def _memory_curves(space: SearchSpace, buffers: CompilerBuffers, data_cat: np.ndarray,
+                   var_model: np.ndarray, grads: np.ndarray) -> MemoryCurves:
+  """Liveness of the temporaries under one compiler's rules for one group set."""
+  t = space.traced
+  temp, last_use, extra = buffers.kept, buffers.last_use, buffers.scratch
+  curves = liveness.liveness_curves(
+      np.concatenate([t.def_pos[temp], extra.start]),
+      np.concatenate([last_use[temp], extra.stop]),
+      np.concatenate([space.var_bytes[temp], extra.nbytes]),
+      np.concatenate([data_cat[temp], data_cat[extra.like]]),
+      np.concatenate([var_model[temp], var_model[extra.like]]), len(t.ops))
+  grad_curves = combine_curves = None
+  if not buffers.rules.reduces_in_place:
+    made, kinds = t.def_pos[grads], np.full(int(grads.sum()), liveness.DATA_NONE)
+    grad_curves = liveness.liveness_curves(made, last_use[grads], space.var_bytes[grads], kinds,
+                                           var_model[grads], len(t.ops))
+    # Each bucket of gradients, in the order they are made, reduces right after its last is
+    # made, once that op's operands are freed.
+    order = np.argsort(made, kind="stable")
+    bucket = np.empty_like(order)
+    bucket[order] = np.arange(len(order)) // buffers.rules.combine_count
+    reduced_at = np.zeros(int(bucket.max(initial=-1)) + 1, dtype=np.int64)
+    np.maximum.at(reduced_at, bucket, made + 1)
+    combine_curves = liveness.liveness_curves(
+        reduced_at[bucket], reduced_at[bucket], space.var_bytes[grads], kinds,
+        var_model[grads], len(t.ops))
+  return MemoryCurves(curves, int(np.argmax(curves[liveness.DATA_WEIGHT].sum(axis=0))),
+                      grad_curves, combine_curves)

@@ -1,0 +1,85 @@
+"""A point of the search and how candidates are named and ranked.
+
+A candidate is a data degree dp, a model degree tp, the groups of dimension classes split on the
+model axis, and where parameters / optimizer state are stored along the data axis; with its
+predicted figures per device and step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+STRATEGIES = ("auto", "dp", "zero1", "fsdp", "tp", "dp_tp")
+STORAGES = ("replicated", "zero1", "fsdp")
+OBJECTIVES = ("time", "energy")
+DATA, MODEL = "data", "model"
+# Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
+# the memory model's error (benchmarks/results/memory_levers.md).
+DEFAULT_MEMORY_HEADROOM = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One point of the search with its predicted figures (per device, per step)."""
+  devices: int
+  data: int
+  model: int
+  model_groups: tuple[int, ...]
+  storage: str
+  strategy: str
+  step_time: float
+  compute_time: float
+  comm_time: float
+  flops: float
+  comm_bytes: float
+  peak_memory: float
+  energy: float
+  fits: bool
+  # Per-device memory by term (bytes); peak_memory is their sum.
+  param_memory: float = 0.0
+  opt_state_memory: float = 0.0
+  activation_memory: float = 0.0
+  # How the step is run: rematerialisation policy and gradient-accumulation micro-batches.
+  remat: str = "none"
+  microbatches: int = 1
+  # Mesh axes whose collectives cross nodes (laid out as create_hybrid_device_mesh does).
+  cross_node_axes: tuple[str, ...] = ()
+
+  @property
+  def mesh_shape(self) -> dict[str, int]:
+    return mesh_shape(self.data, self.model)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["model_groups"] = list(self.model_groups)
+    d["cross_node_axes"] = list(self.cross_node_axes)
+    d["mesh_shape"] = self.mesh_shape
+    return d
+
+
+def mesh_shape(dp: int, tp: int) -> dict[str, int]:
+  """Axes of size 1 are dropped, except that one device still has a (data=1) mesh."""
+  shape = {DATA: dp, MODEL: tp}
+  kept = {k: v for k, v in shape.items() if v > 1}
+  return kept or {DATA: 1}
+
+
+def strategy_label(dp: int, tp: int, storage: str) -> str:
+  if dp * tp == 1:
+    return "single"
+  if tp == 1:
+    return {"replicated": "dp", "zero1": "zero1", "fsdp": "fsdp"}[storage]
+  if dp == 1:
+    return "tp"
+  return "dp_tp" if storage == "replicated" else f"dp_tp+{storage}"
+
+
+def rank_value(objective: str):
+  """The figure the objective minimises."""
+  return (lambda c: c.step_time) if objective == "time" else (lambda c: c.energy)
+
+
+def rank_key(objective: str):
+  """Fitting first, then the objective; within 0.01%: fewer devices, then less memory."""
+  value = rank_value(objective)
+  return lambda c: (not c.fits, float(f"{value(c):.4g}"), c.devices, c.peak_memory, c.model)

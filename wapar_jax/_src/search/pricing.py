@@ -1,0 +1,201 @@
+"""One candidate priced: compute over the mesh, collectives per axis, memory per device."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from wapar_jax._src.cost.collectives import (COMBINE_BYTES, hierarchical_collective_steps,
+                                             hierarchical_collective_traffic)
+from wapar_jax._src.memory import liveness
+from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.search.aggregates import Aggregates, MemoryCurves, data_divisors
+from wapar_jax._src.search.candidate import DATA, MODEL, Candidate, strategy_label
+from wapar_jax._src.search.space import FSDP_MIN_BYTES, SearchSpace
+
+
+def fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.ndarray:
+  """Per parameter: has a dim, not on the model axis, that splits dp ways; and is big enough."""
+  in_groups = {c for g in groups for c in space.groups[g].classes}
+  loop = space.traced.loop_classes
+  ok = np.zeros(len(space.param_dims), dtype=bool)
+  for i, dims in enumerate(space.param_dims):
+    if space.param_bytes[i] < FSDP_MIN_BYTES:
+      continue
+    ok[i] = any(size % dp == 0 and c not in in_groups and c not in loop for c, size in dims)
+  return ok
+
+
+def gathered_strided(space: SearchSpace, dp: int, groups: tuple[int, ...],
+                      shardable: np.ndarray, tp: int) -> np.ndarray:
+  """Per FSDP-sharded parameter: gathered along a dim with a non-trivial dim before it (in the
+  per-device layout), which a compiler with `copies_strided_gathers` gathers transposed and
+  copies back to row-major."""
+  in_groups = {c for g in groups for c in space.groups[g].classes}
+  loop = space.traced.loop_classes
+  strided = np.zeros(len(space.param_dims), dtype=bool)
+  for i in np.flatnonzero(shardable):
+    dims = space.param_dims[i]
+    d = fsdp_dim(dims, dp, [c in in_groups for c, _ in dims], loop)
+    if d is not None:
+      before = math.prod(size // tp if c in in_groups else size for c, size in dims[:d])
+      strided[i] = before > 1
+  return strided
+
+
+def fsdp_dim(dims: Sequence[tuple[int, int]], dp: int, taken: Sequence[bool],
+             loop_classes: frozenset[int]) -> int | None:
+  """The dim a parameter is split on along the data axis: the largest free one that divides."""
+  best = None
+  for d, (c, size) in enumerate(dims):
+    if taken[d] or size % dp or c in loop_classes:
+      continue
+    if best is None or size > dims[best][1]:
+      best = d
+  return best
+
+
+def _combined(nbytes: float) -> float:
+  """Collectives left after XLA combines independent ones of `nbytes` in all."""
+  return float(math.ceil(nbytes / COMBINE_BYTES)) if nbytes > 0 else 0.0
+
+
+def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, int]]:
+  """Per mesh axis, (devices of it inside one node, nodes it spans).
+
+  The layout is the one `emit.make_mesh` builds with `mesh_utils.create_hybrid_device_mesh`:
+  the job spread evenly over the fewest nodes that hold it, the model axis filling a node first
+  and the data axis taking what is left, then spanning nodes. So tensor parallelism crosses
+  nodes only when it is wider than a node or does not divide it, and a data axis of dp over k
+  nodes is dp / k devices per node times k nodes. A job that cannot be spread evenly is priced
+  as flat rings on the slow link: its slowest group is one that crosses.
+  """
+  d = dp * tp
+  nodes = -(-d // devices_per_node)
+  if nodes == 1:
+    return {DATA: (dp, 1), MODEL: (tp, 1)}
+  if d % nodes == 0:
+    per_node = d // nodes
+    model_inner = math.gcd(tp, per_node)
+    data_inner = math.gcd(dp, per_node // model_inner)
+    if model_inner * data_inner == per_node:
+      return {DATA: (data_inner, dp // data_inner), MODEL: (model_inner, tp // model_inner)}
+  return {DATA: (1, dp), MODEL: (1, tp)}
+
+
+def price(space: SearchSpace, agg: Aggregates, profile: DeviceProfile, dp: int, tp: int,
+          groups: tuple[int, ...], storage: str, budget: float) -> Candidate:
+  """The candidate's predicted time, traffic, energy and per-device memory, and whether it fits
+  `budget` under every rule set of the space (the target compiler's, and any bounding it)."""
+  d = dp * tp
+  sharded_state = storage != "replicated"
+  data_div = data_divisors(dp, storage)
+  div = np.array(data_div, dtype=float)[:, None] * np.array([1.0, tp])[None, :]
+  compute_time = float((agg.compute / div).sum())
+  flops = float((agg.flops / div).sum())
+
+  spans = axis_spans(dp, tp, profile.devices_per_node)
+  data_span, model_span = spans[DATA], spans[MODEL]
+  inner, outer = profile.intra_node, profile.inter_node
+  model_scale = np.array([1.0, 1.0 / tp])
+  data_scale = np.array([1.0, 1.0 / dp])
+
+  comm_time = 0.0
+  comm_bytes = 0.0
+
+  def add(kind, nbytes, count, n, span):
+    # Two-level (reduce-scatter in node, across nodes on 1/n_inner, all-gather in node) once
+    # the axis spans nodes; a plain ring on the fast link while it stays in one.
+    nonlocal comm_time, comm_bytes
+    if n <= 1 or count <= 0:
+      return
+    n_inner, n_outer = span
+    steps_in, steps_out = hierarchical_collective_steps(kind, n_inner, n_outer)
+    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, n_inner, n_outer)
+    comm_time += (steps_in * inner.latency + steps_out * outer.latency) * count
+    comm_time += bytes_in / inner.bandwidth + bytes_out / outer.bandwidth
+    comm_bytes += bytes_in + bytes_out
+
+  # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
+  weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
+  grad_bytes = float(agg.red_data[1] @ model_scale)
+  add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_span)
+  # Other partial sums over the batch (the loss, norms): independent ones go out as one tuple
+  # all-reduce (measured); dependent ones (batch-norm statistics, layer after layer) one round
+  # after another (measured on ResNet-50: 206 all-reduces).
+  other_bytes = float(agg.red_data[0] @ model_scale)
+  other_count = _combined(other_bytes) + max(space.batch_reduce_rounds - 1, 0)
+  add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span)
+  add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_span)
+  add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_span)
+  add("all-gather", float(agg.gather_model @ data_scale), float(agg.gather_model_n.sum()), tp, model_span)
+
+  param_div = np.where(agg.param_model, tp, 1).astype(float)
+  opt_div = np.where(agg.opt_model, tp, 1).astype(float)
+  shardable = fsdp_shardable(space, dp, groups) if dp > 1 else np.zeros(len(param_div), bool)
+  per_param = space.param_bytes / param_div
+  gathered_live: np.ndarray | float = 0.0  # FSDP's gathered parameters, per program point
+  relayout: np.ndarray | float = 0.0
+  zero1_gathered = 0.0
+  if storage == "fsdp":
+    # Gathered once, at the top of the step where the emitted step pins parameters to their
+    # compute layout; the backward pass reads the same gathered copy (measured on gpt2-small,
+    # 8 devices: 74 all-gathers of 474 MiB, one per parameter), which lives until its last
+    # read there (AlexNet: the classifier's gathered weights are gone when its weight
+    # gradients are made). Big parameters that do not split dp ways are in param_mem instead.
+    gathered = float(per_param[shardable].sum())
+    add("all-gather", gathered, _combined(gathered) + agg.loop_iterations, dp, data_span)
+    param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
+    unsplit = float(per_param[~shardable & (space.param_bytes >= FSDP_MIN_BYTES)].sum())
+    gathered_live = np.maximum(agg.gathered_curves[0] + agg.gathered_curves[1] / tp - unsplit, 0)
+    if any(b.rules.copies_strided_gathers for b in space.buffers):
+      # Such a compiler gathers a parameter split along a minor dim in a transposed layout and
+      # copies it back, every copy at the top of the step, each living until its first read.
+      strided = gathered_strided(space, dp, groups, shardable, tp)
+      k = int(strided.sum())
+      relayout = liveness.liveness_curves(
+          np.zeros(k, dtype=np.int64), space.param_first_read[strided], per_param[strided],
+          np.full(k, liveness.DATA_NONE), np.zeros(k, dtype=bool),
+          len(space.traced.ops))[liveness.DATA_NONE, 0]
+  else:
+    param_mem = float(per_param.sum())
+    if storage == "zero1":  # updated parameters are all-gathered from their shards
+      zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
+      add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
+  opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
+  opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
+  # Collective buffers the liveness scan does not see, where gradients are all-reduced at full
+  # size and combined in buckets (`CompilerRules.combine_count`): each bucket reads full-size
+  # partial sums and writes a new full-size result, both live where it reduces. Replicated,
+  # the liveness scan holds one of the two, partial sum then result; sharded, it holds the 1/dp
+  # slice, so the full-size gradient counts while it lives too.
+  def temporaries(m: MemoryCurves, rules) -> float:
+    grad_shadow: np.ndarray | float = 0.0
+    if dp > 1 and m.grad_curves is not None:
+      grad_shadow = liveness.per_device(m.combine_curves, (1, 1, 1), tp)
+      if sharded_state:
+        grad_shadow = grad_shadow + liveness.per_device(m.grad_curves, (1, 1, 1), tp)
+    extra = grad_shadow + gathered_live + (relayout if rules.copies_strided_gathers else 0.0)
+    temps = liveness.peak_bytes(m.curves, data_div, tp, extra=extra)
+    if storage == "zero1":
+      # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
+      # buffers are freed: the two never coexist.
+      return max(temps, liveness.bytes_at(m.curves, m.update_pos, data_div, tp) + zero1_gathered)
+    return temps
+
+  state = param_mem + opt_mem + space.batch_bytes / dp
+  peak = state + max(temporaries(m, b.rules) for m, b in zip(agg.memory, space.buffers))
+
+  step_time = compute_time + comm_time
+  energy = d * (profile.power_idle_watts * step_time +
+                (profile.power_busy_watts - profile.power_idle_watts) * compute_time)
+  return Candidate(devices=d, data=dp, model=tp, model_groups=tuple(groups), storage=storage,
+                   strategy=strategy_label(dp, tp, storage), step_time=step_time,
+                   compute_time=compute_time, comm_time=comm_time, flops=flops,
+                   comm_bytes=comm_bytes, peak_memory=peak, energy=energy, fits=peak <= budget,
+                   param_memory=param_mem, opt_state_memory=opt_mem,
+                   activation_memory=peak - param_mem - opt_mem,
+                   remat=space.remat, microbatches=space.microbatches,
+                   cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1))

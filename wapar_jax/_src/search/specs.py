@@ -1,0 +1,42 @@
+"""A candidate as PartitionSpecs: for every parameter (as stored), its optimizer state, the batch."""
+
+from __future__ import annotations
+
+from jax.sharding import PartitionSpec as P
+
+from wapar_jax._src.search.candidate import DATA, MODEL, Candidate
+from wapar_jax._src.search.pricing import fsdp_dim, fsdp_shardable
+from wapar_jax._src.search.space import SearchSpace
+
+
+def specs_for(space: SearchSpace, c: Candidate) -> tuple[list[P], list[P], list[P]]:
+  """PartitionSpecs of params (as stored), their optimizer state, and the batch, in the
+  flattened order of the traced step's arguments."""
+  traced = space.traced
+  model_classes = {cl for g in c.model_groups for cl in space.groups[g].classes}
+  shardable = (fsdp_shardable(space, c.data, c.model_groups)
+               if c.data > 1 else [False] * len(traced.param_vars))
+  param_specs, opt_specs = [], []
+  for i in range(len(traced.param_vars)):
+    dims = space.param_dims[i]
+    entries = [None] * len(dims)
+    if c.model > 1:
+      for d, (cl, size) in enumerate(dims):
+        if cl in model_classes and size % c.model == 0:
+          entries[d] = MODEL
+          break  # one mesh axis appears at most once in a spec
+    tp_only = P(*entries)
+    split = list(entries)
+    if shardable[i]:
+      d = fsdp_dim(dims, c.data, [e is not None for e in entries], traced.loop_classes)
+      if d is not None:
+        split[d] = DATA
+    param_specs.append(P(*split) if c.storage == "fsdp" else tp_only)
+    opt_specs.append(P(*split) if c.storage in ("fsdp", "zero1") else tp_only)
+  batch_specs = []
+  for v in traced.batch_vars:
+    entries = [None] * len(traced.var_shape[v])
+    if c.data > 1:
+      entries[0] = DATA
+    batch_specs.append(P(*entries))
+  return param_specs, opt_specs, batch_specs

@@ -1,0 +1,60 @@
+"""The verify child process: `python -m wapar_jax._src.verify.child REQUEST RESULT`.
+
+Started by `verify` with enough virtual CPU devices for the plan's mesh. It reads the plan,
+profile and workload (a built-in example's name, or a cloudpickle of the user's loss,
+optimizer and trees) from the REQUEST JSON, compiles the step and writes the `Verification`
+as JSON to RESULT. Nothing imports this module, so it may import `Plan` without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Sequence
+
+import jax
+import optax
+
+from wapar_jax import examples
+from wapar_jax._src.files import write_text_atomic
+from wapar_jax._src.plan import Plan
+from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.verify.run import analyse_compiled, compile_plan_step
+from wapar_jax.errors import InvalidArgumentError
+
+def _optimizer(name: str, lr: float):
+  makers = {"adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd,
+            "adafactor": optax.adafactor, "lion": optax.lion}
+  if name not in makers:
+    raise InvalidArgumentError(f"optimizer must be one of {sorted(makers)}. Got {name!r}.")
+  return makers[name](lr)
+
+
+def main(argv: Sequence[str]) -> int:
+  """Compiles and analyses the request at `argv[0]`, writing the `Verification` to `argv[1]`."""
+  started = time.perf_counter()
+  req_path, out_path = argv
+  with open(req_path) as f:
+    request = json.load(f)
+  plan = Plan.from_json(json.dumps(request["plan"]))
+  profile = DeviceProfile.from_dict(request["profile"])
+  if "workload" in request:
+    w = request["workload"]
+    ex = examples.get_example(w["example"], batch_size=w.get("batch_size"),
+                              seq_len=w.get("seq_len"), dtype=w.get("dtype"))
+    loss_fn, params, batch = ex.loss_fn, ex.params, ex.batch
+    optimizer = _optimizer(w.get("optimizer", "adamw"), float(w.get("lr", 1e-3)))
+  else:
+    import cloudpickle  # optional: only a request holding pickled functions needs it
+    loss_fn, optimizer, params, batch = cloudpickle.loads(bytes.fromhex(request["pickled"]))
+  devices = jax.devices("cpu")
+  compiled, seconds = compile_plan_step(plan, devices[:plan.num_devices], loss_fn, optimizer,
+                                        params, batch)
+  result = analyse_compiled(compiled, plan, profile, seconds, started, child_process=True)
+  write_text_atomic(out_path, json.dumps(result.to_dict()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

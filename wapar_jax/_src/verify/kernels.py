@@ -1,0 +1,195 @@
+"""The compiled module's kernels: dot / convolution FLOPs and a roofline of their time.
+
+`loop_flops_added` gives the FLOPs XLA's cost analysis leaves out of loop bodies' later
+iterations; `kernel_seconds` prices every kernel XLA emitted (fusions, dots, copies, ...) with
+the planner's roofline on a device profile.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Sequence
+
+from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.verify.hlo import (CALLEE_LISTS, COLLECTIVE_OPCODES, SHAPE, HloModule, Instr,
+                                       operand_names, type_bytes, unquote, value_types)
+
+
+def _dot_flops(instr: Instr, types: Mapping[str, str]) -> float:
+  """2 x output elements x contracted elements, for dot and convolution instructions."""
+  operands = re.findall(r"%([\w.\-]+)", instr.rest.split(")", 1)[0])
+  out = SHAPE.search(instr.type)
+  if not out or not operands:
+    return 0.0
+  out_elems = math.prod(int(d) for d in out.group(2).split(",") if d)
+  if instr.opcode == "dot":
+    lhs = SHAPE.search(types.get(operands[0], ""))
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.rest)
+    if not lhs:
+      return 0.0
+    shape = [int(d) for d in lhs.group(2).split(",") if d]
+    contracted = math.prod(shape[int(k)] for k in dims.group(1).split(",") if k) if dims else 1
+    return 2.0 * out_elems * contracted
+  if instr.opcode == "convolution" and len(operands) > 1:
+    rhs = SHAPE.search(types.get(operands[1], ""))
+    labels = re.search(r"dim_labels=\w+_(\w+)->", instr.rest)
+    if not rhs or not labels:
+      return 0.0
+    shape = [int(d) for d in rhs.group(2).split(",") if d]
+    kernel = math.prod(s for s, label in zip(shape, labels.group(1)) if label != "o")
+    return 2.0 * out_elems * kernel
+  return 0.0
+
+
+def loop_flops_added(module: HloModule, mult: Mapping[str, float],
+                     once: Mapping[str, float]) -> float:
+  """Dot / convolution FLOPs of the loop iterations XLA's cost analysis leaves out."""
+  added = 0.0
+  for comp, instrs in module.computations.items():
+    extra = mult.get(comp, 0.0) - once.get(comp, 0.0)
+    if extra <= 0:
+      continue
+    types = value_types(module, comp)
+    for instr in instrs:
+      if instr.opcode in ("dot", "convolution"):
+        added += extra * _dot_flops(instr, types)
+  return added
+
+
+# Instructions that move no data of their own, or are priced elsewhere (collectives).
+_NOT_KERNELS = frozenset({
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+    "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+    "domain", "copy-start", "copy-done", "send", "recv", "send-done", "recv-done",
+})
+
+
+def _kernel_computations(module: HloModule) -> set[str]:
+  """Computations whose instructions run as kernels: the entry and what control flow calls.
+
+  Fused computations (a fusion's body) and reducers (`to_apply`) are inside one kernel.
+  """
+  found, stack = set(), [module.entry]
+  while stack:
+    comp = stack.pop()
+    if comp in found or comp not in module.computations:
+      continue
+    found.add(comp)
+    for instr in module.computations[comp]:
+      if instr.opcode == "while":
+        stack += re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", instr.rest)
+      elif instr.opcode == "conditional":
+        stack += re.findall(r"\b(?:true_computation|false_computation)=%?([\w.\-]+)",
+                            instr.rest)
+        for group in CALLEE_LISTS.findall(instr.rest):
+          stack += [unquote(c).lstrip("%") for c in group.split(",") if c.strip()]
+      elif instr.opcode == "call":
+        stack += re.findall(r"\b(?:to_apply|calls)=%?([\w.\-]+)", instr.rest)
+  return found
+
+
+def _fused_dots(module: HloModule, comp: str, seen: frozenset = frozenset()):
+  """(FLOPs, dtype of the first dot's operand) of the dots and convolutions in a fused body."""
+  if comp in seen or comp not in module.computations:
+    return 0.0, None
+  types = value_types(module, comp)
+  flops, dtype = 0.0, None
+  for instr in module.computations[comp]:
+    if instr.opcode in ("dot", "convolution"):
+      flops += _dot_flops(instr, types)
+      operand = types.get((operand_names(instr) or [""])[0], "")
+      dtype = dtype or (SHAPE.search(operand).group(1) if SHAPE.search(operand) else None)
+    for callee in re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest):
+      inner, inner_dtype = _fused_dots(module, callee, seen | {comp})
+      flops += inner
+      dtype = dtype or inner_dtype
+  return flops, dtype
+
+
+def _operand_reads(module: HloModule, comp: str, operand_bytes: Sequence[float]) -> list[float]:
+  """Bytes a fused computation reads of each operand: a parameter used only through slices
+  (slice, dynamic-slice) is read only in those slices."""
+  body = module.computations.get(comp, ())
+  param_index = {}
+  for instr in body:
+    if instr.opcode == "parameter":
+      m = re.match(r"(\d+)\)", instr.rest)
+      if m:
+        param_index[instr.name] = int(m.group(1))
+  sliced: dict[int, float] = {}
+  whole: set[int] = set()
+  for instr in body:
+    for k, name in enumerate(operand_names(instr)):
+      i = param_index.get(name)
+      if i is None:
+        continue
+      if instr.opcode in ("slice", "dynamic-slice") and k == 0:
+        sliced[i] = sliced.get(i, 0.0) + type_bytes(instr.type)
+      else:
+        whole.add(i)
+  return [b if i in whole or i not in sliced else min(b, sliced[i])
+          for i, b in enumerate(operand_bytes)]
+
+
+def _in_place_root(module: HloModule, comp: str) -> bool:
+  body = module.computations.get(comp, ())
+  root = body[-1] if body else None
+  return root is not None and root.opcode in ("dynamic-update-slice", "scatter")
+
+
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
+               "f8e4m3fn": "float8_e4m3fn", "f8e5m2": "float8_e5m2"}
+
+
+def kernel_seconds(module: HloModule, mult: Mapping[str, float],
+                   profile: DeviceProfile) -> float:
+  """Roofline seconds of the compiled module's kernels per step, on one device of `profile`.
+
+  Each kernel (a fusion, dot, convolution, copy, ... at the top of the entry or of a loop body)
+  takes the larger of its dot / convolution FLOPs at the achievable peak and the bytes it reads
+  and writes (operands + result) at the achievable bandwidth; an operand read only through
+  slices counts the slices. An in-place update (dynamic-
+  update-slice or scatter at a fusion's root) moves its update, not the buffer it writes into.
+  Every kernel also pays the profile's `kernel_overhead`. This is the planner's roofline applied
+  to what XLA actually emitted: its kernels, its fusion boundaries, its recomputation.
+  """
+  bandwidth = profile.memory_bandwidth * profile.memory_efficiency
+  total = 0.0
+  for comp in _kernel_computations(module):
+    count = mult.get(comp, 0.0)
+    if not count:
+      continue
+    types = value_types(module, comp)
+    seconds = 0.0
+    for instr in module.computations[comp]:
+      base = instr.opcode[:-len("-start")] if instr.opcode.endswith("-start") else instr.opcode
+      if (instr.opcode in _NOT_KERNELS or base in COLLECTIVE_OPCODES
+          or instr.opcode.endswith("-done") or instr.opcode.endswith("-update")):
+        continue
+      operands = list(dict.fromkeys(operand_names(instr)))
+      out_bytes = type_bytes(instr.type)
+      in_bytes = [type_bytes(types.get(o, "")) for o in operands]
+      if instr.opcode in ("dot", "convolution"):
+        flops = _dot_flops(instr, types)
+        operand = types.get(operands[0], "") if operands else ""
+        dtype = SHAPE.search(operand).group(1) if SHAPE.search(operand) else None
+      else:
+        callees = re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest)
+        flops, dtype = _fused_dots(module, callees[0]) if callees else (0.0, None)
+        if callees:
+          in_bytes = _operand_reads(module, callees[0], in_bytes)
+        elif instr.opcode in ("slice", "dynamic-slice") and in_bytes:
+          in_bytes = [min(in_bytes[0], out_bytes)] + in_bytes[1:]
+        in_place = instr.opcode in ("dynamic-update-slice", "scatter") or (
+            callees and _in_place_root(module, callees[0]))
+        if in_place and in_bytes:
+          # The buffer (first operand) is updated where it lies: only the update moves.
+          out_bytes = sum(in_bytes[1:])
+          in_bytes = in_bytes[1:]
+      peak = profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * \
+          profile.compute_efficiency
+      seconds += max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
+      seconds += profile.kernel_overhead
+    total += count * seconds
+  return total

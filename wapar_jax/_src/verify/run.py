@@ -1,0 +1,206 @@
+"""Verifying a plan: lower and compile its train step for its mesh, then set it beside the plan.
+
+`verify` compiles in this process when it has the plan's number of CPU devices, and otherwise
+in a child process (`wapar_jax._src.verify.child`) started with that many virtual ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+
+from wapar_jax._src.profiles import DeviceProfile, load_profile
+from wapar_jax._src.tree import abstract
+from wapar_jax._src.verify.compiled import read_compiled
+from wapar_jax._src.verify.results import Figures, Verification
+from wapar_jax.errors import InvalidArgumentError, NotEnoughDevicesError, VerificationFailedError
+
+# Bounds a hung child process, far above what compiling a GPT-2-sized step there takes.
+DEFAULT_TIMEOUT_S = 300.0
+# XLA:CPU expands optimization barriers before its CSE pass, which merges a rematerialised
+# forward pass back into the original one; GPU and TPU compile with the barriers in place.
+# Keeping the pass off makes the CPU module rematerialise as the target does (same results).
+TARGET_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
+                     started: float, child_process: bool = False,
+                     platform: str = "cpu") -> Verification:
+  """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan.
+
+  `platform`: where it was compiled. On "cpu" the plan's peak is taken as XLA:CPU would
+  compile the step, since its buffer rules differ from GPU XLA's (see `memory.materialised`).
+  """
+  step = read_compiled(compiled, plan.mesh_shape, profile)
+  p = plan.predicted
+  peak, notes = p.peak_memory, list(step.notes)
+  if platform == "cpu" and p.peak_memory_xla_cpu and p.peak_memory_xla_cpu != p.peak_memory:
+    peak = p.peak_memory_xla_cpu
+    notes.append(f"peak memory predicted as XLA:CPU compiles the step: "
+                 f"{peak / 2**30:.2f} GiB; the plan's figure, under the buffer rules of "
+                 f"{plan.profile}'s compiler, is {p.peak_memory / 2**30:.2f} GiB.")
+  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, peak, p.compute_time, p.step_time)
+  return Verification(
+      mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
+      predicted=predicted, compiled=step.figures, xla_flops=step.xla_flops,
+      loop_flops_added=step.loop_flops_added, memory=step.memory,
+      collectives=step.collectives, compile_seconds=compile_seconds,
+      verify_seconds=time.perf_counter() - started, child_process=child_process,
+      notes=tuple(notes), comm_time_as_emitted=step.comm_time_as_emitted)
+
+
+def compile_like_target(lowered):
+  """Compiles a lowered step as a GPU/TPU compiler would treat its remat (see above)."""
+  return lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
+
+
+def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=None, batch=None):
+  """The plan's sharded train step lowered for `devices` (default: the plan's own) on abstract
+  arguments; `loss_fn` ... `batch` as for `Plan.train_step`."""
+  step = plan.train_step(devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params,
+                         batch=batch)
+  loss_fn, optimizer = plan._need(loss_fn, optimizer)
+  params = abstract(plan.abstract_params if params is None else params)
+  batch = abstract(plan.abstract_batch if batch is None else batch)
+  opt_state = abstract(jax.eval_shape(optimizer.init, params))
+  return step.lower(params, opt_state, batch)
+
+
+def compile_plan_step(plan, devices, loss_fn, optimizer, params, batch):
+  """(the plan's step compiled as for its target, seconds the compile took)."""
+  lowered = lower_plan_step(plan, devices, loss_fn, optimizer, params, batch)
+  t0 = time.perf_counter()
+  compiled = compile_like_target(lowered)
+  return compiled, time.perf_counter() - t0
+
+
+def _profile_of(plan, profile) -> DeviceProfile:
+  if profile is None:
+    return load_profile(plan.profile)
+  return load_profile(profile)
+
+
+def verify(plan, devices: Sequence[Any] | None = None, *, profile=None,
+           workload: Mapping[str, Any] | None = None, loss_fn=None, optimizer=None,
+           params=None, batch=None, timeout: float = DEFAULT_TIMEOUT_S) -> Verification:
+  """Compiles the plan's train step for its mesh on CPU devices and compares with the plan.
+
+  Args:
+    plan: a `Plan`.
+    devices: CPU devices to compile for (default: this process's CPU devices). With fewer than
+      the plan needs, the compile runs in a child process with enough virtual devices.
+    profile: the profile to price collectives with (default: the plan's own).
+    workload: how a child process rebuilds the workload: `{"example": name, "batch_size": ...,
+      "seq_len": ..., "dtype": ..., "optimizer": "adamw", "lr": 1e-3}` for a built-in example.
+      Without it the child gets a cloudpickle of the loss, optimizer and trees.
+    loss_fn, optimizer, params, batch: for a plan loaded from JSON (see `Plan.train_step`).
+    timeout: seconds the child process may take.
+
+  Returns:
+    A frozen `Verification`.
+
+  Raises:
+    NotEnoughDevicesError: a child process is needed but the workload cannot be sent to it.
+    VerificationFailedError: the child process failed or timed out.
+  """
+  started = time.perf_counter()
+  device_profile = _profile_of(plan, profile)
+  needed = plan.num_devices
+  if devices is None:
+    cpu = jax.devices("cpu")
+    if len(cpu) >= needed:
+      devices = cpu[:needed]
+  else:
+    devices = list(devices)
+    if len(devices) < needed:
+      raise NotEnoughDevicesError(
+          f"verify needs {needed} devices for mesh {dict(plan.mesh_shape)}. Pass devices=None to "
+          f"compile in a child process with {needed} virtual CPU devices. Got {len(devices)}.")
+  if devices is not None:
+    compiled, seconds = compile_plan_step(plan, devices, loss_fn, optimizer, params, batch)
+    return analyse_compiled(compiled, plan, device_profile, seconds, started,
+                            platform=devices[0].platform)
+  return _verify_in_child(plan, device_profile, workload, loss_fn, optimizer, params, batch,
+                          timeout, started)
+
+
+# --- the child process: what it is sent, how it is started -----------------------------------
+
+def _child_request(plan, profile, workload, loss_fn, optimizer, params, batch) -> dict:
+  request = {"plan": json.loads(plan.to_json()), "profile": profile.to_dict()}
+  if workload is not None:
+    if not isinstance(workload, Mapping) or "example" not in workload:
+      raise InvalidArgumentError(
+          "workload must be a dict naming a built-in example, e.g. {'example': 'gpt-tiny', "
+          f"'optimizer': 'adamw', 'lr': 1e-3}}. Got {workload!r}.")
+    request["workload"] = dict(workload)
+    return request
+  try:
+    import cloudpickle
+  except ImportError:
+    raise NotEnoughDevicesError(
+        f"verify needs {plan.num_devices} CPU devices in this process for a user-defined loss "
+        "function (a child process would need cloudpickle to receive it, and it is not "
+        "installed). Run in a process started with XLA_FLAGS=--xla_force_host_platform_"
+        f"device_count={plan.num_devices}, or pip install cloudpickle. Got "
+        f"{_cpu_count()} CPU devices.") from None
+  loss_fn, optimizer = plan._need(loss_fn, optimizer)
+  params = plan.abstract_params if params is None else params
+  batch = plan.abstract_batch if batch is None else batch
+  try:
+    blob = cloudpickle.dumps((loss_fn, optimizer, abstract(params), abstract(batch)))
+  except Exception as e:  # whatever cloudpickle cannot serialise, the message names it
+    raise NotEnoughDevicesError(
+        f"verify needs {plan.num_devices} CPU devices in this process: the loss function or "
+        "optimizer cannot be sent to a child process. Run in a process started with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={plan.num_devices}. Got {e}.") from e
+  request["pickled"] = blob.hex()
+  return request
+
+
+def _cpu_count() -> int:
+  return len(jax.devices("cpu"))
+
+
+def _child_env(n: int) -> dict:
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _verify_in_child(plan, profile, workload, loss_fn, optimizer, params, batch, timeout,
+                     started) -> Verification:
+  request = _child_request(plan, profile, workload, loss_fn, optimizer, params, batch)
+  with tempfile.TemporaryDirectory(prefix="wapar-verify-") as tmp:
+    req_path, out_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
+    with open(req_path, "w") as f:
+      json.dump(request, f)
+    cmd = [sys.executable, "-m", "wapar_jax._src.verify.child", req_path, out_path]
+    try:
+      done = subprocess.run(cmd, env=_child_env(plan.num_devices), capture_output=True,
+                            text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      raise VerificationFailedError(
+          f"the verify child process compiling mesh {dict(plan.mesh_shape)} did not finish in "
+          f"{timeout:.0f} s; pass a larger timeout=, or verify in a process with "
+          f"{plan.num_devices} CPU devices. Got a timeout after {timeout:.0f} s.") from None
+    if done.returncode != 0 or not os.path.exists(out_path):
+      tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+      raise VerificationFailedError(
+          f"the verify child process for mesh {dict(plan.mesh_shape)} failed (exit "
+          f"{done.returncode}). Its last lines:\n{tail}\nGot exit code {done.returncode}.")
+    with open(out_path) as f:
+      result = Verification.from_dict(json.load(f))
+  return dataclasses.replace(result, verify_seconds=time.perf_counter() - started,
+                             child_process=True)

@@ -1,0 +1,1 @@
+"""Views of a Plan for people and other tools: explanation, plots, logical-axis rules."""
