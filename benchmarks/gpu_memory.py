@@ -66,6 +66,8 @@ def prepare(cases: list[str] | None) -> None:
   import optax
   import suite
   import wapar_jax as wap
+  from wapar_jax._src.compilers import XLA_CPU
+  from wapar_jax._src.verify.predicted_memory import peak_under
 
   entries = []
   for case in sorted(suite.CASES, key=lambda c: ORDER.index(c.name) if c.name in ORDER else 99):
@@ -92,7 +94,7 @@ def prepare(cases: list[str] | None) -> None:
       data.pop("details", None)
       entries.append({"case": case.name, "row": name, "model": case.model, "example": kwargs,
                       "plan": data, "predicted_peak": plan.predicted.peak_memory,
-                      "predicted_peak_xla_cpu": plan.predicted.peak_memory_xla_cpu,
+                      "predicted_peak_xla_cpu": peak_under(plan, XLA_CPU, profile),
                       "cpu_peak": cpu.get(name)})
       print(f"{case.name:24s} {name:6s} {plan.strategy:6s} {dict(plan.mesh_shape)} "
             f"predicted {plan.predicted.peak_memory / 2**30:.2f} GiB", flush=True)
@@ -136,10 +138,11 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
   # Before the backend starts: N mocked processes with one GPU each (this machine's GPU).
   jax.config.update("mock_num_gpu_processes", mock_devices)
   import optax
+  from wapar_jax import examples
   from wapar_jax import load_profile
-  from wapar_jax._src import zoo
   from wapar_jax._src.plan import Plan
-  from wapar_jax._src.verify import _memory, lower_plan_step
+  from wapar_jax._src.verify import lower_plan_step
+  from wapar_jax._src.verify.compiled import memory_breakdown
 
   entries = [e for e in json.loads(PLANS.read_text())
              if not only or f"{e['case']}:{e['row']}" in only][index::workers]
@@ -160,7 +163,7 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
                     remat=plan.chosen.remat, microbatches=plan.chosen.microbatches)
       t0 = time.perf_counter()
       try:
-        ex = zoo.get_example(e["model"], **e["example"])
+        ex = examples.get_example(e["model"], **e["example"])
         lowered = lower_plan_step(plan, devices[:plan.num_devices], ex.loss_fn,
                                   optax.adamw(1e-3), ex.params, ex.batch)
         # As a GPU user with the row's card compiles it (dumping changes nothing compiled).
@@ -172,7 +175,7 @@ def worker(index: int, workers: int, budget_s: float, mock_devices: int,
                          xla_dump_hlo_module_re="train_step")
         compiled = lowered.compile(compiler_options=options or None)
         record["scheduler_slop"] = options.get("xla_gpu_memory_limit_slop_factor")
-        memory, notes = _memory(compiled)
+        memory, notes = memory_breakdown(compiled)
         record.update(gpu_peak=memory.peak, argument=memory.argument, output=memory.output,
                       alias=memory.alias, temp=memory.temp, notes=notes)
       except Exception as err:  # one failing row is reported, the rest still compile
@@ -233,11 +236,12 @@ def reprice() -> None:
   import dataclasses
   import optax
   import wapar_jax as wap
-  from wapar_jax._src import emit, search, zoo
+  from wapar_jax import examples
+  from wapar_jax._src import compilers, search
   from wapar_jax._src.cost.xla import CostCache, step_costs
   from wapar_jax._src.files import write_text_atomic
-  from wapar_jax._src.step import abstract
   from wapar_jax._src.trace import trace_train_step
+  from wapar_jax._src.tree import abstract, leaf_paths, path_str
 
   kept = {(e["case"], e["row"]): e for e in json.loads(PLANS.read_text())}
   ranked, out = {}, []
@@ -248,32 +252,39 @@ def reprice() -> None:
     chosen = e["plan"]["chosen"]
     key = (r["case"], chosen["remat"], chosen["microbatches"])
     if key not in ranked:
-      ex = zoo.get_example(e["model"], **e["example"])
+      ex = examples.get_example(e["model"], **e["example"])
       params, batch = abstract(ex.params), abstract(ex.batch)
       traced, _ = trace_train_step(ex.loss_fn, params, batch, optax.adamw(1e-3),
                                    remat=key[1], microbatches=key[2])
-      paths = [emit.path_str(k) for k in emit.leaf_paths(params)]
-      space = search.build_space(traced, step_costs(traced, CostCache()), paths,
-                                 remat=key[1], microbatches=key[2])
+      paths = [path_str(k) for k in leaf_paths(params)]
+      costs = step_costs(traced, CostCache())
       profile = dataclasses.replace(wap.load_profile(e["plan"]["profile"]), memory_bytes=1e18)
-      ranked[key] = search.search(space, profile, e["plan"]["devices_offered"])
-    same = [c for c in ranked[key] if c.strategy == chosen["strategy"]
-            and c.mesh_shape == r["mesh"] and list(c.model_groups) == chosen["model_groups"]]
-    if not same:
+      ranked[key] = [
+          search.search(search.build_space(traced, costs, paths, rules=rules, remat=key[1],
+                                           microbatches=key[2]),
+                        profile, e["plan"]["devices_offered"])
+          for rules in (compilers.for_profile(profile.kind), compilers.XLA_CPU)]
+
+    def same(candidates):
+      return [c for c in candidates if c.strategy == chosen["strategy"]
+              and c.mesh_shape == r["mesh"] and list(c.model_groups) == chosen["model_groups"]]
+
+    target, cpu = (same(c) for c in ranked[key])
+    if not target:
       print(f"{r['case']:24s} {r['row']:6s} its step is no longer a candidate", flush=True)
       continue
-    out.append({"case": r["case"], "row": r["row"], "predicted_peak": same[0].peak_memory,
-                "predicted_peak_xla_cpu": same[0].peak_memory_xla_cpu})
-    print(f"{r['case']:24s} {r['row']:6s} predicted {same[0].peak_memory / 2**30:7.2f} GiB, "
+    out.append({"case": r["case"], "row": r["row"], "predicted_peak": target[0].peak_memory,
+                "predicted_peak_xla_cpu": cpu[0].peak_memory})
+    print(f"{r['case']:24s} {r['row']:6s} predicted {target[0].peak_memory / 2**30:7.2f} GiB, "
           f"GPU compiled {r['gpu_peak'] / 2**30:7.2f} "
-          f"({same[0].peak_memory / r['gpu_peak'] - 1:+.1%})", flush=True)
+          f"({target[0].peak_memory / r['gpu_peak'] - 1:+.1%})", flush=True)
   write_text_atomic(REPRICED, json.dumps(out, indent=1) + "\n")
   print(f"{len(out)} rows -> {REPRICED}")
 
 
 def report() -> None:
   import numpy as np
-  from wapar_jax._src.explain import human_bytes
+  from wapar_jax._src.fmt import human_bytes
   from wapar_jax._src.files import write_text_atomic
 
   rows, meta = _compiled_rows()

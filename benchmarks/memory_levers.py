@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,27 +36,27 @@ CASES = [
 _COMPILE = """
 import json, sys, optax
 import wapar_jax as wap
-from wapar_jax._src import verify, zoo
+from wapar_jax import examples
+from wapar_jax._src import verify
+from wapar_jax._src.verify.compiled import memory_breakdown
 name, overrides, plan_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-ex = zoo.get_example(name, **overrides)
+ex = examples.get_example(name, **overrides)
 plan = wap.Plan.load(plan_file)
 lowered = verify.lower_plan_step(plan, None, ex.loss_fn, optax.adamw(1e-3), ex.params, ex.batch)
-memory, _ = verify._memory(verify.compile_like_target(lowered))
+memory, _ = memory_breakdown(verify.compile_like_target(lowered))
 print(json.dumps({"compiled_peak": memory.peak}))
 """
 
 
 def compiled_peak(example, overrides, plan, devices, timeout):
-  plan_file = RESULTS / f".plan-{os.getpid()}.json"
-  plan.save(plan_file)
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  try:
+  with tempfile.TemporaryDirectory(prefix="wapar-memory-levers-") as tmp:
+    plan_file = os.path.join(tmp, "plan.json")
+    plan.save(plan_file)
     proc = subprocess.run([sys.executable, "-c", _COMPILE, example, json.dumps(overrides),
-                           str(plan_file)], capture_output=True, text=True, env=env,
+                           plan_file], capture_output=True, text=True, env=env,
                           timeout=timeout, check=False)
-  finally:
-    plan_file.unlink(missing_ok=True)
   if proc.returncode:
     return None, proc.stderr.strip().splitlines()[-1][:200]
   return json.loads(proc.stdout.strip().splitlines()[-1])["compiled_peak"], ""
@@ -68,12 +69,14 @@ def main():
   args = parser.parse_args()
   import optax
   import wapar_jax as wap
-  from wapar_jax._src import zoo
+  from wapar_jax import examples
+  from wapar_jax._src.compilers import XLA_CPU
   from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
+  from wapar_jax._src.verify.predicted_memory import peak_under
 
   rows = []
   for title, example, overrides, devices, profile in CASES:
-    ex = zoo.get_example(example, **overrides)
+    ex = examples.get_example(example, **overrides)
     device_profile = wap.load_profile(profile)
     # Compiled memory fits within 90% of the device (fragmentation, runtime buffers); the
     # planner's own budget keeps 15% free, the rest for its memory model's error.
@@ -88,7 +91,7 @@ def main():
         plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3),
                         devices=devices, profile=device_profile, **kwargs)
         notes = plan.memory_decision
-      except wap.NoFeasiblePlanError as e:
+      except wap.errors.NoFeasiblePlanError as e:
         # Compile the closest option too, so "does not fit" is measured, not only predicted.
         c = e.closest
         unbounded = dataclasses.replace(device_profile, memory_bytes=1e18)
@@ -100,7 +103,7 @@ def main():
              "strategy": plan.strategy, "mesh": dict(plan.mesh_shape),
              "remat": plan.chosen.remat, "microbatches": plan.chosen.microbatches,
              "predicted_gib": plan.predicted.peak_memory / 2**30,
-             "predicted_xla_cpu_gib": plan.predicted.peak_memory_xla_cpu / 2**30,
+             "predicted_xla_cpu_gib": peak_under(plan, XLA_CPU, device_profile) / 2**30,
              "budget_gib": budget / 2**30, "fits_at_gib": fits_at / 2**30,
              "compiled_gib": None, "planning_s": time.perf_counter() - t0,
              "step_s": plan.predicted.step_time, "notes": notes}

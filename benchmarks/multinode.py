@@ -33,8 +33,9 @@ import jax
 import optax
 
 import wapar_jax as wap
-from wapar_jax._src import search, zoo
-from wapar_jax._src.explain import human_bytes, human_seconds
+from wapar_jax import examples
+from wapar_jax._src import search
+from wapar_jax._src.fmt import human_bytes, human_seconds
 
 # (label, devices, profile): H100 nodes of 8 GPUs; a v5e-256 slice is one ICI domain.
 SETTINGS = (("2x8 H100", 16, "h100-sxm"), ("4x8 H100", 32, "h100-sxm"),
@@ -61,7 +62,7 @@ def plan_case(label: str, devices: int, profile: str, model: str, strategy: str 
   w = _workload(model, devices, dtype)
   case = {"setting": label, "devices": devices, "profile": profile, "model": model,
           "requested": strategy, "global_batch": w["batch_size"], "dtype": dtype}
-  ex = zoo.get_example(model, batch_size=w["batch_size"], dtype=dtype)
+  ex = examples.get_example(model, batch_size=w["batch_size"], dtype=dtype)
   t0 = time.perf_counter()
   try:
     plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3),

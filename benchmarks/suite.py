@@ -37,12 +37,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import wapar_jax as wap
-from wapar_jax._src import emit
+from wapar_jax import examples
 from wapar_jax._src import verify as verify_lib
-from wapar_jax._src import zoo
-from wapar_jax._src.explain import human_bytes, human_seconds
+from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.files import write_text_atomic
-from wapar_jax._src.step import abstract, make_train_step
 
 RESULTS = Path(__file__).parent / "results"
 CASE_DIR = RESULTS / "suite_cases"
@@ -121,7 +119,11 @@ def _example(case: Case):
   kwargs = dict(batch_size=case.batch_size, dtype=DTYPE)
   if case.seq_len is not None:
     kwargs["seq_len"] = case.seq_len
-  return zoo.get_example(case.model, **kwargs), kwargs
+  return examples.get_example(case.model, **kwargs), kwargs
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _unbounded(profile: wap.DeviceProfile) -> wap.DeviceProfile:
@@ -196,24 +198,34 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   mesh_shape = {"data": nodes, "fsdp": setting.devices // nodes}
   devices = np.asarray(jax.devices()[:setting.devices], dtype=object)
   mesh = Mesh(devices.reshape(nodes, setting.devices // nodes), ("data", "fsdp"))
-  params, batch = abstract(ex.params), abstract(ex.batch)
+  params, batch = _abstract(ex.params), _abstract(ex.batch)
   p_specs = hand_rules_specs(params, mesh_shape["fsdp"])
   batch_axis = ("data", "fsdp") if nodes > 1 else "fsdp"
   b_specs = jax.tree.map(lambda x: P(batch_axis), batch)
-  o_specs = emit.opt_state_specs(tx, params, p_specs)
-  gathered = emit.named(mesh, jax.tree.map(lambda _: P(), p_specs,
-                                           is_leaf=lambda s: isinstance(s, P)))
-  split = emit.named(mesh, b_specs)
+  # Written as a researcher writes it, with jax and optax only: optimizer-state leaves follow
+  # their parameter, step counts are replicated.
+  o_specs = optax.tree_map_params(tx, lambda _, spec: spec, jax.eval_shape(tx.init, params),
+                                  p_specs, transform_non_params=lambda _: P(),
+                                  is_leaf=lambda x: isinstance(x, P))
+  named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,  # noqa: E731
+                                     is_leaf=lambda x: isinstance(x, P))
+  gathered = named(jax.tree.map(lambda _: P(), p_specs, is_leaf=lambda s: isinstance(s, P)))
+  split = named(b_specs)
 
   def loss_fn(p, b):
     p = jax.lax.with_sharding_constraint(p, gathered)
     b = jax.lax.with_sharding_constraint(b, split)
     return ex.loss_fn(p, b)
 
-  p_sh, o_sh, b_sh = (emit.named(mesh, s) for s in (p_specs, o_specs, b_specs))
-  step = jax.jit(make_train_step(loss_fn, tx), in_shardings=(p_sh, o_sh, b_sh),
+  def train_step(p, o, b):
+    loss, grads = jax.value_and_grad(loss_fn)(p, b)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  p_sh, o_sh, b_sh = (named(s) for s in (p_specs, o_specs, b_specs))
+  step = jax.jit(train_step, in_shardings=(p_sh, o_sh, b_sh),
                  out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())), donate_argnums=(0, 1))
-  opt_state = abstract(jax.eval_shape(tx.init, params))
+  opt_state = _abstract(jax.eval_shape(tx.init, params))
   compiled = verify_lib.compile_like_target(step.lower(params, opt_state, batch))
   compile_seconds = time.perf_counter() - t0
   read = verify_lib.read_compiled(compiled, mesh_shape, profile)
@@ -512,7 +524,7 @@ def main(argv=None) -> int:
     path = case_dir / f"{case.name}.json"
     if path.exists() and not args.fresh:
       continue
-    if case.model not in zoo.list_examples():
+    if case.model not in examples.list_examples():
       print(f"{case.name}: model not in the zoo, skipped", flush=True)
       continue
     result = run_case(case)

@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 import wapar_jax as wap
+from wapar_jax import examples
 from wapar_jax._src import calibrate as calibrate_lib
 from wapar_jax._src import step as step_lib
-from wapar_jax._src import zoo
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"median_abs_error": 0.25, "spearman": 0.9}
@@ -105,7 +105,7 @@ def run(profile, points, dtype, datasheet=None, max_seconds=None):
       print(f"--max-seconds {max_seconds:.0f} spent: {name} b{batch_size} and later points "
             "not measured", flush=True)
       break
-    ex = zoo.get_example(name, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
+    ex = examples.get_example(name, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
     predicted, flops = _predicted_step(ex, optimizer, profile)
     measured, repeats = measure_step(ex, optimizer)
     row = {"model": name, "batch": batch_size, "seq_len": seq_len, "dtype": dtype,

@@ -25,8 +25,8 @@ import jax
 import optax
 
 import wapar_jax as wap
-from wapar_jax._src import zoo
-from wapar_jax._src.explain import human_bytes
+from wapar_jax import examples
+from wapar_jax._src.fmt import human_bytes
 
 DEVICES = 8
 PROFILE = "h100-sxm"
@@ -37,7 +37,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run_case(model: str, overrides: dict, strategy: str) -> dict:
-  ex = zoo.get_example(model, **overrides)
+  ex = examples.get_example(model, **overrides)
   case = {"model": model, "overrides": overrides, "requested": strategy, "profile": PROFILE}
   t0 = time.perf_counter()
   try:

@@ -13,7 +13,9 @@ import pytest
 import wapar_jax as wap
 from wapar_jax._src import calibrate as calibrate_lib
 from wapar_jax._src import profiles
+from wapar_jax._src.cost import roofline
 from wapar_jax._src.cost.collectives import collective_time
+from wapar_jax._src.trace import trace_train_step
 from wapar_jax.errors import InvalidProfileError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier
 
@@ -126,21 +128,15 @@ def test_fit_matmul_recovers_a_saturating_rate():
 
 
 def test_matmul_half_size_slows_small_matmuls_only():
-  from wapar_jax._src import emit, search
-  from wapar_jax._src.cost.xla import CostCache, step_costs
-  from wapar_jax._src.trace import trace_train_step
-
   def loss_fn(params, batch):
     return jnp.mean(jnp.tanh(batch["x"] @ params["w"]))
 
   params = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
   batch = {"x": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
   traced, _ = trace_train_step(loss_fn, params, batch, optax.sgd(0.1))
-  space = search.build_space(traced, step_costs(traced, CostCache(persist=False)),
-                             [emit.path_str(k) for k in emit.leaf_paths(params)])
   profile = dataclasses.replace(wap.load_profile("cpu"), matmul_half_size=64.0)
-  efficiency = search.matmul_efficiency(space, profile)
+  efficiency = roofline.matmul_efficiency(traced, profile)
   dots = [op.index for op in traced.ops if op.primitive == "dot_general"]
   assert dots and all(efficiency[i] == pytest.approx(0.5) for i in dots)  # 64 x 64 x 64: half
   assert all(efficiency[op.index] == 1.0 for op in traced.ops if op.primitive != "dot_general")
-  assert (search.matmul_efficiency(space, wap.load_profile("cpu")) == 1.0).all()
+  assert (roofline.matmul_efficiency(traced, wap.load_profile("cpu")) == 1.0).all()

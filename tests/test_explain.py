@@ -100,7 +100,7 @@ def test_plots_are_figures(alexnet_plan, tp_plan):
 
 
 def test_device_blocks():
-  from wapar_jax._src.plots import device_blocks
+  from wapar_jax._src.views.plots import device_blocks
   dims, axes, blocks = device_blocks((8, 4), P("data", "model"), {"data": 2, "model": 2})
   assert dims == [0, 1] and axes == ["data", "model"]
   assert blocks == {(0, 0): [0], (0, 1): [1], (1, 0): [2], (1, 1): [3]}

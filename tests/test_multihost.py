@@ -22,7 +22,8 @@ import optax
 
 import wapar_jax as wap
 from wapar_jax import examples
-from wapar_jax._src import emit, search
+from wapar_jax._src.emit import mesh as mesh_lib
+from wapar_jax._src.search.pricing import axis_spans
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 STEPS = 3
@@ -138,29 +139,29 @@ def test_missing_peer_or_silent_coordinator_fails_fast():
 
 def test_hybrid_mesh_puts_slow_axes_outside():
   # 2 "nodes" of 4 devices: data crosses them, model stays inside one.
-  assert emit.hybrid_shapes((4, 2), 4) == ((2, 2), (2, 1))
-  assert emit.hybrid_shapes((2, 8), 4) == ((1, 4), (2, 2))
-  assert emit.hybrid_shapes((3, 3), 4) is None
+  assert mesh_lib.hybrid_shapes((4, 2), 4) == ((2, 2), (2, 1))
+  assert mesh_lib.hybrid_shapes((2, 8), 4) == ((1, 4), (2, 2))
+  assert mesh_lib.hybrid_shapes((3, 3), 4) is None
   devices = jax.devices()
-  grid = emit._hybrid_grid((4, 2), [devices[:4], devices[4:]])
+  grid = mesh_lib.hybrid_grid((4, 2), [devices[:4], devices[4:]])
   assert {d.id for d in grid[:2].flat} == {d.id for d in devices[:4]}
   assert all(grid[i, 0].id + 1 == grid[i, 1].id for i in range(4))  # model pairs are neighbours
 
 
 def test_axis_spans_keep_model_inside_a_node():
-  assert search.axis_spans(2, 4, 8) == {"data": (2, 1), "model": (4, 1)}
-  assert search.axis_spans(8, 2, 8) == {"data": (4, 2), "model": (2, 1)}
-  assert search.axis_spans(16, 1, 8) == {"data": (8, 2), "model": (1, 1)}
-  assert search.axis_spans(4, 16, 8) == {"data": (1, 4), "model": (8, 2)}
-  assert search.axis_spans(6, 2, 8) == {"data": (3, 2), "model": (2, 1)}  # 2 nodes x 6
+  assert axis_spans(2, 4, 8) == {"data": (2, 1), "model": (4, 1)}
+  assert axis_spans(8, 2, 8) == {"data": (4, 2), "model": (2, 1)}
+  assert axis_spans(16, 1, 8) == {"data": (8, 2), "model": (1, 1)}
+  assert axis_spans(4, 16, 8) == {"data": (1, 4), "model": (8, 2)}
+  assert axis_spans(6, 2, 8) == {"data": (3, 2), "model": (2, 1)}  # 2 nodes x 6
   # tp=3 does not divide a node: data fills it, the model axis is the one that crosses.
-  assert search.axis_spans(8, 3, 8) == {"data": (8, 1), "model": (1, 3)}
-  assert search.axis_spans(13, 1, 8) == {"data": (1, 13), "model": (1, 1)}  # no even layout
+  assert axis_spans(8, 3, 8) == {"data": (8, 1), "model": (1, 3)}
+  assert axis_spans(13, 1, 8) == {"data": (1, 13), "model": (1, 1)}  # no even layout
   # The search prices the layout emit builds.
   for dp, tp, per_node in [(8, 2, 8), (4, 16, 8), (8, 3, 8), (6, 2, 8), (64, 4, 256)]:
     nodes = -(-dp * tp // per_node)
-    ici, dcn = emit.hybrid_shapes((dp, tp), dp * tp // nodes)
-    spans = search.axis_spans(dp, tp, per_node)
+    ici, dcn = mesh_lib.hybrid_shapes((dp, tp), dp * tp // nodes)
+    spans = axis_spans(dp, tp, per_node)
     assert (spans["data"], spans["model"]) == ((ici[0], dcn[0]), (ici[1], dcn[1]))
 
 

@@ -9,6 +9,16 @@ import json
 import os
 import sys
 
+import jax
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn)
+
+import wapar_jax as wap
+from wapar_jax import examples
+from wapar_jax._src import calibrate, compilers, optimizers
+from wapar_jax._src.search import STRATEGIES
+
 _EPILOG = """examples:
   wapar plan gpt2-small --devices 8 --profile h100-sxm
   wapar plan gpt-7b --devices 8 --profile h100-sxm --dtype bfloat16 --out plan.json
@@ -43,7 +53,6 @@ _PROFILES_EPILOG = """examples:
 
 
 def _workload(model: str, batch_size, seq_len, dtype):
-  from wapar_jax import examples
   if ":" in model:
     module_name, fn_name = model.split(":", 1)
     sys.path.insert(0, os.getcwd())
@@ -54,18 +63,10 @@ def _workload(model: str, batch_size, seq_len, dtype):
   return ex.loss_fn, ex.params, ex.batch
 
 
-def _optimizer(name: str, lr: float):
-  import optax
-  makers = {"adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd, "adafactor": optax.adafactor,
-            "lion": optax.lion}
-  return makers[name](lr)
-
-
 def _make_plan(args):
-  import wapar_jax as wap
   loss_fn, params, batch = _workload(args.model, args.batch_size, args.seq_len, args.dtype)
   headroom = {} if args.memory_headroom is None else {"memory_headroom": args.memory_headroom}
-  return wap.plan(loss_fn, params, batch, optimizer=_optimizer(args.optimizer, args.lr),
+  return wap.plan(loss_fn, params, batch, optimizer=optimizers.by_name(args.optimizer, args.lr),
                   devices=args.devices, profile=args.profile, objective=args.objective,
                   strategy=args.strategy, all_devices=args.all_devices,
                   cache=not args.no_cache, progress=_progress(args), remat=args.remat,
@@ -77,9 +78,6 @@ def _progress(args):
   asked with --progress, never with --json (scripts read stdout, and bars would clutter logs)."""
   if getattr(args, "json", False) or not (getattr(args, "progress", False) or sys.stderr.isatty()):
     return None
-  from rich.console import Console
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                             TimeElapsedColumn)
   console = Console(stderr=True)
 
   def bar(phase, items):
@@ -95,7 +93,6 @@ def _progress(args):
 
 
 def _cmd_explain(args) -> int:
-  import wapar_jax as wap
   if args.plan:
     plan = wap.Plan.load(args.plan)
   elif args.model:
@@ -147,7 +144,6 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-  import jax
   try:  # enough CPU devices here spares a child process; too late once jax has started
     jax.config.update("jax_num_cpu_devices", max(args.devices, jax.config.jax_num_cpu_devices))
   except (RuntimeError, AttributeError):
@@ -163,30 +159,27 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_profiles(args) -> int:
-  from wapar_jax.errors import InvalidArgumentError
-  from wapar_jax._src.profiles import list_profiles, load_profile
   words = list(args.name)
   if words[:1] in (["list"], ["ls"]):
     words = words[1:]
   elif words[:1] == ["show"]:
     words = words[1:]
     if not words:
-      raise InvalidArgumentError("`wapar profiles show` needs a profile name, e.g. "
+      raise wap.errors.InvalidArgumentError("`wapar profiles show` needs a profile name, e.g. "
                                  "`wapar profiles show h100-sxm`. Got none.")
   if len(words) > 1:
-    raise InvalidArgumentError(f"show one profile at a time. Got {words}.")
+    raise wap.errors.InvalidArgumentError(f"show one profile at a time. Got {words}.")
   if words:
-    print(json.dumps(load_profile(words[0]).to_dict(), indent=2))
+    print(json.dumps(wap.load_profile(words[0]).to_dict(), indent=2))
     return 0
-  for name in list_profiles():
-    p = load_profile(name)
+  for name in wap.list_profiles():
+    p = wap.load_profile(name)
     print(f"{name:16s} {p.kind:4s} {p.flops_per_second('bfloat16') / 1e12:7.1f} TFLOP/s bf16  "
           f"{p.memory_bytes / 2**30:6.1f} GiB  {p.devices_per_node:5d} per node")
   return 0
 
 
 def _cmd_calibrate(args) -> int:
-  from wapar_jax._src import calibrate
   sizes = calibrate.TINY_SIZES if args.quick else None
   profile = calibrate.calibrate(args.out, name=args.name, sizes=sizes, base=args.base)
   if args.json:
@@ -213,15 +206,15 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
                  "(see `wapar profiles`)")
   p.add_argument("--objective", choices=("time", "energy"), default="time")
   p.add_argument("--strategy", default="auto",
-                 choices=("auto", "dp", "zero1", "fsdp", "tp", "dp_tp"),
+                 choices=STRATEGIES,
                  help="auto, or restrict to one family (for baselines)")
   p.add_argument("--all-devices", action="store_true", help="only plans that use every device")
   p.add_argument("--memory-headroom", type=float,
                  help="fraction of device memory kept free (default: wap.plan's, for "
                       "fragmentation, runtime buffers and the memory model's error)")
-  p.add_argument("--memory-rules", default="profile", choices=("profile", "xla:cpu"),
+  p.add_argument("--memory-rules", default="profile", choices=("profile", *compilers.REGISTRY),
                  help="whose buffer rules decide the fit: the profile's compiler (default), "
-                      "or XLA:CPU's, so `verify` on CPU devices checks it (higher peaks)")
+                      "or a compiler's, e.g. xla:cpu so that `verify` on CPU devices checks it")
   p.add_argument("--remat", choices=("none", "layers", "layers_dots"),
                  help="force per-layer rematerialisation (default: searched when memory decides)")
   p.add_argument("--microbatches", type=int,
@@ -230,7 +223,7 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
   p.add_argument("--seq-len", type=int, help="override the example's sequence length")
   p.add_argument("--dtype", help="parameter/compute dtype of the example, e.g. bfloat16")
   p.add_argument("--optimizer", default="adamw",
-                 choices=("adamw", "adam", "sgd", "adafactor", "lion"))
+                 choices=tuple(optimizers.OPTIMIZERS))
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
   p.add_argument("--progress", action="store_true", help="progress bars on stderr even when "
@@ -295,10 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  from wapar_jax import WaparError
   try:
     return args.run(args)
-  except WaparError as e:
+  except wap.WaparError as e:
     print(f"wapar: error: {type(e).__name__}: {e}", file=sys.stderr)
     return 2
 

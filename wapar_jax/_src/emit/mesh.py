@@ -33,7 +33,7 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
   devices = devices[:needed]
   granules = _granules(devices)
   if len(granules) > 1:
-    return Mesh(_hybrid_grid(shape, granules), names, axis_types=(AxisType.Auto,) * len(names))
+    return Mesh(hybrid_grid(shape, granules), names, axis_types=(AxisType.Auto,) * len(names))
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):  # topologies mesh_utils can't lay out
@@ -77,7 +77,7 @@ def hybrid_shapes(shape: Sequence[int], per_granule: int) -> tuple[tuple[int, ..
   return tuple(ici), tuple(s // i for s, i in zip(shape, ici))
 
 
-def _hybrid_grid(shape: tuple[int, ...], granules: list[list[Any]]) -> np.ndarray:
+def hybrid_grid(shape: tuple[int, ...], granules: list[list[Any]]) -> np.ndarray:
   """The device grid of a mesh spanning several granules: slow-network axes outermost."""
   sizes = {len(g) for g in granules}
   shapes = hybrid_shapes(shape, sizes.pop()) if len(sizes) == 1 else None

@@ -14,22 +14,13 @@ import time
 from typing import Sequence
 
 import jax
-import optax
 
 from wapar_jax import examples
+from wapar_jax._src import optimizers
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.plan import Plan
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.verify.run import analyse_compiled, compile_plan_step
-from wapar_jax.errors import InvalidArgumentError
-
-def _optimizer(name: str, lr: float):
-  makers = {"adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd,
-            "adafactor": optax.adafactor, "lion": optax.lion}
-  if name not in makers:
-    raise InvalidArgumentError(f"optimizer must be one of {sorted(makers)}. Got {name!r}.")
-  return makers[name](lr)
-
+from wapar_jax._src.verify.run import compile_and_analyse
 
 def main(argv: Sequence[str]) -> int:
   """Compiles and analyses the request at `argv[0]`, writing the `Verification` to `argv[1]`."""
@@ -44,14 +35,13 @@ def main(argv: Sequence[str]) -> int:
     ex = examples.get_example(w["example"], batch_size=w.get("batch_size"),
                               seq_len=w.get("seq_len"), dtype=w.get("dtype"))
     loss_fn, params, batch = ex.loss_fn, ex.params, ex.batch
-    optimizer = _optimizer(w.get("optimizer", "adamw"), float(w.get("lr", 1e-3)))
+    optimizer = optimizers.by_name(w.get("optimizer", "adamw"), float(w.get("lr", 1e-3)))
   else:
     import cloudpickle  # optional: only a request holding pickled functions needs it
     loss_fn, optimizer, params, batch = cloudpickle.loads(bytes.fromhex(request["pickled"]))
-  devices = jax.devices("cpu")
-  compiled, seconds = compile_plan_step(plan, devices[:plan.num_devices], loss_fn, optimizer,
-                                        params, batch)
-  result = analyse_compiled(compiled, plan, profile, seconds, started, child_process=True)
+  devices = jax.devices("cpu")[:plan.num_devices]
+  result = compile_and_analyse(plan, devices, profile, started, loss_fn, optimizer, params,
+                               batch, child_process=True)
   write_text_atomic(out_path, json.dumps(result.to_dict()))
   return 0
 

@@ -18,8 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
+from wapar_jax._src.compilers import XLA_CPU
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.tree import abstract
+from wapar_jax._src.verify import predicted_memory
 from wapar_jax._src.verify.compiled import read_compiled
 from wapar_jax._src.verify.results import Figures, Verification
 from wapar_jax.errors import InvalidArgumentError, NotEnoughDevicesError, VerificationFailedError
@@ -34,17 +36,17 @@ TARGET_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
                      started: float, child_process: bool = False,
-                     platform: str = "cpu") -> Verification:
+                     predicted_peak: float | None = None) -> Verification:
   """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan.
 
-  `platform`: where it was compiled. On "cpu" the plan's peak is taken as XLA:CPU would
-  compile the step, since its buffer rules differ from GPU XLA's (see `memory.materialised`).
+  `predicted_peak`: the plan's peak as the compiler used here compiles the step
+  (`predicted_memory.peak_under`), where that differs from the plan's own figure.
   """
   step = read_compiled(compiled, plan.mesh_shape, profile)
   p = plan.predicted
   peak, notes = p.peak_memory, list(step.notes)
-  if platform == "cpu" and p.peak_memory_xla_cpu and p.peak_memory_xla_cpu != p.peak_memory:
-    peak = p.peak_memory_xla_cpu
+  if predicted_peak is not None and predicted_peak != p.peak_memory:
+    peak = predicted_peak
     notes.append(f"peak memory predicted as XLA:CPU compiles the step: "
                  f"{peak / 2**30:.2f} GiB; the plan's figure, under the buffer rules of "
                  f"{plan.profile}'s compiler, is {p.peak_memory / 2**30:.2f} GiB.")
@@ -69,10 +71,23 @@ def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=Non
   step = plan.train_step(devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params,
                          batch=batch)
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
-  params = abstract(plan.abstract_params if params is None else params)
-  batch = abstract(plan.abstract_batch if batch is None else batch)
+  params = abstract(plan._abstract_params if params is None else params)
+  batch = abstract(plan._abstract_batch if batch is None else batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   return step.lower(params, opt_state, batch)
+
+
+def compile_and_analyse(plan, devices, profile: DeviceProfile, started: float, loss_fn=None,
+                        optimizer=None, params=None, batch=None,
+                        child_process: bool = False) -> Verification:
+  """Compiles the plan's step for `devices` and reads it beside the prediction; on CPU
+  devices, with the plan's peak priced again under XLA:CPU's rules."""
+  compiled, seconds = compile_plan_step(plan, devices, loss_fn, optimizer, params, batch)
+  peak = None
+  if devices[0].platform == "cpu":
+    peak = predicted_memory.peak_under(plan, XLA_CPU, profile, loss_fn, optimizer, params, batch)
+  return analyse_compiled(compiled, plan, profile, seconds, started, child_process,
+                          predicted_peak=peak)
 
 
 def compile_plan_step(plan, devices, loss_fn, optimizer, params, batch):
@@ -126,9 +141,8 @@ def verify(plan, devices: Sequence[Any] | None = None, *, profile=None,
           f"verify needs {needed} devices for mesh {dict(plan.mesh_shape)}. Pass devices=None to "
           f"compile in a child process with {needed} virtual CPU devices. Got {len(devices)}.")
   if devices is not None:
-    compiled, seconds = compile_plan_step(plan, devices, loss_fn, optimizer, params, batch)
-    return analyse_compiled(compiled, plan, device_profile, seconds, started,
-                            platform=devices[0].platform)
+    return compile_and_analyse(plan, devices, device_profile, started, loss_fn, optimizer,
+                               params, batch)
   return _verify_in_child(plan, device_profile, workload, loss_fn, optimizer, params, batch,
                           timeout, started)
 
@@ -154,8 +168,8 @@ def _child_request(plan, profile, workload, loss_fn, optimizer, params, batch) -
         f"device_count={plan.num_devices}, or pip install cloudpickle. Got "
         f"{_cpu_count()} CPU devices.") from None
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
-  params = plan.abstract_params if params is None else params
-  batch = plan.abstract_batch if batch is None else batch
+  params = plan._abstract_params if params is None else params
+  batch = plan._abstract_batch if batch is None else batch
   try:
     blob = cloudpickle.dumps((loss_fn, optimizer, abstract(params), abstract(batch)))
   except Exception as e:  # whatever cloudpickle cannot serialise, the message names it

@@ -1,0 +1,45 @@
+"""The plan's peak memory as the compiler verify uses would compile it.
+
+A plan predicts its peak under the buffer rules of its profile's compiler (GPU XLA for a GPU
+profile). `verify` compiles on CPU devices, and XLA:CPU keeps more buffers, so the figure to
+hold the compiled peak against is the same candidate priced again under XLA:CPU's rules: only
+for the one plan checked, never for every candidate of the search.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from wapar_jax._src.compilers import CompilerRules
+from wapar_jax._src.cost.xla import CostCache, step_costs
+from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.search import aggregate, build_space, price
+from wapar_jax._src.trace import trace_train_step
+from wapar_jax._src.tree import abstract, leaf_paths, path_str
+
+
+def peak_under(plan, rules: CompilerRules, profile: DeviceProfile, loss_fn=None, optimizer=None,
+               params=None, batch=None) -> float | None:
+  """The chosen candidate's per-device peak under `rules`; None when the traced step's
+  dimension groups are not the ones the plan was made with (another model).
+
+  `loss_fn` ... `batch`: as for `Plan.train_step`, needed only for a plan loaded from JSON.
+  """
+  loss_fn, optimizer = plan._need(loss_fn, optimizer)
+  params = abstract(plan._abstract_params if params is None else params)
+  batch = abstract(plan._abstract_batch if batch is None else batch)
+  c = plan.chosen
+  traced, _ = trace_train_step(loss_fn, params, batch, optimizer, remat=c.remat,
+                               microbatches=c.microbatches)
+  paths = [path_str(k) for k in leaf_paths(params)]
+  space = build_space(traced, step_costs(traced, CostCache()), paths, rules=rules,
+                      remat=c.remat, microbatches=c.microbatches)
+  if any(g >= len(space.groups) for g in c.model_groups) or tuple(
+      space.groups[g].label for g in c.model_groups) != tuple(plan.model_split):
+    return None
+  # Memory does not depend on the ops' times: price with none.
+  sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)))
+  return price(space, sums, profile, c.data, c.model, c.model_groups, c.storage,
+               budget=math.inf).peak_memory
