@@ -34,13 +34,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src import verify as verify_lib
-from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.files import write_text_atomic
+from wapar_jax._src.fmt import human_bytes, human_seconds
 
 RESULTS = Path(__file__).parent / "results"
 CASE_DIR = RESULTS / "suite_cases"
@@ -66,12 +67,12 @@ class Setting:
 DTYPE = "float32"
 
 SETTINGS = {
-    "8xh100": Setting("h100-sxm", 8),
-    "8xa100-pcie": Setting("a100-40g-pcie", 8),
-    "4xtitanxp": Setting("titanxp-pcie", 4),
-    "8xp100": Setting("p100-nvlink", 8),
-    "2x8xh100": Setting("h100-sxm", 16),
-    "v5e-16": Setting("tpu-v5e", 16),
+  "8xh100": Setting("h100-sxm", 8),
+  "8xa100-pcie": Setting("a100-40g-pcie", 8),
+  "4xtitanxp": Setting("titanxp-pcie", 4),
+  "8xp100": Setting("p100-nvlink", 8),
+  "2x8xh100": Setting("h100-sxm", 16),
+  "v5e-16": Setting("tpu-v5e", 16),
 }
 
 
@@ -90,28 +91,28 @@ class Case:
 
 
 CASES = (
-    Case("alexnet", "4xtitanxp", 128, sweep=True),
-    # The paper's point: a small batch on PCIe runs faster on fewer GPUs.
-    Case("alexnet", "4xtitanxp", 16, sweep=True, tag="b16"),
-    Case("alexnet", "8xp100", 128, sweep=True),
-    Case("vgg16", "4xtitanxp", 32, sweep=True),
-    Case("vgg16", "8xp100", 64, sweep=True),
-    Case("resnet50", "8xa100-pcie", 256),
-    Case("gpt2-small", "8xh100", 32, 1024),
-    Case("gpt2-small", "8xa100-pcie", 32, 1024),
-    Case("gpt2-small", "2x8xh100", 64, 1024),
-    Case("gpt2-small", "v5e-16", 64, 1024),
-    Case("gpt2-small-scan", "8xh100", 32, 1024),
-    Case("gpt2-medium", "8xh100", 32, 1024),
-    Case("gpt2-large", "8xa100-pcie", 16, 1024),
-    Case("gpt-1.3b", "4xtitanxp", 8, 1024),
-    Case("gpt-1.3b", "8xh100", 32, 1024),
-    Case("gpt-7b", "8xh100", 16, 2048),
-    Case("gpt-7b", "2x8xh100", 32, 2048),
-    Case("bert-large", "8xh100", 32, 512),
-    Case("vit-b16", "8xa100-pcie", 256),
-    Case("t5-base", "8xh100", 64, 512),
-    Case("moe-gpt", "8xh100", 32, 1024),
+  Case("alexnet", "4xtitanxp", 128, sweep=True),
+  # The paper's point: a small batch on PCIe runs faster on fewer GPUs.
+  Case("alexnet", "4xtitanxp", 16, sweep=True, tag="b16"),
+  Case("alexnet", "8xp100", 128, sweep=True),
+  Case("vgg16", "4xtitanxp", 32, sweep=True),
+  Case("vgg16", "8xp100", 64, sweep=True),
+  Case("resnet50", "8xa100-pcie", 256),
+  Case("gpt2-small", "8xh100", 32, 1024),
+  Case("gpt2-small", "8xa100-pcie", 32, 1024),
+  Case("gpt2-small", "2x8xh100", 64, 1024),
+  Case("gpt2-small", "v5e-16", 64, 1024),
+  Case("gpt2-small-scan", "8xh100", 32, 1024),
+  Case("gpt2-medium", "8xh100", 32, 1024),
+  Case("gpt2-large", "8xa100-pcie", 16, 1024),
+  Case("gpt-1.3b", "4xtitanxp", 8, 1024),
+  Case("gpt-1.3b", "8xh100", 32, 1024),
+  Case("gpt-7b", "8xh100", 16, 2048),
+  Case("gpt-7b", "2x8xh100", 32, 2048),
+  Case("bert-large", "8xh100", 32, 512),
+  Case("vit-b16", "8xa100-pcie", 256),
+  Case("t5-base", "8xh100", 64, 512),
+  Case("moe-gpt", "8xh100", 32, 1024),
 )
 
 
@@ -132,38 +133,72 @@ def _unbounded(profile: wap.DeviceProfile) -> wap.DeviceProfile:
   return dataclasses.replace(profile, memory_bytes=1e18)
 
 
-def _row(name: str, plan, figures: verify_lib.Figures, predicted, profile, extra: dict,
-         memory: verify_lib.MemoryBreakdown, notes=()) -> dict:
+def _row(
+  name: str,
+  plan,
+  figures: verify_lib.Figures,
+  predicted,
+  profile,
+  extra: dict,
+  memory: verify_lib.MemoryBreakdown,
+  notes=(),
+) -> dict:
   budget = profile.memory_bytes * (1 - HEADROOM)
   row = {
-      "name": name, "mesh": dict(plan.mesh_shape) if plan else None,
-      "strategy": plan.strategy if plan else name, "devices": plan.num_devices if plan else None,
-      "remat": plan.chosen.remat if plan else "none",
-      "microbatches": plan.chosen.microbatches if plan else 1,
-      "compiled": dataclasses.asdict(figures), "memory": dataclasses.asdict(memory),
-      "fits_compiled": figures.peak_memory <= budget, **extra, "notes": list(notes)}
+    "name": name,
+    "mesh": dict(plan.mesh_shape) if plan else None,
+    "strategy": plan.strategy if plan else name,
+    "devices": plan.num_devices if plan else None,
+    "remat": plan.chosen.remat if plan else "none",
+    "microbatches": plan.chosen.microbatches if plan else 1,
+    "compiled": dataclasses.asdict(figures),
+    "memory": dataclasses.asdict(memory),
+    "fits_compiled": figures.peak_memory <= budget,
+    **extra,
+    "notes": list(notes),
+  }
   if predicted is not None:
     row["predicted"] = dataclasses.asdict(predicted)
-    row["errors"] = {f: verify_lib.relative_error(getattr(predicted, f), getattr(figures, f))
-                     for f in verify_lib.FIGURES}
+    row["errors"] = {
+      f: verify_lib.relative_error(getattr(predicted, f), getattr(figures, f))
+      for f in verify_lib.FIGURES
+    }
     row["fits_predicted"] = predicted.peak_memory <= budget
   return row
 
 
-def _planned_row(name, ex, tx, setting: Setting, profile, strategy, devices) -> dict:
+def plan_for(ex, tx, profile, strategy: str, devices: int):
+  """The planner's own choice ("auto"), or one family on all `devices` as a baseline is: the
+  plain step (no remat, no accumulation), priced with memory out of the way."""
   forced = strategy != "auto"
+  return wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=tx,
+    devices=devices,
+    profile=_unbounded(profile) if forced else profile,
+    strategy=strategy,
+    all_devices=forced,
+    remat="none" if forced else None,
+    microbatches=1 if forced else None,
+  )
+
+
+def _planned_row(name, ex, tx, setting: Setting, profile, strategy, devices) -> dict:
   t0 = time.perf_counter()
   try:
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=devices,
-                    profile=_unbounded(profile) if forced else profile, strategy=strategy,
-                    all_devices=forced, remat="none" if forced else None,
-                    microbatches=1 if forced else None)
+    plan = plan_for(ex, tx, profile, strategy, devices)
   except wap.WaparError as e:
     return {"name": name, "error": f"{type(e).__name__}: {e}"}
   plan_seconds = time.perf_counter() - t0
-  v = plan.verify(devices=jax.devices()[:plan.num_devices], profile=profile)
-  extra = {"plan_seconds": plan_seconds, "verify_seconds": v.verify_seconds,
-           "compile_seconds": v.compile_seconds, "comm_bytes_scattered": v.comm_bytes_scattered}
+  v = plan.verify(devices=jax.devices()[: plan.num_devices], profile=profile)
+  extra = {
+    "plan_seconds": plan_seconds,
+    "verify_seconds": v.verify_seconds,
+    "compile_seconds": v.compile_seconds,
+    "comm_bytes_scattered": v.comm_bytes_scattered,
+  }
   row = _row(name, plan, v.compiled, v.predicted, profile, extra, v.memory, v.notes)
   row["model_split"] = list(plan.model_split)
   return row
@@ -186,6 +221,7 @@ def hand_rules_specs(params, fsdp: int):
       if d == embed and d % fsdp == 0:
         return P(*([None] * i + ["fsdp"] + [None] * (len(x.shape) - i - 1)))
     return P()
+
   return jax.tree.map(spec, params)
 
 
@@ -196,7 +232,7 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   t0 = time.perf_counter()
   nodes = max(1, setting.devices // profile.devices_per_node)
   mesh_shape = {"data": nodes, "fsdp": setting.devices // nodes}
-  devices = np.asarray(jax.devices()[:setting.devices], dtype=object)
+  devices = np.asarray(jax.devices()[: setting.devices], dtype=object)
   mesh = Mesh(devices.reshape(nodes, setting.devices // nodes), ("data", "fsdp"))
   params, batch = _abstract(ex.params), _abstract(ex.batch)
   p_specs = hand_rules_specs(params, mesh_shape["fsdp"])
@@ -204,11 +240,19 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   b_specs = jax.tree.map(lambda x: P(batch_axis), batch)
   # Written as a researcher writes it, with jax and optax only: optimizer-state leaves follow
   # their parameter, step counts are replicated.
-  o_specs = optax.tree_map_params(tx, lambda _, spec: spec, jax.eval_shape(tx.init, params),
-                                  p_specs, transform_non_params=lambda _: P(),
-                                  is_leaf=lambda x: isinstance(x, P))
-  named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,  # noqa: E731
-                                     is_leaf=lambda x: isinstance(x, P))
+  o_specs = optax.tree_map_params(
+    tx,
+    lambda _, spec: spec,
+    jax.eval_shape(tx.init, params),
+    p_specs,
+    transform_non_params=lambda _: P(),
+    is_leaf=lambda x: isinstance(x, P),
+  )
+  named = lambda specs: jax.tree.map(
+    lambda s: NamedSharding(mesh, s),
+    specs,  # noqa: E731
+    is_leaf=lambda x: isinstance(x, P),
+  )
   gathered = named(jax.tree.map(lambda _: P(), p_specs, is_leaf=lambda s: isinstance(s, P)))
   split = named(b_specs)
 
@@ -223,14 +267,26 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
     return optax.apply_updates(p, updates), o, loss
 
   p_sh, o_sh, b_sh = (named(s) for s in (p_specs, o_specs, b_specs))
-  step = jax.jit(train_step, in_shardings=(p_sh, o_sh, b_sh),
-                 out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())), donate_argnums=(0, 1))
+  step = jax.jit(
+    train_step,
+    in_shardings=(p_sh, o_sh, b_sh),
+    out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
+    donate_argnums=(0, 1),
+  )
   opt_state = _abstract(jax.eval_shape(tx.init, params))
   compiled = verify_lib.compile_like_target(step.lower(params, opt_state, batch))
   compile_seconds = time.perf_counter() - t0
   read = verify_lib.read_compiled(compiled, mesh_shape, profile)
-  row = _row("maxtext rules", None, read.figures, None, profile,
-             {"compile_seconds": compile_seconds}, read.memory, read.notes)
+  row = _row(
+    "maxtext rules",
+    None,
+    read.figures,
+    None,
+    profile,
+    {"compile_seconds": compile_seconds},
+    read.memory,
+    read.notes,
+  )
   row.update(mesh=mesh_shape, devices=setting.devices, strategy="fsdp (rules)")
   return row
 
@@ -238,8 +294,14 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
 def _energy(profile, figures: dict, devices: int, batch: int) -> float:
   """Joules per sample: every device idles through the step and works through its compute."""
   step, compute = figures["step_time"], figures["compute_time"]
-  return devices * (profile.power_idle_watts * step +
-                    (profile.power_busy_watts - profile.power_idle_watts) * compute) / batch
+  return (
+    devices
+    * (
+      profile.power_idle_watts * step
+      + (profile.power_busy_watts - profile.power_idle_watts) * compute
+    )
+    / batch
+  )
 
 
 def _sweep(ex, tx, case: Case, setting: Setting, profile) -> list[dict]:
@@ -261,6 +323,7 @@ def kendall_tau(x, y) -> float | None:
   if len(x) < 3:
     return None
   from scipy.stats import kendalltau
+
   return float(kendalltau(x, y).statistic)
 
 
@@ -269,13 +332,19 @@ def run_case(case: Case) -> dict:
   profile = wap.load_profile(setting.profile)
   ex, kwargs = _example(case)
   tx = optax.adamw(1e-3)
-  out = {"case": case.name, "model": case.model, "setting": case.setting,
-         "profile": setting.profile, "devices": setting.devices, "example": kwargs, "rows": []}
+  out = {
+    "case": case.name,
+    "model": case.model,
+    "setting": case.setting,
+    "profile": setting.profile,
+    "devices": setting.devices,
+    "example": kwargs,
+    "rows": [],
+  }
   started = time.perf_counter()
   out["rows"].append(_planned_row("plan", ex, tx, setting, profile, "auto", setting.devices))
   for strategy in BASELINES:
-    out["rows"].append(_planned_row(strategy, ex, tx, setting, profile, strategy,
-                                    setting.devices))
+    out["rows"].append(_planned_row(strategy, ex, tx, setting, profile, strategy, setting.devices))
   if case.model.startswith(TRANSFORMERS):
     try:
       out["rows"].append(_hand_row(ex, tx, setting, profile))
@@ -290,8 +359,9 @@ def run_case(case: Case) -> dict:
 def summarise(out: dict) -> dict:
   rows = [r for r in out["rows"] if "error" not in r]
   priced = [r for r in rows if "predicted" in r]
-  out["kendall_tau"] = kendall_tau([r["predicted"]["step_time"] for r in priced],
-                                   [r["compiled"]["step_time"] for r in priced])
+  out["kendall_tau"] = kendall_tau(
+    [r["predicted"]["step_time"] for r in priced], [r["compiled"]["step_time"] for r in priced]
+  )
   plan = next((r for r in rows if r["name"] == "plan"), None)
   fitting = [r for r in rows if r["name"] != "plan" and r["fits_compiled"]]
   out["baselines_fit"] = len(fitting)
@@ -306,6 +376,7 @@ def summarise(out: dict) -> dict:
 
 
 # --- report -------------------------------------------------------------------------------
+
 
 def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:+.1f}%"
@@ -330,47 +401,64 @@ def misses(row: dict) -> list[str]:
   for figure, limit in TARGETS.items():
     err = bytes_error(row) if figure == "comm_bytes" else row["errors"][figure]
     if err is not None and abs(err) > limit:
-      cpu_only = figure == "peak_memory" and err < 0 and any(
-          "max-pool gradient" in note for note in row.get("notes", ()))
+      cpu_only = (
+        figure == "peak_memory"
+        and err < 0
+        and any("max-pool gradient" in note for note in row.get("notes", ()))
+      )
       found.append(f"{figure} {_pct(err)}" + (" (XLA:CPU max-pool scatters)" if cpu_only else ""))
   return found
 
 
 def markdown(cases: list[dict], meta: dict) -> str:
   lines = [
-      "# Ground-truth suite: plan and baselines, predicted vs compiled", "",
-      f"jax {meta['jax']}, {meta['date']}, compiled on virtual CPU devices "
-      f"({meta['cpu_count']} cores). Per device, per step. *Compiled* figures are read from the "
-      "module XLA's SPMD partitioner built for the mesh: FLOPs (`cost_analysis`, loop trip "
-      "counts applied), bytes sent (every collective in `as_text()`, ring formulas; all-reduces "
-      "used only as slices counted as the reduce-scatters GPU/TPU XLA makes of them), peak "
-      "memory (`memory_analysis`: arguments + outputs - aliases + temporaries), and step time = "
-      "a roofline over the compiled kernels + the compiled collectives, priced on the setting's "
-      "profile. Error = predicted / compiled - 1. A row fits when its peak is within 90% of the "
-      "device memory. *plan / best* = the plan's compiled step time over the fastest baseline "
-      "that fits.", "",
-      "## Per case", "",
-      "| case | plan | plan mesh | best baseline | plan / best | baselines fitting | "
-      "Kendall tau | planning s |", "|---|---|---|---|---:|---:|---:|---:|"]
+    "# Ground-truth suite: plan and baselines, predicted vs compiled",
+    "",
+    f"jax {meta['jax']}, {meta['date']}, compiled on virtual CPU devices "
+    f"({meta['cpu_count']} cores). Per device, per step. *Compiled* figures are read from the "
+    "module XLA's SPMD partitioner built for the mesh: FLOPs (`cost_analysis`, loop trip "
+    "counts applied), bytes sent (every collective in `as_text()`, ring formulas; all-reduces "
+    "used only as slices counted as the reduce-scatters GPU/TPU XLA makes of them), peak "
+    "memory (`memory_analysis`: arguments + outputs - aliases + temporaries), and step time = "
+    "a roofline over the compiled kernels + the compiled collectives, priced on the setting's "
+    "profile. Error = predicted / compiled - 1. A row fits when its peak is within 90% of the "
+    "device memory. *plan / best* = the plan's compiled step time over the fastest baseline "
+    "that fits.",
+    "",
+    "## Per case",
+    "",
+    "| case | plan | plan mesh | best baseline | plan / best | baselines fitting | "
+    "Kendall tau | planning s |",
+    "|---|---|---|---|---:|---:|---:|---:|",
+  ]
   for c in cases:
     plan = next((r for r in c["rows"] if r["name"] == "plan"), {})
     if "error" in plan or not plan:
       lines.append(f"| {c['case']} | {plan.get('error', 'missing')[:120]} | | | | | | |")
       continue
-    label = plan["strategy"] + (f", remat {plan['remat']}" if plan["remat"] != "none" else "") + \
-        (f", {plan['microbatches']} micro-batches" if plan["microbatches"] > 1 else "")
+    label = (
+      plan["strategy"]
+      + (f", remat {plan['remat']}" if plan["remat"] != "none" else "")
+      + (f", {plan['microbatches']} micro-batches" if plan["microbatches"] > 1 else "")
+    )
     mesh = "x".join(f"{k}={v}" for k, v in plan["mesh"].items())
     ratio = "-" if c["plan_vs_best"] is None else f"{c['plan_vs_best']:.3f}"
     tau = "-" if c["kendall_tau"] is None else f"{c['kendall_tau']:.2f}"
-    lines.append(f"| {c['case']} | {label}{'' if plan['fits_compiled'] else ' (does not fit)'} | "
-                 f"{mesh} | {c['best_baseline'] or 'none fits'} | {ratio} | "
-                 f"{c['baselines_fit']}/{sum(not r['name'].startswith('plan') for r in c['rows'])} | "
-                 f"{tau} | "
-                 f"{plan['plan_seconds']:.1f} |")
-  lines += ["", "## Prediction errors", "",
-            "| case | row | mesh | step pred | step compiled | err | compute err | comm err | "
-            "FLOPs err | bytes err (as RS) | peak pred | peak compiled | err | fits | misses |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines.append(
+      f"| {c['case']} | {label}{'' if plan['fits_compiled'] else ' (does not fit)'} | "
+      f"{mesh} | {c['best_baseline'] or 'none fits'} | {ratio} | "
+      f"{c['baselines_fit']}/{sum(not r['name'].startswith('plan') for r in c['rows'])} | "
+      f"{tau} | "
+      f"{plan['plan_seconds']:.1f} |"
+    )
+  lines += [
+    "",
+    "## Prediction errors",
+    "",
+    "| case | row | mesh | step pred | step compiled | err | compute err | comm err | "
+    "FLOPs err | bytes err (as RS) | peak pred | peak compiled | err | fits | misses |",
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+  ]
   for c in cases:
     for r in c["rows"]:
       if "error" in r:
@@ -382,70 +470,92 @@ def markdown(cases: list[dict], meta: dict) -> str:
         p, e = r["predicted"], r["errors"]
         rs = bytes_error(r)
         lines.append(
-            f"| {c['case']} | {r['name']} | {mesh} | {human_seconds(p['step_time'])} | "
-            f"{human_seconds(k['step_time'])} | {_pct(e['step_time'])} | "
-            f"{_pct(e['compute_time'])} | {_pct(e['comm_time'])} | {_pct(e['flops'])} | "
-            f"{_pct(rs)} | {human_bytes(p['peak_memory'])} | "
-            f"{human_bytes(k['peak_memory'])} | {_pct(e['peak_memory'])} | "
-            f"{'yes' if r['fits_compiled'] else 'no'} | {', '.join(misses(r)) or '-'} |")
+          f"| {c['case']} | {r['name']} | {mesh} | {human_seconds(p['step_time'])} | "
+          f"{human_seconds(k['step_time'])} | {_pct(e['step_time'])} | "
+          f"{_pct(e['compute_time'])} | {_pct(e['comm_time'])} | {_pct(e['flops'])} | "
+          f"{_pct(rs)} | {human_bytes(p['peak_memory'])} | "
+          f"{human_bytes(k['peak_memory'])} | {_pct(e['peak_memory'])} | "
+          f"{'yes' if r['fits_compiled'] else 'no'} | {', '.join(misses(r)) or '-'} |"
+        )
       else:
-        why = ("not priced: a three-axis hybrid layout" if r["mesh"].get("data", 1) > 1
-               else "compiled only")
+        why = (
+          "not priced: a three-axis hybrid layout"
+          if r["mesh"].get("data", 1) > 1
+          else "compiled only"
+        )
         lines.append(
-            f"| {c['case']} | {r['name']} | {mesh} | - | {human_seconds(k['step_time'])} | - | "
-            f"- | - | - | - | - | {human_bytes(k['peak_memory'])} | - | "
-            f"{'yes' if r['fits_compiled'] else 'no'} | {why} |")
+          f"| {c['case']} | {r['name']} | {mesh} | - | {human_seconds(k['step_time'])} | - | "
+          f"- | - | - | - | - | {human_bytes(k['peak_memory'])} | - | "
+          f"{'yes' if r['fits_compiled'] else 'no'} | {why} |"
+        )
   sweeps = [c for c in cases if c.get("sweep")]
   if sweeps:
-    lines += ["", "## Device sweep (the WAP experiment: data parallel on 1, 2, 4, ... devices)",
-              "", "| case | devices | step pred | step compiled | samples/s compiled | "
-              "J/sample compiled | J/sample pred |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+      "",
+      "## Device sweep (the WAP experiment: data parallel on 1, 2, 4, ... devices)",
+      "",
+      "| case | devices | step pred | step compiled | samples/s compiled | "
+      "J/sample compiled | J/sample pred |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in sweeps:
       for r in c["sweep"]:
         if "error" in r:
           lines.append(f"| {c['case']} | {r['name']} | {r['error'][:100]} | | | | |")
           continue
         lines.append(
-            f"| {c['case']} | {r['devices']} | {human_seconds(r['predicted']['step_time'])} | "
-            f"{human_seconds(r['compiled']['step_time'])} | {r['compiled_throughput']:.0f} | "
-            f"{r['compiled_energy_per_sample']:.3g} | {r['predicted_energy_per_sample']:.3g} |")
+          f"| {c['case']} | {r['devices']} | {human_seconds(r['predicted']['step_time'])} | "
+          f"{human_seconds(r['compiled']['step_time'])} | {r['compiled_throughput']:.0f} | "
+          f"{r['compiled_energy_per_sample']:.3g} | {r['predicted_energy_per_sample']:.3g} |"
+        )
   lines += ["", "## Summary", ""] + summary_lines(cases)
   return "\n".join(lines) + "\n"
 
 
 def summary_lines(cases: list[dict]) -> list[str]:
   rows = [r for c in cases for r in c["rows"] if "errors" in r]
-  within = {f: sum(1 for r in rows if not any(m.startswith(f) for m in misses(r)))
-            for f in TARGETS}
+  within = {f: sum(1 for r in rows if not any(m.startswith(f) for m in misses(r))) for f in TARGETS}
   taus = [c["kendall_tau"] for c in cases if c["kendall_tau"] is not None]
   ratios = [c["plan_vs_best"] for c in cases if c["plan_vs_best"] is not None]
   no_baseline = [c["case"] for c in cases if c["plan_vs_best"] is None]
-  out = [f"- rows priced: {len(rows)}; within target: FLOPs (3%) {within['flops']}, "
-         f"bytes (10%) {within['comm_bytes']}, peak memory (15%) {within['peak_memory']}."]
+  out = [
+    f"- rows priced: {len(rows)}; within target: FLOPs (3%) {within['flops']}, "
+    f"bytes (10%) {within['comm_bytes']}, peak memory (15%) {within['peak_memory']}."
+  ]
   if taus:
-    out.append(f"- Kendall tau over each case's candidates: median {np.median(taus):.2f}, "
-               f"min {min(taus):.2f}; >= 0.9 in {sum(t >= 0.9 for t in taus)} of {len(taus)}.")
+    out.append(
+      f"- Kendall tau over each case's candidates: median {np.median(taus):.2f}, "
+      f"min {min(taus):.2f}; >= 0.9 in {sum(t >= 0.9 for t in taus)} of {len(taus)}."
+    )
   if ratios:
-    out.append(f"- plan / best fitting baseline (compiled step time): median "
-               f"{np.median(ratios):.3f}; within 2% in {sum(r <= 1.02 for r in ratios)} of "
-               f"{len(ratios)}; at least 10% faster in {sum(r <= 0.9 for r in ratios)}.")
+    out.append(
+      f"- plan / best fitting baseline (compiled step time): median "
+      f"{np.median(ratios):.3f}; within 2% in {sum(r <= 1.02 for r in ratios)} of "
+      f"{len(ratios)}; at least 10% faster in {sum(r <= 0.9 for r in ratios)}."
+    )
   if no_baseline:
     fitted = [c["case"] for c in cases if c["case"] in no_baseline and c["plan_fits"]]
-    out.append(f"- no baseline fits in {', '.join(no_baseline)}; compiled memory confirms the "
-               f"plan fits in {', '.join(fitted) or 'none of them'}.")
+    out.append(
+      f"- no baseline fits in {', '.join(no_baseline)}; compiled memory confirms the "
+      f"plan fits in {', '.join(fitted) or 'none of them'}."
+    )
   return out
 
 
 def plots(cases: list[dict], out: Path) -> list[Path]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   written = []
   rows = [(c, r) for c in cases for r in c["rows"] if "errors" in r]
   if rows:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, figure, label in ((axes[0], "step_time", "step time (s)"),
-                              (axes[1], "peak_memory", "peak memory (bytes)")):
+    for ax, figure, label in (
+      (axes[0], "step_time", "step time (s)"),
+      (axes[1], "peak_memory", "peak memory (bytes)"),
+    ):
       x = [r["compiled"][figure] for _, r in rows]
       y = [r["predicted"][figure] for _, r in rows]
       colors = ["tab:red" if r["name"] == "plan" else "tab:blue" for _, r in rows]
@@ -464,15 +574,20 @@ def plots(cases: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     names = [c["case"] for c in ranked]
     for i, c in enumerate(ranked):
-      fastest = min(r["compiled"]["step_time"] for r in c["rows"]
-                    if "error" not in r and r["fits_compiled"])
-      for j, r in enumerate(r for r in c["rows"] if "error" not in r):
-        ax.scatter(i, r["compiled"]["step_time"] / fastest,
-                   marker="*" if r["name"] == "plan" else "o",
-                   s=90 if r["name"] == "plan" else 18,
-                   c="tab:red" if r["name"] == "plan" else
-                   ("tab:blue" if r["fits_compiled"] else "lightgray"), zorder=3 if
-                   r["name"] == "plan" else 2)
+      fastest = min(
+        r["compiled"]["step_time"] for r in c["rows"] if "error" not in r and r["fits_compiled"]
+      )
+      for _j, r in enumerate(r for r in c["rows"] if "error" not in r):
+        ax.scatter(
+          i,
+          r["compiled"]["step_time"] / fastest,
+          marker="*" if r["name"] == "plan" else "o",
+          s=90 if r["name"] == "plan" else 18,
+          c="tab:red"
+          if r["name"] == "plan"
+          else ("tab:blue" if r["fits_compiled"] else "lightgray"),
+          zorder=3 if r["name"] == "plan" else 2,
+        )
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yscale("log"), ax.set_ylabel("compiled step time / fastest that fits")
     ax.set_title("plan (star) vs baselines (blue: fits, grey: does not)")
@@ -508,8 +623,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   needed = max(s.devices for s in SETTINGS.values())
   if jax.device_count() < needed:
-    print(f"needs {needed} devices; run with XLA_FLAGS=--xla_force_host_platform_device_count="
-          f"{needed}", file=sys.stderr)
+    print(
+      f"needs {needed} devices; run with XLA_FLAGS=--xla_force_host_platform_device_count={needed}",
+      file=sys.stderr,
+    )
     return 2
   out = Path(args.out)
   case_dir = out / CASE_DIR.name
@@ -529,13 +646,23 @@ def main(argv=None) -> int:
       continue
     result = run_case(case)
     write_text_atomic(path, json.dumps(result, indent=1))
-    print(f"{case.name:28s} plan/best {result['plan_vs_best'] or float('nan'):.3f}  "
-          f"tau {result['kendall_tau'] if result['kendall_tau'] is not None else float('nan'):.2f}"
-          f"  {result['seconds']:.0f} s", flush=True)
-  cases = [summarise(json.loads((case_dir / f"{c.name}.json").read_text())) for c in CASES
-           if (case_dir / f"{c.name}.json").exists()]
-  meta = {"jax": jax.__version__, "python": platform.python_version(),
-          "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(
+      f"{case.name:28s} plan/best {result['plan_vs_best'] or float('nan'):.3f}  "
+      f"tau {result['kendall_tau'] if result['kendall_tau'] is not None else float('nan'):.2f}"
+      f"  {result['seconds']:.0f} s",
+      flush=True,
+    )
+  cases = [
+    summarise(json.loads((case_dir / f"{c.name}.json").read_text()))
+    for c in CASES
+    if (case_dir / f"{c.name}.json").exists()
+  ]
+  meta = {
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "cpu_count": os.cpu_count(),
+    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
   write_text_atomic(out / "suite.json", json.dumps({"meta": meta, "cases": cases}, indent=1))
   write_text_atomic(out / "suite.md", markdown(cases, meta))
   written = plots(cases, out)

@@ -24,8 +24,8 @@ import time
 
 import jax
 import optax
-
 import suite
+
 import wapar_jax as wap
 from wapar_jax._src.compilers import XLA_CPU
 from wapar_jax._src.files import write_text_atomic
@@ -39,12 +39,8 @@ RTOL = 1e-6
 
 
 def _predicted(ex, tx, profile, strategy: str, devices: int) -> dict | None:
-  forced = strategy != "auto"
   try:
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=devices,
-                    profile=suite._unbounded(profile) if forced else profile,
-                    strategy=strategy, all_devices=forced, remat="none" if forced else None,
-                    microbatches=1 if forced else None)
+    plan = suite.plan_for(ex, tx, profile, strategy, devices)
   except wap.WaparError:
     return None
   p = plan.predicted
@@ -57,8 +53,12 @@ def _rows(case_result: dict):
   """(row name, strategy, devices, stored row) of every row the planner priced."""
   for row in case_result["rows"]:
     if "predicted" in row:
-      yield row["name"], "auto" if row["name"] == "plan" else row["name"], \
-          case_result["devices"], row
+      yield (
+        row["name"],
+        "auto" if row["name"] == "plan" else row["name"],
+        case_result["devices"],
+        row,
+      )
   for row in case_result.get("sweep", []):
     if "predicted" in row:
       yield row["name"], "dp", row["devices"], row
@@ -71,10 +71,15 @@ def reprice_case(case: suite.Case, stored: dict) -> list[dict]:
   out = []
   for name, strategy, devices, row in _rows(stored):
     new = _predicted(ex, tx, profile, strategy, devices)
-    entry = {"case": case.name, "row": name, "stored": row["predicted"],
-             "repriced": None if new is None else new["figures"],
-             "same_plan": new is not None and new["mesh"] == row["mesh"]
-             and new["strategy"] == row["strategy"]}
+    entry = {
+      "case": case.name,
+      "row": name,
+      "stored": row["predicted"],
+      "repriced": None if new is None else new["figures"],
+      "same_plan": new is not None
+      and new["mesh"] == row["mesh"]
+      and new["strategy"] == row["strategy"],
+    }
     changes = {}
     if new is not None:
       for f in FIGURES:
@@ -89,18 +94,17 @@ def reprice_case(case: suite.Case, stored: dict) -> list[dict]:
 def markdown(entries: list[dict], meta: dict) -> str:
   moved = [e for e in entries if e["changes"] or not e["same_plan"]]
   lines = [
-      "# Suite predictions, repriced",
-      "",
-      f"jax {meta['jax']}, {meta['date']}. Every suite row the planner priced, planned again "
-      "and compared with the predicted figures stored with the row (`suite.json`); peak memory "
-      "as XLA:CPU compiles the step. `python benchmarks/suite_reprice.py`.",
-      "",
-      f"- rows repriced: {len(entries)}",
-      f"- rows whose chosen mesh and strategy are the same: "
-      f"{sum(e['same_plan'] for e in entries)}",
-      f"- rows with every figure within {RTOL:g} relative: "
-      f"{sum(not e['changes'] and e['same_plan'] for e in entries)}",
-      "",
+    "# Suite predictions, repriced",
+    "",
+    f"jax {meta['jax']}, {meta['date']}. Every suite row the planner priced, planned again "
+    "and compared with the predicted figures stored with the row (`suite.json`); peak memory "
+    "as XLA:CPU compiles the step. `python benchmarks/suite_reprice.py`.",
+    "",
+    f"- rows repriced: {len(entries)}",
+    f"- rows whose chosen mesh and strategy are the same: {sum(e['same_plan'] for e in entries)}",
+    f"- rows with every figure within {RTOL:g} relative: "
+    f"{sum(not e['changes'] and e['same_plan'] for e in entries)}",
+    "",
   ]
   if moved:
     lines += ["| case | row | changed figures |", "|---|---|---|"]
@@ -117,8 +121,9 @@ def main(argv=None) -> int:
   parser.add_argument("--cases", nargs="*", help="case names (model@setting); default all kept")
   args = parser.parse_args(argv)
   if jax.device_count() < max(s.devices for s in suite.SETTINGS.values()):
-    print("needs 16 devices: set XLA_FLAGS=--xla_force_host_platform_device_count=16",
-          file=sys.stderr)
+    print(
+      "needs 16 devices: set XLA_FLAGS=--xla_force_host_platform_device_count=16", file=sys.stderr
+    )
     return 2
   kept = {c["case"]: c for c in json.loads((suite.RESULTS / "suite.json").read_text())["cases"]}
   cases = [c for c in suite.CASES if c.name in kept and (not args.cases or c.name in args.cases)]
@@ -128,8 +133,10 @@ def main(argv=None) -> int:
     found = reprice_case(case, kept[case.name])
     entries += found
     moved = sum(bool(e["changes"]) or not e["same_plan"] for e in found)
-    print(f"{case.name:28s} {len(found)} rows, {moved} moved, {time.perf_counter() - t0:.0f} s",
-          flush=True)
+    print(
+      f"{case.name:28s} {len(found)} rows, {moved} moved, {time.perf_counter() - t0:.0f} s",
+      flush=True,
+    )
   meta = {"jax": jax.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   write_text_atomic(OUT_JSON, json.dumps({"meta": meta, "rows": entries}, indent=1))
   write_text_atomic(OUT_MD, markdown(entries, meta))

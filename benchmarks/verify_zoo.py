@@ -41,19 +41,35 @@ def run_case(model: str, overrides: dict, strategy: str) -> dict:
   case = {"model": model, "overrides": overrides, "requested": strategy, "profile": PROFILE}
   t0 = time.perf_counter()
   try:
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=DEVICES,
-                    profile=PROFILE, strategy=strategy, all_devices=strategy != "auto")
+    plan = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      optimizer=optax.adamw(1e-3),
+      devices=DEVICES,
+      profile=PROFILE,
+      strategy=strategy,
+      all_devices=strategy != "auto",
+    )
   except wap.WaparError as e:
     case["error"] = f"{type(e).__name__}: {e}"
     return case
   case["plan_seconds"] = time.perf_counter() - t0
   workload = dict(example=model, optimizer="adamw", lr=1e-3, **overrides)
   v = plan.verify(workload=workload)
-  terms = {k: float(getattr(plan.chosen, k)) for k in
-           ("param_memory", "opt_state_memory", "activation_memory") if hasattr(plan.chosen, k)}
-  case.update(strategy=plan.strategy, mesh_shape=dict(plan.mesh_shape), devices=plan.num_devices,
-              model_split=list(plan.model_split), predicted_memory_terms=terms,
-              verification=v.to_dict())
+  terms = {
+    k: float(getattr(plan.chosen, k))
+    for k in ("param_memory", "opt_state_memory", "activation_memory")
+    if hasattr(plan.chosen, k)
+  }
+  case.update(
+    strategy=plan.strategy,
+    mesh_shape=dict(plan.mesh_shape),
+    devices=plan.num_devices,
+    model_split=list(plan.model_split),
+    predicted_memory_terms=terms,
+    verification=v.to_dict(),
+  )
   return case
 
 
@@ -63,21 +79,21 @@ def _pct(x) -> str:
 
 def markdown(cases: list[dict]) -> str:
   lines = [
-      f"# Prediction vs compiled truth ({DEVICES} virtual CPU devices, priced on {PROFILE})",
-      "",
-      "Error = (predicted - compiled) / compiled, per device per step. Compiled FLOPs are XLA's "
-      "`cost_analysis()` count corrected for loop trip counts; they include the sums inside "
-      "all-reduces (column *red.*), which the planner does not model. Comm = bytes each device "
-      "sends (ring formulas of `cost.collective_traffic`) over every collective in the compiled "
-      "module; *comm as RS* counts the all-reduces whose result each device only slices as the "
-      "reduce-scatters XLA's GPU/TPU pipelines make of them (the CPU pipeline does not), the "
-      "figure to hold a GPU prediction against; peak = arguments + outputs - aliased + "
-      "temporaries (`memory_analysis()`).",
-      "",
-      "| model | strategy | mesh | FLOPs pred | FLOPs compiled | err | red. | comm pred | "
-      "comm compiled | err | comm as RS | err | comm time err | peak pred | peak compiled | err | "
-      "verify s |",
-      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    f"# Prediction vs compiled truth ({DEVICES} virtual CPU devices, priced on {PROFILE})",
+    "",
+    "Error = (predicted - compiled) / compiled, per device per step. Compiled FLOPs are XLA's "
+    "`cost_analysis()` count corrected for loop trip counts; they include the sums inside "
+    "all-reduces (column *red.*), which the planner does not model. Comm = bytes each device "
+    "sends (ring formulas of `cost.collective_traffic`) over every collective in the compiled "
+    "module; *comm as RS* counts the all-reduces whose result each device only slices as the "
+    "reduce-scatters XLA's GPU/TPU pipelines make of them (the CPU pipeline does not), the "
+    "figure to hold a GPU prediction against; peak = arguments + outputs - aliased + "
+    "temporaries (`memory_analysis()`).",
+    "",
+    "| model | strategy | mesh | FLOPs pred | FLOPs compiled | err | red. | comm pred | "
+    "comm compiled | err | comm as RS | err | comm time err | peak pred | peak compiled | err | "
+    "verify s |",
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for c in cases:
     label = c["requested"] if c["requested"] != "auto" else f"auto ({c.get('strategy', '-')})"
@@ -89,19 +105,26 @@ def markdown(cases: list[dict]) -> str:
     mesh = "x".join(f"{n}={s}" for n, s in c["mesh_shape"].items())
     red = v["reduction_flops"] / k["flops"] if k["flops"] else 0.0
     lines.append(
-        f"| {c['model']} | {label} | {mesh} | {p['flops']:.4g} | {k['flops']:.4g} | "
-        f"{_pct(e['flops'])} | {100 * red:.1f}% | {human_bytes(p['comm_bytes'])} | "
-        f"{human_bytes(k['comm_bytes'])} | {_pct(e['comm_bytes'])} | "
-        f"{human_bytes(v['comm_bytes_scattered'])} | {_pct(v['comm_bytes_scattered_error'])} | "
-        f"{_pct(e['comm_time'])} | "
-        f"{human_bytes(p['peak_memory'])} | {human_bytes(k['peak_memory'])} | "
-        f"{_pct(e['peak_memory'])} | {v['verify_seconds']:.1f} |")
-  lines += ["", "## Peak memory by term", "",
-            "Predicted parameter + optimizer-state memory against the compiled arguments, and "
-            "the predicted activation term (batch and temporaries) against the compiled "
-            "temporaries (`temp_size_in_bytes`).", "",
-            "| model | strategy | pred params+opt | compiled arguments | pred activations | "
-            "compiled temp | temp err |", "|---|---|---:|---:|---:|---:|---:|"]
+      f"| {c['model']} | {label} | {mesh} | {p['flops']:.4g} | {k['flops']:.4g} | "
+      f"{_pct(e['flops'])} | {100 * red:.1f}% | {human_bytes(p['comm_bytes'])} | "
+      f"{human_bytes(k['comm_bytes'])} | {_pct(e['comm_bytes'])} | "
+      f"{human_bytes(v['comm_bytes_scattered'])} | {_pct(v['comm_bytes_scattered_error'])} | "
+      f"{_pct(e['comm_time'])} | "
+      f"{human_bytes(p['peak_memory'])} | {human_bytes(k['peak_memory'])} | "
+      f"{_pct(e['peak_memory'])} | {v['verify_seconds']:.1f} |"
+    )
+  lines += [
+    "",
+    "## Peak memory by term",
+    "",
+    "Predicted parameter + optimizer-state memory against the compiled arguments, and "
+    "the predicted activation term (batch and temporaries) against the compiled "
+    "temporaries (`temp_size_in_bytes`).",
+    "",
+    "| model | strategy | pred params+opt | compiled arguments | pred activations | "
+    "compiled temp | temp err |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
   for c in cases:
     terms = c.get("predicted_memory_terms")
     if "error" in c or not terms:
@@ -110,20 +133,32 @@ def markdown(cases: list[dict]) -> str:
     state = terms.get("param_memory", 0.0) + terms.get("opt_state_memory", 0.0)
     act = terms.get("activation_memory", 0.0)
     temp_err = (act - m["temp"]) / m["temp"] if m["temp"] else None
-    lines.append(f"| {c['model']} | {c['requested']} | {human_bytes(state)} | "
-                 f"{human_bytes(m['argument'])} | {human_bytes(act)} | {human_bytes(m['temp'])} | "
-                 f"{_pct(temp_err)} |")
-  lines += ["", "## Collectives XLA emitted, per case", "",
-            "kind / mesh axes / group size: instructions, executions per step, full-buffer bytes "
-            "per step, bytes sent per device per step.", ""]
+    lines.append(
+      f"| {c['model']} | {c['requested']} | {human_bytes(state)} | "
+      f"{human_bytes(m['argument'])} | {human_bytes(act)} | {human_bytes(m['temp'])} | "
+      f"{_pct(temp_err)} |"
+    )
+  lines += [
+    "",
+    "## Collectives XLA emitted, per case",
+    "",
+    "kind / mesh axes / group size: instructions, executions per step, full-buffer bytes "
+    "per step, bytes sent per device per step.",
+    "",
+  ]
   for c in cases:
     if "error" in c:
       continue
     rows = c["verification"]["collective_summary"]
-    text = "; ".join(
+    text = (
+      "; ".join(
         f"{r['kind']} {','.join(r['axes']) or '-'} n={r['group_size']}: {r['instructions']} ops, "
         f"{r['executions']:.0f} runs, {human_bytes(r['nbytes'])} buffer, "
-        f"{human_bytes(r['sent_bytes'])} sent" for r in rows) or "none"
+        f"{human_bytes(r['sent_bytes'])} sent"
+        for r in rows
+      )
+      or "none"
+    )
     lines.append(f"- **{c['model']} {c['requested']}** ({c['strategy']}): {text}")
   return "\n".join(lines) + "\n"
 
@@ -135,8 +170,11 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
   if jax.device_count() < DEVICES:
-    print(f"needs {DEVICES} devices; run with XLA_FLAGS=--xla_force_host_platform_device_count="
-          f"{DEVICES}", file=sys.stderr)
+    print(
+      f"needs {DEVICES} devices; run with XLA_FLAGS=--xla_force_host_platform_device_count="
+      f"{DEVICES}",
+      file=sys.stderr,
+    )
     return 2
   cases = []
   for model in args.models:
@@ -147,14 +185,22 @@ def main(argv=None) -> int:
         print(f"{model:11s} {strategy:6s} {case['error'][:100]}", flush=True)
       else:
         e = case["verification"]["errors"]
-        print(f"{model:11s} {strategy:6s} {case['strategy']:8s} " + "  ".join(
-            f"{f} {_pct(e[f]):>8s}" for f in FIGURES) +
-            f"  verify {case['verification']['verify_seconds']:.1f} s", flush=True)
+        print(
+          f"{model:11s} {strategy:6s} {case['strategy']:8s} "
+          + "  ".join(f"{f} {_pct(e[f]):>8s}" for f in FIGURES)
+          + f"  verify {case['verification']['verify_seconds']:.1f} s",
+          flush=True,
+        )
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  meta = {"jax": jax.__version__, "python": platform.python_version(), "devices": DEVICES,
-          "profile": PROFILE, "cpu_count": os.cpu_count(),
-          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  meta = {
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "devices": DEVICES,
+    "profile": PROFILE,
+    "cpu_count": os.cpu_count(),
+    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
   (out / "verify_zoo.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=1))
   (out / "verify_zoo.md").write_text(markdown(cases))
   print(f"wrote {out / 'verify_zoo.json'} and {out / 'verify_zoo.md'}")

@@ -23,41 +23,64 @@ def main(argv=None) -> int:
   parser.add_argument("--local-devices", type=int, default=4)
   parser.add_argument("--strategies", default="dp", help="comma-separated plan families")
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--init-timeout", type=int, default=60,
-                      help="seconds jax.distributed.initialize waits for the other processes")
+  parser.add_argument(
+    "--init-timeout",
+    type=int,
+    default=60,
+    help="seconds jax.distributed.initialize waits for the other processes",
+  )
   args = parser.parse_args(argv)
 
   # Virtual CPU devices must be requested before jax starts.
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # A failed join aborts inside the runtime (DEADLINE_EXCEEDED); this line says what was tried.
-  print(f"process {args.process_id}/{args.num_processes}: joining the job at {args.coordinator}, "
-        f"waiting at most {args.init_timeout} s", file=sys.stderr, flush=True)
-  jax.distributed.initialize(coordinator_address=args.coordinator,
-                             num_processes=args.num_processes, process_id=args.process_id,
-                             initialization_timeout=args.init_timeout,
-                             heartbeat_timeout_seconds=max(10, args.init_timeout))
+  print(
+    f"process {args.process_id}/{args.num_processes}: joining the job at {args.coordinator}, "
+    f"waiting at most {args.init_timeout} s",
+    file=sys.stderr,
+    flush=True,
+  )
+  jax.distributed.initialize(
+    coordinator_address=args.coordinator,
+    num_processes=args.num_processes,
+    process_id=args.process_id,
+    initialization_timeout=args.init_timeout,
+    heartbeat_timeout_seconds=max(10, args.init_timeout),
+  )
 
   import dataclasses
+
   import optax
+
   import wapar_jax as wap
   from wapar_jax import examples
 
   ex = examples.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
   # Each process is one "node" of the plan, so the data axis is the one that crosses processes.
-  profile = dataclasses.replace(wap.load_profile("h100-sxm"), name="h100-4-per-node",
-                                devices_per_node=jax.local_device_count())
+  profile = dataclasses.replace(
+    wap.load_profile("h100-sxm"), name="h100-4-per-node", devices_per_node=jax.local_device_count()
+  )
   # Every process builds the same global batch and keeps its own contiguous block of rows.
   full = ex.make_batch(jax.random.key(1))
   rows = jax.tree.leaves(full)[0].shape[0] // jax.process_count()
   lo = jax.process_index() * rows
-  local = jax.tree.map(lambda x: x[lo:lo + rows], full)
+  local = jax.tree.map(lambda x: x[lo : lo + rows], full)
   report = {"process": jax.process_index()}
   for strategy in args.strategies.split(","):
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=jax.device_count(),
-                    profile=profile, strategy=strategy, all_devices=True)
+    plan = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      optimizer=tx,
+      devices=jax.device_count(),
+      profile=profile,
+      strategy=strategy,
+      all_devices=True,
+    )
     params = plan.init_params(ex.init_params, jax.random.key(0))
     opt_state = plan.init_opt_state(params)
     batch = plan.shard_batch(local)
@@ -66,8 +89,11 @@ def main(argv=None) -> int:
     for _ in range(args.steps):
       params, opt_state, loss = step(params, opt_state, batch)
       losses.append(float(loss))
-    report[strategy] = {"losses": losses, "mesh_shape": dict(plan.mesh_shape),
-                        "cross_node_axes": list(plan.chosen.cross_node_axes)}
+    report[strategy] = {
+      "losses": losses,
+      "mesh_shape": dict(plan.mesh_shape),
+      "cross_node_axes": list(plan.chosen.cross_node_axes),
+    }
   print(json.dumps(report), flush=True)
   jax.distributed.shutdown()
   return 0

@@ -15,14 +15,16 @@ from wapar_jax._src import calibrate as calibrate_lib
 from wapar_jax._src import profiles
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.cost.collectives import collective_time
+from wapar_jax._src.profiles import DeviceProfile, LinkTier
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax.errors import InvalidProfileError
-from wapar_jax._src.profiles import DeviceProfile, LinkTier
 
 
 def _mlp():
-  params = {"w1": jax.ShapeDtypeStruct((64, 128), jnp.float32),
-            "w2": jax.ShapeDtypeStruct((128, 10), jnp.float32)}
+  params = {
+    "w1": jax.ShapeDtypeStruct((64, 128), jnp.float32),
+    "w2": jax.ShapeDtypeStruct((128, 10), jnp.float32),
+  }
   batch = {"x": jax.ShapeDtypeStruct((32, 64), jnp.float32)}
 
   def loss_fn(p, b):
@@ -56,8 +58,9 @@ def test_calibrated_file_and_profile_both_plan(calibrated):
   path, profile = calibrated
   loss_fn, params, batch = _mlp()
   for given in (path, str(path), profile):
-    plan = wap.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=4,
-                    profile=given, cache=False)
+    plan = wap.plan(
+      loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=4, profile=given, cache=False
+    )
     assert plan.profile == profile.name
     assert plan.predicted.step_time > 0
 
@@ -73,9 +76,17 @@ def test_single_device_keeps_the_base_link_and_says_so():
 
 def test_link_fit_recovers_alpha_beta():
   n, link = 4, LinkTier(bandwidth=5e9, latency=3e-5)
-  samples = [(kind, nbytes, collective_time(kind, nbytes * (n if kind == "all-gather" else 1), n,
-                                            link.bandwidth, link.latency))
-             for kind in ("all-reduce", "all-gather") for nbytes in (1024, 2**20, 2**24)]
+  samples = [
+    (
+      kind,
+      nbytes,
+      collective_time(
+        kind, nbytes * (n if kind == "all-gather" else 1), n, link.bandwidth, link.latency
+      ),
+    )
+    for kind in ("all-reduce", "all-gather")
+    for nbytes in (1024, 2**20, 2**24)
+  ]
   fitted = calibrate_lib.fit_link(samples, n)
   assert fitted.bandwidth == pytest.approx(link.bandwidth, rel=1e-6)
   assert fitted.latency == pytest.approx(link.latency, rel=1e-6)
@@ -98,8 +109,9 @@ def test_profiles_without_kernel_overhead_still_load(tmp_path):
   path = tmp_path / "old.json"
   path.write_text(json.dumps(data))
   assert profiles.load_profile(path).kernel_overhead == 0.0
-  assert all(profiles.load_profile(name).kernel_overhead == 0.0
-             for name in profiles.list_profiles())
+  assert all(
+    profiles.load_profile(name).kernel_overhead == 0.0 for name in profiles.list_profiles()
+  )
 
 
 def test_kernel_overhead_adds_time_per_unfused_kernel():
@@ -108,8 +120,9 @@ def test_kernel_overhead_adds_time_per_unfused_kernel():
 
   def compute_time(overhead):
     profile = dataclasses.replace(base, kernel_overhead=overhead)
-    return wap.plan(loss_fn, params, batch, optimizer=optax.sgd(1e-3), devices=1,
-                    profile=profile, cache=False).predicted.compute_time
+    return wap.plan(
+      loss_fn, params, batch, optimizer=optax.sgd(1e-3), devices=1, profile=profile, cache=False
+    ).predicted.compute_time
 
   extra = compute_time(1e-3) - compute_time(0.0)
   # Two matmuls forward, their gradients, a reduction or two: a handful of kernels, not the

@@ -18,8 +18,10 @@ def test_plan_prints_mesh_specs_costs_and_sweep(capsys):
 
 def test_plan_json_and_plan_file(tmp_path, capsys):
   path = tmp_path / "plan.json"
-  assert main(["plan", "mlp", "--devices", "4", "--profile", "h100-sxm", "--json",
-               "--out", str(path)]) == 0
+  assert (
+    main(["plan", "mlp", "--devices", "4", "--profile", "h100-sxm", "--json", "--out", str(path)])
+    == 0
+  )
   printed = json.loads(capsys.readouterr().out)
   assert printed == json.loads(path.read_text())
   assert printed["devices_offered"] == 4
@@ -27,11 +29,12 @@ def test_plan_json_and_plan_file(tmp_path, capsys):
 
 def test_user_model_as_module_function(tmp_path, monkeypatch, capsys):
   (tmp_path / "my_workload.py").write_text(
-      "import jax, jax.numpy as jnp\n"
-      "def workload():\n"
-      "  params = {'w': jax.ShapeDtypeStruct((128, 128), jnp.float32)}\n"
-      "  batch = {'x': jax.ShapeDtypeStruct((64, 128), jnp.float32)}\n"
-      "  return (lambda p, b: jnp.mean((b['x'] @ p['w']) ** 2)), params, batch\n")
+    "import jax, jax.numpy as jnp\n"
+    "def workload():\n"
+    "  params = {'w': jax.ShapeDtypeStruct((128, 128), jnp.float32)}\n"
+    "  batch = {'x': jax.ShapeDtypeStruct((64, 128), jnp.float32)}\n"
+    "  return (lambda p, b: jnp.mean((b['x'] @ p['w']) ** 2)), params, batch\n"
+  )
   monkeypatch.chdir(tmp_path)
   assert main(["plan", "my_workload:workload", "--devices", "8", "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["format"] == "wapar_jax.plan"

@@ -13,9 +13,15 @@ import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src.step import make_train_step
 
-MODELS = ["mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan"]
+SLOW = pytest.mark.slow
+# The fast tier keeps one linen model and one transformer, planned freely and as FSDP.
+MODELS = ["mlp", "gpt-tiny"] + [
+  pytest.param(m, marks=SLOW) for m in ("cnn", "plain", "gpt-tiny-nnx", "gpt-tiny-scan")
+]
 # "auto" on the local-CPU profile, where splitting pays off for these small models.
-STRATEGIES = ["auto", "dp", "fsdp", "zero1", "tp", "dp_tp"]
+STRATEGIES = ["auto", "fsdp"] + [
+  pytest.param(s, marks=SLOW) for s in ("dp", "zero1", "tp", "dp_tp")
+]
 # The zoo's other families: top-k routed experts with capacity, a bidirectional encoder, an
 # encoder-decoder, a vision transformer, a batch-norm CNN (statistics across the data axis). On
 # dp_tp only, which splits the batch and the model dims (heads, MLPs, experts, channels) at once:
@@ -52,14 +58,21 @@ def _assert_grads_close(actual, expected, atol_fraction=1e-6):
   # practice: compare each leaf against the scale of all gradients.
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(expected))
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4,
-                               atol=atol_fraction * scale)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=atol_fraction * scale)
 
 
 def _check_sharded_step(reference, strategy):
   ex, tx, params, batch, ref_losses, ref_grads = reference
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=8, profile="cpu",
-                  strategy=strategy, all_devices=strategy != "auto")
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=tx,
+    devices=8,
+    profile="cpu",
+    strategy=strategy,
+    all_devices=strategy != "auto",
+  )
   if strategy != "auto":
     assert plan.num_devices == 8
     assert plan.strategy == strategy
@@ -76,8 +89,10 @@ def _check_sharded_step(reference, strategy):
     losses.append(float(loss))
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
   # The step keeps the plan's layout: outputs come back sharded as they went in.
-  for leaf, spec in zip(jax.tree.leaves(p), jax.tree.leaves(
-      plan.param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+  for leaf, spec in zip(
+    jax.tree.leaves(p),
+    jax.tree.leaves(plan.param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+  ):
     assert leaf.sharding.spec == spec
 
 
@@ -86,6 +101,7 @@ def test_sharded_step_matches_single_device(reference, strategy):
   _check_sharded_step(reference, strategy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_model_families_match_single_device(name):
   _check_sharded_step(_reference(name), "dp_tp")

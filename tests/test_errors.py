@@ -30,8 +30,16 @@ def mlp():
 
 @pytest.fixture(scope="module")
 def mlp_plan(mlp):
-  return wap.plan(mlp.loss_fn, mlp.params, mlp.batch, optimizer=TX, devices=8, profile="cpu",
-                  strategy="dp", all_devices=True)
+  return wap.plan(
+    mlp.loss_fn,
+    mlp.params,
+    mlp.batch,
+    optimizer=TX,
+    devices=8,
+    profile="cpu",
+    strategy="dp",
+    all_devices=True,
+  )
 
 
 def test_model_that_fits_no_plan_names_largest_tensors_and_device_count():
@@ -40,22 +48,23 @@ def test_model_that_fits_no_plan_names_largest_tensors_and_device_count():
   with pytest.raises(wap.errors.NoFeasiblePlanError) as info:
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile=tiny)
   message = str(info.value)
-  assert "block_0/mlp_in/kernel [64, 256]" in message      # largest tensors, by path
+  assert "block_0/mlp_in/kernel [64, 256]" in message  # largest tensors, by path
   # Parameters and AdamW state, fully sharded, over the budget left by the default headroom.
   state = jax.tree.leaves((ex.params, jax.eval_shape(TX.init, ex.params)))
   state_bytes = sum(x.size * x.dtype.itemsize for x in state)
   need = math.ceil(state_bytes / (1e5 * (1 - DEFAULT_MEMORY_HEADROOM)))
   assert need > 8
   assert f"smallest device count that could fit is {need}" in message
-  assert f"Offer at least {need} devices" in message      # what to do
+  assert f"Offer at least {need} devices" in message  # what to do
   assert info.value.closest.devices <= 8
 
 
 def test_batch_that_does_not_divide():
   ex = examples.get_example("mlp", batch_size=7)
   with pytest.raises(wap.errors.IndivisibleBatchError) as info:
-    wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, strategy="dp",
-             all_devices=True)
+    wap.plan(
+      ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, strategy="dp", all_devices=True
+    )
   assert "batch size 7" in str(info.value) and "divisible" in str(info.value)
 
 
@@ -71,8 +80,9 @@ def _custom_primitive():
   """A primitive the planner has no rule for: abstract eval and a lowering, nothing else."""
   prim = jex.core.Primitive("wapar_test_softsign")
   prim.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
-  mlir.register_lowering(prim, mlir.lower_fun(lambda x: x / (1 + jnp.abs(x)),
-                                              multiple_results=False))
+  mlir.register_lowering(
+    prim, mlir.lower_fun(lambda x: x / (1 + jnp.abs(x)), multiple_results=False)
+  )
   return prim
 
 
@@ -87,8 +97,9 @@ def test_unknown_primitive_is_planned_conservatively_with_a_warning(mlp):
   assert plan.details.unknown_primitives == ("wapar_test_softsign",)
   assert "wapar_test_softsign" in plan.explain()
   params = plan.shard(mlp.init_params(jax.random.key(0)))
-  _, _, loss = plan.train_step()(params, plan.init_opt_state(params),
-                                 plan.shard_batch(mlp.make_batch(jax.random.key(1))))
+  _, _, loss = plan.train_step()(
+    params, plan.init_opt_state(params), plan.shard_batch(mlp.make_batch(jax.random.key(1)))
+  )
   assert np.isfinite(float(loss))
 
 
@@ -108,7 +119,7 @@ def test_corrupt_plan_file(tmp_path, mlp_plan):
   path = tmp_path / "plan.json"
   mlp_plan.save(path)
   text = path.read_text()
-  path.write_text(text[: len(text) // 2])                      # truncated
+  path.write_text(text[: len(text) // 2])  # truncated
   with pytest.raises(wap.errors.CorruptPlanFileError, match="JSON"):
     wap.Plan.load(path)
   data = json.loads(text)
@@ -142,8 +153,9 @@ def test_plan_file_from_another_model_names_each_difference(tmp_path, mlp, mlp_p
   first, second = sorted(params)[:2]
   changed = {k: dict(v) for k, v in params.items()}
   kernel = changed[first]["kernel"]
-  changed[first]["kernel"] = jax.ShapeDtypeStruct((kernel.shape[0] + 1,) + kernel.shape[1:],
-                                                  kernel.dtype)
+  changed[first]["kernel"] = jax.ShapeDtypeStruct(
+    (kernel.shape[0] + 1,) + kernel.shape[1:], kernel.dtype
+  )
   changed[second]["bias"] = jax.ShapeDtypeStruct(changed[second]["bias"].shape, jnp.bfloat16)
   changed["extra"] = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   del changed[first]["bias"]
@@ -156,8 +168,9 @@ def test_plan_file_from_another_model_names_each_difference(tmp_path, mlp, mlp_p
   assert f"dtype: {second}/bias planned float32, got bfloat16" in message
   assert "plan again" in message
   # The batch is checked too, except its size.
-  bigger = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2 * x.shape[0],) + x.shape[1:], x.dtype),
-                        mlp.batch)
+  bigger = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((2 * x.shape[0],) + x.shape[1:], x.dtype), mlp.batch
+  )
   loaded.check_fits(mlp.params, bigger)
   with pytest.raises(wap.errors.PlanMismatchError, match="batch missing: y"):
     loaded.check_fits(mlp.params, {"x": mlp.batch["x"]})
@@ -165,8 +178,16 @@ def test_plan_file_from_another_model_names_each_difference(tmp_path, mlp, mlp_p
 
 def test_fewer_real_devices_than_the_plan_needs():
   ex = examples.get_example("mlp", batch_size=16)
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=16, profile="cpu",
-                  strategy="dp", all_devices=True)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=16,
+    profile="cpu",
+    strategy="dp",
+    all_devices=True,
+  )
   assert plan.num_devices == 16
   with pytest.raises(wap.errors.NotEnoughDevicesError, match="needs 16 devices but 8.*devices=8"):
     plan.shard(ex.init_params(jax.random.key(0)))

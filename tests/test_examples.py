@@ -11,12 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wapar_jax import errors
-from wapar_jax import examples
+from wapar_jax import errors, examples
 from wapar_jax.examples import _moe
 
-TINY = ("mlp", "cnn", "plain", "gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan", "moe-tiny",
-        "bert-tiny", "t5-tiny", "vit-tiny", "resnet-tiny")
+TINY = (
+  "mlp",
+  "cnn",
+  "plain",
+  "gpt-tiny",
+  "gpt-tiny-nnx",
+  "gpt-tiny-scan",
+  "moe-tiny",
+  "bert-tiny",
+  "t5-tiny",
+  "vit-tiny",
+  "resnet-tiny",
+)
 
 
 def _count(params):
@@ -30,8 +40,21 @@ def _signature(tree):
 def test_list_examples_has_every_family():
   names = examples.list_examples()
   assert set(TINY) <= set(names)
-  for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b", "gpt-7b",
-               "alexnet", "vgg16", "resnet50", "bert-large", "vit-b16", "t5-base", "moe-gpt"):
+  for name in (
+    "gpt2-small",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "gpt-1.3b",
+    "gpt-7b",
+    "alexnet",
+    "vgg16",
+    "resnet50",
+    "bert-large",
+    "vit-b16",
+    "t5-base",
+    "moe-gpt",
+  ):
     assert name in names
 
 
@@ -46,7 +69,9 @@ def test_every_example_is_abstract(name):
   assert len(batch_dims) == 1
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize(
+  "name", [n if n == "gpt-tiny" else pytest.param(n, marks=pytest.mark.slow) for n in TINY]
+)
 def test_tiny_examples_run(name):
   ex = examples.get_example(name)
   params = ex.init_params(jax.random.key(0))
@@ -75,8 +100,10 @@ def test_large_init_params_traces_to_abstract_params(name):
 
 
 def test_gpt_variants_have_the_same_parameter_count():
-  counts = {name: _count(examples.get_example(name).params)
-            for name in ("gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan")}
+  counts = {
+    name: _count(examples.get_example(name).params)
+    for name in ("gpt-tiny", "gpt-tiny-nnx", "gpt-tiny-scan")
+  }
   assert len(set(counts.values())) == 1, counts
 
 
@@ -88,7 +115,8 @@ def test_scan_stacks_block_params_over_layers():
 def test_model_sizes():
   assert abs(_count(examples.get_example("gpt2-small").params) / 124.44e6 - 1) < 0.01
   assert _count(examples.get_example("gpt2-small-scan").params) == _count(
-      examples.get_example("gpt2-small").params)
+    examples.get_example("gpt2-small").params
+  )
   assert 6e9 < _count(examples.get_example("gpt-7b").params) < 7.5e9
   assert abs(_count(examples.get_example("vgg16").params) / 138.36e6 - 1) < 0.01
   # Published counts: torchvision's ResNet-50, Hugging Face's bert-large (without its pooler,
@@ -100,13 +128,16 @@ def test_model_sizes():
   # moe-gpt has no published twin: GPT-2 small's attention with 8 experts of 2 x 768 x 3072 each.
   d, layers, experts = 768, 12, 8
   per_layer = 4 * (d * d + d) + 4 * d + d * experts + experts * 2 * d * 4 * d
-  assert (_count(examples.get_example("moe-gpt").params)
-          == layers * per_layer + (50304 + 1024 + 2) * d)
+  assert (
+    _count(examples.get_example("moe-gpt").params) == layers * per_layer + (50304 + 1024 + 2) * d
+  )
 
 
 def test_batch_norm_statistics_are_not_parameters():
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-      examples.get_example("resnet-tiny").params)]
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_leaves_with_path(examples.get_example("resnet-tiny").params)
+  ]
   assert not [p for p in paths if "mean" in p or "var" in p]
   assert any("scale" in p for p in paths) and any("bias" in p for p in paths)
 
@@ -172,10 +203,16 @@ def test_unknown_name_lists_choices():
     examples.get_example("gpt-9000")
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(batch_size=0), dict(batch_size=2.5), dict(seq_len=-1), dict(dtype="int32"),
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(batch_size=0),
+    dict(batch_size=2.5),
+    dict(seq_len=-1),
+    dict(dtype="int32"),
     dict(dtype="no-such-dtype"),
-])
+  ],
+)
 def test_invalid_overrides(kwargs):
   with pytest.raises(errors.InvalidArgumentError, match="Got"):
     examples.get_example("gpt-tiny", **kwargs)

@@ -9,6 +9,7 @@ import json
 import matplotlib
 import optax
 import pytest
+import yaml
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
@@ -22,23 +23,44 @@ TX = optax.adamw(1e-3)
 @pytest.fixture(scope="module")
 def tp_plan():
   ex = examples.get_example("gpt-tiny")
-  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
-                  strategy="dp_tp", all_devices=True)
+  return wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=8,
+    profile="cpu",
+    strategy="dp_tp",
+    all_devices=True,
+  )
 
 
 @pytest.fixture(scope="module")
 def alexnet_plan():
   ex = examples.get_example("alexnet", batch_size=4)
-  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.01), devices=4,
-                  profile="titanxp-pcie", strategy="dp")
+  return wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.sgd(0.01),
+    devices=4,
+    profile="titanxp-pcie",
+    strategy="dp",
+  )
 
 
 def test_explain_tells_why(alexnet_plan):
   text = alexnet_plan.explain()
   assert text.startswith("mesh {'data': 1}: 1 of 4 titanxp-pcie devices")
   assert "more devices do not pay" in text
-  for section in ("predicted step, per device", "memory per device", "parameter groups",
-                  "logical axes", "top alternatives", "largest costs by equation"):
+  for section in (
+    "predicted step, per device",
+    "memory per device",
+    "parameter groups",
+    "logical axes",
+    "top alternatives",
+    "largest costs by equation",
+  ):
     assert section in text
   assert "dominated by" in text
   # Hot spots point at the model's source lines.
@@ -82,14 +104,19 @@ def test_logical_axis_rules_reproduce_the_plan_under_flax(tp_plan):
 
 def test_maxtext_yaml(tp_plan):
   text = tp_plan.to_maxtext_yaml()
-  assert "mesh_axes: ['data', 'model']" in text
-  assert "data_sharding: [['data']]" in text
-  assert "['mlp', ['model']]," in text
+  config = yaml.safe_load(text)
+  assert config["mesh_axes"] == ["data", "model"]
+  assert config["data_sharding"] == [["data"]]
+  assert ["mlp", ["model"]] in config["logical_axis_rules"]
+  assert [tuple(r) for r in config["logical_axis_rules"]] == [
+    (name, [] if axis is None else [axis]) for name, axis in tp_plan.logical_axis_rules()
+  ]
   assert "reproduce 36 of 36" in text
 
 
 def test_plots_are_figures(alexnet_plan, tp_plan):
   from matplotlib.figure import Figure
+
   assert isinstance(alexnet_plan.plot_sweep(), Figure)
   assert isinstance(tp_plan.plot_breakdown(), Figure)
   fig = tp_plan.plot_layout("block_0/mlp_in/kernel")
@@ -101,6 +128,7 @@ def test_plots_are_figures(alexnet_plan, tp_plan):
 
 def test_device_blocks():
   from wapar_jax._src.views.plots import device_blocks
+
   dims, axes, blocks = device_blocks((8, 4), P("data", "model"), {"data": 2, "model": 2})
   assert dims == [0, 1] and axes == ["data", "model"]
   assert blocks == {(0, 0): [0], (0, 1): [1], (1, 0): [2], (1, 1): [3]}
@@ -118,6 +146,7 @@ def test_loaded_plan_explains_and_exports(tp_plan, tmp_path):
 
 def test_cli_explain(tmp_path, capsys):
   from wapar_jax.cli import main
+
   path = tmp_path / "plan.json"
   assert main(["plan", "mlp", "--devices", "4", "--profile", "cpu", "--out", str(path)]) == 0
   capsys.readouterr()
@@ -129,8 +158,9 @@ def test_cli_explain(tmp_path, capsys):
   out = capsys.readouterr()
   assert json.loads(out.out)["logical_axis_rules"][0][0] == "batch"
   assert "cost analysis" not in out.err  # no bars with --json
-  assert main(["explain", "mlp", "--devices", "2", "--progress", "--plots",
-               str(tmp_path / "figs")]) == 0
+  assert (
+    main(["explain", "mlp", "--devices", "2", "--progress", "--plots", str(tmp_path / "figs")]) == 0
+  )
   assert "cost analysis" in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path / "figs")) == ["breakdown.png", "layout.png", "sweep.png"]
   assert main(["explain"]) == 2
@@ -139,6 +169,7 @@ def test_cli_explain(tmp_path, capsys):
 
 def test_cli_profiles_show_and_help(capsys):
   from wapar_jax.cli import main
+
   assert main(["profiles", "show", "titanxp-pcie"]) == 0
   assert json.loads(capsys.readouterr().out)["name"] == "titanxp-pcie"
   assert main(["profiles", "cpu"]) == 0

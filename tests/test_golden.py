@@ -28,8 +28,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "plans.json")
 # Figures are sums over thousands of equations: summing them in another order moves the last
 # digits, nothing more.
 RTOL = 1e-6
-FIGURES = ("step_time", "compute_time", "comm_time", "flops", "comm_bytes", "peak_memory",
-           "energy")
+FIGURES = ("step_time", "compute_time", "comm_time", "flops", "comm_bytes", "peak_memory", "energy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,38 +48,85 @@ class GoldenCase:
 
 
 CASES = (
-    GoldenCase("mlp-cpu", "mlp", "cpu", 8),
-    GoldenCase("cnn-titanxp", "cnn", "titanxp-pcie", 4, batch_size=64),
-    GoldenCase("plain-cpu", "plain", "cpu", 4, strategy="dp", all_devices=True),
-    GoldenCase("gpt-tiny-h100", "gpt-tiny", "h100-sxm", 8, batch_size=32, seq_len=128),
-    GoldenCase("gpt-tiny-tp", "gpt-tiny", "h100-sxm", 8, strategy="tp", all_devices=True),
-    GoldenCase("gpt-tiny-fsdp", "gpt-tiny", "h100-sxm", 8, strategy="fsdp", all_devices=True),
-    GoldenCase("gpt-tiny-zero1-pcie", "gpt-tiny", "a100-40g-pcie", 8, strategy="zero1",
-               all_devices=True),
-    GoldenCase("gpt-tiny-dp-tp", "gpt-tiny", "h100-sxm", 8, strategy="dp_tp", all_devices=True),
-    GoldenCase("gpt-tiny-nnx-fsdp", "gpt-tiny-nnx", "h100-sxm", 8, strategy="fsdp",
-               all_devices=True),
-    GoldenCase("gpt-tiny-scan-fsdp", "gpt-tiny-scan", "h100-sxm", 8, strategy="fsdp",
-               all_devices=True),
-    GoldenCase("gpt-tiny-2-nodes", "gpt-tiny", "h100-sxm", 16, strategy="dp_tp",
-               batch_size=64, all_devices=True),
-    GoldenCase("gpt-tiny-energy", "gpt-tiny", "titanxp-pcie", 4, objective="energy",
-               batch_size=64, seq_len=128),
-    GoldenCase("gpt-tiny-levers-forced", "gpt-tiny", "h100-sxm", 8, strategy="fsdp",
-               remat="layers", microbatches=2, batch_size=16, all_devices=True),
-    GoldenCase("gpt-tiny-remat-cpu", "gpt-tiny", "cpu", 4, strategy="zero1", remat="layers",
-               batch_size=16, all_devices=True),
-    GoldenCase("gpt-tiny-levers-searched", "gpt-tiny", "h100-sxm", 4, batch_size=64,
-               seq_len=256, memory_gib=0.05),
-    GoldenCase("gpt-tiny-remat-searched", "gpt-tiny-scan", "h100-sxm", 2, batch_size=16,
-               seq_len=512, memory_gib=0.03),
-    GoldenCase("gpt2-small-h100", "gpt2-small", "h100-sxm", 8, batch_size=16, seq_len=256),
-    GoldenCase("moe-tiny-tp", "moe-tiny", "h100-sxm", 8, strategy="tp", all_devices=True),
-    GoldenCase("bert-tiny-v5e", "bert-tiny", "tpu-v5e", 8, batch_size=64),
-    GoldenCase("t5-tiny-dp-tp", "t5-tiny", "h100-sxm", 4, strategy="dp_tp", all_devices=True),
-    GoldenCase("vit-tiny-p100", "vit-tiny", "p100-nvlink", 8, batch_size=64),
-    GoldenCase("resnet-tiny-fsdp", "resnet-tiny", "a100-40g-pcie", 4, strategy="fsdp",
-               batch_size=32, all_devices=True),
+  GoldenCase("mlp-cpu", "mlp", "cpu", 8),
+  GoldenCase("cnn-titanxp", "cnn", "titanxp-pcie", 4, batch_size=64),
+  GoldenCase("plain-cpu", "plain", "cpu", 4, strategy="dp", all_devices=True),
+  GoldenCase("gpt-tiny-h100", "gpt-tiny", "h100-sxm", 8, batch_size=32, seq_len=128),
+  GoldenCase("gpt-tiny-tp", "gpt-tiny", "h100-sxm", 8, strategy="tp", all_devices=True),
+  GoldenCase("gpt-tiny-fsdp", "gpt-tiny", "h100-sxm", 8, strategy="fsdp", all_devices=True),
+  GoldenCase(
+    "gpt-tiny-zero1-pcie", "gpt-tiny", "a100-40g-pcie", 8, strategy="zero1", all_devices=True
+  ),
+  GoldenCase("gpt-tiny-dp-tp", "gpt-tiny", "h100-sxm", 8, strategy="dp_tp", all_devices=True),
+  GoldenCase("gpt-tiny-nnx-fsdp", "gpt-tiny-nnx", "h100-sxm", 8, strategy="fsdp", all_devices=True),
+  GoldenCase(
+    "gpt-tiny-scan-fsdp", "gpt-tiny-scan", "h100-sxm", 8, strategy="fsdp", all_devices=True
+  ),
+  GoldenCase(
+    "gpt-tiny-2-nodes",
+    "gpt-tiny",
+    "h100-sxm",
+    16,
+    strategy="dp_tp",
+    batch_size=64,
+    all_devices=True,
+  ),
+  GoldenCase(
+    "gpt-tiny-energy", "gpt-tiny", "titanxp-pcie", 4, objective="energy", batch_size=64, seq_len=128
+  ),
+  GoldenCase(
+    "gpt-tiny-levers-forced",
+    "gpt-tiny",
+    "h100-sxm",
+    8,
+    strategy="fsdp",
+    remat="layers",
+    microbatches=2,
+    batch_size=16,
+    all_devices=True,
+  ),
+  GoldenCase(
+    "gpt-tiny-remat-cpu",
+    "gpt-tiny",
+    "cpu",
+    4,
+    strategy="zero1",
+    remat="layers",
+    batch_size=16,
+    all_devices=True,
+  ),
+  GoldenCase(
+    "gpt-tiny-levers-searched",
+    "gpt-tiny",
+    "h100-sxm",
+    4,
+    batch_size=64,
+    seq_len=256,
+    memory_gib=0.05,
+  ),
+  GoldenCase(
+    "gpt-tiny-remat-searched",
+    "gpt-tiny-scan",
+    "h100-sxm",
+    2,
+    batch_size=16,
+    seq_len=512,
+    memory_gib=0.03,
+  ),
+  GoldenCase("gpt2-small-h100", "gpt2-small", "h100-sxm", 8, batch_size=16, seq_len=256),
+  GoldenCase("moe-tiny-tp", "moe-tiny", "h100-sxm", 8, strategy="tp", all_devices=True),
+  GoldenCase("bert-tiny-v5e", "bert-tiny", "tpu-v5e", 8, batch_size=64),
+  GoldenCase("t5-tiny-dp-tp", "t5-tiny", "h100-sxm", 4, strategy="dp_tp", all_devices=True),
+  GoldenCase("vit-tiny-p100", "vit-tiny", "p100-nvlink", 8, batch_size=64),
+  GoldenCase(
+    "resnet-tiny-fsdp",
+    "resnet-tiny",
+    "a100-40g-pcie",
+    4,
+    strategy="fsdp",
+    batch_size=32,
+    all_devices=True,
+  ),
 )
 
 
@@ -93,27 +139,40 @@ def _profile(case: GoldenCase):
 
 def plan_case(case: GoldenCase):
   ex = examples.get_example(case.example, batch_size=case.batch_size, seq_len=case.seq_len)
-  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3),
-                  devices=case.devices, profile=_profile(case), strategy=case.strategy,
-                  objective=case.objective, remat=case.remat, microbatches=case.microbatches,
-                  all_devices=case.all_devices)
+  return wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=case.devices,
+    profile=_profile(case),
+    strategy=case.strategy,
+    objective=case.objective,
+    remat=case.remat,
+    microbatches=case.microbatches,
+    all_devices=case.all_devices,
+  )
 
 
 def _specs(flat) -> dict:
-  return {"/".join(map(str, k)): [list(e) if isinstance(e, tuple) else e for e in spec]
-          for k, spec in sorted(flat.items(), key=lambda kv: str(kv[0]))}
+  return {
+    "/".join(map(str, k)): [list(e) if isinstance(e, tuple) else e for e in spec]
+    for k, spec in sorted(flat.items(), key=lambda kv: str(kv[0]))
+  }
 
 
 def record(plan) -> dict:
   """What a golden plan pins: the choice, every spec, and the predicted figures."""
   return {
-      "mesh_shape": dict(plan.mesh_shape), "strategy": plan.strategy,
-      "remat": plan.chosen.remat, "microbatches": plan.chosen.microbatches,
-      "model_split": list(plan.model_split),
-      "predicted": {f: getattr(plan.predicted, f) for f in FIGURES},
-      "param_specs": _specs(plan.flat_param_specs),
-      "opt_state_param_specs": _specs(plan.flat_opt_specs),
-      "batch_specs": _specs(plan.flat_batch_specs),
+    "mesh_shape": dict(plan.mesh_shape),
+    "strategy": plan.strategy,
+    "remat": plan.chosen.remat,
+    "microbatches": plan.chosen.microbatches,
+    "model_split": list(plan.model_split),
+    "predicted": {f: getattr(plan.predicted, f) for f in FIGURES},
+    "param_specs": _specs(plan.flat_param_specs),
+    "opt_state_param_specs": _specs(plan.flat_opt_specs),
+    "batch_specs": _specs(plan.flat_batch_specs),
   }
 
 
@@ -165,6 +224,7 @@ def _update() -> int:
   out = {case.name: record(plan_case(case)) for case in CASES}
   os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
   from wapar_jax._src.files import write_text_atomic
+
   write_text_atomic(GOLDEN, json.dumps(out, indent=1, sort_keys=True) + "\n")
   print(f"wrote {len(out)} golden plans to {GOLDEN}")
   return 0

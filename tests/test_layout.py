@@ -30,7 +30,7 @@ def _imported(node, module: str, is_package: bool, modules=()) -> list[str]:
   if node.level:
     parts = module.split(".")
     parts = parts if is_package else parts[:-1]
-    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
   return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
 
 
@@ -49,8 +49,11 @@ def _graph() -> nx.DiGraph:
 
 
 def test_no_module_is_too_long():
-  long = {name: n for name, path in _modules().items()
-          if (n := len(path.read_text().splitlines())) > MAX_LINES}
+  long = {
+    name: n
+    for name, path in _modules().items()
+    if (n := len(path.read_text().splitlines())) > MAX_LINES
+  }
   assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
@@ -96,14 +99,18 @@ def test_stages_ask_the_rules_not_the_compiler_name(stage):
   offenders = []
   for path in (PACKAGE / "_src" / stage).rglob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
-      if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
-          node.value.startswith(("xla:", "gpu", "tpu", "cpu")):
+      if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith(("xla:", "gpu", "tpu", "cpu"))
+      ):
         offenders.append(f"{path.name}:{node.lineno} {node.value!r}")
   assert not offenders, offenders
 
 
 def test_public_names_are_reexported_explicitly():
   import wapar_jax
+
   for name in wapar_jax.__all__:
     assert hasattr(wapar_jax, name), name
   assert all(not name.startswith("_") for name in wapar_jax.__all__)

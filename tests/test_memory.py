@@ -134,8 +134,9 @@ def _cnn():
 
 def _scratch(traced, compiler, like):
   s = compiler.scratch_buffers(traced)
-  return [(float(b), int(a), int(z)) for v, b, a, z in zip(s.like, s.nbytes, s.start, s.stop)
-          if v == like]
+  return [
+    (float(b), int(a), int(z)) for v, b, a, z in zip(s.like, s.nbytes, s.start, s.stop) if v == like
+  ]
 
 
 def test_xla_cpu_expands_a_max_pool_gradient_into_iotas_indices_and_zeros():
@@ -144,8 +145,11 @@ def test_xla_cpu_expands_a_max_pool_gradient_into_iotas_indices_and_zeros():
   assert len(pool_grads) == 2
   for op in pool_grads:
     source, pooled_input = op.in_vars[0], op.in_vars[1]
-    (forward_pool,) = [p.index for p in traced.ops
-                       if p.primitive == "reduce_window_max" and p.in_vars[0] == pooled_input]
+    (forward_pool,) = [
+      p.index
+      for p in traced.ops
+      if p.primitive == "reduce_window_max" and p.in_vars[0] == pooled_input
+    ]
     elements = math.prod(traced.var_shape[pooled_input])
     # One int32 iota per dim (rank 4), from the top of the step to the forward pool ...
     assert (4 * 4 * elements, 0, forward_pool) in _scratch(traced, XLA_CPU, pooled_input)

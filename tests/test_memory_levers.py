@@ -19,15 +19,30 @@ from wapar_jax._src.step import loss_and_grads, make_train_step, repeated_blocks
 TX = optax.adamw(1e-3)
 
 
-@pytest.mark.parametrize("name", ["gpt-tiny", "gpt-tiny-scan", "gpt-tiny-nnx"])
-@pytest.mark.parametrize("remat,microbatches", [("layers", 1), ("layers_dots", 2), ("none", 4)])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "gpt-tiny",
+    pytest.param("gpt-tiny-scan", marks=pytest.mark.slow),
+    pytest.param("gpt-tiny-nnx", marks=pytest.mark.slow),
+  ],
+)
+@pytest.mark.parametrize(
+  "remat,microbatches",
+  [
+    ("layers", 1),
+    pytest.param("layers_dots", 2, marks=pytest.mark.slow),
+    pytest.param("none", 4, marks=pytest.mark.slow),
+  ],
+)
 def test_levers_keep_loss_and_gradients(name, remat, microbatches):
   ex = examples.get_example(name)
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
   loss, grads = jax.jit(loss_and_grads(ex.loss_fn))(params, batch)
   loss2, grads2 = jax.jit(loss_and_grads(ex.loss_fn, remat=remat, microbatches=microbatches))(
-      params, batch)
+    params, batch
+  )
   np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-5)
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
   for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads)):
@@ -42,6 +57,7 @@ def test_layers_of_a_python_loop_are_found_without_names():
   assert len({end - start for start, end in blocks}) == 1
 
 
+@pytest.mark.slow
 def test_emitted_step_with_levers_matches_single_device():
   ex = examples.get_example("gpt-tiny", batch_size=16)
   params = ex.init_params(jax.random.key(0))
@@ -51,8 +67,18 @@ def test_emitted_step_with_levers_matches_single_device():
   for _ in range(3):
     p, o, loss = ref_step(p, o, batch)
     ref.append(float(loss))
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="cpu",
-                  strategy="fsdp", all_devices=True, remat="layers", microbatches=2)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=8,
+    profile="cpu",
+    strategy="fsdp",
+    all_devices=True,
+    remat="layers",
+    microbatches=2,
+  )
   assert (plan.chosen.remat, plan.chosen.microbatches) == ("layers", 2)
   step = plan.train_step()
   p = plan.shard(params)
@@ -67,22 +93,39 @@ def test_emitted_step_with_levers_matches_single_device():
 
 def _compiled_peak(plan):
   # The plan may carry a made-up profile; memory does not depend on the one verify prices with.
-  devices = jax.devices()[:plan.num_devices]
+  devices = jax.devices()[: plan.num_devices]
   return plan.verify(devices=devices, profile="cpu").compiled.peak_memory
 
 
 def test_planner_accumulates_when_memory_forces_it():
   ex = examples.get_example("gpt-tiny", batch_size=64)
   cpu = wap.load_profile("cpu")
-  roomy = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile=cpu,
-                   strategy="dp", all_devices=True)
+  roomy = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=4,
+    profile=cpu,
+    strategy="dp",
+    all_devices=True,
+  )
   assert roomy.chosen.microbatches == 1 and roomy.memory_decision == ""
   # A device with 75% of what the plain data-parallel step needs.
   budget = 0.75 * roomy.predicted.peak_memory
-  tight = dataclasses.replace(cpu, name="tight",
-                              memory_bytes=budget / (1 - DEFAULT_MEMORY_HEADROOM))
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile=tight,
-                  strategy="dp", all_devices=True)
+  tight = dataclasses.replace(
+    cpu, name="tight", memory_bytes=budget / (1 - DEFAULT_MEMORY_HEADROOM)
+  )
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=4,
+    profile=tight,
+    strategy="dp",
+    all_devices=True,
+  )
   assert plan.chosen.microbatches > 1 or plan.chosen.remat != "none"
   assert plan.predicted.peak_memory <= budget
   assert "memory decided this plan" in plan.memory_decision
@@ -99,13 +142,24 @@ def test_bad_lever_arguments_are_named_errors():
     wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, microbatches=0)
 
 
+@pytest.mark.slow
 def test_remat_is_verified_by_the_compiled_memory():
   # Compiled as the target compiles it, the recomputed forward survives: more FLOPs, less memory.
   ex = examples.get_example("gpt-tiny", batch_size=64)
   verified = {}
   for remat in ("none", "layers"):
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=4, profile="cpu",
-                    strategy="dp", all_devices=True, remat=remat, microbatches=1)
+    plan = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      optimizer=TX,
+      devices=4,
+      profile="cpu",
+      strategy="dp",
+      all_devices=True,
+      remat=remat,
+      microbatches=1,
+    )
     verified[remat] = plan.verify(devices=jax.devices()[:4])
   plain, remat = verified["none"].compiled, verified["layers"].compiled
   assert remat.flops > 1.1 * plain.flops
@@ -119,10 +173,18 @@ def test_a_gpu_profile_fits_a_rematerialised_plan_to_the_larger_compiler_peak():
   ex = examples.get_example("gpt-tiny", batch_size=64)
   forced = dict(optimizer=TX, devices=4, strategy="dp", all_devices=True, microbatches=1)
   for remat in ("none", "layers"):
-    gpu = wap.plan(ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", remat=remat,
-                   **forced).predicted
-    cpu = wap.plan(ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", remat=remat,
-                   memory_rules="xla:cpu", **forced).predicted
+    gpu = wap.plan(
+      ex.loss_fn, ex.params, ex.batch, profile="h100-sxm", remat=remat, **forced
+    ).predicted
+    cpu = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      profile="h100-sxm",
+      remat=remat,
+      memory_rules="xla:cpu",
+      **forced,
+    ).predicted
     if remat == "none":
       assert gpu.peak_memory < cpu.peak_memory
     else:

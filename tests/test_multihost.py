@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import optax
+import pytest
 
 import wapar_jax as wap
 from wapar_jax import examples
@@ -42,11 +43,24 @@ def _start(process_id: int, num_processes: int, port: int, *extra: str) -> subpr
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the worker sets its own
   # Output goes to files, not pipes: nobody reads a pipe while polling, and a full one would
   # block the worker.
-  out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+  out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
   proc = subprocess.Popen(
-      [sys.executable, WORKER, "--process-id", str(process_id), "--num-processes",
-       str(num_processes), "--coordinator", f"127.0.0.1:{port}", *extra],
-      stdout=out, stderr=err, text=True, env=env)
+    [
+      sys.executable,
+      WORKER,
+      "--process-id",
+      str(process_id),
+      "--num-processes",
+      str(num_processes),
+      "--coordinator",
+      f"127.0.0.1:{port}",
+      *extra,
+    ],
+    stdout=out,
+    stderr=err,
+    text=True,
+    env=env,
+  )
   proc.files = (out, err)
   return proc
 
@@ -90,8 +104,16 @@ def _single_process_losses(strategy: str) -> list[float]:
   """The same plan family on this process's 8 devices: the numbers the workers must match."""
   ex = examples.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=8, profile="h100-sxm",
-                  strategy=strategy, all_devices=True)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=tx,
+    devices=8,
+    profile="h100-sxm",
+    strategy=strategy,
+    all_devices=True,
+  )
   params = plan.init_params(ex.init_params, jax.random.key(0))
   opt_state = plan.init_opt_state(params)
   batch = plan.shard_batch(ex.make_batch(jax.random.key(1)))
@@ -103,26 +125,31 @@ def _single_process_losses(strategy: str) -> list[float]:
   return losses
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process():
   # One launch runs both families (startup and initialize() cost more than a plan).
   port = _free_port()
-  procs = [_start(i, 2, port, "--strategies", ",".join(STRATEGIES), "--steps", str(STEPS))
-           for i in range(2)]
+  procs = [
+    _start(i, 2, port, "--strategies", ",".join(STRATEGIES), "--steps", str(STEPS))
+    for i in range(2)
+  ]
   expected = {s: _single_process_losses(s) for s in STRATEGIES}  # while the workers start
 
   results = _run_all(procs, RUN_TIMEOUT_S)
-  for i, (rc, out, err) in enumerate(results):
+  for i, (rc, _out, err) in enumerate(results):
     assert rc == 0, f"process {i} exited with {rc}:\n{err[-3000:]}"
   reports = [_report(out) for _, out, _ in results]
   for strategy in STRATEGIES:
     assert reports[0][strategy]["losses"] == reports[1][strategy]["losses"], strategy
-    np.testing.assert_allclose(reports[0][strategy]["losses"], expected[strategy], rtol=1e-5,
-                               err_msg=strategy)
+    np.testing.assert_allclose(
+      reports[0][strategy]["losses"], expected[strategy], rtol=1e-5, err_msg=strategy
+    )
     # Each worker's plan treats a process as a node: the data axis is the one that crosses.
     assert reports[0][strategy]["mesh_shape"] == {"data": 8}
     assert reports[0][strategy]["cross_node_axes"] == ["data"]
 
 
+@pytest.mark.slow
 def test_missing_peer_or_silent_coordinator_fails_fast():
   # Process 0 (the coordinator) whose peer never starts, and, at the same time, a process 1
   # pointed at a port where no coordinator listens: initialize() must give up on both.
@@ -131,8 +158,13 @@ def test_missing_peer_or_silent_coordinator_fails_fast():
   orphan = _start(1, 2, _free_port(), "--init-timeout", "3")
   results = _run_all([lonely_coordinator], 60) + _run_all([orphan], 60)
   assert time.monotonic() - t0 < 60
-  for (rc, _, err), words in zip(results, [("DEADLINE_EXCEEDED", "Barrier", "timed out"),
-                                           ("DEADLINE_EXCEEDED", "UNAVAILABLE", "timed out")]):
+  for (rc, _, err), words in zip(
+    results,
+    [
+      ("DEADLINE_EXCEEDED", "Barrier", "timed out"),
+      ("DEADLINE_EXCEEDED", "UNAVAILABLE", "timed out"),
+    ],
+  ):
     assert rc != 0
     assert any(w in err for w in words), err[-2000:]
 
@@ -167,12 +199,21 @@ def test_axis_spans_keep_model_inside_a_node():
 
 def test_cross_node_data_axis_is_priced_two_level():
   from wapar_jax._src.cost.collectives import collective_time, hierarchical_collective_time
+
   # Two nodes of 8: the slow link carries 1/8 of what a flat ring over 16 would push through it.
   flat = collective_time("all-reduce", 1e9, 16, 4.5e10, 1e-5)
   two_level = hierarchical_collective_time("all-reduce", 1e9, 8, 2, 3.7e11, 5e-6, 4.5e10, 1e-5)
   assert two_level < flat / 4
   ex = examples.get_example("gpt-tiny", batch_size=32)
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=16,
-                  profile="h100-sxm", strategy="dp", all_devices=True)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=16,
+    profile="h100-sxm",
+    strategy="dp",
+    all_devices=True,
+  )
   assert plan.chosen.cross_node_axes == ("data",)
   assert wap.Plan.from_json(plan.to_json()).chosen.cross_node_axes == ("data",)

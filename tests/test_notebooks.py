@@ -26,6 +26,7 @@ def notebook_script(path: str) -> str:
   return "\n\n".join(cells) + "\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, tmp_path):
   path = os.path.join(NOTEBOOKS, f"{name}.ipynb")
@@ -33,7 +34,13 @@ def test_notebook_runs(name, tmp_path):
   script.write_text(notebook_script(path))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", MPLBACKEND="Agg")
   start = time.perf_counter()
-  result = subprocess.run([sys.executable, str(script)], cwd=NOTEBOOKS, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+  result = subprocess.run(
+    [sys.executable, str(script)],
+    cwd=NOTEBOOKS,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
   elapsed = time.perf_counter() - start
   assert result.returncode == 0, f"{name} failed after {elapsed:.1f} s:\n{result.stderr[-4000:]}"

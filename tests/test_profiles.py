@@ -7,13 +7,30 @@ import numpy as np
 import pytest
 
 from wapar_jax._src import profiles
-from wapar_jax.errors import InvalidProfileError, UnknownProfileError, WaparError
 from wapar_jax._src.profiles import DeviceProfile, LinkTier
+from wapar_jax.errors import InvalidProfileError, UnknownProfileError, WaparError
 
-BUILTINS = ("a100-40g-pcie", "a100-80g-sxm", "cpu", "h100-sxm", "h200", "p100-nvlink",
-            "titanxp-pcie", "tpu-v4", "tpu-v5e", "v100-sxm2")
-TENSOR_CORES = ("a100-40g-pcie", "a100-80g-sxm", "h100-sxm", "h200", "v100-sxm2", "tpu-v4",
-                "tpu-v5e")
+BUILTINS = (
+  "a100-40g-pcie",
+  "a100-80g-sxm",
+  "cpu",
+  "h100-sxm",
+  "h200",
+  "p100-nvlink",
+  "titanxp-pcie",
+  "tpu-v4",
+  "tpu-v5e",
+  "v100-sxm2",
+)
+TENSOR_CORES = (
+  "a100-40g-pcie",
+  "a100-80g-sxm",
+  "h100-sxm",
+  "h200",
+  "v100-sxm2",
+  "tpu-v4",
+  "tpu-v5e",
+)
 
 
 def _valid() -> dict:
@@ -83,19 +100,34 @@ def test_missing_and_unknown_fields_are_all_named():
 
 def test_every_bad_value_is_named():
   data = _valid()
-  data.update(memory_bandwidth=-1.0, devices_per_node=0, compute_efficiency=1.5,
-              memory_efficiency=0.0, sources=[], kind="fpga", power_busy_watts="hot",
-              peak_flops={"float32": 1e12, "f4": 2.0},
-              intra_node={"bandwidth": 0.0, "latency": 1e-6},
-              inter_node={"bandwidth": 1e9})
+  data.update(
+    memory_bandwidth=-1.0,
+    devices_per_node=0,
+    compute_efficiency=1.5,
+    memory_efficiency=0.0,
+    sources=[],
+    kind="fpga",
+    power_busy_watts="hot",
+    peak_flops={"float32": 1e12, "f4": 2.0},
+    intra_node={"bandwidth": 0.0, "latency": 1e-6},
+    inter_node={"bandwidth": 1e9},
+  )
   with pytest.raises(InvalidProfileError) as info:
     DeviceProfile.from_dict(data)
   message = str(info.value)
-  for expected in ("memory_bandwidth: must be a positive number", "devices_per_node",
-                   "compute_efficiency: must be a number in (0, 1]", "memory_efficiency",
-                   "sources", "kind: must be one of 'gpu', 'tpu', 'cpu'", "power_busy_watts",
-                   "peak_flops.bfloat16: missing", "'f4'", "intra_node.bandwidth",
-                   "inter_node.latency: missing"):
+  for expected in (
+    "memory_bandwidth: must be a positive number",
+    "devices_per_node",
+    "compute_efficiency: must be a number in (0, 1]",
+    "memory_efficiency",
+    "sources",
+    "kind: must be one of 'gpu', 'tpu', 'cpu'",
+    "power_busy_watts",
+    "peak_flops.bfloat16: missing",
+    "'f4'",
+    "intra_node.bandwidth",
+    "inter_node.latency: missing",
+  ):
     assert expected in message
   assert "Got -1.0." in message
 
@@ -198,5 +230,6 @@ def test_flops_per_second_fallbacks():
   assert h100.flops_per_second(np.int8) == h100.peak_flops["float32"]
   assert h100.flops_per_second("not-a-dtype") == h100.peak_flops["float32"]
   v100 = profiles.load_profile("v100-sxm2")
-  assert v100.flops_per_second(jnp.float16) == v100.peak_flops["float16"] > v100.peak_flops[
-      "bfloat16"]
+  assert (
+    v100.flops_per_second(jnp.float16) == v100.peak_flops["float16"] > v100.peak_flops["bfloat16"]
+  )

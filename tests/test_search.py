@@ -10,7 +10,9 @@ from wapar_jax import examples
 from wapar_jax._src.compilers import XLA_CPU, XLA_GPU
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.cost.xla import CostCache, step_costs
-from wapar_jax._src.search import aggregates as aggregate_lib, pricing, space as space_lib
+from wapar_jax._src.search import aggregates as aggregate_lib
+from wapar_jax._src.search import pricing
+from wapar_jax._src.search import space as space_lib
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import leaf_paths, path_str
 
@@ -20,13 +22,13 @@ TX = optax.adamw(1e-3)
 def _space(loss_fn, params, batch, rules=XLA_CPU, optimizer=TX, **kwargs):
   traced, _ = trace_train_step(loss_fn, params, batch, optimizer, **kwargs)
   paths = [path_str(k) for k in leaf_paths(params)]
-  return space_lib.build_space(traced, step_costs(traced, CostCache(persist=False)), paths,
-                               rules=rules, **kwargs)
+  return space_lib.build_space(
+    traced, step_costs(traced, CostCache(persist=False)), paths, rules=rules, **kwargs
+  )
 
 
 def _aggregate(space, groups=()):
-  seconds = roofline.op_seconds(space.traced, space.costs, wap.load_profile("cpu"),
-                                space.fusible)
+  seconds = roofline.op_seconds(space.traced, space.costs, wap.load_profile("cpu"), space.fusible)
   return aggregate_lib.aggregate(space, groups, seconds)
 
 
@@ -81,5 +83,6 @@ def test_a_gpu_remat_step_is_priced_under_both_rule_sets():
   remat = _space(ex.loss_fn, ex.params, ex.batch, rules=XLA_GPU, remat="layers")
   assert [b.rules.name for b in plain.buffers] == ["xla:gpu"]
   assert [b.rules.name for b in remat.buffers] == ["xla:gpu", "xla:cpu"]
-  assert [b.rules.name for b in _space(ex.loss_fn, ex.params, ex.batch, remat="layers").buffers
-          ] == ["xla:cpu"]
+  assert [
+    b.rules.name for b in _space(ex.loss_fn, ex.params, ex.batch, remat="layers").buffers
+  ] == ["xla:cpu"]

@@ -25,6 +25,7 @@ parse = replica_groups.parse_replica_groups
 
 # --- replica groups, every printed form -----------------------------------------------------
 
+
 def test_explicit_groups():
   assert parse("{{0,1},{2,3},{4,5},{6,7}}", 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
   assert parse("{{0,2,4,6},{1,3,5,7}}", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
@@ -71,8 +72,10 @@ def test_mesh_groups_with_sub_axes_and_device_ids():
 
 
 def test_replica_groups_text_in_instruction_lines():
-  line = ("%all-reduce = f32[2,32,64]{2,1,0} all-reduce(%bitcast.14), channel_id=1, "
-          "replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, use_global_device_ids=true")
+  line = (
+    "%all-reduce = f32[2,32,64]{2,1,0} all-reduce(%bitcast.14), channel_id=1, "
+    "replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, use_global_device_ids=true"
+  )
   assert replica_groups.replica_groups_text(line) == "mesh['axis_0'=4,'axis_1'=2] {'axis_0'}"
   line = "x = f32[8] all-reduce(%p), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add"
   assert replica_groups.replica_groups_text(line) == "[4,2]<=[2,4]T(1,0)"
@@ -159,14 +162,23 @@ def test_type_bytes():
 
 # --- compiled truth for gpt-tiny -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def verified():
   ex = examples.get_example("gpt-tiny")
   tx = optax.adamw(1e-3)
   out = {}
   for strategy in ("dp", "fsdp", "tp"):
-    plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=8, profile="cpu",
-                    strategy=strategy, all_devices=True)
+    plan = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      optimizer=tx,
+      devices=8,
+      profile="cpu",
+      strategy=strategy,
+      all_devices=True,
+    )
     out[strategy] = (plan, plan.verify())
   return ex, out
 
@@ -219,8 +231,16 @@ def test_tp_collectives_are_over_the_model_axis(verified):
 def test_scanned_layers_are_counted_per_iteration():
   # XLA's cost analysis counts a while body once; verify adds the other iterations' matmuls.
   ex = examples.get_example("gpt-tiny-scan")
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
-                  profile="cpu", strategy="dp", all_devices=True)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=8,
+    profile="cpu",
+    strategy="dp",
+    all_devices=True,
+  )
   v = plan.verify()
   assert v.loop_flops_added > 0.3 * v.xla_flops
   assert v.compiled.flops == pytest.approx(plan.predicted.flops, rel=0.03)
@@ -233,8 +253,14 @@ def test_table_and_json_round_trip(verified):
   for expected in ("predicted", "compiled", "FLOPs", "all-reduce", "data"):
     assert expected in text
   d = json.loads(json.dumps(v.to_dict()))
-  assert set(d["errors"]) == {"flops", "comm_bytes", "comm_time", "compute_time", "step_time",
-                              "peak_memory"}
+  assert set(d["errors"]) == {
+    "flops",
+    "comm_bytes",
+    "comm_time",
+    "compute_time",
+    "step_time",
+    "peak_memory",
+  }
   assert wap.Verification.from_dict(d) == v
 
 
@@ -245,11 +271,20 @@ def test_too_few_devices_passed_is_a_named_error(verified):
     plan.verify(devices=jax.devices()[:2])
 
 
+@pytest.mark.slow
 def test_child_process_when_this_one_has_too_few_devices():
   # 16 devices > the 8 of this process: compiled in a child started with 16 virtual devices.
   ex = examples.get_example("mlp")
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.sgd(0.1), devices=16,
-                  profile="h100-sxm", strategy="dp", all_devices=True)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.sgd(0.1),
+    devices=16,
+    profile="h100-sxm",
+    strategy="dp",
+    all_devices=True,
+  )
   v = plan.verify(workload={"example": "mlp", "optimizer": "sgd", "lr": 0.1}, timeout=120)
   assert v.child_process
   # Two nodes of 8: the gradient all-reduce is priced two-level, as the planner prices it.
@@ -261,9 +296,24 @@ def test_child_process_when_this_one_has_too_few_devices():
   assert any(c.kind == "all-reduce" and c.group_size == 16 for c in v.collectives)
 
 
+@pytest.mark.slow
 def test_cli_verify(capsys):
-  assert main(["verify", "gpt-tiny", "--devices", "8", "--profile", "cpu", "--strategy", "tp",
-               "--all-devices"]) == 0
+  assert (
+    main(
+      [
+        "verify",
+        "gpt-tiny",
+        "--devices",
+        "8",
+        "--profile",
+        "cpu",
+        "--strategy",
+        "tp",
+        "--all-devices",
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "collectives in the compiled module" in out and "model" in out
 
@@ -277,8 +327,10 @@ def test_kernel_seconds_is_the_roofline_of_the_compiled_kernels():
   mult = hlo.multiplicities(module)[0]
   flops = 2 * 256 * 512 * 128
   nbytes = 4 * (256 * 512 + 512 * 128 + 256 * 128)
-  expected = max(flops / (profile.peak_flops["float32"] * profile.compute_efficiency),
-                 nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+  expected = max(
+    flops / (profile.peak_flops["float32"] * profile.compute_efficiency),
+    nbytes / (profile.memory_bandwidth * profile.memory_efficiency),
+  )
   assert kernels.kernel_seconds(module, mult, profile) == pytest.approx(expected, rel=0.01)
 
 
@@ -292,33 +344,54 @@ def test_compiled_step_time_is_compute_plus_comm(verified):
 
 def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_reductions():
   from wapar_jax._src.cost.collectives import hierarchical_collective_time
+
   profile = load_profile("h100-sxm")
   link = profile.intra_node
   mib = 2.0**20
 
   def coll(kind, nbytes, depth, scattered=0.0):
     return verify_lib.Collective(
-        kind=kind, name=f"{kind}.{depth}", nbytes=nbytes, group_size=8, num_groups=1,
-        axes=("data",), crosses_nodes=False, count=1.0, sent_bytes=0.0, time=0.0,
-        scattered_bytes=scattered, computation="main", depth=depth)
+      kind=kind,
+      name=f"{kind}.{depth}",
+      nbytes=nbytes,
+      group_size=8,
+      num_groups=1,
+      axes=("data",),
+      crosses_nodes=False,
+      count=1.0,
+      sent_bytes=0.0,
+      time=0.0,
+      scattered_bytes=scattered,
+      computation="main",
+      depth=depth,
+    )
 
   def one(kind, nbytes):
-    return float(hierarchical_collective_time(kind, nbytes, 8, 1, link.bandwidth, link.latency,
-                                              link.bandwidth, link.latency))
+    return float(
+      hierarchical_collective_time(
+        kind, nbytes, 8, 1, link.bandwidth, link.latency, link.bandwidth, link.latency
+      )
+    )
 
   # Two independent 10 MiB gathers go out as one launch; a dependent one pays its own.
-  found = [coll("all-gather", 10 * mib, 1), coll("all-gather", 10 * mib, 1),
-           coll("all-gather", 10 * mib, 2)]
+  found = [
+    coll("all-gather", 10 * mib, 1),
+    coll("all-gather", 10 * mib, 1),
+    coll("all-gather", 10 * mib, 2),
+  ]
   assert collectives.target_comm_time(found, profile) == pytest.approx(
-      one("all-gather", 20 * mib) + one("all-gather", 10 * mib))
+    one("all-gather", 20 * mib) + one("all-gather", 10 * mib)
+  )
   # 100 MiB of gradients read only in slices: reduce-scatter, in ceil(100 / 30) = 4 launches.
   grads = [coll("all-reduce", 100 * mib, 1, scattered=100 * mib)]
   assert collectives.target_comm_time(grads, profile) == pytest.approx(
-      4 * one("reduce-scatter", 25 * mib))
+    4 * one("reduce-scatter", 25 * mib)
+  )
 
 
 def test_cpu_expanded_max_pool_gradients_are_noted():
   import flax.linen as nn
+
   x = jax.ShapeDtypeStruct((8, 32, 32, 16), jnp.float32)
   pooled = jax.jit(jax.grad(lambda x: jnp.sum(nn.max_pool(x, (3, 3), (2, 2)) ** 2)))
   plain = jax.jit(jax.grad(lambda x: jnp.sum(nn.avg_pool(x, (3, 3), (2, 2)) ** 2)))
@@ -332,12 +405,28 @@ def test_a_gpu_plan_is_checked_on_cpu_against_its_xla_cpu_memory_figure():
   # GPU XLA keeps fewer values for the backward pass than XLA:CPU: the plan fits with the
   # former, the CPU compile is compared with the latter.
   ex = examples.get_example("gpt-tiny", batch_size=64, seq_len=128)  # activations dominate
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
-                  profile="h100-sxm", strategy="dp", all_devices=True)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=8,
+    profile="h100-sxm",
+    strategy="dp",
+    all_devices=True,
+  )
   p = plan.predicted
-  cpu_rules = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8,
-                       profile="h100-sxm", strategy="dp", all_devices=True,
-                       memory_rules="xla:cpu").predicted
+  cpu_rules = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=8,
+    profile="h100-sxm",
+    strategy="dp",
+    all_devices=True,
+    memory_rules="xla:cpu",
+  ).predicted
   assert p.peak_memory < 0.95 * cpu_rules.peak_memory
   v = plan.verify(devices=jax.devices("cpu")[:8])
   assert v.predicted.peak_memory == pytest.approx(cpu_rules.peak_memory, rel=1e-9)
@@ -351,20 +440,39 @@ def test_cnn_peak_memory_counts_the_buffers_xla_cpu_adds(strategy):
   # XLA:CPU's max-pool gradient iotas, indices and zeros and its transposed conv operands are
   # most of this CNN's peak: without them the prediction was 56% (tp) to 64% (dp) short.
   ex = examples.get_example("cnn", batch_size=256)
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=4,
-                  profile="h100-sxm", strategy=strategy, all_devices=True, remat="none",
-                  microbatches=1)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=4,
+    profile="h100-sxm",
+    strategy=strategy,
+    all_devices=True,
+    remat="none",
+    microbatches=1,
+  )
   v = plan.verify(devices=jax.devices("cpu")[:4])
   assert abs(v.errors["peak_memory"]) < 0.15
 
 
+@pytest.mark.slow
 def test_zero1_counts_xla_cpu_combined_gradient_all_reduce():
   # XLA:CPU has no reduce-scatter: it all-reduces AlexNet's 16 gradients in one combined op
   # and slices the result, so the full partial sums and the full results coexist at the end
   # of the backward pass (without them the prediction was 18% short).
   ex = examples.get_example("alexnet", batch_size=16)
-  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=4,
-                  profile="titanxp-pcie", strategy="zero1", all_devices=True, remat="none",
-                  microbatches=1)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=4,
+    profile="titanxp-pcie",
+    strategy="zero1",
+    all_devices=True,
+    remat="none",
+    microbatches=1,
+  )
   v = plan.verify(devices=jax.devices("cpu")[:4])
   assert abs(v.errors["peak_memory"]) < 0.15

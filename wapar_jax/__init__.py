@@ -32,6 +32,17 @@ from wapar_jax.errors import WaparError as WaparError
 __version__ = importlib.metadata.version("wapar_jax")
 
 __all__ = [
-    "Candidate", "DeviceProfile", "LinkTier", "Plan", "Prediction", "Verification", "WaparError",
-    "calibrate", "errors", "linen_params", "list_profiles", "load_profile", "plan",
+  "Candidate",
+  "DeviceProfile",
+  "LinkTier",
+  "Plan",
+  "Prediction",
+  "Verification",
+  "WaparError",
+  "calibrate",
+  "errors",
+  "linen_params",
+  "list_profiles",
+  "load_profile",
+  "plan",
 ]

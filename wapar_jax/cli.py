@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -11,8 +12,14 @@ import sys
 
 import jax
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import (
+  BarColumn,
+  MofNCompleteColumn,
+  Progress,
+  SpinnerColumn,
+  TextColumn,
+  TimeElapsedColumn,
+)
 
 import wapar_jax as wap
 from wapar_jax import examples
@@ -66,11 +73,23 @@ def _workload(model: str, batch_size, seq_len, dtype):
 def _make_plan(args):
   loss_fn, params, batch = _workload(args.model, args.batch_size, args.seq_len, args.dtype)
   headroom = {} if args.memory_headroom is None else {"memory_headroom": args.memory_headroom}
-  return wap.plan(loss_fn, params, batch, optimizer=optimizers.by_name(args.optimizer, args.lr),
-                  devices=args.devices, profile=args.profile, objective=args.objective,
-                  strategy=args.strategy, all_devices=args.all_devices,
-                  cache=not args.no_cache, progress=_progress(args), remat=args.remat,
-                  microbatches=args.microbatches, memory_rules=args.memory_rules, **headroom)
+  return wap.plan(
+    loss_fn,
+    params,
+    batch,
+    optimizer=optimizers.by_name(args.optimizer, args.lr),
+    devices=args.devices,
+    profile=args.profile,
+    objective=args.objective,
+    strategy=args.strategy,
+    all_devices=args.all_devices,
+    cache=not args.no_cache,
+    progress=_progress(args),
+    remat=args.remat,
+    microbatches=args.microbatches,
+    memory_rules=args.memory_rules,
+    **headroom,
+  )
 
 
 def _progress(args):
@@ -82,8 +101,14 @@ def _progress(args):
 
   def bar(phase, items):
     items = list(items)
-    with Progress(SpinnerColumn(), TextColumn("{task.description:<14}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+      SpinnerColumn(),
+      TextColumn("{task.description:<14}"),
+      BarColumn(),
+      MofNCompleteColumn(),
+      TimeElapsedColumn(),
+      console=console,
+    ) as progress:
       task = progress.add_task(phase, total=len(items))
       for item in items:
         yield item
@@ -98,15 +123,25 @@ def _cmd_explain(args) -> int:
   elif args.model:
     plan = _make_plan(args)
   else:
-    raise wap.errors.InvalidArgumentError("explain needs a model to plan or --plan FILE, e.g. "
-                                   "`wapar explain gpt-tiny` or `wapar explain --plan plan.json`. "
-                                   "Got neither.")
+    raise wap.errors.InvalidArgumentError(
+      "explain needs a model to plan or --plan FILE, e.g. "
+      "`wapar explain gpt-tiny` or `wapar explain --plan plan.json`. "
+      "Got neither."
+    )
   if args.json:
     details = plan.details.to_dict() if plan.details is not None else None
-    print(json.dumps({"mesh_shape": dict(plan.mesh_shape), "strategy": plan.strategy,
-                      "predicted": dataclasses.asdict(plan.predicted),
-                      "logical_axis_rules": plan.logical_axis_rules() if details else None,
-                      "details": details}, indent=1))
+    print(
+      json.dumps(
+        {
+          "mesh_shape": dict(plan.mesh_shape),
+          "strategy": plan.strategy,
+          "predicted": dataclasses.asdict(plan.predicted),
+          "logical_axis_rules": plan.logical_axis_rules() if details else None,
+          "details": details,
+        },
+        indent=1,
+      )
+    )
   elif args.rules:
     for name, axis in plan.logical_axis_rules():
       print(f"({name!r}, {axis!r}),")
@@ -116,13 +151,18 @@ def _cmd_explain(args) -> int:
     print(plan.explain(top=args.top))
   if args.plots:
     os.makedirs(args.plots, exist_ok=True)
-    figures = {"sweep": plan.plot_sweep(), "breakdown": plan.plot_breakdown(),
-               "layout": plan.plot_layout()}
+    figures = {
+      "sweep": plan.plot_sweep(),
+      "breakdown": plan.plot_breakdown(),
+      "layout": plan.plot_layout(),
+    }
     for name, fig in figures.items():
       fig.savefig(os.path.join(args.plots, f"{name}.png"), dpi=120)
     if not args.json:
-      print(f"plots written to {args.plots}/: " + ", ".join(f"{n}.png" for n in figures),
-            file=sys.stderr)
+      print(
+        f"plots written to {args.plots}/: " + ", ".join(f"{n}.png" for n in figures),
+        file=sys.stderr,
+      )
   return 0
 
 
@@ -135,24 +175,34 @@ def _cmd_plan(args) -> int:
   else:
     print(plan.summary())
     stats = plan.stats
-    print(f"\nplanned in {stats['total_seconds']:.2f} s: {stats['ops']:.0f} equations, "
-          f"{stats['unique_ops']:.0f} unique ({stats['lowered_ops']:.0f} costed by XLA now), "
-          f"{stats['candidates_evaluated']:.0f} candidates")
+    print(
+      f"\nplanned in {stats['total_seconds']:.2f} s: {stats['ops']:.0f} equations, "
+      f"{stats['unique_ops']:.0f} unique ({stats['lowered_ops']:.0f} costed by XLA now), "
+      f"{stats['candidates_evaluated']:.0f} candidates"
+    )
     if args.out:
       print(f"plan written to {args.out}")
   return 0
 
 
 def _cmd_verify(args) -> int:
-  try:  # enough CPU devices here spares a child process; too late once jax has started
+  # Enough CPU devices here spares a child process; too late once jax has started.
+  with contextlib.suppress(RuntimeError, AttributeError):
     jax.config.update("jax_num_cpu_devices", max(args.devices, jax.config.jax_num_cpu_devices))
-  except (RuntimeError, AttributeError):
-    pass
   plan = _make_plan(args)
   # A child process (if needed) rebuilds a built-in example by name; user code goes pickled.
-  workload = None if ":" in args.model else {
-      "example": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-      "dtype": args.dtype, "optimizer": args.optimizer, "lr": args.lr}
+  workload = (
+    None
+    if ":" in args.model
+    else {
+      "example": args.model,
+      "batch_size": args.batch_size,
+      "seq_len": args.seq_len,
+      "dtype": args.dtype,
+      "optimizer": args.optimizer,
+      "lr": args.lr,
+    }
+  )
   result = plan.verify(workload=workload, timeout=args.timeout)
   print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
   return 0
@@ -165,8 +215,9 @@ def _cmd_profiles(args) -> int:
   elif words[:1] == ["show"]:
     words = words[1:]
     if not words:
-      raise wap.errors.InvalidArgumentError("`wapar profiles show` needs a profile name, e.g. "
-                                 "`wapar profiles show h100-sxm`. Got none.")
+      raise wap.errors.InvalidArgumentError(
+        "`wapar profiles show` needs a profile name, e.g. `wapar profiles show h100-sxm`. Got none."
+      )
   if len(words) > 1:
     raise wap.errors.InvalidArgumentError(f"show one profile at a time. Got {words}.")
   if words:
@@ -174,8 +225,10 @@ def _cmd_profiles(args) -> int:
     return 0
   for name in wap.list_profiles():
     p = wap.load_profile(name)
-    print(f"{name:16s} {p.kind:4s} {p.flops_per_second('bfloat16') / 1e12:7.1f} TFLOP/s bf16  "
-          f"{p.memory_bytes / 2**30:6.1f} GiB  {p.devices_per_node:5d} per node")
+    print(
+      f"{name:16s} {p.kind:4s} {p.flops_per_second('bfloat16') / 1e12:7.1f} TFLOP/s bf16  "
+      f"{p.memory_bytes / 2**30:6.1f} GiB  {p.devices_per_node:5d} per node"
+    )
   return 0
 
 
@@ -185,102 +238,166 @@ def _cmd_calibrate(args) -> int:
   if args.json:
     print(json.dumps(profile.to_dict(), indent=2))
   else:
-    print(f"{profile.name}: float32 {profile.flops_per_second('float32') / 1e9:.1f} GFLOP/s, "
-          f"bfloat16 {profile.flops_per_second('bfloat16') / 1e9:.1f} GFLOP/s, memory "
-          f"{profile.memory_bandwidth / 1e9:.2f} GB/s, kernel overhead "
-          f"{profile.kernel_overhead * 1e6:.2f} us, link {profile.intra_node.bandwidth / 1e9:.2f} "
-          f"GB/s + {profile.intra_node.latency * 1e6:.1f} us per step "
-          f"({profile.devices_per_node} local device(s))")
+    print(
+      f"{profile.name}: float32 {profile.flops_per_second('float32') / 1e9:.1f} GFLOP/s, "
+      f"bfloat16 {profile.flops_per_second('bfloat16') / 1e9:.1f} GFLOP/s, memory "
+      f"{profile.memory_bandwidth / 1e9:.2f} GB/s, kernel overhead "
+      f"{profile.kernel_overhead * 1e6:.2f} us, link {profile.intra_node.bandwidth / 1e9:.2f} "
+      f"GB/s + {profile.intra_node.latency * 1e6:.1f} us per step "
+      f"({profile.devices_per_node} local device(s))"
+    )
     print(f"profile written to {args.out}; use it as `wapar plan MODEL --profile {args.out}`")
   return 0
 
 
 def _add_plan_arguments(p, model_nargs=None) -> None:
   """The workload, device and search arguments shared by `plan`, `verify` and `explain`."""
-  p.add_argument("model", nargs=model_nargs,
-                 help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
-                 "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch)")
-  p.add_argument("--devices", type=int, default=8, help="devices offered (default 8); every "
-                 "count up to it is considered")
-  p.add_argument("--profile", default="h100-sxm", help="device profile name or .json file "
-                 "(see `wapar profiles`)")
+  p.add_argument(
+    "model",
+    nargs=model_nargs,
+    help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
+    "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch)",
+  )
+  p.add_argument(
+    "--devices",
+    type=int,
+    default=8,
+    help="devices offered (default 8); every count up to it is considered",
+  )
+  p.add_argument(
+    "--profile", default="h100-sxm", help="device profile name or .json file (see `wapar profiles`)"
+  )
   p.add_argument("--objective", choices=("time", "energy"), default="time")
-  p.add_argument("--strategy", default="auto",
-                 choices=STRATEGIES,
-                 help="auto, or restrict to one family (for baselines)")
+  p.add_argument(
+    "--strategy",
+    default="auto",
+    choices=STRATEGIES,
+    help="auto, or restrict to one family (for baselines)",
+  )
   p.add_argument("--all-devices", action="store_true", help="only plans that use every device")
-  p.add_argument("--memory-headroom", type=float,
-                 help="fraction of device memory kept free (default: wap.plan's, for "
-                      "fragmentation, runtime buffers and the memory model's error)")
-  p.add_argument("--memory-rules", default="profile", choices=("profile", *compilers.REGISTRY),
-                 help="whose buffer rules decide the fit: the profile's compiler (default), "
-                      "or a compiler's, e.g. xla:cpu so that `verify` on CPU devices checks it")
-  p.add_argument("--remat", choices=("none", "layers", "layers_dots"),
-                 help="force per-layer rematerialisation (default: searched when memory decides)")
-  p.add_argument("--microbatches", type=int,
-                 help="force gradient-accumulation micro-batches (default: searched likewise)")
+  p.add_argument(
+    "--memory-headroom",
+    type=float,
+    help="fraction of device memory kept free (default: wap.plan's, for "
+    "fragmentation, runtime buffers and the memory model's error)",
+  )
+  p.add_argument(
+    "--memory-rules",
+    default="profile",
+    choices=("profile", *compilers.REGISTRY),
+    help="whose buffer rules decide the fit: the profile's compiler (default), "
+    "or a compiler's, e.g. xla:cpu so that `verify` on CPU devices checks it",
+  )
+  p.add_argument(
+    "--remat",
+    choices=("none", "layers", "layers_dots"),
+    help="force per-layer rematerialisation (default: searched when memory decides)",
+  )
+  p.add_argument(
+    "--microbatches",
+    type=int,
+    help="force gradient-accumulation micro-batches (default: searched likewise)",
+  )
   p.add_argument("--batch-size", type=int, help="override the example's global batch size")
   p.add_argument("--seq-len", type=int, help="override the example's sequence length")
   p.add_argument("--dtype", help="parameter/compute dtype of the example, e.g. bfloat16")
-  p.add_argument("--optimizer", default="adamw",
-                 choices=tuple(optimizers.OPTIMIZERS))
+  p.add_argument("--optimizer", default="adamw", choices=tuple(optimizers.OPTIMIZERS))
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
-  p.add_argument("--progress", action="store_true", help="progress bars on stderr even when "
-                 "it is not a terminal (never with --json)")
+  p.add_argument(
+    "--progress",
+    action="store_true",
+    help="progress bars on stderr even when it is not a terminal (never with --json)",
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="wapar", description="Plan how to shard a JAX train step: device count, mesh shape "
-      "and a PartitionSpec for every parameter, optimizer-state and batch leaf.",
-      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog="wapar",
+    description="Plan how to shard a JAX train step: device count, mesh shape "
+    "and a PartitionSpec for every parameter, optimizer-state and batch leaf.",
+    epilog=_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("plan", help="plan a built-in example or module:function",
-                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = sub.add_parser(
+    "plan",
+    help="plan a built-in example or module:function",
+    epilog=_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   _add_plan_arguments(p)
   p.add_argument("--out", help="write the plan as JSON to this file (atomically)")
   p.add_argument("--json", action="store_true", help="print the plan as JSON")
   p.set_defaults(run=_cmd_plan)
 
-  p = sub.add_parser("verify", help="plan, then compile the step for the plan's mesh on "
-                     "virtual CPU devices: predicted vs compiled FLOPs, bytes, memory")
+  p = sub.add_parser(
+    "verify",
+    help="plan, then compile the step for the plan's mesh on "
+    "virtual CPU devices: predicted vs compiled FLOPs, bytes, memory",
+  )
   _add_plan_arguments(p)
-  p.add_argument("--timeout", type=float, default=300.0,
-                 help="seconds a child-process compile may take (default 300)")
+  p.add_argument(
+    "--timeout",
+    type=float,
+    default=300.0,
+    help="seconds a child-process compile may take (default 300)",
+  )
   p.add_argument("--json", action="store_true", help="print the comparison as JSON")
   p.set_defaults(run=_cmd_verify)
 
-  p = sub.add_parser("explain", help="why a plan: device sweep, parameter groups, step and "
-                     "memory breakdown, alternatives, costliest equations; export rules",
-                     epilog=_EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = sub.add_parser(
+    "explain",
+    help="why a plan: device sweep, parameter groups, step and "
+    "memory breakdown, alternatives, costliest equations; export rules",
+    epilog=_EXPLAIN_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   _add_plan_arguments(p, model_nargs="?")
   p.add_argument("--plan", metavar="FILE", help="explain a saved plan instead of planning")
   p.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
   what = p.add_mutually_exclusive_group()
   what.add_argument("--json", action="store_true", help="the explanation's data as JSON")
   what.add_argument("--rules", action="store_true", help="print flax logical_axis_rules")
-  what.add_argument("--maxtext", action="store_true", help="print MaxText-style mesh and rules "
-                    "YAML")
-  p.add_argument("--plots", metavar="DIR", help="also write sweep.png, breakdown.png and "
-                 "layout.png (needs matplotlib)")
+  what.add_argument(
+    "--maxtext", action="store_true", help="print MaxText-style mesh and rules YAML"
+  )
+  p.add_argument(
+    "--plots",
+    metavar="DIR",
+    help="also write sweep.png, breakdown.png and layout.png (needs matplotlib)",
+  )
   p.set_defaults(run=_cmd_explain)
 
-  p = sub.add_parser("profiles", help="list built-in device profiles, or show one",
-                     epilog=_PROFILES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = sub.add_parser(
+    "profiles",
+    help="list built-in device profiles, or show one",
+    epilog=_PROFILES_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("name", nargs="*", metavar="[show] NAME", help="a profile to show in full")
   p.set_defaults(run=_cmd_profiles)
 
-  p = sub.add_parser("calibrate", help="measure this machine's devices (matmul, memory, "
-                     "kernel overhead, collectives) and write a device profile")
-  p.add_argument("--out", default="calibrated.json",
-                 help="profile file to write (default calibrated.json)")
+  p = sub.add_parser(
+    "calibrate",
+    help="measure this machine's devices (matmul, memory, "
+    "kernel overhead, collectives) and write a device profile",
+  )
+  p.add_argument(
+    "--out", default="calibrated.json", help="profile file to write (default calibrated.json)"
+  )
   p.add_argument("--name", help="profile name (default calibrated-<device kind>)")
-  p.add_argument("--base", help="built-in profile (or file) for what one machine cannot "
-                 "measure: inter-node link, power (default: nearest to the device kind)")
-  p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in about a "
-                 "second, not figures to plan with")
+  p.add_argument(
+    "--base",
+    help="built-in profile (or file) for what one machine cannot "
+    "measure: inter-node link, power (default: nearest to the device kind)",
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny sizes: a smoke test in about a second, not figures to plan with",
+  )
   p.add_argument("--json", action="store_true", help="print the profile as JSON")
   p.set_defaults(run=_cmd_calibrate)
   return parser

@@ -1,7 +1,7 @@
 """Named errors. Each message says what was wrong, what to do next, and ends with what was got.
 
-Naming follows ``<Verb/Adjective><Object>Error`` (as flax.errors does), one base class so callers can
-catch everything the planner raises with ``except wapar_jax.errors.WaparError``.
+Naming follows ``<Verb/Adjective><Object>Error`` (as flax.errors does), one base class so callers
+can catch everything the planner raises with ``except wapar_jax.WaparError``.
 
 Example:
   >>> from wapar_jax import errors

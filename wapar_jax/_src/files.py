@@ -11,8 +11,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to `path` through a temporary file in the same directory, then replaces
   `path` with it; on any failure the temporary file is removed and `path` is untouched."""
   path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=f".{os.path.basename(path)}-", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(
+    dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}-", suffix=".tmp"
+  )
   try:
     # mkstemp makes the file private (0600); give it the mode a plain open() would, or the
     # mode of the file it replaces, so a plan shared on a cluster stays readable.

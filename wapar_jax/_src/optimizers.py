@@ -6,8 +6,13 @@ import optax
 
 from wapar_jax.errors import InvalidArgumentError
 
-OPTIMIZERS = {"adamw": optax.adamw, "adam": optax.adam, "sgd": optax.sgd,
-              "adafactor": optax.adafactor, "lion": optax.lion}
+OPTIMIZERS = {
+  "adamw": optax.adamw,
+  "adam": optax.adam,
+  "sgd": optax.sgd,
+  "adafactor": optax.adafactor,
+  "lion": optax.lion,
+}
 
 
 def by_name(name: str, learning_rate: float) -> optax.GradientTransformation:

@@ -11,20 +11,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import verify as verify_lib
-from wapar_jax._src.emit import mesh as mesh_lib, shardings as shardings_lib, step as step_lib
-from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src import fit_check
+from wapar_jax._src import verify as verify_lib
+from wapar_jax._src.emit import mesh as mesh_lib
+from wapar_jax._src.emit import shardings as shardings_lib
+from wapar_jax._src.emit import step as step_lib
+from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.plan_details import PlanDetails
 from wapar_jax._src.search.candidate import Candidate
 from wapar_jax._src.tree import abstract, nest, specs_like
-from wapar_jax._src.views import explain as explain_lib, export, plots
+from wapar_jax._src.views import explain as explain_lib
+from wapar_jax._src.views import export, plots
 from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError
 
 # 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). 3: predictions under
@@ -36,22 +40,31 @@ _READABLE_VERSIONS = (1, 2, 3)
 @dataclasses.dataclass(frozen=True)
 class Prediction:
   """Predicted cost of one train step, per device (energy: all used devices together)."""
-  step_time: float       # seconds
-  compute_time: float    # seconds
-  comm_time: float       # seconds
-  flops: float           # FLOPs per device
-  comm_bytes: float      # bytes sent per device
-  peak_memory: float     # bytes per device
-  energy: float          # joules per step, all used devices
-  memory_budget: float   # bytes per device the plan had to fit in
+
+  step_time: float  # seconds
+  compute_time: float  # seconds
+  comm_time: float  # seconds
+  flops: float  # FLOPs per device
+  comm_bytes: float  # bytes sent per device
+  peak_memory: float  # bytes per device
+  energy: float  # joules per step, all used devices
+  memory_budget: float  # bytes per device the plan had to fit in
 
   @classmethod
-  def of(cls, c: Candidate, memory_budget: float) -> "Prediction":
-    return cls(c.step_time, c.compute_time, c.comm_time, c.flops, c.comm_bytes, c.peak_memory,
-               c.energy, memory_budget)
+  def of(cls, c: Candidate, memory_budget: float) -> Prediction:
+    return cls(
+      c.step_time,
+      c.compute_time,
+      c.comm_time,
+      c.flops,
+      c.comm_bytes,
+      c.peak_memory,
+      c.energy,
+      memory_budget,
+    )
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "Prediction":
+  def from_dict(cls, d: Mapping[str, Any]) -> Prediction:
     """Reads the known fields; others (from other versions) are left out."""
     return cls(**{f.name: float(d[f.name]) for f in dataclasses.fields(cls)})
 
@@ -83,6 +96,7 @@ class Plan:
       (`PlanDetails`); None for a version-1 plan file.
     stats: how planning went (seconds per phase, equations, candidates); not part of equality.
   """
+
   mesh_shape: Mapping[str, int]
   param_specs: Any
   batch_specs: Any
@@ -102,7 +116,8 @@ class Plan:
   # What a plan straight from `wapar_jax.plan` carries to build its step; None from a file.
   _loss_fn: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
   _optimizer: optax.GradientTransformation | None = dataclasses.field(
-      default=None, repr=False, compare=False)
+    default=None, repr=False, compare=False
+  )
   _abstract_params: Any = dataclasses.field(default=None, repr=False, compare=False)
   _abstract_batch: Any = dataclasses.field(default=None, repr=False, compare=False)
   _device_list: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -222,22 +237,26 @@ class Plan:
     loss_fn = loss_fn or self._loss_fn
     if loss_fn is None:
       raise InvalidArgumentError(
-          "this plan carries no loss_fn (it was loaded from JSON): pass it and the optimizer, "
-          "e.g. plan.train_step(loss_fn=loss_fn, optimizer=optax.adamw(1e-3)). Got None.")
+        "this plan carries no loss_fn (it was loaded from JSON): pass it and the optimizer, "
+        "e.g. plan.train_step(loss_fn=loss_fn, optimizer=optax.adamw(1e-3)). Got None."
+      )
     return loss_fn, self._need_optimizer(optimizer)
 
   def _need_optimizer(self, optimizer):
     optimizer = optimizer or self._optimizer
     if optimizer is None:
-      raise InvalidArgumentError("this plan carries no optimizer (it was loaded from JSON): pass "
-                                 "optimizer=. Got None.")
+      raise InvalidArgumentError(
+        "this plan carries no optimizer (it was loaded from JSON): pass optimizer=. Got None."
+      )
     return optimizer
 
   def init_opt_state(self, sharded_params, optimizer=None, devices=None):
     """The optimizer state, each leaf created sharded like its parameter."""
     optimizer = self._need_optimizer(optimizer)
     mesh = self.make_mesh(devices)
-    specs = shardings_lib.opt_state_specs(optimizer, sharded_params, self._opt_param_specs(sharded_params))
+    specs = shardings_lib.opt_state_specs(
+      optimizer, sharded_params, self._opt_param_specs(sharded_params)
+    )
     return jax.jit(optimizer.init, out_shardings=shardings_lib.named(mesh, specs))(sharded_params)
 
   def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
@@ -251,21 +270,33 @@ class Plan:
     batch = self._abstract_batch if batch is None else batch
     if params is None or batch is None:
       raise InvalidArgumentError(
-          "a plan loaded from JSON needs the trees it applies to: pass params= and batch= "
-          "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None.")
+        "a plan loaded from JSON needs the trees it applies to: pass params= and batch= "
+        "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None."
+      )
     self.check_fits(params, batch)
     mesh = self.make_mesh(devices)
-    opt_specs = shardings_lib.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
-    return step_lib.sharded_train_step(loss_fn, optimizer, mesh, self._param_specs(params),
-                                   opt_specs, self._batch_specs(batch), remat=self.chosen.remat,
-                                   microbatches=self.chosen.microbatches)
+    opt_specs = shardings_lib.opt_state_specs(
+      optimizer, abstract(params), self._opt_param_specs(params)
+    )
+    return step_lib.sharded_train_step(
+      loss_fn,
+      optimizer,
+      mesh,
+      self._param_specs(params),
+      opt_specs,
+      self._batch_specs(batch),
+      remat=self.chosen.remat,
+      microbatches=self.chosen.microbatches,
+    )
 
   def verify(self, devices=None, **kwargs):
     """Compiles the train step for the plan's mesh on CPU devices; prediction vs compiled.
 
-    Runs in a child process when this one has too few CPU devices. Keyword arguments
-    (profile, workload, loss_fn, optimizer, params, batch, timeout) are those of
-    `wapar_jax.Verification`'s maker.
+    Runs in a child process when this one has too few CPU devices. On CPU devices the
+    predicted peak is this plan priced again under XLA:CPU's buffer rules (the plan's own
+    figure is under its profile's compiler's). Keyword arguments: `profile` (to price the
+    collectives with), `workload` (how a child process rebuilds a built-in example),
+    `loss_fn`, `optimizer`, `params`, `batch` (for a plan loaded from JSON), `timeout`.
 
     Example:
       >>> print(plan.verify().table())
@@ -279,41 +310,47 @@ class Plan:
       return [{"path": list(k), "spec": _spec_to_json(s)} for k, s in specs.items()]
 
     data = {
-        "format": "wapar_jax.plan",
-        "version": PLAN_FORMAT_VERSION,
-        "mesh_shape": dict(self.mesh_shape),
-        "strategy": self.strategy,
-        "objective": self.objective,
-        "profile": self.profile,
-        "devices_offered": self.devices_offered,
-        "model_split": list(self.model_split),
-        "predicted": dataclasses.asdict(self.predicted),
-        "chosen": self.chosen.to_dict(),
-        "candidates": [c.to_dict() for c in self.candidates],
-        "stats": dict(self.stats),
-        "memory_decision": self.memory_decision,
-        "param_specs": flat(self.flat_param_specs),
-        "opt_state_param_specs": flat(self.flat_opt_specs),
-        "batch_specs": flat(self.flat_batch_specs),
+      "format": "wapar_jax.plan",
+      "version": PLAN_FORMAT_VERSION,
+      "mesh_shape": dict(self.mesh_shape),
+      "strategy": self.strategy,
+      "objective": self.objective,
+      "profile": self.profile,
+      "devices_offered": self.devices_offered,
+      "model_split": list(self.model_split),
+      "predicted": dataclasses.asdict(self.predicted),
+      "chosen": self.chosen.to_dict(),
+      "candidates": [c.to_dict() for c in self.candidates],
+      "stats": dict(self.stats),
+      "memory_decision": self.memory_decision,
+      "param_specs": flat(self.flat_param_specs),
+      "opt_state_param_specs": flat(self.flat_opt_specs),
+      "batch_specs": flat(self.flat_batch_specs),
     }
     if self.details is not None:
       data["details"] = self.details.to_dict()
     return json.dumps(data, indent=1)
 
   @classmethod
-  def from_json(cls, text: str) -> "Plan":
+  def from_json(cls, text: str) -> Plan:
     try:
       data = json.loads(text)
     except ValueError as e:
-      raise CorruptPlanFileError(f"a plan file must be JSON written by Plan.to_json. Got: {e}") from e
+      raise CorruptPlanFileError(
+        f"a plan file must be JSON written by Plan.to_json. Got: {e}"
+      ) from e
     if not isinstance(data, dict) or data.get("format") != "wapar_jax.plan":
-      raise CorruptPlanFileError("this is not a wapar_jax plan (no \"format\": \"wapar_jax.plan\"). "
-                                 f"Got keys {sorted(data)[:8] if isinstance(data, dict) else type(data).__name__}.")
+      raise CorruptPlanFileError(
+        'this is not a wapar_jax plan (no "format": "wapar_jax.plan"). '
+        f"Got keys {sorted(data)[:8] if isinstance(data, dict) else type(data).__name__}."
+      )
     if data.get("version") not in _READABLE_VERSIONS:
       raise CorruptPlanFileError(
-          f"plan file version {data.get('version')!r} is not supported by this wapar_jax "
-          f"(reads versions {_READABLE_VERSIONS}); plan again. Got {data.get('version')!r}.")
+        f"plan file version {data.get('version')!r} is not supported by this wapar_jax "
+        f"(reads versions {_READABLE_VERSIONS}); plan again. Got {data.get('version')!r}."
+      )
     try:
+
       def flat(entries):
         return {tuple(e["path"]): _spec_from_json(e["spec"]) for e in entries}
 
@@ -324,28 +361,40 @@ class Plan:
         d["cross_node_axes"] = tuple(d.get("cross_node_axes", ()))  # absent before multi-host
         return Candidate(**d)
 
-      params, opt, batch = (flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs"))
+      params, opt, batch = (
+        flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs")
+      )
       return cls(
-          mesh_shape=dict(data["mesh_shape"]), param_specs=nest(params), batch_specs=nest(batch),
-          opt_state_param_specs=nest(opt),
-          predicted=Prediction.from_dict(data["predicted"]),
-          candidates=tuple(candidate(c) for c in data["candidates"]),
-          chosen=candidate(data["chosen"]), strategy=data["strategy"],
-          objective=data["objective"], profile=data["profile"],
-          devices_offered=int(data["devices_offered"]), model_split=tuple(data["model_split"]),
-          stats=dict(data["stats"]), memory_decision=data.get("memory_decision", ""),
-          flat_param_specs=params, flat_opt_specs=opt, flat_batch_specs=batch,
-          details=(PlanDetails.from_dict(data["details"]) if "details" in data
-                   else None))
+        mesh_shape=dict(data["mesh_shape"]),
+        param_specs=nest(params),
+        batch_specs=nest(batch),
+        opt_state_param_specs=nest(opt),
+        predicted=Prediction.from_dict(data["predicted"]),
+        candidates=tuple(candidate(c) for c in data["candidates"]),
+        chosen=candidate(data["chosen"]),
+        strategy=data["strategy"],
+        objective=data["objective"],
+        profile=data["profile"],
+        devices_offered=int(data["devices_offered"]),
+        model_split=tuple(data["model_split"]),
+        stats=dict(data["stats"]),
+        memory_decision=data.get("memory_decision", ""),
+        flat_param_specs=params,
+        flat_opt_specs=opt,
+        flat_batch_specs=batch,
+        details=(PlanDetails.from_dict(data["details"]) if "details" in data else None),
+      )
     except (KeyError, TypeError, ValueError) as e:
-      raise CorruptPlanFileError(f"the plan file is missing or has malformed fields. Got {type(e).__name__}: {e}") from e
+      raise CorruptPlanFileError(
+        f"the plan file is missing or has malformed fields. Got {type(e).__name__}: {e}"
+      ) from e
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the plan as JSON atomically: a reader never sees half a file."""
     write_text_atomic(path, self.to_json())
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "Plan":
+  def load(cls, path: str | os.PathLike) -> Plan:
     try:
       with open(path) as f:
         return cls.from_json(f.read())

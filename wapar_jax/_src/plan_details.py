@@ -1,8 +1,8 @@
 """What a Plan keeps about its model besides the specs: leaves, dimension groups, hot spots.
 
-Built once by the planner (`planner.details`) from the search space and the chosen candidate, so that a plan (also
-one loaded from JSON, with no model at hand) can explain itself, export logical-axis rules and
-check that it is applied to the model it was made for.
+Built once by the planner (`planner.details`) from the search space and the chosen candidate,
+so that a plan (also one loaded from JSON, with no model at hand) can explain itself, export
+logical-axis rules and check that it is applied to the model it was made for.
 
 Example:
   >>> plan = wapar_jax.plan(loss_fn, params, batch, optimizer=optax.adamw(1e-3), devices=8)
@@ -31,6 +31,7 @@ class DimGroup:
     param_bytes: bytes of all parameters it occurs in.
     where: "path[dim]" of (the first few of) its occurrences.
   """
+
   name: str
   size: int
   mesh_axes: tuple[str, ...]
@@ -41,6 +42,7 @@ class DimGroup:
 @dataclasses.dataclass(frozen=True)
 class Leaf:
   """One parameter or batch leaf as planned: path, shape, dtype, logical name of each dim."""
+
   path: tuple
   shape: tuple[int, ...]
   dtype: str
@@ -54,6 +56,7 @@ class Hotspot:
   `seconds` is the roofline time on one device of the chosen plan, all `count` equations and
   loop iterations together; `flops` likewise. `bound` says which roofline term limits it.
   """
+
   primitive: str
   source: str
   shapes: str
@@ -76,6 +79,7 @@ class PlanDetails:
     compute_bound_seconds / memory_bound_seconds: the compute time split by roofline term.
     unknown_primitives: primitives the planner had no sharding rule for (costed conservatively).
   """
+
   groups: tuple[DimGroup, ...]
   params: tuple[Leaf, ...]
   batch: tuple[Leaf, ...]
@@ -92,19 +96,29 @@ class PlanDetails:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict) -> "PlanDetails":
+  def from_dict(cls, d: dict) -> PlanDetails:
     def leaf(x):
       return Leaf(tuple(x["path"]), tuple(x["shape"]), str(x["dtype"]), tuple(x["dims"]))
 
     return cls(
-        groups=tuple(DimGroup(g["name"], int(g["size"]), tuple(g["mesh_axes"]),
-                              float(g["param_bytes"]), tuple(g["where"])) for g in d["groups"]),
-        params=tuple(leaf(x) for x in d["params"]), batch=tuple(leaf(x) for x in d["batch"]),
-        hotspots=tuple(Hotspot(**h) for h in d["hotspots"]),
-        memory=tuple((str(k), float(v)) for k, v in d["memory"]),
-        compute_bound_seconds=float(d["compute_bound_seconds"]),
-        memory_bound_seconds=float(d["memory_bound_seconds"]),
-        unknown_primitives=tuple(d.get("unknown_primitives", ())))
+      groups=tuple(
+        DimGroup(
+          g["name"],
+          int(g["size"]),
+          tuple(g["mesh_axes"]),
+          float(g["param_bytes"]),
+          tuple(g["where"]),
+        )
+        for g in d["groups"]
+      ),
+      params=tuple(leaf(x) for x in d["params"]),
+      batch=tuple(leaf(x) for x in d["batch"]),
+      hotspots=tuple(Hotspot(**h) for h in d["hotspots"]),
+      memory=tuple((str(k), float(v)) for k, v in d["memory"]),
+      compute_bound_seconds=float(d["compute_bound_seconds"]),
+      memory_bound_seconds=float(d["memory_bound_seconds"]),
+      unknown_primitives=tuple(d.get("unknown_primitives", ())),
+    )
 
   def group(self, name: str) -> DimGroup:
     for g in self.groups:

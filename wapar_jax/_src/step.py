@@ -16,7 +16,8 @@ Two memory levers are applied here, so the planner traces and costs exactly what
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.extend as jex
@@ -29,8 +30,8 @@ from wapar_jax.errors import InvalidArgumentError
 
 # Per-layer rematerialisation policies: what a checkpointed layer keeps for the backward pass.
 _POLICIES = {
-    "layers": jax.checkpoint_policies.nothing_saveable,
-    "layers_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "layers": jax.checkpoint_policies.nothing_saveable,
+  "layers_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 REMAT_CHOICES = ("none", "layers", "layers_dots")
 # A repeated block shorter than this many equations is an elementwise run, not a layer.
@@ -38,8 +39,9 @@ _MIN_BLOCK_EQNS = 8
 
 
 def _signature(eqn) -> tuple:
-  avals = lambda vs: tuple((tuple(getattr(v.aval, "shape", ())), str(getattr(v.aval, "dtype", "")))
-                           for v in vs)
+  avals = lambda vs: tuple(
+    (tuple(getattr(v.aval, "shape", ())), str(getattr(v.aval, "dtype", ""))) for v in vs
+  )
   return eqn.primitive.name, avals(eqn.invars), avals(eqn.outvars)
 
 
@@ -110,7 +112,8 @@ def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
   outputs = [v for eqn in eqns for v in eqn.outvars if v in outer_later_uses]
   # The loss's debug info, renamed: its argument and result names do not describe a segment.
   debug_info = debug_info._replace(arg_names=None, result_paths=None).replace_func_name(
-      "wapar_layer")
+    "wapar_layer"
+  )
   jaxpr = jex.core.Jaxpr([], inputs, outputs, list(eqns), debug_info=debug_info)
   segment = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(jaxpr, []))
   return inputs, outputs, _layer_remat(lambda *xs: tuple(segment(*xs)), policy)
@@ -118,8 +121,10 @@ def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
 
 def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None):
   """The loss's jaxpr, memoised in `cache` by input types (planning traces it per variant)."""
-  key = (jax.tree.structure((params, batch)),
-         tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((params, batch))))
+  key = (
+    jax.tree.structure((params, batch)),
+    tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((params, batch))),
+  )
   if cache is None or key not in cache:
     closed = jax.make_jaxpr(loss_fn)(params, batch)
     if cache is None:
@@ -145,8 +150,7 @@ def _remat_layers(loss_fn: Callable, policy, cache: dict | None) -> Callable:
         end = blocks[i]
         later = {v for e in eqns[end:] for v in e.invars if isinstance(v, jex.core.Var)}
         later.update(v for v in jaxpr.outvars if isinstance(v, jex.core.Var))
-        inputs, outputs, fn = _checkpointed_segment(eqns[i:end], later, policy,
-                                                    jaxpr.debug_info)
+        inputs, outputs, fn = _checkpointed_segment(eqns[i:end], later, policy, jaxpr.debug_info)
         env.update(zip(outputs, fn(*[read(v) for v in inputs])))
         i = end
         continue
@@ -154,8 +158,12 @@ def _remat_layers(loss_fn: Callable, policy, cache: dict | None) -> Callable:
       if eqn.primitive.name == "scan" and eqn.params["length"] > 1:
         body = eqn.params["jaxpr"]
         body_fn = jax.checkpoint(jex.core.jaxpr_as_fun(body), policy=policy)
-        eqn = eqn.replace(params={**eqn.params, "jaxpr": jax.make_jaxpr(body_fn)(
-            *[v.aval for v in body.jaxpr.invars])})
+        eqn = eqn.replace(
+          params={
+            **eqn.params,
+            "jaxpr": jax.make_jaxpr(body_fn)(*[v.aval for v in body.jaxpr.invars]),
+          }
+        )
       outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
       env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
       i += 1
@@ -176,22 +184,25 @@ def has_layers(loss_fn: Callable, params, batch, cache: dict | None = None) -> b
   """Whether per-layer remat has anything to checkpoint: a scan or a repeated block."""
   eqns = loss_jaxpr(loss_fn, params, batch, cache).jaxpr.eqns
   return bool(repeated_blocks(eqns)) or any(
-      e.primitive.name == "scan" and e.params["length"] > 1 for e in eqns)
+    e.primitive.name == "scan" and e.params["length"] > 1 for e in eqns
+  )
 
 
 def _split_microbatches(batch, k: int):
   def split(x):
     if x.shape[0] % k:
       raise InvalidArgumentError(
-          f"the batch dim {x.shape[0]} does not split into {k} micro-batches; use a micro-batch "
-          f"count that divides it. Got microbatches={k}.")
+        f"the batch dim {x.shape[0]} does not split into {k} micro-batches; use a micro-batch "
+        f"count that divides it. Got microbatches={k}."
+      )
     return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
 
   return jax.tree.map(split, batch)
 
 
-def loss_and_grads(loss_fn: Callable, *, remat: str = "none", microbatches: int = 1,
-                   jaxpr_cache: dict | None = None) -> Callable:
+def loss_and_grads(
+  loss_fn: Callable, *, remat: str = "none", microbatches: int = 1, jaxpr_cache: dict | None = None
+) -> Callable:
   """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation."""
   loss_fn = _with_remat(loss_fn, remat, jaxpr_cache)
   value_and_grad = jax.value_and_grad(loss_fn)
@@ -208,22 +219,30 @@ def loss_and_grads(loss_fn: Callable, *, remat: str = "none", microbatches: int 
       return (loss_sum + loss.astype(jnp.float32), grad_sum), None
 
     # Accumulate in float32 whatever the parameter dtype: bf16 sums of many micro-batches drift.
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
-                         params)
-    (loss_sum, grad_sum), _ = lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                       _split_microbatches(batch, microbatches))
+    zeros = jax.tree.map(
+      lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+    )
+    (loss_sum, grad_sum), _ = lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros), _split_microbatches(batch, microbatches)
+    )
     grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
     return loss_sum / microbatches, grads
 
   return accumulated
 
 
-def make_train_step(loss_fn: Callable[[Any, Any], jax.Array],
-                    optimizer: optax.GradientTransformation, *, remat: str = "none",
-                    microbatches: int = 1, jaxpr_cache: dict | None = None) -> Callable:
+def make_train_step(
+  loss_fn: Callable[[Any, Any], jax.Array],
+  optimizer: optax.GradientTransformation,
+  *,
+  remat: str = "none",
+  microbatches: int = 1,
+  jaxpr_cache: dict | None = None,
+) -> Callable:
   """`(params, opt_state, batch) -> (params, opt_state, loss)`, with no sharding in it."""
-  grads_of = loss_and_grads(loss_fn, remat=remat, microbatches=microbatches,
-                            jaxpr_cache=jaxpr_cache)
+  grads_of = loss_and_grads(
+    loss_fn, remat=remat, microbatches=microbatches, jaxpr_cache=jaxpr_cache
+  )
 
   def train_step(params, opt_state, batch):
     loss, grads = grads_of(params, batch)

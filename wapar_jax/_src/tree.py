@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -49,10 +50,11 @@ def specs_like(tree, flat_specs: Mapping[PathKeys, P], what: str):
   if missing or extra:
     first_extra = [path_str(k) for k in sorted(extra, key=str)[:5]]
     raise PlanMismatchError(
-        f"the plan's {what} do not match the tree it is applied to: "
-        f"{len(missing)} leaves have no spec (first: {missing[:5]}), "
-        f"{len(extra)} specs have no leaf (first: {first_extra}). "
-        "Plan again for this model, or pass the tree the plan was made for.")
+      f"the plan's {what} do not match the tree it is applied to: "
+      f"{len(missing)} leaves have no spec (first: {missing[:5]}), "
+      f"{len(extra)} specs have no leaf (first: {first_extra}). "
+      "Plan again for this model, or pass the tree the plan was made for."
+    )
   return jax.tree_util.tree_unflatten(treedef, [flat_specs[path_keys(p)] for p, _ in leaves])
 
 

@@ -7,17 +7,16 @@ over the masked tokens.
 """
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 
 from wapar_jax.examples._common import module_example
-from wapar_jax.examples._gpt import NORMAL_INIT
-from wapar_jax.examples._gpt import GPTConfig
-from wapar_jax.examples._gpt import self_attention
+from wapar_jax.examples._gpt import NORMAL_INIT, GPTConfig, self_attention
 
 
 class EncoderBlock(nn.Module):
@@ -26,6 +25,7 @@ class EncoderBlock(nn.Module):
   ``pre_norm`` puts the LayerNorm before each sub-layer (ViT); otherwise after each residual sum
   (BERT).
   """
+
   n_head: int
   d_ff: int
   epsilon: float
@@ -36,14 +36,17 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    dense = functools.partial(nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype,
-                              param_dtype=self.dtype)
-    norm = functools.partial(nn.LayerNorm, epsilon=self.epsilon, dtype=self.dtype,
-                             param_dtype=self.dtype)
+    dense = functools.partial(
+      nn.Dense, kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.dtype
+    )
+    norm = functools.partial(
+      nn.LayerNorm, epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.dtype
+    )
 
     def mlp(y):
       return dense(d, name="mlp_out")(
-          jax.nn.gelu(dense(self.d_ff, name="mlp_in")(y), approximate=False))
+        jax.nn.gelu(dense(self.d_ff, name="mlp_in")(y), approximate=False)
+      )
 
     if self.pre_norm:
       x = x + self_attention(norm(name="ln_1")(x), self.n_head, dense, causal=False)
@@ -63,23 +66,34 @@ class _BERT(nn.Module):
   Segment embeddings and the pooler / next-sentence head are left out: the masked-LM loss does
   not use them (they are 0.3% of BERT-large).
   """
+
   cfg: GPTConfig  # the same fields: layers, width, heads, vocabulary, position-table rows
 
   @nn.compact
   def __call__(self, tokens):
     cfg = self.cfg
-    embed = functools.partial(nn.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype)
-    norm = functools.partial(nn.LayerNorm, epsilon=_BERT_LN_EPS, dtype=cfg.dtype,
-                             param_dtype=cfg.dtype)
+    embed = functools.partial(
+      nn.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype
+    )
+    norm = functools.partial(
+      nn.LayerNorm, epsilon=_BERT_LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype
+    )
     wte = embed(cfg.vocab, cfg.d_model, name="wte")
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
     x = norm(name="ln_embed")(x)
     for i in range(cfg.n_layer):
-      x = EncoderBlock(cfg.n_head, 4 * cfg.d_model, _BERT_LN_EPS, pre_norm=False,
-                       kernel_init=NORMAL_INIT, dtype=cfg.dtype, name=f"block_{i}")(x)
-    x = nn.Dense(cfg.d_model, kernel_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype,
-                 name="mlm_dense")(x)
+      x = EncoderBlock(
+        cfg.n_head,
+        4 * cfg.d_model,
+        _BERT_LN_EPS,
+        pre_norm=False,
+        kernel_init=NORMAL_INIT,
+        dtype=cfg.dtype,
+        name=f"block_{i}",
+      )(x)
+    x = nn.Dense(
+      cfg.d_model, kernel_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype, name="mlm_dense"
+    )(x)
     x = norm(name="mlm_ln")(jax.nn.gelu(x, approximate=False))
     bias = self.param("mlm_bias", nn.initializers.zeros, (cfg.vocab,), cfg.dtype)
     return wte.attend(x) + bias
@@ -89,22 +103,27 @@ def bert(name, description, cfg, batch_size, seq_len):
   """The BERT of ``cfg`` with a masked-LM loss over sequences of ``seq_len`` tokens."""
   module = _BERT(cfg)
   shape = (batch_size, seq_len)
-  batch = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
-           "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
-           "weights": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  batch = {
+    "inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
+    "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
+    "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
+  }
 
   def make_batch(key):
     k_tokens, k_mask = jax.random.split(key)
     tokens = jax.random.randint(k_tokens, shape, 0, cfg.vocab, jnp.int32)
     masked = jax.random.bernoulli(k_mask, _MASK_RATE, shape)
-    return {"inputs": jnp.where(masked, _MASK_ID, tokens), "targets": tokens,
-            "weights": masked.astype(jnp.float32)}
+    return {
+      "inputs": jnp.where(masked, _MASK_ID, tokens),
+      "targets": tokens,
+      "weights": masked.astype(jnp.float32),
+    }
 
   def masked_lm_loss(logits, batch):
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                            batch["targets"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch["targets"]
+    )
     weights = batch["weights"]
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
-  return module_example(name, description, module, batch, make_batch, ("inputs",),
-                        masked_lm_loss)
+  return module_example(name, description, module, batch, make_batch, ("inputs",), masked_lm_loss)

@@ -1,7 +1,8 @@
 """What every example family shares: the ``Example`` record, abstract trees, losses and batches."""
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ class Example:
     init_params: ``init_params(key)`` -> concrete params with the same tree, shapes and dtypes.
     make_batch: ``make_batch(key)`` -> concrete batch matching ``batch``.
   """
+
   name: str
   description: str
   loss_fn: Callable
@@ -46,20 +48,23 @@ def eval_params(init_params):
 
 def class_loss(logits, labels):
   """Mean softmax cross-entropy of integer ``labels``, in float32 whatever the logits' dtype."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def classification_batch(batch_size, input_shape, num_classes, dtype):
   """Abstract batch and its ``make_batch`` for ``{"x": [B, *input_shape], "y": int32 [B]}``."""
   shape = (batch_size, *input_shape)
-  batch = {"x": jax.ShapeDtypeStruct(shape, dtype),
-           "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  batch = {
+    "x": jax.ShapeDtypeStruct(shape, dtype),
+    "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
 
   def make_batch(key):
     kx, ky = jax.random.split(key)
-    return {"x": jax.random.normal(kx, shape, dtype),
-            "y": jax.random.randint(ky, (batch_size,), 0, num_classes, jnp.int32)}
+    return {
+      "x": jax.random.normal(kx, shape, dtype),
+      "y": jax.random.randint(ky, (batch_size,), 0, num_classes, jnp.int32),
+    }
 
   return batch, make_batch
 
@@ -72,8 +77,10 @@ def token_batch(batch_size, seq_len, vocab):
   sequence dimension.
   """
   shape = (batch_size, seq_len)
-  batch = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
-           "targets": jax.ShapeDtypeStruct(shape, jnp.int32)}
+  batch = {
+    "inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
+    "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
+  }
 
   def make_batch(key):
     tokens = jax.random.randint(key, (batch_size, seq_len + 1), 0, vocab, jnp.int32)
@@ -107,11 +114,19 @@ def module_example(name, description, module, batch, make_batch, input_keys, los
   def loss_fn(params, batch):
     return loss(module.apply({"params": params}, *(batch[k] for k in input_keys)), batch)
 
-  return Example(name, description, loss_fn, eval_params(init_params), batch, init_params,
-                 make_batch)
+  return Example(
+    name, description, loss_fn, eval_params(init_params), batch, init_params, make_batch
+  )
 
 
 def linen_example(name, description, module, batch, make_batch, input_key, label_key):
   """Wraps a linen module whose output is logits into an Example with a cross-entropy loss."""
-  return module_example(name, description, module, batch, make_batch, (input_key,),
-                        lambda logits, batch: class_loss(logits, batch[label_key]))
+  return module_example(
+    name,
+    description,
+    module,
+    batch,
+    make_batch,
+    (input_key,),
+    lambda logits, batch: class_loss(logits, batch[label_key]),
+  )

@@ -9,21 +9,18 @@ import dataclasses
 import functools
 from typing import Any
 
-from flax import linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
 
-from wapar_jax.examples._common import Example
-from wapar_jax.examples._common import abstract
-from wapar_jax.examples._common import class_loss
-from wapar_jax.examples._common import linen_example
-from wapar_jax.examples._common import token_batch
+from wapar_jax.examples._common import Example, abstract, class_loss, linen_example, token_batch
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
   """Shape of a GPT (and of a BERT, which has the same fields)."""
+
   n_layer: int
   d_model: int
   n_head: int
@@ -49,7 +46,7 @@ def attention(q, k, v, *, causal, bias=None, scaled=True):
   b, tq, h, dh = q.shape
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
   if scaled:
-    scores = scores * (dh ** -0.5)
+    scores = scores * (dh**-0.5)
   if bias is not None:
     scores = scores + bias
   if causal:  # built from iota, no T x T constant
@@ -73,14 +70,16 @@ def self_attention(y, n_head, dense, *, causal):
 
 class _Block(nn.Module):
   """Pre-LayerNorm transformer block: causal multi-head attention, then a 4x GELU MLP."""
+
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     d = x.shape[-1]
-    dense = functools.partial(nn.Dense, kernel_init=NORMAL_INIT, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype)
+    dense = functools.partial(
+      nn.Dense, kernel_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype
+    )
     norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype)
 
     x = x + self_attention(norm(name="ln_1")(x), cfg.n_head, dense, causal=True)
@@ -91,6 +90,7 @@ class _Block(nn.Module):
 
 class _ScanBlock(nn.Module):
   """``_Block`` with the ``(carry) -> (carry, ys)`` signature that ``nn.scan`` wants."""
+
   cfg: GPTConfig
 
   @nn.compact
@@ -100,19 +100,22 @@ class _ScanBlock(nn.Module):
 
 class _GPT(nn.Module):
   """GPT-2: token + learned position embedding, blocks, final LayerNorm, tied output projection."""
+
   cfg: GPTConfig
   scan_layers: bool = False
 
   @nn.compact
   def __call__(self, tokens):
     cfg = self.cfg
-    embed = functools.partial(nn.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype)
+    embed = functools.partial(
+      nn.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype
+    )
     wte = embed(cfg.vocab, cfg.d_model, name="wte")
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
     if self.scan_layers:
-      blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=cfg.n_layer)
+      blocks = nn.scan(
+        _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer
+      )
       x, _ = blocks(cfg, name="blocks")(x)
     else:
       for i in range(cfg.n_layer):
@@ -127,10 +130,12 @@ class _NnxBlock(nnx.Module):
   def __init__(self, cfg, *, rngs):
     d = cfg.d_model
     self.n_head = cfg.n_head
-    linear = functools.partial(nnx.Linear, kernel_init=NORMAL_INIT, dtype=cfg.dtype,
-                               param_dtype=cfg.dtype, rngs=rngs)
-    norm = functools.partial(nnx.LayerNorm, d, epsilon=LN_EPS, dtype=cfg.dtype,
-                             param_dtype=cfg.dtype, rngs=rngs)
+    linear = functools.partial(
+      nnx.Linear, kernel_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+    )
+    norm = functools.partial(
+      nnx.LayerNorm, d, epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+    )
     self.ln_1, self.ln_2 = norm(), norm()
     self.query, self.key, self.value = linear(d, d), linear(d, d), linear(d, d)
     self.attn_out = linear(d, d)
@@ -149,13 +154,15 @@ class _NnxGPT(nnx.Module):
   """``_GPT`` in flax.nnx."""
 
   def __init__(self, cfg, *, rngs):
-    embed = functools.partial(nnx.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype, rngs=rngs)
+    embed = functools.partial(
+      nnx.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+    )
     self.wte = embed(cfg.vocab, cfg.d_model)
     self.wpe = embed(cfg.max_len, cfg.d_model)
     self.blocks = nnx.List([_NnxBlock(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
-    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=LN_EPS, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(
+      cfg.d_model, epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+    )
 
   def __call__(self, tokens):
     x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[1]))
@@ -167,8 +174,9 @@ class _NnxGPT(nnx.Module):
 def gpt_linen(name, description, cfg, batch_size, seq_len, scan_layers=False):
   """The linen GPT of ``cfg``; ``scan_layers`` stacks the blocks' params under ``nn.scan``."""
   batch, make_batch = token_batch(batch_size, seq_len, cfg.vocab)
-  return linen_example(name, description, _GPT(cfg, scan_layers), batch, make_batch,
-                       "inputs", "targets")
+  return linen_example(
+    name, description, _GPT(cfg, scan_layers), batch, make_batch, "inputs", "targets"
+  )
 
 
 def gpt_nnx(name, description, cfg, batch_size, seq_len):
@@ -187,5 +195,6 @@ def gpt_nnx(name, description, cfg, batch_size, seq_len):
     model = nnx.merge(graphdef, params, rest)
     return class_loss(model(batch["inputs"]), batch["targets"])
 
-  return Example(name, description, loss_fn, abstract(abstract_params), batch, init_params,
-                 make_batch)
+  return Example(
+    name, description, loss_fn, abstract(abstract_params), batch, init_params, make_batch
+  )

@@ -9,12 +9,12 @@ from typing import Any
 
 from flax import linen as nn
 
-from wapar_jax.examples._common import classification_batch
-from wapar_jax.examples._common import linen_example
+from wapar_jax.examples._common import classification_batch, linen_example
 
 
 class _AlexNet(nn.Module):
   """AlexNet as in torchvision (one-tower, 64-192-384-256-256 filters), ~61M parameters."""
+
   num_classes: int
   dtype: Any
 
@@ -34,12 +34,31 @@ class _AlexNet(nn.Module):
     return dense(self.num_classes)(x)
 
 
-_VGG16_LAYERS = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool",
-                 512, 512, 512, "pool", 512, 512, 512, "pool")
+_VGG16_LAYERS = (
+  64,
+  64,
+  "pool",
+  128,
+  128,
+  "pool",
+  256,
+  256,
+  256,
+  "pool",
+  512,
+  512,
+  512,
+  "pool",
+  512,
+  512,
+  512,
+  "pool",
+)
 
 
 class _VGG16(nn.Module):
   """VGG-16 (configuration D), ~138M parameters."""
+
   num_classes: int
   dtype: Any
 

@@ -9,21 +9,18 @@ import functools
 import math
 from typing import Any
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
-from wapar_jax.examples._common import class_loss
-from wapar_jax.examples._common import module_example
-from wapar_jax.examples._common import token_batch
-from wapar_jax.examples._gpt import LN_EPS
-from wapar_jax.examples._gpt import NORMAL_INIT
-from wapar_jax.examples._gpt import self_attention
+from wapar_jax.examples._common import class_loss, module_example, token_batch
+from wapar_jax.examples._gpt import LN_EPS, NORMAL_INIT, self_attention
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """Shape of a MoE decoder: GPTConfig's fields plus the experts and their routing."""
+
   n_layer: int
   d_model: int
   n_head: int
@@ -48,6 +45,7 @@ class MoEMLP(nn.Module):
 
   Returns the output and the Switch load-balancing loss, 1 when routing is uniform.
   """
+
   cfg: MoEConfig
 
   @nn.compact
@@ -85,13 +83,15 @@ class MoEMLP(nn.Module):
 
 class _MoEBlock(nn.Module):
   """GPT's ``_Block`` with the MLP replaced by ``MoEMLP``; returns ``(x, load-balancing loss)``."""
+
   cfg: MoEConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    dense = functools.partial(nn.Dense, kernel_init=NORMAL_INIT, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype)
+    dense = functools.partial(
+      nn.Dense, kernel_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype
+    )
     norm = functools.partial(nn.LayerNorm, epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype)
     x = x + self_attention(norm(name="ln_1")(x), cfg.n_head, dense, causal=True)
     y, aux = MoEMLP(cfg, name="moe")(norm(name="ln_2")(x))
@@ -100,13 +100,15 @@ class _MoEBlock(nn.Module):
 
 class _MoEGPT(nn.Module):
   """GPT's ``_GPT`` with ``_MoEBlock``s; returns logits and the layers' mean load-balancing loss."""
+
   cfg: MoEConfig
 
   @nn.compact
   def __call__(self, tokens):
     cfg = self.cfg
-    embed = functools.partial(nn.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype,
-                              param_dtype=cfg.dtype)
+    embed = functools.partial(
+      nn.Embed, embedding_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype
+    )
     wte = embed(cfg.vocab, cfg.d_model, name="wte")
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
     aux = []

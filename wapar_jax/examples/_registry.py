@@ -1,19 +1,12 @@
 """The table of example names and their builders, and the lookup that validates overrides."""
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
 from wapar_jax.errors import InvalidArgumentError
-from wapar_jax.examples import _bert
-from wapar_jax.examples import _gpt
-from wapar_jax.examples import _imagenet
-from wapar_jax.examples import _moe
-from wapar_jax.examples import _resnet
-from wapar_jax.examples import _small
-from wapar_jax.examples import _t5
-from wapar_jax.examples import _vit
+from wapar_jax.examples import _bert, _gpt, _imagenet, _moe, _resnet, _small, _t5, _vit
 from wapar_jax.examples._common import Example
 
 
@@ -33,6 +26,7 @@ def _gpt_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_size
     if kind == "nnx":
       return _gpt.gpt_nnx(name, desc, cfg, b, t)
     return _gpt.gpt_linen(name, desc, cfg, b, t, scan_layers=(kind == "scan"))
+
   return _Entry(description, batch_size, seq_len, build)
 
 
@@ -40,12 +34,14 @@ def _bert_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_siz
   def build(name, desc, b, t, dtype):
     cfg = _gpt.GPTConfig(n_layer, d_model, n_head, vocab, max(seq_len, t), dtype)
     return _bert.bert(name, desc, cfg, b, t)
+
   return _Entry(description, batch_size, seq_len, build)
 
 
 def _t5_entry(description, n_layer, d_model, n_head, d_ff, vocab, seq_len, batch_size):
   def build(name, desc, b, t, dtype):
     return _t5.t5(name, desc, _t5.T5Config(n_layer, d_model, n_head, d_ff, vocab, dtype), b, t)
+
   return _Entry(description, batch_size, seq_len, build)
 
 
@@ -53,59 +49,84 @@ def _moe_entry(description, n_layer, d_model, n_head, vocab, n_experts, seq_len,
   def build(name, desc, b, t, dtype):
     cfg = _moe.MoEConfig(n_layer, d_model, n_head, vocab, max(seq_len, t), n_experts, dtype=dtype)
     return _moe.moe(name, desc, cfg, b, t)
+
   return _Entry(description, batch_size, seq_len, build)
 
 
 def _fixed_entry(description, batch_size, build):
   """An example without a sequence dimension; ``build(name, description, batch_size, dtype)``."""
-  return _Entry(description, batch_size, None,
-                lambda name, desc, b, t, dtype: build(name, desc, b, dtype))
+  return _Entry(
+    description, batch_size, None, lambda name, desc, b, t, dtype: build(name, desc, b, dtype)
+  )
 
 
 _TINY = dict(n_layer=2, d_model=64, n_head=4, vocab=256, seq_len=32, batch_size=8)
 
 _EXAMPLES = {
-    "mlp": _fixed_entry("3-layer linen MLP classifier, 64 -> 256 -> 256 -> 10", 32, _small.mlp),
-    "cnn": _fixed_entry("small linen CNN, 2 conv + max-pool + dense, 32x32x3 -> 10", 16,
-                        _small.cnn),
-    "plain": _fixed_entry("2-layer tanh MLP regression in plain jnp (no flax), MSE", 16,
-                          _small.plain),
-    "gpt-tiny": _gpt_entry("GPT-2-style decoder (linen), 2 layers, d 64", **_TINY),
-    "gpt-tiny-nnx": _gpt_entry("gpt-tiny written with flax.nnx", **_TINY, kind="nnx"),
-    "gpt-tiny-scan": _gpt_entry("gpt-tiny with nn.scan over layers", **_TINY, kind="scan"),
-    "gpt2-small": _gpt_entry("GPT-2 small, 124M", 12, 768, 12, 50257, 1024, 8),
-    "gpt2-small-scan": _gpt_entry("GPT-2 small with nn.scan over its 12 layers", 12, 768, 12,
-                                  50257, 1024, 8, kind="scan"),
-    "gpt2-medium": _gpt_entry("GPT-2 medium, 355M", 24, 1024, 16, 50257, 1024, 8),
-    "gpt2-large": _gpt_entry("GPT-2 large, 774M", 36, 1280, 20, 50257, 1024, 8),
-    "gpt2-xl": _gpt_entry("GPT-2 XL, 1.5B", 48, 1600, 25, 50257, 1024, 8),
-    "gpt-1.3b": _gpt_entry("GPT 1.3B: 24 layers, d 2048", 24, 2048, 16, 50257, 1024, 8),
-    "gpt-7b": _gpt_entry("GPT 6.6B: 32 layers, d 4096, vocab 32000", 32, 4096, 32, 32000, 2048,
-                         8),
-    "moe-tiny": _moe_entry("mixture-of-experts decoder, 2 layers, d 64, 4 experts top-2",
-                           2, 64, 4, 256, 4, 32, 8),
-    # GPT-2 small's shape, vocab padded to a multiple of 64 (as nanoGPT does), 8 experts per
-    # layer: 0.52B parameters, ~0.17B active per token.
-    "moe-gpt": _moe_entry("mixture-of-experts GPT: 12 layers, d 768, 8 experts top-2, 0.52B",
-                          12, 768, 12, 50304, 8, 1024, 8),
-    "bert-tiny": _bert_entry("BERT-style encoder with masked-LM loss, 2 layers, d 64", **_TINY),
-    "bert-large": _bert_entry("BERT-large, masked-LM: 24 layers, d 1024, 335M", 24, 1024, 16,
-                              30522, 512, 8),
-    "t5-tiny": _t5_entry("T5-style encoder-decoder, 2 + 2 layers, d 64", 2, 64, 4, 256, 256, 32,
-                         8),
-    "t5-base": _t5_entry("T5-base (v1.0), 12 + 12 layers, d 768, 223M", 12, 768, 12, 3072, 32128,
-                         512, 8),
-    "vit-tiny": _fixed_entry("ViT, 2 layers, d 64, 32x32x3 in 8x8 patches -> 10", 8,
-                             _vit.vit(_vit.ViTConfig(2, 64, 4, 32, 8, 10))),
-    "vit-b16": _fixed_entry("ViT-B/16, ImageNet 224x224x3 -> 1000, 86M", 32,
-                            _vit.vit(_vit.ViTConfig(12, 768, 12, 224, 16, 1000))),
-    "alexnet": _fixed_entry("AlexNet (torchvision layout), ImageNet 224x224x3 -> 1000", 32,
-                            _imagenet.alexnet),
-    "vgg16": _fixed_entry("VGG-16, ImageNet 224x224x3 -> 1000", 32, _imagenet.vgg16),
-    "resnet-tiny": _fixed_entry("bottleneck ResNet, 2 stages of 1 block, width 8, 32x32x3 -> 10",
-                                8, _resnet.resnet((1, 1), 8, 32, 10)),
-    "resnet50": _fixed_entry("ResNet-50 (v1.5, batch norm), ImageNet 224x224x3 -> 1000, 25.6M",
-                             32, _resnet.resnet((3, 4, 6, 3), 64, 224, 1000)),
+  "mlp": _fixed_entry("3-layer linen MLP classifier, 64 -> 256 -> 256 -> 10", 32, _small.mlp),
+  "cnn": _fixed_entry("small linen CNN, 2 conv + max-pool + dense, 32x32x3 -> 10", 16, _small.cnn),
+  "plain": _fixed_entry(
+    "2-layer tanh MLP regression in plain jnp (no flax), MSE", 16, _small.plain
+  ),
+  "gpt-tiny": _gpt_entry("GPT-2-style decoder (linen), 2 layers, d 64", **_TINY),
+  "gpt-tiny-nnx": _gpt_entry("gpt-tiny written with flax.nnx", **_TINY, kind="nnx"),
+  "gpt-tiny-scan": _gpt_entry("gpt-tiny with nn.scan over layers", **_TINY, kind="scan"),
+  "gpt2-small": _gpt_entry("GPT-2 small, 124M", 12, 768, 12, 50257, 1024, 8),
+  "gpt2-small-scan": _gpt_entry(
+    "GPT-2 small with nn.scan over its 12 layers", 12, 768, 12, 50257, 1024, 8, kind="scan"
+  ),
+  "gpt2-medium": _gpt_entry("GPT-2 medium, 355M", 24, 1024, 16, 50257, 1024, 8),
+  "gpt2-large": _gpt_entry("GPT-2 large, 774M", 36, 1280, 20, 50257, 1024, 8),
+  "gpt2-xl": _gpt_entry("GPT-2 XL, 1.5B", 48, 1600, 25, 50257, 1024, 8),
+  "gpt-1.3b": _gpt_entry("GPT 1.3B: 24 layers, d 2048", 24, 2048, 16, 50257, 1024, 8),
+  "gpt-7b": _gpt_entry("GPT 6.6B: 32 layers, d 4096, vocab 32000", 32, 4096, 32, 32000, 2048, 8),
+  "moe-tiny": _moe_entry(
+    "mixture-of-experts decoder, 2 layers, d 64, 4 experts top-2", 2, 64, 4, 256, 4, 32, 8
+  ),
+  # GPT-2 small's shape, vocab padded to a multiple of 64 (as nanoGPT does), 8 experts per
+  # layer: 0.52B parameters, ~0.17B active per token.
+  "moe-gpt": _moe_entry(
+    "mixture-of-experts GPT: 12 layers, d 768, 8 experts top-2, 0.52B",
+    12,
+    768,
+    12,
+    50304,
+    8,
+    1024,
+    8,
+  ),
+  "bert-tiny": _bert_entry("BERT-style encoder with masked-LM loss, 2 layers, d 64", **_TINY),
+  "bert-large": _bert_entry(
+    "BERT-large, masked-LM: 24 layers, d 1024, 335M", 24, 1024, 16, 30522, 512, 8
+  ),
+  "t5-tiny": _t5_entry("T5-style encoder-decoder, 2 + 2 layers, d 64", 2, 64, 4, 256, 256, 32, 8),
+  "t5-base": _t5_entry(
+    "T5-base (v1.0), 12 + 12 layers, d 768, 223M", 12, 768, 12, 3072, 32128, 512, 8
+  ),
+  "vit-tiny": _fixed_entry(
+    "ViT, 2 layers, d 64, 32x32x3 in 8x8 patches -> 10",
+    8,
+    _vit.vit(_vit.ViTConfig(2, 64, 4, 32, 8, 10)),
+  ),
+  "vit-b16": _fixed_entry(
+    "ViT-B/16, ImageNet 224x224x3 -> 1000, 86M",
+    32,
+    _vit.vit(_vit.ViTConfig(12, 768, 12, 224, 16, 1000)),
+  ),
+  "alexnet": _fixed_entry(
+    "AlexNet (torchvision layout), ImageNet 224x224x3 -> 1000", 32, _imagenet.alexnet
+  ),
+  "vgg16": _fixed_entry("VGG-16, ImageNet 224x224x3 -> 1000", 32, _imagenet.vgg16),
+  "resnet-tiny": _fixed_entry(
+    "bottleneck ResNet, 2 stages of 1 block, width 8, 32x32x3 -> 10",
+    8,
+    _resnet.resnet((1, 1), 8, 32, 10),
+  ),
+  "resnet50": _fixed_entry(
+    "ResNet-50 (v1.5, batch norm), ImageNet 224x224x3 -> 1000, 25.6M",
+    32,
+    _resnet.resnet((3, 4, 6, 3), 64, 224, 1000),
+  ),
 }
 
 
@@ -119,8 +140,9 @@ def _check_positive(name, value):
     raise InvalidArgumentError(f"{name} must be a positive integer. Got {value!r}.")
 
 
-def get_example(name: str, *, batch_size: int | None = None, seq_len: int | None = None,
-                dtype: str | None = None) -> Example:
+def get_example(
+  name: str, *, batch_size: int | None = None, seq_len: int | None = None, dtype: str | None = None
+) -> Example:
   """Builds a named example with abstract params and batch.
 
   Args:
@@ -145,21 +167,24 @@ def get_example(name: str, *, batch_size: int | None = None, seq_len: int | None
   entry = _EXAMPLES.get(name)
   if entry is None:
     raise InvalidArgumentError(
-        f"Unknown example; choose one of {', '.join(_EXAMPLES)}. Got {name!r}.")
+      f"Unknown example; choose one of {', '.join(_EXAMPLES)}. Got {name!r}."
+    )
   _check_positive("batch_size", batch_size)
   _check_positive("seq_len", seq_len)
   if seq_len is not None and entry.seq_len is None:
     sequence_models = ", ".join(n for n, e in _EXAMPLES.items() if e.seq_len is not None)
     raise InvalidArgumentError(
-        f"seq_len applies only to sequence models ({sequence_models}); {name!r} has no sequence "
-        f"dimension. Got seq_len={seq_len}.")
+      f"seq_len applies only to sequence models ({sequence_models}); {name!r} has no sequence "
+      f"dimension. Got seq_len={seq_len}."
+    )
   try:
     compute_dtype = jnp.dtype(dtype or "float32")
   except TypeError:
     compute_dtype = None
   if compute_dtype is None or not jnp.issubdtype(compute_dtype, jnp.floating):
     raise InvalidArgumentError(
-        f"dtype must be a floating-point dtype name such as 'float32' or 'bfloat16'. "
-        f"Got {dtype!r}.")
-  return entry.build(name, entry.description, batch_size or entry.batch_size,
-                     seq_len or entry.seq_len, compute_dtype)
+      f"dtype must be a floating-point dtype name such as 'float32' or 'bfloat16'. Got {dtype!r}."
+    )
+  return entry.build(
+    name, entry.description, batch_size or entry.batch_size, seq_len or entry.seq_len, compute_dtype
+  )

@@ -9,14 +9,11 @@ import functools
 import math
 from typing import Any
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
-from wapar_jax.examples._common import Example
-from wapar_jax.examples._common import classification_batch
-from wapar_jax.examples._common import eval_params
-from wapar_jax.examples._common import linen_example
+from wapar_jax.examples._common import Example, classification_batch, eval_params, linen_example
 
 
 class _MLP(nn.Module):
@@ -64,23 +61,30 @@ def plain(name, description, batch_size, dtype):
   @jax.jit
   def init_params(key):
     k1, k2 = jax.random.split(key)
-    return {"w1": jax.random.normal(k1, (n_in, n_hidden), dtype) / math.sqrt(n_in),
-            "b1": jnp.zeros((n_hidden,), dtype),
-            "w2": jax.random.normal(k2, (n_hidden, n_out), dtype) / math.sqrt(n_hidden),
-            "b2": jnp.zeros((n_out,), dtype)}
+    return {
+      "w1": jax.random.normal(k1, (n_in, n_hidden), dtype) / math.sqrt(n_in),
+      "b1": jnp.zeros((n_hidden,), dtype),
+      "w2": jax.random.normal(k2, (n_hidden, n_out), dtype) / math.sqrt(n_hidden),
+      "b2": jnp.zeros((n_out,), dtype),
+    }
 
   def loss_fn(params, batch):
     hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
     pred = (hidden @ params["w2"] + params["b2"]).astype(jnp.float32)
     return jnp.mean((pred - batch["y"]) ** 2)
 
-  batch = {"x": jax.ShapeDtypeStruct((batch_size, n_in), dtype),
-           "y": jax.ShapeDtypeStruct((batch_size, n_out), jnp.float32)}
+  batch = {
+    "x": jax.ShapeDtypeStruct((batch_size, n_in), dtype),
+    "y": jax.ShapeDtypeStruct((batch_size, n_out), jnp.float32),
+  }
 
   def make_batch(key):
     kx, ky = jax.random.split(key)
-    return {"x": jax.random.normal(kx, (batch_size, n_in), dtype),
-            "y": jax.random.normal(ky, (batch_size, n_out), jnp.float32)}
+    return {
+      "x": jax.random.normal(kx, (batch_size, n_in), dtype),
+      "y": jax.random.normal(ky, (batch_size, n_out), jnp.float32),
+    }
 
-  return Example(name, description, loss_fn, eval_params(init_params), batch, init_params,
-                 make_batch)
+  return Example(
+    name, description, loss_fn, eval_params(init_params), batch, init_params, make_batch
+  )

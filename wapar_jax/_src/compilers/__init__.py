@@ -24,5 +24,14 @@ def for_profile(kind: str) -> CompilerRules:
   return BY_PROFILE_KIND[kind]
 
 
-__all__ = ["BY_PROFILE_KIND", "REGISTRY", "CompilerRules", "Scratch", "XLA_CPU", "XLA_GPU",
-           "XLA_TPU", "by_name", "for_profile"]
+__all__ = [
+  "BY_PROFILE_KIND",
+  "REGISTRY",
+  "CompilerRules",
+  "Scratch",
+  "XLA_CPU",
+  "XLA_GPU",
+  "XLA_TPU",
+  "by_name",
+  "for_profile",
+]

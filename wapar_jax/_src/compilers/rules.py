@@ -8,28 +8,75 @@ compiler's object overriding what it does differently (`xla_gpu.py`, `xla_cpu.py
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from wapar_jax._src.trace import ELEMENTWISE
 
 # Ops XLA fuses into their consumers: their outputs are rarely materialised in memory.
-FUSIBLE = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
-                         "iota"}
+FUSIBLE = ELEMENTWISE | {
+  "broadcast_in_dim",
+  "reshape",
+  "squeeze",
+  "expand_dims",
+  "transpose",
+  "iota",
+}
 # Never a buffer of their own: bitcasts, or fused into every consumer.
-LAYOUT = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
-                    "convert_element_type", "iota", "copy", "copy_p"})
+LAYOUT = frozenset(
+  {
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "transpose",
+    "convert_element_type",
+    "iota",
+    "copy",
+    "copy_p",
+  }
+)
 BITCASTS = frozenset({"reshape", "squeeze", "expand_dims"})
 # Non-elementwise kernels that still fuse their elementwise producers (reduce fusions).
 FUSING_KERNELS = ("reduce_", "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin")
 # Kernels XLA runs in place on their first operand.
-IN_PLACE = frozenset({"scatter", "scatter-add", "scatter-sub", "scatter-mul", "scatter-min",
-                      "scatter-max", "dynamic_update_slice"})
+IN_PLACE = frozenset(
+  {
+    "scatter",
+    "scatter-add",
+    "scatter-sub",
+    "scatter-mul",
+    "scatter-min",
+    "scatter-max",
+    "dynamic_update_slice",
+  }
+)
 # Elementwise ops XLA does not duplicate into a second fusion (its `IsExpensive`).
-EXPENSIVE = frozenset({"div", "sqrt", "rsqrt", "cbrt", "exp", "exp2", "expm1", "log", "log1p",
-                       "logistic", "pow", "atan2", "cos", "sin", "tan", "tanh", "erf", "erfc",
-                       "erf_inv", "rem"})
+EXPENSIVE = frozenset(
+  {
+    "div",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "exp",
+    "exp2",
+    "expm1",
+    "log",
+    "log1p",
+    "logistic",
+    "pow",
+    "atan2",
+    "cos",
+    "sin",
+    "tan",
+    "tanh",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "rem",
+  }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,23 +86,25 @@ class Scratch:
   Each is sharded like a variable of the step (`like`), with its own size, live from op `start`
   to op `stop` inclusive.
   """
+
   like: np.ndarray
   nbytes: np.ndarray
   start: np.ndarray
   stop: np.ndarray
 
   @classmethod
-  def none(cls) -> "Scratch":
+  def none(cls) -> Scratch:
     empty = np.zeros(0, dtype=np.int64)
     return cls(empty, np.zeros(0), empty, empty)
 
   @classmethod
-  def concatenate(cls, parts) -> "Scratch":
+  def concatenate(cls, parts) -> Scratch:
     parts = [p for p in parts if p.like.size]
     if not parts:
       return cls.none()
-    return cls(*(np.concatenate([getattr(p, f) for p in parts])
-                 for f in ("like", "nbytes", "start", "stop")))
+    return cls(
+      *(np.concatenate([getattr(p, f) for p in parts]) for f in ("like", "nbytes", "start", "stop"))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +140,7 @@ class CompilerRules:
     local_reads: readers within this many equations of a value count as its neighbours
       (a cheap producer is duplicated into neighbouring kernels).
   """
+
   name: str
   kernel_reads_through: frozenset[str]
   kept_if_read_later: frozenset[str] | None

@@ -47,12 +47,17 @@ def _is_constant_fill(traced, v: int) -> bool:
     return False
   op = traced.ops[traced.def_pos[v]]
   return op.primitive == "broadcast_in_dim" and all(
-      u < 0 or not traced.var_shape[u] for u in op.in_vars)
+    u < 0 or not traced.var_shape[u] for u in op.in_vars
+  )
 
 
 def _scratch(like, nbytes, start, stop) -> Scratch:
-  return Scratch(np.asarray(like, dtype=np.int64), np.asarray(nbytes, dtype=float),
-                 np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64))
+  return Scratch(
+    np.asarray(like, dtype=np.int64),
+    np.asarray(nbytes, dtype=float),
+    np.asarray(start, dtype=np.int64),
+    np.asarray(stop, dtype=np.int64),
+  )
 
 
 def transposed_conv_operands(traced) -> Scratch:
@@ -64,8 +69,12 @@ def transposed_conv_operands(traced) -> Scratch:
   """
   sizes = traced.var_bytes()
   reads = _transposed_conv_reads(traced)
-  return _scratch([v for v, _ in reads], [sizes[v] for v, _ in reads],
-                  [max(int(traced.def_pos[v]), 0) for v, _ in reads], [c for _, c in reads])
+  return _scratch(
+    [v for v, _ in reads],
+    [sizes[v] for v, _ in reads],
+    [max(int(traced.def_pos[v]), 0) for v, _ in reads],
+    [c for _, c in reads],
+  )
 
 
 def max_pool_gradient_indices(traced) -> Scratch:
@@ -77,8 +86,7 @@ def max_pool_gradient_indices(traced) -> Scratch:
   forward pool runs (the indices are computed right after it), the zeros become the gradient.
   """
   sizes = traced.var_bytes()
-  pooled_at = {op.in_vars[0]: op.index for op in traced.ops
-               if op.primitive == "reduce_window_max"}
+  pooled_at = {op.in_vars[0]: op.index for op in traced.ops if op.primitive == "reduce_window_max"}
   like, nbytes, start, stop = [], [], [], []
   for op in traced.ops:
     if op.primitive != "select_and_scatter_add":
@@ -87,8 +95,11 @@ def max_pool_gradient_indices(traced) -> Scratch:
     rank = len(traced.var_shape[operand])
     pooled = pooled_at.get(operand, int(traced.def_pos[traced.loss_var]))
     like += [operand, operand, source]
-    nbytes += [sizes[operand], 4 * rank * math.prod(traced.var_shape[operand]),
-               4 * rank * math.prod(traced.var_shape[source])]
+    nbytes += [
+      sizes[operand],
+      4 * rank * math.prod(traced.var_shape[operand]),
+      4 * rank * math.prod(traced.var_shape[source]),
+    ]
     start += [0, 0, pooled]
     stop += [op.index - 1, pooled, op.index]
   return _scratch(like, nbytes, start, stop)
@@ -113,18 +124,19 @@ def rerouted_reads(traced) -> set[tuple[int, int]]:
   """Reads XLA:CPU serves from a buffer of its own: a transposed conv operand's, and a max
   pool's input, whose gradient reads the argmax indices instead."""
   rerouted = set(_transposed_conv_reads(traced))
-  rerouted.update((op.in_vars[1], op.index) for op in traced.ops
-                  if op.primitive == "select_and_scatter_add")
+  rerouted.update(
+    (op.in_vars[1], op.index) for op in traced.ops if op.primitive == "select_and_scatter_add"
+  )
   return rerouted
 
 
 XLA_CPU = CompilerRules(
-    name="xla:cpu",
-    kernel_reads_through=LAYOUT,
-    kept_if_read_later=None,
-    reduces_in_place=False,
-    combine_count=CPU_COMBINE_COUNT,
-    copies_strided_gathers=True,
-    scratch=(transposed_conv_operands, max_pool_gradient_indices, scatter_zeros),
-    rerouted_reads=rerouted_reads,
+  name="xla:cpu",
+  kernel_reads_through=LAYOUT,
+  kept_if_read_later=None,
+  reduces_in_place=False,
+  combine_count=CPU_COMBINE_COUNT,
+  copies_strided_gathers=True,
+  scratch=(transposed_conv_operands, max_pool_gradient_indices, scatter_zeros),
+  rerouted_reads=rerouted_reads,
 )

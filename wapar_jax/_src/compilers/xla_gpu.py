@@ -8,18 +8,18 @@ import dataclasses
 from wapar_jax._src.compilers.rules import BITCASTS, EXPENSIVE, CompilerRules
 
 XLA_GPU = CompilerRules(
-    name="xla:gpu",
-    kernel_reads_through=BITCASTS,
-    # It recomputes a cheap elementwise value inside the backward kernels that read it (a
-    # LayerNorm's normalised input, a residual sum), from kept inputs.
-    kept_if_read_later=EXPENSIVE,
-    reduces_in_place=True,
-    combine_count=None,
-    copies_strided_gathers=False,
-    # In a rematerialised backward pass it runs each layer's recomputation and input gradients,
-    # then every weight-gradient matmul at the end, keeping more than the jaxpr's order implies;
-    # XLA:CPU's rules bound what it keeps there (docs/memory_model.md).
-    remat_at_least="xla:cpu",
+  name="xla:gpu",
+  kernel_reads_through=BITCASTS,
+  # It recomputes a cheap elementwise value inside the backward kernels that read it (a
+  # LayerNorm's normalised input, a residual sum), from kept inputs.
+  kept_if_read_later=EXPENSIVE,
+  reduces_in_place=True,
+  combine_count=None,
+  copies_strided_gathers=False,
+  # In a rematerialised backward pass it runs each layer's recomputation and input gradients,
+  # then every weight-gradient matmul at the end, keeping more than the jaxpr's order implies;
+  # XLA:CPU's rules bound what it keeps there (docs/memory_model.md).
+  remat_at_least="xla:cpu",
 )
 
 XLA_TPU = dataclasses.replace(XLA_GPU, name="xla:tpu")

@@ -9,21 +9,32 @@ COMBINE_BYTES = 30 * 2**20
 # Collectives over one mesh axis of n devices, ring algorithms (as NCCL and XLA's CPU/TPU runtime
 # use for large messages). `nbytes` is the per-device size of the full (unsplit) buffer.
 
+
 def collective_traffic(kind: str, nbytes, n: int):
   """Bytes each device sends."""
   if n <= 1:
     return 0.0 * nbytes
   frac = (n - 1) / n
-  return {"all-reduce": 2 * frac, "all-gather": frac, "reduce-scatter": frac,
-          "all-to-all": frac, "permute": 1.0}[kind] * nbytes
+  return {
+    "all-reduce": 2 * frac,
+    "all-gather": frac,
+    "reduce-scatter": frac,
+    "all-to-all": frac,
+    "permute": 1.0,
+  }[kind] * nbytes
 
 
 def collective_steps(kind: str, n: int) -> int:
   """Latency terms (alpha) of the ring algorithm."""
   if n <= 1:
     return 0
-  return {"all-reduce": 2 * (n - 1), "all-gather": n - 1, "reduce-scatter": n - 1,
-          "all-to-all": n - 1, "permute": 1}[kind]
+  return {
+    "all-reduce": 2 * (n - 1),
+    "all-gather": n - 1,
+    "reduce-scatter": n - 1,
+    "all-to-all": n - 1,
+    "permute": 1,
+  }[kind]
 
 
 def collective_time(kind: str, nbytes, n: int, bandwidth: float, latency: float):
@@ -38,9 +49,9 @@ def collective_time(kind: str, nbytes, n: int, bandwidth: float, latency: float)
 # 1/n_inner of the bytes a flat ring would push through it. With n_outer == 1 (or n_inner == 1)
 # these are exactly the flat ring formulas above on the one link used.
 _HIERARCHICAL_PHASES = {  # kind -> (inner kinds, kind across nodes)
-    "all-reduce": (("reduce-scatter", "all-gather"), "all-reduce"),
-    "reduce-scatter": (("reduce-scatter",), "reduce-scatter"),
-    "all-gather": (("all-gather",), "all-gather"),
+  "all-reduce": (("reduce-scatter", "all-gather"), "all-reduce"),
+  "reduce-scatter": (("reduce-scatter",), "reduce-scatter"),
+  "all-gather": (("all-gather",), "all-gather"),
 }
 
 
@@ -67,13 +78,22 @@ def hierarchical_collective_steps(kind: str, n_inner: int, n_outer: int) -> tupl
       return collective_steps(kind, n_inner), 0
     return 0, collective_steps(kind, n_inner * n_outer)
   inner_kinds, outer_kind = _HIERARCHICAL_PHASES[kind]
-  return (sum(collective_steps(k, n_inner) for k in inner_kinds),
-          collective_steps(outer_kind, n_outer))
+  return (
+    sum(collective_steps(k, n_inner) for k in inner_kinds),
+    collective_steps(outer_kind, n_outer),
+  )
 
 
-def hierarchical_collective_time(kind: str, nbytes, n_inner: int, n_outer: int,
-                                 inner_bandwidth: float, inner_latency: float,
-                                 outer_bandwidth: float, outer_latency: float):
+def hierarchical_collective_time(
+  kind: str,
+  nbytes,
+  n_inner: int,
+  n_outer: int,
+  inner_bandwidth: float,
+  inner_latency: float,
+  outer_bandwidth: float,
+  outer_latency: float,
+):
   """alpha-beta time of one two-level collective over n_outer nodes x n_inner devices.
 
   Args:
@@ -95,5 +115,9 @@ def hierarchical_collective_time(kind: str, nbytes, n_inner: int, n_outer: int,
   """
   inner_steps, outer_steps = hierarchical_collective_steps(kind, n_inner, n_outer)
   inner_bytes, outer_bytes = hierarchical_collective_traffic(kind, nbytes, n_inner, n_outer)
-  return (inner_steps * inner_latency + outer_steps * outer_latency
-          + inner_bytes / inner_bandwidth + outer_bytes / outer_bandwidth)
+  return (
+    inner_steps * inner_latency
+    + outer_steps * outer_latency
+    + inner_bytes / inner_bandwidth
+    + outer_bytes / outer_bandwidth
+  )

@@ -53,8 +53,9 @@ def op_dtype(op):
   return "float32"
 
 
-def op_roofline(traced, costs: StepCosts, profile: DeviceProfile,
-                fusible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def op_roofline(
+  traced, costs: StepCosts, profile: DeviceProfile, fusible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Per op on one device: (FLOPs / achievable peak, bytes / achievable bandwidth) seconds.
 
   `fusible[i]`: op i is fused into its consumers, so only a share of its bytes move.
@@ -62,15 +63,17 @@ def op_roofline(traced, costs: StepCosts, profile: DeviceProfile,
   peak = np.array([profile.flops_per_second(op_dtype(op)) for op in traced.ops])
   peak = peak * matmul_efficiency(traced, profile)
   nbytes = costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
-  return (costs.flops / (peak * profile.compute_efficiency),
-          nbytes / (profile.memory_bandwidth * profile.memory_efficiency))
+  return (
+    costs.flops / (peak * profile.compute_efficiency),
+    nbytes / (profile.memory_bandwidth * profile.memory_efficiency),
+  )
 
 
-def op_seconds(traced, costs: StepCosts, profile: DeviceProfile,
-               fusible: np.ndarray) -> np.ndarray:
+def op_seconds(traced, costs: StepCosts, profile: DeviceProfile, fusible: np.ndarray) -> np.ndarray:
   """Roofline time of each op on one device: the larger of its compute and memory time, plus
   the profile's per-kernel overhead for every run of an op that XLA does not fuse away."""
   costed = (costs.flops > 0) | (costs.bytes_accessed > 0)
   kernels = np.where(~fusible & costed, costs.multiplicity, 0.0)
-  return np.maximum(*op_roofline(traced, costs, profile, fusible)) + \
-      profile.kernel_overhead * kernels
+  return (
+    np.maximum(*op_roofline(traced, costs, profile, fusible)) + profile.kernel_overhead * kernels
+  )

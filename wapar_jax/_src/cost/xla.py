@@ -36,6 +36,7 @@ class StepCosts:
   Non-chosen branches of a `cond` have zero cost. `out_bytes[i]` is the bytes of op i's outputs
   (one execution), used to price the collectives its sharding causes.
   """
+
   flops: np.ndarray
   bytes_accessed: np.ndarray
   transcendentals: np.ndarray
@@ -50,7 +51,8 @@ class StepCosts:
 
 def _cache_path() -> Path:
   root = os.environ.get("WAPAR_CACHE_DIR") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wapar_jax")
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wapar_jax"
+  )
   return Path(root) / f"op_costs-jax{jax.__version__}.json"
 
 
@@ -110,8 +112,11 @@ def _is_identity(eqn) -> bool:
   if name == "integer_pow":
     return eqn.params["y"] == 1
   if name in ("mul", "div", "add", "sub") and len(eqn.invars) == 2:
-    lit = eqn.invars[1] if name in ("div", "sub") else next(
-        (v for v in eqn.invars if isinstance(v, jex.core.Literal)), None)
+    lit = (
+      eqn.invars[1]
+      if name in ("div", "sub")
+      else next((v for v in eqn.invars if isinstance(v, jex.core.Literal)), None)
+    )
     if isinstance(lit, jex.core.Literal) and np.ndim(lit.val) == 0:
       neutral = 1 if name in ("mul", "div") else 0
       return bool(np.asarray(lit.val) == neutral)
@@ -198,8 +203,14 @@ def step_costs(traced: TracedStep, cache: CostCache | None = None, progress=None
     if op.branch is not None and op.branch not in kept:
       mult[op.index] = 0.0
       per[op.index] = 0.0
-  return StepCosts(flops=per[:, 0], bytes_accessed=per[:, 1], transcendentals=per[:, 2],
-                   multiplicity=mult, unique_ops=len(unique), lowered_ops=lowered)
+  return StepCosts(
+    flops=per[:, 0],
+    bytes_accessed=per[:, 1],
+    transcendentals=per[:, 2],
+    multiplicity=mult,
+    unique_ops=len(unique),
+    lowered_ops=lowered,
+  )
 
 
 def _costliest_branches(traced: TracedStep, per: np.ndarray) -> set[tuple[int, int]]:

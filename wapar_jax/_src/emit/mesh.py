@@ -1,9 +1,10 @@
-"""The plan's mesh over real devices: Auto axes, and nodes / slices laid out as the search priced."""
+"""The plan's mesh over real devices: Auto axes, nodes / slices laid out as the search priced."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,10 +27,11 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
   devices = list(jax.devices() if devices is None else devices)
   if len(devices) < needed:
     raise NotEnoughDevicesError(
-        f"the plan's mesh {dict(mesh_shape)} needs {needed} devices but {len(devices)} are "
-        "available. Run on more devices (for CPU testing set "
-        f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before importing jax), or "
-        f"plan again with devices={len(devices)}. Got {len(devices)} devices.")
+      f"the plan's mesh {dict(mesh_shape)} needs {needed} devices but {len(devices)} are "
+      "available. Run on more devices (for CPU testing set "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before importing jax), or "
+      f"plan again with devices={len(devices)}. Got {len(devices)} devices."
+    )
   devices = devices[:needed]
   granules = _granules(devices)
   if len(granules) > 1:
@@ -60,7 +62,9 @@ def _granules(devices: Sequence[Any]) -> list[list[Any]]:
   return [groups[k] for k in sorted(groups)]
 
 
-def hybrid_shapes(shape: Sequence[int], per_granule: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def hybrid_shapes(
+  shape: Sequence[int], per_granule: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
   """(ICI shape, DCN shape) that keeps the innermost axes inside one granule (node / slice).
 
   The search prices the mesh this way (model innermost, so tensor parallelism crosses nodes only
@@ -83,10 +87,11 @@ def hybrid_grid(shape: tuple[int, ...], granules: list[list[Any]]) -> np.ndarray
   shapes = hybrid_shapes(shape, sizes.pop()) if len(sizes) == 1 else None
   if shapes is None:
     raise PlanMismatchError(
-        f"the mesh {tuple(shape)} cannot be laid out over {len(granules)} nodes / slices of "
-        f"{[len(g) for g in granules]} devices: each node must hold the same number of the "
-        "mesh's devices and the inner axes must tile it. Use whole nodes of equal size, or plan "
-        f"again for a device count that fits. Got node sizes {[len(g) for g in granules]}.")
+      f"the mesh {tuple(shape)} cannot be laid out over {len(granules)} nodes / slices of "
+      f"{[len(g) for g in granules]} devices: each node must hold the same number of the "
+      "mesh's devices and the inner axes must tile it. Use whole nodes of equal size, or plan "
+      f"again for a device count that fits. Got node sizes {[len(g) for g in granules]}."
+    )
   ici, dcn = shapes
   flat = [d for g in granules for d in g]
   try:

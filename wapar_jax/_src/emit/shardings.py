@@ -6,17 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def from_process_local(tree, shardings):
   """A global array per leaf from this process's rows (`jax.make_array_from_process_local_data`)."""
-  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings
+  )
 
 
 def from_host_copy(tree, shardings):
   """A global array per leaf from a full host copy that every process holds (same values)."""
+
   def put(x, s):
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
@@ -25,8 +28,9 @@ def from_host_copy(tree, shardings):
 
 
 def named(mesh: Mesh, spec_tree):
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def copy_to(tree, shardings):
@@ -35,6 +39,7 @@ def copy_to(tree, shardings):
   On jax 0.10.2 `device_put(..., may_alias=False)` still hands a replicated shard the source
   buffer, and the donating train step would then delete the caller's array.
   """
+
   def fresh(x):
     return jnp.array(x, copy=True) if isinstance(x, jax.Array) else x
 
@@ -49,6 +54,10 @@ def opt_state_specs(optimizer: optax.GradientTransformation, params, param_specs
   """
   abstract_state = jax.eval_shape(optimizer.init, params)
   return optax.tree_map_params(
-      optimizer, lambda _, spec: spec, abstract_state, param_specs,
-      transform_non_params=lambda _: P(),
-      is_leaf=lambda x: isinstance(x, P))
+    optimizer,
+    lambda _, spec: spec,
+    abstract_state,
+    param_specs,
+    transform_non_params=lambda _: P(),
+    is_leaf=lambda x: isinstance(x, P),
+  )

@@ -55,8 +55,9 @@ def materialised(traced, rules: CompilerRules) -> tuple[np.ndarray, np.ndarray]:
   last_use = traced.last_use.copy()
   # Reads the compiler serves from a buffer of its own do not keep a variable alive: it dies
   # at its last other reader.
-  plain_last = _last_plain_reads(traced, rules.rerouted_reads(traced)) \
-      if rules.rerouted_reads else {}
+  plain_last = (
+    _last_plain_reads(traced, rules.rerouted_reads(traced)) if rules.rerouted_reads else {}
+  )
   for v, last in plain_last.items():
     last_use[v] = last
   # A value recomputed where it is read keeps its own inputs alive until then. So does an
@@ -70,8 +71,13 @@ def materialised(traced, rules: CompilerRules) -> tuple[np.ndarray, np.ndarray]:
   # is read again later too: XLA keeps it rather than recompute it there (a GELU's tanh feeds
   # `one_minus_square`, whose only reader is in the backward pass). Cheap chains are
   # recomputed whole.
-  read_through_later = (expensive & ~kept & (readers > 1) & (needed > traced.last_use)
-                        & (needed - traced.def_pos > rules.local_reads))
+  read_through_later = (
+    expensive
+    & ~kept
+    & (readers > 1)
+    & (needed > traced.last_use)
+    & (needed - traced.def_pos > rules.local_reads)
+  )
   if read_through_later.any():
     kept |= read_through_later
     needed = _needed_until(traced, kept, remade_later, last_use)
@@ -80,8 +86,9 @@ def materialised(traced, rules: CompilerRules) -> tuple[np.ndarray, np.ndarray]:
   return kept, last_use
 
 
-def _needed_until(traced, kept: np.ndarray, remade_later: np.ndarray,
-                  last_use: np.ndarray) -> np.ndarray:
+def _needed_until(
+  traced, kept: np.ndarray, remade_later: np.ndarray, last_use: np.ndarray
+) -> np.ndarray:
   """Until when each variable is needed: a value recomputed where it is read (not kept, or
   remade later) keeps its own inputs alive until its last read."""
   needed = last_use.copy()
@@ -95,8 +102,9 @@ def _needed_until(traced, kept: np.ndarray, remade_later: np.ndarray,
   return needed
 
 
-def _share_dying_buffers(traced, kept: np.ndarray, last_use: np.ndarray,
-                         rules: CompilerRules) -> None:
+def _share_dying_buffers(
+  traced, kept: np.ndarray, last_use: np.ndarray, rules: CompilerRules
+) -> None:
   """An elementwise kernel or an in-place update writes into a same-size buffer it reads last.
 
   XLA's buffer assignment lets such a kernel's output take over an operand buffer that dies
@@ -129,8 +137,9 @@ def _last_plain_reads(traced, rerouted: set[tuple[int, int]]) -> dict[int, int]:
   step makes that the compiler reads elsewhere through a buffer of its own (`rerouted`:
   (variable, op) pairs)."""
   outputs = set(traced.output_vars)
-  last = {v: int(traced.def_pos[v]) for v, _ in rerouted
-          if traced.def_pos[v] >= 0 and v not in outputs}
+  last = {
+    v: int(traced.def_pos[v]) for v, _ in rerouted if traced.def_pos[v] >= 0 and v not in outputs
+  }
   for op in traced.ops:
     for v in op.in_vars:
       if v in last and (v, op.index) not in rerouted:

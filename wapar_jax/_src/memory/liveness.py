@@ -31,20 +31,26 @@ def liveness_curves(def_pos, last_use, nbytes, data_cat, on_model, num_ops) -> n
   return np.cumsum(curves, axis=-1)[..., :points]
 
 
-def per_device(curves: np.ndarray, data_div: tuple[float, float, float],
-               model_div: float) -> np.ndarray:
+def per_device(
+  curves: np.ndarray, data_div: tuple[float, float, float], model_div: float
+) -> np.ndarray:
   """Live bytes per device at every program point for one mesh."""
   weights = np.array([[1.0, 1.0 / model_div]]) / np.array(data_div)[:, None]
   return np.tensordot(weights, curves, axes=([0, 1], [0, 1]))
 
 
-def peak_bytes(curves: np.ndarray, data_div: tuple[float, float, float], model_div: float,
-               extra: np.ndarray | float = 0.0) -> float:
+def peak_bytes(
+  curves: np.ndarray,
+  data_div: tuple[float, float, float],
+  model_div: float,
+  extra: np.ndarray | float = 0.0,
+) -> float:
   """max over program points of live bytes per device (plus `extra` per point) for one mesh."""
   return float(np.max(per_device(curves, data_div, model_div) + extra))
 
 
-def bytes_at(curves: np.ndarray, point: int, data_div: tuple[float, float, float],
-             model_div: float) -> float:
+def bytes_at(
+  curves: np.ndarray, point: int, data_div: tuple[float, float, float], model_div: float
+) -> float:
   """Live bytes per device at one program point for one mesh."""
-  return float(per_device(curves[..., point:point + 1], data_div, model_div)[0])
+  return float(per_device(curves[..., point : point + 1], data_div, model_div)[0])

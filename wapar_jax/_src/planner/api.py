@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -31,8 +32,8 @@ def _compiler_rules(memory_rules: str, profile: DeviceProfile) -> CompilerRules:
     return compilers.for_profile(profile.kind)
   if memory_rules not in compilers.REGISTRY:
     raise InvalidArgumentError(
-        f"memory_rules must be 'profile' or one of {tuple(compilers.REGISTRY)}. "
-        f"Got {memory_rules!r}.")
+      f"memory_rules must be 'profile' or one of {tuple(compilers.REGISTRY)}. Got {memory_rules!r}."
+    )
   return compilers.REGISTRY[memory_rules]
 
 
@@ -46,19 +47,24 @@ def _kept(ranked: Sequence[Candidate]) -> tuple[Candidate, ...]:
   return tuple(c for c in ranked if id(c) in keep)
 
 
-def plan(loss_fn: Callable, params: Any, batch: Any, *,
-         optimizer: optax.GradientTransformation,
-         devices: int | Sequence[Any] | None = None,
-         profile: str | DeviceProfile = "h100-sxm",
-         objective: str = "time",
-         strategy: str = "auto",
-         memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
-         all_devices: bool = False,
-         cache: bool = True,
-         progress: Callable | None = None,
-         remat: str | None = None,
-         microbatches: int | None = None,
-         memory_rules: str = "profile") -> Plan:
+def plan(
+  loss_fn: Callable,
+  params: Any,
+  batch: Any,
+  *,
+  optimizer: optax.GradientTransformation,
+  devices: int | Sequence[Any] | None = None,
+  profile: str | DeviceProfile = "h100-sxm",
+  objective: str = "time",
+  strategy: str = "auto",
+  memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
+  all_devices: bool = False,
+  cache: bool = True,
+  progress: Callable | None = None,
+  remat: str | None = None,
+  microbatches: int | None = None,
+  memory_rules: str = "profile",
+) -> Plan:
   """Plans how to shard a single-device train step.
 
   Args:
@@ -75,8 +81,7 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     objective: "time" (step time) or "energy" (joules per step over the devices used).
     strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "tp", "dp_tp".
     memory_headroom: fraction of device memory kept free: fragmentation, runtime buffers and the
-      memory model's error (predicted peaks are within 15% of XLA's compiled peak on most of
-      the benchmark suite, median 2.3%, either side).
+      memory model's error (its accuracy is in benchmarks/results/suite.md).
     all_devices: only consider using every device offered.
     cache: keep per-equation XLA costs on disk (~/.cache/wapar_jax) across runs.
     progress: `progress(phase, items) -> iterable of items`, wrapped around each long phase
@@ -105,18 +110,21 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     raise InvalidArgumentError(f"loss_fn must be callable. Got {type(loss_fn).__name__}.")
   if not isinstance(optimizer, optax.GradientTransformation):
     raise InvalidArgumentError(
-        "optimizer must be an optax.GradientTransformation, e.g. optax.adamw(1e-3). "
-        f"Got {type(optimizer).__name__}.")
+      "optimizer must be an optax.GradientTransformation, e.g. optax.adamw(1e-3). "
+      f"Got {type(optimizer).__name__}."
+    )
   if inputs.is_nnx_module(params):
     loss_fn, params = inputs.from_nnx(loss_fn, params)
   if not jax.tree.leaves(params):
     raise InvalidArgumentError("params has no array leaves: nothing to plan. Got an empty tree.")
   if remat is not None and remat not in REMAT_CHOICES:
     raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES} or None. Got {remat!r}.")
-  if microbatches is not None and (isinstance(microbatches, bool) or
-                                   not isinstance(microbatches, int) or microbatches < 1):
+  if microbatches is not None and (
+    isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1
+  ):
     raise InvalidArgumentError(
-        f"microbatches must be a positive int or None. Got {microbatches!r}.")
+      f"microbatches must be a positive int or None. Got {microbatches!r}."
+    )
   max_devices, device_list = inputs.device_count(devices)
   device_profile = load_profile(profile)
   rules = _compiler_rules(memory_rules, device_profile)
@@ -132,20 +140,36 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     remat_choice, k = variant
     t_start = time.perf_counter()
     for _ in phase("tracing", [loss_fn]):
-      traced, _ = trace_train_step(loss_fn, abstract_params, abstract_batch, optimizer,
-                                   remat=remat_choice, microbatches=k, jaxpr_cache=jaxpr_cache)
+      traced, _ = trace_train_step(
+        loss_fn,
+        abstract_params,
+        abstract_batch,
+        optimizer,
+        remat=remat_choice,
+        microbatches=k,
+        jaxpr_cache=jaxpr_cache,
+      )
     t_traced = time.perf_counter()
-    costs = step_costs(traced, CostCache(persist=cache),
-                       progress=None if progress is None else
-                       (lambda keys: progress("cost analysis", keys)))
+    costs = step_costs(
+      traced,
+      CostCache(persist=cache),
+      progress=None if progress is None else (lambda keys: progress("cost analysis", keys)),
+    )
     t_costed = time.perf_counter()
-    space = search.build_space(traced, costs, param_paths, rules=rules, remat=remat_choice,
-                               microbatches=k)
+    space = search.build_space(
+      traced, costs, param_paths, rules=rules, remat=remat_choice, microbatches=k
+    )
     try:
       for _ in phase("search", [space]):
-        ranked = search.search(space, device_profile, max_devices, strategy=strategy,
-                               objective=objective, memory_headroom=memory_headroom,
-                               all_devices=all_devices)
+        ranked = search.search(
+          space,
+          device_profile,
+          max_devices,
+          strategy=strategy,
+          objective=objective,
+          memory_headroom=memory_headroom,
+          all_devices=all_devices,
+        )
     except IndivisibleBatchError:
       if variant == (remat or "none", microbatches or 1):
         raise
@@ -162,13 +186,19 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
     # Never crash on a primitive without a sharding rule: its dims are linked position by
     # position, which at worst prices an extra collective, and XLA still costs its work.
     warnings.warn(
-        f"wapar_jax has no sharding rule for primitive(s) {', '.join(traced.unknown_primitives)}; "
-        "they were costed conservatively (dims of equal shape kept together, work from XLA's "
-        "cost analysis). Check the plan with plan.explain().", stacklevel=2)
-  for variant in levers.memory_variants(results[first][3], remat, microbatches, objective,
-                                  lambda: has_layers(loss_fn, abstract_params, abstract_batch,
-                                                     jaxpr_cache),
-                                  search.batch_size_of(results[first][2])):
+      f"wapar_jax has no sharding rule for primitive(s) {', '.join(traced.unknown_primitives)}; "
+      "they were costed conservatively (dims of equal shape kept together, work from XLA's "
+      "cost analysis). Check the plan with plan.explain().",
+      stacklevel=2,
+    )
+  for variant in levers.memory_variants(
+    results[first][3],
+    remat,
+    microbatches,
+    objective,
+    lambda: has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache),
+    search.batch_size_of(results[first][2]),
+  ):
     results[variant] = run(variant)
     if levers.enough_variants(results, objective):
       break
@@ -178,7 +208,8 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
   if not best.fits:
     closest = min(ranked, key=lambda c: c.peak_memory)
     raise NoFeasiblePlanError(
-        levers.no_fit_message(space, closest, budget, device_profile, param_paths), closest)
+      levers.no_fit_message(space, closest, budget, device_profile, param_paths), closest
+    )
 
   p_specs, o_specs, b_specs = search.specs_for(space, best)
   p_keys = leaf_paths(abstract_params)
@@ -187,25 +218,36 @@ def plan(loss_fn: Callable, params: Any, batch: Any, *,
   flat_o = dict(zip(p_keys, o_specs))
   flat_b = dict(zip(b_keys, b_specs))
   return Plan(
-      mesh_shape=best.mesh_shape,
-      param_specs=specs_like(abstract_params, flat_p, "parameter specs"),
-      batch_specs=specs_like(abstract_batch, flat_b, "batch specs"),
-      opt_state_param_specs=specs_like(abstract_params, flat_o, "optimizer-state specs"),
-      predicted=Prediction.of(best, budget),
-      candidates=_kept(ranked),
-      chosen=best,
-      strategy=best.strategy,
-      objective=objective,
-      profile=device_profile.name,
-      devices_offered=max_devices,
-      model_split=tuple(space.groups[g].label for g in best.model_groups),
-      stats={**timings, "total_seconds": time.perf_counter() - t0, "ops": len(traced.ops),
-             "variants_searched": len(results),
-             "unique_ops": costs.unique_ops, "lowered_ops": costs.lowered_ops,
-             "candidates_evaluated": len(ranked), "total_flops": costs.total_flops},
-      flat_param_specs=flat_p, flat_opt_specs=flat_o, flat_batch_specs=flat_b,
-      _loss_fn=loss_fn, _optimizer=optimizer, _abstract_params=abstract_params,
-      _abstract_batch=abstract_batch, _device_list=device_list,
-      memory_decision=levers.memory_decision(ranked, best, objective),
-      details=details.build(space, best, device_profile, abstract_params, abstract_batch,
-                                p_specs))
+    mesh_shape=best.mesh_shape,
+    param_specs=specs_like(abstract_params, flat_p, "parameter specs"),
+    batch_specs=specs_like(abstract_batch, flat_b, "batch specs"),
+    opt_state_param_specs=specs_like(abstract_params, flat_o, "optimizer-state specs"),
+    predicted=Prediction.of(best, budget),
+    candidates=_kept(ranked),
+    chosen=best,
+    strategy=best.strategy,
+    objective=objective,
+    profile=device_profile.name,
+    devices_offered=max_devices,
+    model_split=tuple(space.groups[g].label for g in best.model_groups),
+    stats={
+      **timings,
+      "total_seconds": time.perf_counter() - t0,
+      "ops": len(traced.ops),
+      "variants_searched": len(results),
+      "unique_ops": costs.unique_ops,
+      "lowered_ops": costs.lowered_ops,
+      "candidates_evaluated": len(ranked),
+      "total_flops": costs.total_flops,
+    },
+    flat_param_specs=flat_p,
+    flat_opt_specs=flat_o,
+    flat_batch_specs=flat_b,
+    _loss_fn=loss_fn,
+    _optimizer=optimizer,
+    _abstract_params=abstract_params,
+    _abstract_batch=abstract_batch,
+    _device_list=device_list,
+    memory_decision=levers.memory_decision(ranked, best, objective),
+    details=details.build(space, best, device_profile, abstract_params, abstract_batch, p_specs),
+  )

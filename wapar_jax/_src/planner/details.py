@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from wapar_jax._src.plan_details import BATCH, LAYERS, DimGroup, PlanDetails
 from wapar_jax._src.fit_check import describe_tree
+from wapar_jax._src.plan_details import BATCH, LAYERS, DimGroup, PlanDetails
 from wapar_jax._src.planner.hotspots import hotspots, memory_terms
 from wapar_jax._src.tree import path_str
 
@@ -50,16 +51,24 @@ def _group_name(occurrences: list[tuple[str, int, tuple]], share: float, taken: 
     prefix.append(parts[0])
   if share >= 0.5 and len(modules) >= 3 and "embed" not in taken:
     name = "embed"
-  elif len(modules) > 1 and prefix and not all(
-      re.fullmatch(r"_?\d*", m[len("_".join(prefix)):]) for m in modules):  # not Dense_0, Dense_1
+  elif (
+    len(modules) > 1
+    and prefix
+    and not all(re.fullmatch(r"_?\d*", m[len("_".join(prefix)) :]) for m in modules)
+  ):  # not Dense_0, Dense_1
     name = "_".join(prefix)
   elif len(modules) > 1 and all(_ATTENTION.match(m) for m in modules):
     name = "heads"
   elif first_path.split("/")[-1] in ("embedding", "embedding/value") or "embedding" in first_path:
     name = _module_of(first_path) if first_dim == 0 else f"{_module_of(first_path)}_{first_dim}"
   else:
-    role = ("out" if first_dim == len(first_shape) - 1 else
-            "in" if first_dim == len(first_shape) - 2 else f"d{first_dim}")
+    role = (
+      "out"
+      if first_dim == len(first_shape) - 1
+      else "in"
+      if first_dim == len(first_shape) - 2
+      else f"d{first_dim}"
+    )
     name = f"{_module_of(first_path)}_{role}"
   name = re.sub(r"[^A-Za-z0-9_]", "_", name).lower() or "axis"
   base, k = name, 2
@@ -69,14 +78,15 @@ def _group_name(occurrences: list[tuple[str, int, tuple]], share: float, taken: 
   return name
 
 
-def build(space, chosen, profile, abstract_params, abstract_batch,
-          param_specs: Sequence[Any]) -> PlanDetails:
+def build(
+  space, chosen, profile, abstract_params, abstract_batch, param_specs: Sequence[Any]
+) -> PlanDetails:
   """PlanDetails of `chosen`, a candidate of `space` priced with `profile`.
 
   `param_specs` are the chosen PartitionSpecs in the flattened order of `abstract_params`.
   """
   p_leaves, b_leaves = describe_tree(abstract_params), describe_tree(abstract_batch)
-  param_paths = [path_str(l.path) for l in p_leaves]
+  param_paths = [path_str(leaf.path) for leaf in p_leaves]
   traced = space.traced
   class_group = {cl: g.index for g in space.groups for cl in g.classes}
   occurrences: dict[int, list] = {}
@@ -111,25 +121,38 @@ def build(space, chosen, profile, abstract_params, abstract_batch,
     cls = traced.var_classes[v]
     for d, entry in enumerate(tuple(spec) + (None,) * (len(cls) - len(spec))):
       if entry is not None and cls[d] in class_group:
-        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+        for axis in entry if isinstance(entry, tuple) else (entry,):
           use = axis_use.setdefault(class_group[cls[d]], {})
           use[axis] = use.get(axis, 0) + 1
     params.append(dataclasses.replace(leaf, dims=tuple(dim_name(c) for c in cls)))
-  batch = [dataclasses.replace(leaf, dims=tuple(BATCH if d == 0 else None
-                                                for d in range(len(leaf.shape))))
-           for leaf in b_leaves]
+  batch = [
+    dataclasses.replace(leaf, dims=tuple(BATCH if d == 0 else None for d in range(len(leaf.shape))))
+    for leaf in b_leaves
+  ]
   groups = []
   for g in sorted(names):
     occ = sorted(occurrences[g], key=lambda o: (_natural(o[0]), o[1]))
     use = axis_use.get(g, {})
-    groups.append(DimGroup(names[g], space.groups[g].size,
-                           tuple(sorted(use, key=lambda a: -use[a])),
-                           float(space.groups[g].param_bytes),
-                           tuple(f"{p}[{d}]" for p, d, _ in occ[:6])))
+    groups.append(
+      DimGroup(
+        names[g],
+        space.groups[g].size,
+        tuple(sorted(use, key=lambda a: -use[a])),
+        float(space.groups[g].param_bytes),
+        tuple(f"{p}[{d}]" for p, d, _ in occ[:6]),
+      )
+    )
   hot, compute_bound, memory_bound = hotspots(space, chosen, profile)
-  return PlanDetails(tuple(groups), tuple(params), tuple(batch), hot,
-                     memory_terms(space, chosen), compute_bound, memory_bound,
-                     tuple(traced.unknown_primitives))
+  return PlanDetails(
+    tuple(groups),
+    tuple(params),
+    tuple(batch),
+    hot,
+    memory_terms(space, chosen),
+    compute_bound,
+    memory_bound,
+    tuple(traced.unknown_primitives),
+  )
 
 
 def _natural(path: str):

@@ -16,15 +16,16 @@ def op_divisors(space, c) -> np.ndarray:
   """How many ways the chosen candidate splits each equation's work (as `pricing.price` does)."""
   mask = np.zeros(len(space.groups), dtype=bool)
   mask[list(c.model_groups)] = True
-  on_model = space.op_group[:, mask].any(axis=1) if mask.any() else np.zeros(len(space.op_group), bool)
+  on_model = (
+    space.op_group[:, mask].any(axis=1) if mask.any() else np.zeros(len(space.op_group), bool)
+  )
   data_div = np.array(data_divisors(c.data, c.storage), dtype=float)
   return data_div[space.op_data_cat] * np.where(on_model, c.model, 1)
 
 
 def hotspots(space, c, profile) -> tuple[tuple[Hotspot, ...], float, float]:
   traced = space.traced
-  flop_seconds, memory_seconds = roofline.op_roofline(traced, space.costs, profile,
-                                                       space.fusible)
+  flop_seconds, memory_seconds = roofline.op_roofline(traced, space.costs, profile, space.fusible)
   seconds = np.maximum(flop_seconds, memory_seconds)
   div = op_divisors(space, c)
   per_device = seconds / div
@@ -41,9 +42,12 @@ def hotspots(space, c, profile) -> tuple[tuple[Hotspot, ...], float, float]:
     entry[2] += per_device[i]
     entry[3] += flop_seconds[i] / div[i]
   top = sorted(merged.items(), key=lambda kv: -kv[1][2])[:TOP_HOTSPOTS]
-  hot = tuple(Hotspot(prim, src, shapes, int(n), float(f), float(s),
-                      "compute" if fs >= 0.999 * s else "memory")
-              for (prim, src, shapes), (n, f, s, fs) in top)
+  hot = tuple(
+    Hotspot(
+      prim, src, shapes, int(n), float(f), float(s), "compute" if fs >= 0.999 * s else "memory"
+    )
+    for (prim, src, shapes), (n, f, s, fs) in top
+  )
   return hot, compute_bound, float(per_device.sum()) - compute_bound
 
 
@@ -52,15 +56,22 @@ def _shapes(op) -> str:
     aval = v.aval
     dtype = getattr(aval, "dtype", None)
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int32": "i32"}.get(
-        str(dtype), str(dtype))
+      str(dtype), str(dtype)
+    )
     return f"{short}[{','.join(map(str, getattr(aval, 'shape', ())))}]"
 
-  return f"{', '.join(one(v) for v in op.eqn.invars)} -> {', '.join(one(v) for v in op.eqn.outvars)}"
+  return (
+    f"{', '.join(one(v) for v in op.eqn.invars)} -> {', '.join(one(v) for v in op.eqn.outvars)}"
+  )
 
 
 def memory_terms(space, c) -> tuple[tuple[str, float], ...]:
   """Per-device peak memory by term, from the terms the search priced."""
   batch = space.batch_bytes / c.data
   activations = max(c.activation_memory - batch, 0.0)
-  return (("parameters", c.param_memory), ("optimizer state", c.opt_state_memory),
-          ("batch", batch), ("activations", activations))
+  return (
+    ("parameters", c.param_memory),
+    ("optimizer state", c.opt_state_memory),
+    ("batch", batch),
+    ("activations", activations),
+  )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -36,7 +36,8 @@ def device_count(devices) -> tuple[int, list | None]:
     device_list = list(devices)
   except TypeError:
     raise InvalidArgumentError(
-        f"devices must be an int or a list of jax devices. Got {type(devices).__name__}.") from None
+      f"devices must be an int or a list of jax devices. Got {type(devices).__name__}."
+    ) from None
   if not device_list:
     raise InvalidArgumentError("devices is an empty list. Got [].")
   return len(device_list), device_list

@@ -8,18 +8,27 @@ unconstrained optimum.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search import Candidate, SearchSpace, rank_value
 
-
 # Memory levers tried in order of their usual cost: accumulation first (no extra FLOPs), then
 # remat keeping matmul outputs, then full per-layer remat, then both.
-_VARIANT_ORDER = (("none", 2), ("layers_dots", 1), ("none", 4), ("layers", 1), ("none", 8),
-                  ("layers_dots", 2), ("layers", 2), ("layers", 4), ("layers", 8), ("none", 16),
-                  ("layers", 16))
+_VARIANT_ORDER = (
+  ("none", 2),
+  ("layers_dots", 1),
+  ("none", 4),
+  ("layers", 1),
+  ("none", 8),
+  ("layers_dots", 2),
+  ("layers", 2),
+  ("layers", 4),
+  ("layers", 8),
+  ("none", 16),
+  ("layers", 16),
+)
 
 
 def memory_variants(ranked, remat, microbatches, objective, layers_exist, batch_size):
@@ -75,8 +84,11 @@ def memory_decision(ranked, best: Candidate, objective: str) -> str:
   if not faster:
     return ""
   top = min(faster, key=value)
-  terms = {"parameters": top.param_memory, "optimizer state": top.opt_state_memory,
-           "activations and temporaries": top.activation_memory}
+  terms = {
+    "parameters": top.param_memory,
+    "optimizer state": top.opt_state_memory,
+    "activations and temporaries": top.activation_memory,
+  }
   term = max(terms, key=terms.get)
   levers = []
   if best.remat != "none":
@@ -85,29 +97,41 @@ def memory_decision(ranked, best: Candidate, objective: str) -> str:
     levers.append(f"{best.microbatches} gradient-accumulation micro-batches")
   if best.storage != "replicated":
     levers.append(f"{best.storage} state sharding")
-  return (f"memory decided this plan: the fastest option, {top.strategy} on {top.mesh_shape}"
-          f" (remat {top.remat}, {top.microbatches} micro-batch(es)), needs "
-          f"{human_bytes(top.peak_memory)} per device, mostly {term} "
-          f"({human_bytes(terms[term])}); the chosen plan fits with "
-          f"{', '.join(levers) or 'a different mesh'} at {human_seconds(best.step_time)} "
-          f"instead of {human_seconds(top.step_time)}.")
+  return (
+    f"memory decided this plan: the fastest option, {top.strategy} on {top.mesh_shape}"
+    f" (remat {top.remat}, {top.microbatches} micro-batch(es)), needs "
+    f"{human_bytes(top.peak_memory)} per device, mostly {term} "
+    f"({human_bytes(terms[term])}); the chosen plan fits with "
+    f"{', '.join(levers) or 'a different mesh'} at {human_seconds(best.step_time)} "
+    f"instead of {human_seconds(top.step_time)}."
+  )
 
 
-def no_fit_message(space: SearchSpace, closest: Candidate, budget: float,
-                    profile: DeviceProfile, param_paths: Sequence[str] = ()) -> str:
+def no_fit_message(
+  space: SearchSpace,
+  closest: Candidate,
+  budget: float,
+  profile: DeviceProfile,
+  param_paths: Sequence[str] = (),
+) -> str:
   traced = space.traced
   largest = sorted(range(len(traced.param_vars)), key=lambda i: -space.param_bytes[i])[:5]
   paths = list(param_paths) or [f"param {i}" for i in range(len(traced.param_vars))]
-  tensors = ", ".join(f"{paths[i]} {list(traced.var_shape[traced.param_vars[i]])} "
-                      f"({human_bytes(space.param_bytes[i])})" for i in largest)
+  tensors = ", ".join(
+    f"{paths[i]} {list(traced.var_shape[traced.param_vars[i]])} "
+    f"({human_bytes(space.param_bytes[i])})"
+    for i in largest
+  )
   total = float(space.param_bytes.sum() + space.opt_bytes.sum())
   need = math.ceil(total / budget) if budget > 0 else 0
   # Every count up to the closest one's was searched and none fit: more are needed than that.
   need = max(need, closest.devices + 1)
-  return (f"no plan fits {human_bytes(budget)} per {profile.name} device. Closest: "
-          f"{closest.strategy} on mesh {closest.mesh_shape} needs "
-          f"{human_bytes(closest.peak_memory)} per device. Parameters and optimizer state "
-          f"alone are {human_bytes(total)}, so the smallest device count that could fit is "
-          f"{need} (fully sharded; activations may need more). Largest parameters: {tensors}. "
-          f"Offer at least {need} devices, a device with more "
-          "memory, a smaller batch, or lower memory_headroom.")
+  return (
+    f"no plan fits {human_bytes(budget)} per {profile.name} device. Closest: "
+    f"{closest.strategy} on mesh {closest.mesh_shape} needs "
+    f"{human_bytes(closest.peak_memory)} per device. Parameters and optimizer state "
+    f"alone are {human_bytes(total)}, so the smallest device count that could fit is "
+    f"{need} (fully sharded; activations may need more). Largest parameters: {tensors}. "
+    f"Offer at least {need} devices, a device with more "
+    "memory, a smaller batch, or lower memory_headroom."
+  )

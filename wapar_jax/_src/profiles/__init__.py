@@ -15,13 +15,14 @@ import json
 import math
 import os
 import types
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from wapar_jax.errors import InvalidArgumentError, InvalidProfileError, UnknownProfileError
 from wapar_jax._src.files import write_text_atomic
+from wapar_jax.errors import InvalidArgumentError, InvalidProfileError, UnknownProfileError
 
 KINDS = ("gpu", "tpu", "cpu")
 REQUIRED_DTYPES = ("float32", "bfloat16")
@@ -36,6 +37,7 @@ class LinkTier:
       reports as busbw, so that time = traffic per device / bandwidth.
     latency: seconds per ring step (the alpha term).
   """
+
   bandwidth: float
   latency: float
 
@@ -68,6 +70,7 @@ class DeviceProfile:
     sources: where the figures come from (URLs, datasheet names); never empty.
     notes: which figures are estimates, and why.
   """
+
   name: str
   description: str
   kind: str
@@ -89,8 +92,9 @@ class DeviceProfile:
   def __post_init__(self):
     _raise_if_any(_value_problems(self.__dict__), self.name)
     # Read-only copies, so a frozen profile cannot be changed through a shared dict or list.
-    object.__setattr__(self, "peak_flops", types.MappingProxyType(
-        {k: float(v) for k, v in self.peak_flops.items()}))
+    object.__setattr__(
+      self, "peak_flops", types.MappingProxyType({k: float(v) for k, v in self.peak_flops.items()})
+    )
     object.__setattr__(self, "sources", tuple(self.sources))
 
   def __hash__(self):  # a mappingproxy is not hashable; the JSON form is.
@@ -123,16 +127,20 @@ class DeviceProfile:
     return data
 
   @classmethod
-  def from_dict(cls, data: Mapping[str, Any]) -> "DeviceProfile":
+  def from_dict(cls, data: Mapping[str, Any]) -> DeviceProfile:
     """Validates `data` and builds a profile; raises InvalidProfileError listing every problem."""
     if not isinstance(data, Mapping):
       raise InvalidProfileError(
-          f"A device profile must be a JSON object (a dict). Got {type(data).__name__}.")
+        f"A device profile must be a JSON object (a dict). Got {type(data).__name__}."
+      )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
     problems = [f"{n}: missing; it is required." for n in required if n not in data]
-    problems += [f"{k}: unknown field; known fields are {', '.join(fields)}. Got {k!r}."
-                 for k in data if k not in fields]
+    problems += [
+      f"{k}: unknown field; known fields are {', '.join(fields)}. Got {k!r}."
+      for k in data
+      if k not in fields
+    ]
     values = {k: v for k, v in data.items() if k in fields}
     for tier in ("intra_node", "inter_node"):
       if tier in values:
@@ -162,12 +170,17 @@ def _parse_link(tier: str, value) -> tuple[LinkTier | None, list[str]]:
   if isinstance(value, LinkTier):
     return value, []
   if not isinstance(value, Mapping):
-    return None, [f"{tier}: must be an object with 'bandwidth' (bytes/s) and 'latency' (s). "
-                  f"Got {value!r}."]
-  problems = [f"{tier}.{k}: missing; it is required." for k in ("bandwidth", "latency")
-              if k not in value]
-  problems += [f"{tier}.{k}: unknown field; known fields are bandwidth, latency. Got {k!r}."
-               for k in value if k not in ("bandwidth", "latency")]
+    return None, [
+      f"{tier}: must be an object with 'bandwidth' (bytes/s) and 'latency' (s). Got {value!r}."
+    ]
+  problems = [
+    f"{tier}.{k}: missing; it is required." for k in ("bandwidth", "latency") if k not in value
+  ]
+  problems += [
+    f"{tier}.{k}: unknown field; known fields are bandwidth, latency. Got {k!r}."
+    for k in value
+    if k not in ("bandwidth", "latency")
+  ]
   if problems:
     return None, problems
   return LinkTier(value["bandwidth"], value["latency"]), []
@@ -189,18 +202,32 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
   check("kind", lambda x: x in KINDS, f"one of {', '.join(map(repr, KINDS))}")
   for name in ("memory_bandwidth", "memory_bytes", "power_idle_watts", "power_busy_watts"):
     check(name, positive, "a positive number")
-  check("devices_per_node", lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0,
-        "a positive integer")
+  check(
+    "devices_per_node",
+    lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0,
+    "a positive integer",
+  )
   for name in ("compute_efficiency", "memory_efficiency"):
     check(name, fraction, "a number in (0, 1]")
   check("kernel_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
   check("matmul_half_size", lambda x: _is_number(x) and x >= 0, "a number >= 0")
-  check("sources", lambda x: isinstance(x, (list, tuple)) and len(x) > 0 and
-        all(isinstance(s, str) and s.strip() for s in x), "a non-empty list of non-empty strings")
-  if all(positive(values.get(k)) for k in ("power_idle_watts", "power_busy_watts")):
-    if values["power_busy_watts"] < values["power_idle_watts"]:
-      problems.append(f"power_busy_watts: must be at least power_idle_watts "
-                      f"({values['power_idle_watts']!r}). Got {values['power_busy_watts']!r}.")
+  check(
+    "sources",
+    lambda x: (
+      isinstance(x, (list, tuple))
+      and len(x) > 0
+      and all(isinstance(s, str) and s.strip() for s in x)
+    ),
+    "a non-empty list of non-empty strings",
+  )
+  powers = ("power_idle_watts", "power_busy_watts")
+  if all(positive(values.get(k)) for k in powers) and (
+    values["power_busy_watts"] < values["power_idle_watts"]
+  ):
+    problems.append(
+      f"power_busy_watts: must be at least power_idle_watts "
+      f"({values['power_idle_watts']!r}). Got {values['power_busy_watts']!r}."
+    )
 
   flops = values.get("peak_flops")
   if "peak_flops" in values and not isinstance(flops, Mapping):
@@ -208,8 +235,9 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
   elif isinstance(flops, Mapping):
     for dtype in REQUIRED_DTYPES:
       if dtype not in flops:
-        problems.append(f"peak_flops.{dtype}: missing; {' and '.join(REQUIRED_DTYPES)} are "
-                        f"required.")
+        problems.append(
+          f"peak_flops.{dtype}: missing; {' and '.join(REQUIRED_DTYPES)} are required."
+        )
     for dtype, rate in flops.items():
       if not isinstance(dtype, str) or _dtype_name(dtype) != dtype:
         problems.append(f"peak_flops: keys must be dtype names such as 'float32'. Got {dtype!r}.")
@@ -225,8 +253,7 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
     if isinstance(link, LinkTier):
       for attr in ("bandwidth", "latency"):
         if not positive(getattr(link, attr)):
-          problems.append(f"{tier}.{attr}: must be a positive number. "
-                          f"Got {getattr(link, attr)!r}.")
+          problems.append(f"{tier}.{attr}: must be a positive number. Got {getattr(link, attr)!r}.")
   return problems
 
 
@@ -234,15 +261,21 @@ def _raise_if_any(problems: list[str], name) -> None:
   if problems:
     label = f" {name!r}" if isinstance(name, str) else ""
     raise InvalidProfileError(
-        f"Device profile{label} is invalid ({len(problems)} problem"
-        f"{'s' if len(problems) > 1 else ''}); fix these fields:\n  " + "\n  ".join(problems))
+      f"Device profile{label} is invalid ({len(problems)} problem"
+      f"{'s' if len(problems) > 1 else ''}); fix these fields:\n  " + "\n  ".join(problems)
+    )
 
 
 @functools.cache
 def list_profiles() -> tuple[str, ...]:
   """Names of the built-in profiles, sorted."""
-  return tuple(sorted(p.name[:-len(".json")] for p in importlib.resources.files(__name__).iterdir()
-                      if p.name.endswith(".json")))
+  return tuple(
+    sorted(
+      p.name[: -len(".json")]
+      for p in importlib.resources.files(__name__).iterdir()
+      if p.name.endswith(".json")
+    )
+  )
 
 
 @functools.cache
@@ -256,8 +289,9 @@ def _from_json(text: str, origin: str) -> DeviceProfile:
     data = json.loads(text)
   except json.JSONDecodeError as e:
     raise InvalidProfileError(
-        f"{origin} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. Fix the "
-        f"file or write it with save_profile. Got {text[:60]!r}.") from e
+      f"{origin} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. Fix the "
+      f"file or write it with save_profile. Got {text[:60]!r}."
+    ) from e
   try:
     return DeviceProfile.from_dict(data)
   except InvalidProfileError as e:
@@ -282,8 +316,9 @@ def load_profile(profile: str | os.PathLike | DeviceProfile) -> DeviceProfile:
     return profile
   if not isinstance(profile, (str, os.PathLike)):
     raise InvalidArgumentError(
-        "profile must be a DeviceProfile, a built-in profile name or a path to a .json file. "
-        f"Got {type(profile).__name__}.")
+      "profile must be a DeviceProfile, a built-in profile name or a path to a .json file. "
+      f"Got {type(profile).__name__}."
+    )
   if isinstance(profile, str) and profile in list_profiles():
     return _builtin(profile)
   path = os.fspath(profile)
@@ -292,9 +327,10 @@ def load_profile(profile: str | os.PathLike | DeviceProfile) -> DeviceProfile:
       text = f.read()
   except OSError:
     raise UnknownProfileError(
-        f"Unknown device profile: not a built-in name and not a readable file. Built-in "
-        f"profiles: {', '.join(list_profiles())}. A path to a .json file (as save_profile "
-        f"writes) is also accepted. Got {path!r}.") from None
+      f"Unknown device profile: not a built-in name and not a readable file. Built-in "
+      f"profiles: {', '.join(list_profiles())}. A path to a .json file (as save_profile "
+      f"writes) is also accepted. Got {path!r}."
+    ) from None
   return _from_json(text, f"profile file {path!r}")
 
 

@@ -20,8 +20,9 @@ from wapar_jax._src.search.space import FSDP_MIN_BYTES, CompilerBuffers, SearchS
 @dataclasses.dataclass(frozen=True)
 class MemoryCurves:
   """Liveness of the temporaries under one compiler's buffer rules."""
-  curves: np.ndarray        # liveness.liveness_curves
-  update_pos: int           # program point where the weight gradients are all live
+
+  curves: np.ndarray  # liveness.liveness_curves
+  update_pos: int  # program point where the weight gradients are all live
   # liveness.liveness_curves of the weight gradients alone (None where reductions run in place)
   grad_curves: np.ndarray | None
   # The same gradients, each at the one point where its combined reduction runs (None where
@@ -32,22 +33,23 @@ class MemoryCurves:
 @dataclasses.dataclass(frozen=True)
 class Aggregates:
   """Sums over ops / variables for one model-split group set (see the package docstring)."""
-  compute: np.ndarray       # [3 data cats, 2 model] seconds at one device
-  flops: np.ndarray         # [3, 2]
-  red_data: np.ndarray      # [2 weight-shaped?, 2 model] output bytes reduced over data
-  red_data_n: np.ndarray    # [2, 2] collective counts (weight gradients: see loop_iterations)
-  loop_iterations: float    # iterations of the deepest loop holding weight-gradient reductions
-  red_model: np.ndarray     # [2 batch, 2 model] output bytes reduced over model
+
+  compute: np.ndarray  # [3 data cats, 2 model] seconds at one device
+  flops: np.ndarray  # [3, 2]
+  red_data: np.ndarray  # [2 weight-shaped?, 2 model] output bytes reduced over data
+  red_data_n: np.ndarray  # [2, 2] collective counts (weight gradients: see loop_iterations)
+  loop_iterations: float  # iterations of the deepest loop holding weight-gradient reductions
+  red_model: np.ndarray  # [2 batch, 2 model] output bytes reduced over model
   red_model_n: np.ndarray
-  gather_data: np.ndarray   # [2 model] input bytes gathered over data
+  gather_data: np.ndarray  # [2 model] input bytes gathered over data
   gather_data_n: np.ndarray
   gather_model: np.ndarray  # [2 batch] input bytes gathered over model
   gather_model_n: np.ndarray
   memory: tuple[MemoryCurves, ...]  # per rule set of SearchSpace.buffers, in its order
   # [2 model, points]: bytes of parameters big enough for FSDP while compute still reads them
   gathered_curves: np.ndarray
-  param_model: np.ndarray   # [P] bool
-  opt_model: np.ndarray     # [O] bool
+  param_model: np.ndarray  # [P] bool
+  opt_model: np.ndarray  # [O] bool
 
 
 def data_divisors(dp: int, storage: str) -> tuple[int, int, int]:
@@ -102,8 +104,11 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
   gather_model_n = np.bincount(g_vbatch[on_model], weights=mult[g_op][on_model], minlength=2)
 
   t = space.traced
-  data_cat = np.where(space.var_batch, liveness.DATA_BATCH,
-                      np.where(space.var_weight, liveness.DATA_WEIGHT, liveness.DATA_NONE))
+  data_cat = np.where(
+    space.var_batch,
+    liveness.DATA_BATCH,
+    np.where(space.var_weight, liveness.DATA_WEIGHT, liveness.DATA_NONE),
+  )
   # Weight gradients, full size (the partial sums a data-axis reduction reads), while they live.
   grads = np.zeros(t.num_vars, dtype=bool)
   grads[out[space.red_batch_sink & (out_weight == 1) & has_out]] = True
@@ -111,29 +116,56 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
   param_model = space.param_group[:, mask].any(axis=1)
   big = space.param_bytes >= FSDP_MIN_BYTES
   gathered_curves = liveness.liveness_curves(
-      np.zeros(int(big.sum()), dtype=np.int64), space.param_read_until[big],
-      space.param_bytes[big], np.full(int(big.sum()), liveness.DATA_NONE), param_model[big],
-      len(t.ops))[liveness.DATA_NONE]
-  return Aggregates(compute, flops, red_data, red_data_n, loop_iterations, red_model,
-                    red_model_n, gather_data, gather_data_n, gather_model, gather_model_n, curves,
-                    gathered_curves, param_model, space.opt_group[:, mask].any(axis=1))
+    np.zeros(int(big.sum()), dtype=np.int64),
+    space.param_read_until[big],
+    space.param_bytes[big],
+    np.full(int(big.sum()), liveness.DATA_NONE),
+    param_model[big],
+    len(t.ops),
+  )[liveness.DATA_NONE]
+  return Aggregates(
+    compute,
+    flops,
+    red_data,
+    red_data_n,
+    loop_iterations,
+    red_model,
+    red_model_n,
+    gather_data,
+    gather_data_n,
+    gather_model,
+    gather_model_n,
+    curves,
+    gathered_curves,
+    param_model,
+    space.opt_group[:, mask].any(axis=1),
+  )
 
-def _memory_curves(space: SearchSpace, buffers: CompilerBuffers, data_cat: np.ndarray,
-                   var_model: np.ndarray, grads: np.ndarray) -> MemoryCurves:
+
+def _memory_curves(
+  space: SearchSpace,
+  buffers: CompilerBuffers,
+  data_cat: np.ndarray,
+  var_model: np.ndarray,
+  grads: np.ndarray,
+) -> MemoryCurves:
   """Liveness of the temporaries under one compiler's rules for one group set."""
   t = space.traced
   temp, last_use, extra = buffers.kept, buffers.last_use, buffers.scratch
   curves = liveness.liveness_curves(
-      np.concatenate([t.def_pos[temp], extra.start]),
-      np.concatenate([last_use[temp], extra.stop]),
-      np.concatenate([space.var_bytes[temp], extra.nbytes]),
-      np.concatenate([data_cat[temp], data_cat[extra.like]]),
-      np.concatenate([var_model[temp], var_model[extra.like]]), len(t.ops))
+    np.concatenate([t.def_pos[temp], extra.start]),
+    np.concatenate([last_use[temp], extra.stop]),
+    np.concatenate([space.var_bytes[temp], extra.nbytes]),
+    np.concatenate([data_cat[temp], data_cat[extra.like]]),
+    np.concatenate([var_model[temp], var_model[extra.like]]),
+    len(t.ops),
+  )
   grad_curves = combine_curves = None
   if not buffers.rules.reduces_in_place:
     made, kinds = t.def_pos[grads], np.full(int(grads.sum()), liveness.DATA_NONE)
-    grad_curves = liveness.liveness_curves(made, last_use[grads], space.var_bytes[grads], kinds,
-                                           var_model[grads], len(t.ops))
+    grad_curves = liveness.liveness_curves(
+      made, last_use[grads], space.var_bytes[grads], kinds, var_model[grads], len(t.ops)
+    )
     # Each bucket of gradients, in the order they are made, reduces right after its last is
     # made, once that op's operands are freed.
     order = np.argsort(made, kind="stable")
@@ -142,7 +174,13 @@ def _memory_curves(space: SearchSpace, buffers: CompilerBuffers, data_cat: np.nd
     reduced_at = np.zeros(int(bucket.max(initial=-1)) + 1, dtype=np.int64)
     np.maximum.at(reduced_at, bucket, made + 1)
     combine_curves = liveness.liveness_curves(
-        reduced_at[bucket], reduced_at[bucket], space.var_bytes[grads], kinds,
-        var_model[grads], len(t.ops))
-  return MemoryCurves(curves, int(np.argmax(curves[liveness.DATA_WEIGHT].sum(axis=0))),
-                      grad_curves, combine_curves)
+      reduced_at[bucket],
+      reduced_at[bucket],
+      space.var_bytes[grads],
+      kinds,
+      var_model[grads],
+      len(t.ops),
+    )
+  return MemoryCurves(
+    curves, int(np.argmax(curves[liveness.DATA_WEIGHT].sum(axis=0))), grad_curves, combine_curves
+  )

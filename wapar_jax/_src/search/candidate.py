@@ -21,6 +21,7 @@ DEFAULT_MEMORY_HEADROOM = 0.15
 @dataclasses.dataclass(frozen=True)
 class Candidate:
   """One point of the search with its predicted figures (per device, per step)."""
+
   devices: int
   data: int
   model: int

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from wapar_jax._src.cost.collectives import (COMBINE_BYTES, hierarchical_collective_steps,
-                                             hierarchical_collective_traffic)
+from wapar_jax._src.cost.collectives import (
+  COMBINE_BYTES,
+  hierarchical_collective_steps,
+  hierarchical_collective_traffic,
+)
 from wapar_jax._src.memory import liveness
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, MemoryCurves, data_divisors
@@ -28,8 +31,9 @@ def fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.n
   return ok
 
 
-def gathered_strided(space: SearchSpace, dp: int, groups: tuple[int, ...],
-                      shardable: np.ndarray, tp: int) -> np.ndarray:
+def gathered_strided(
+  space: SearchSpace, dp: int, groups: tuple[int, ...], shardable: np.ndarray, tp: int
+) -> np.ndarray:
   """Per FSDP-sharded parameter: gathered along a dim with a non-trivial dim before it (in the
   per-device layout), which a compiler with `copies_strided_gathers` gathers transposed and
   copies back to row-major."""
@@ -45,8 +49,9 @@ def gathered_strided(space: SearchSpace, dp: int, groups: tuple[int, ...],
   return strided
 
 
-def fsdp_dim(dims: Sequence[tuple[int, int]], dp: int, taken: Sequence[bool],
-             loop_classes: frozenset[int]) -> int | None:
+def fsdp_dim(
+  dims: Sequence[tuple[int, int]], dp: int, taken: Sequence[bool], loop_classes: frozenset[int]
+) -> int | None:
   """The dim a parameter is split on along the data axis: the largest free one that divides."""
   best = None
   for d, (c, size) in enumerate(dims):
@@ -85,8 +90,16 @@ def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, 
   return {DATA: (1, dp), MODEL: (1, tp)}
 
 
-def price(space: SearchSpace, agg: Aggregates, profile: DeviceProfile, dp: int, tp: int,
-          groups: tuple[int, ...], storage: str, budget: float) -> Candidate:
+def price(
+  space: SearchSpace,
+  agg: Aggregates,
+  profile: DeviceProfile,
+  dp: int,
+  tp: int,
+  groups: tuple[int, ...],
+  storage: str,
+  budget: float,
+) -> Candidate:
   """The candidate's predicted time, traffic, energy and per-device memory, and whether it fits
   `budget` under every rule set of the space (the target compiler's, and any bounding it)."""
   d = dp * tp
@@ -123,14 +136,32 @@ def price(space: SearchSpace, agg: Aggregates, profile: DeviceProfile, dp: int, 
   grad_bytes = float(agg.red_data[1] @ model_scale)
   add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_span)
   # Other partial sums over the batch (the loss, norms): independent ones go out as one tuple
-  # all-reduce (measured); dependent ones (batch-norm statistics, layer after layer) one round
-  # after another (measured on ResNet-50: 206 all-reduces).
+  # all-reduce; dependent ones (batch-norm statistics, layer after layer) one round after
+  # another.
   other_bytes = float(agg.red_data[0] @ model_scale)
   other_count = _combined(other_bytes) + max(space.batch_reduce_rounds - 1, 0)
   add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span)
-  add("all-reduce", float(data_scale @ agg.red_model @ model_scale), float(agg.red_model_n.sum()), tp, model_span)
-  add("all-gather", float(agg.gather_data @ model_scale), float(agg.gather_data_n.sum()), dp, data_span)
-  add("all-gather", float(agg.gather_model @ data_scale), float(agg.gather_model_n.sum()), tp, model_span)
+  add(
+    "all-reduce",
+    float(data_scale @ agg.red_model @ model_scale),
+    float(agg.red_model_n.sum()),
+    tp,
+    model_span,
+  )
+  add(
+    "all-gather",
+    float(agg.gather_data @ model_scale),
+    float(agg.gather_data_n.sum()),
+    dp,
+    data_span,
+  )
+  add(
+    "all-gather",
+    float(agg.gather_model @ data_scale),
+    float(agg.gather_model_n.sum()),
+    tp,
+    model_span,
+  )
 
   param_div = np.where(agg.param_model, tp, 1).astype(float)
   opt_div = np.where(agg.opt_model, tp, 1).astype(float)
@@ -141,10 +172,8 @@ def price(space: SearchSpace, agg: Aggregates, profile: DeviceProfile, dp: int, 
   zero1_gathered = 0.0
   if storage == "fsdp":
     # Gathered once, at the top of the step where the emitted step pins parameters to their
-    # compute layout; the backward pass reads the same gathered copy (measured on gpt2-small,
-    # 8 devices: 74 all-gathers of 474 MiB, one per parameter), which lives until its last
-    # read there (AlexNet: the classifier's gathered weights are gone when its weight
-    # gradients are made). Big parameters that do not split dp ways are in param_mem instead.
+    # compute layout; the backward pass reads the same gathered copy, which lives until its
+    # last read there. Big parameters that do not split dp ways are in param_mem instead.
     gathered = float(per_param[shardable].sum())
     add("all-gather", gathered, _combined(gathered) + agg.loop_iterations, dp, data_span)
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
@@ -156,16 +185,23 @@ def price(space: SearchSpace, agg: Aggregates, profile: DeviceProfile, dp: int, 
       strided = gathered_strided(space, dp, groups, shardable, tp)
       k = int(strided.sum())
       relayout = liveness.liveness_curves(
-          np.zeros(k, dtype=np.int64), space.param_first_read[strided], per_param[strided],
-          np.full(k, liveness.DATA_NONE), np.zeros(k, dtype=bool),
-          len(space.traced.ops))[liveness.DATA_NONE, 0]
+        np.zeros(k, dtype=np.int64),
+        space.param_first_read[strided],
+        per_param[strided],
+        np.full(k, liveness.DATA_NONE),
+        np.zeros(k, dtype=bool),
+        len(space.traced.ops),
+      )[liveness.DATA_NONE, 0]
   else:
     param_mem = float(per_param.sum())
     if storage == "zero1":  # updated parameters are all-gathered from their shards
       zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
       add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
-  opt_shard = np.where(space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1)
+  opt_shard = np.where(
+    space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1
+  )
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
+
   # Collective buffers the liveness scan does not see, where gradients are all-reduced at full
   # size and combined in buckets (`CompilerRules.combine_count`): each bucket reads full-size
   # partial sums and writes a new full-size result, both live where it reduces. Replicated,
@@ -189,13 +225,29 @@ def price(space: SearchSpace, agg: Aggregates, profile: DeviceProfile, dp: int, 
   peak = state + max(temporaries(m, b.rules) for m, b in zip(agg.memory, space.buffers))
 
   step_time = compute_time + comm_time
-  energy = d * (profile.power_idle_watts * step_time +
-                (profile.power_busy_watts - profile.power_idle_watts) * compute_time)
-  return Candidate(devices=d, data=dp, model=tp, model_groups=tuple(groups), storage=storage,
-                   strategy=strategy_label(dp, tp, storage), step_time=step_time,
-                   compute_time=compute_time, comm_time=comm_time, flops=flops,
-                   comm_bytes=comm_bytes, peak_memory=peak, energy=energy, fits=peak <= budget,
-                   param_memory=param_mem, opt_state_memory=opt_mem,
-                   activation_memory=peak - param_mem - opt_mem,
-                   remat=space.remat, microbatches=space.microbatches,
-                   cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1))
+  energy = d * (
+    profile.power_idle_watts * step_time
+    + (profile.power_busy_watts - profile.power_idle_watts) * compute_time
+  )
+  return Candidate(
+    devices=d,
+    data=dp,
+    model=tp,
+    model_groups=tuple(groups),
+    storage=storage,
+    strategy=strategy_label(dp, tp, storage),
+    step_time=step_time,
+    compute_time=compute_time,
+    comm_time=comm_time,
+    flops=flops,
+    comm_bytes=comm_bytes,
+    peak_memory=peak,
+    energy=energy,
+    fits=peak <= budget,
+    param_memory=param_mem,
+    opt_state_memory=opt_mem,
+    activation_memory=peak - param_mem - opt_mem,
+    remat=space.remat,
+    microbatches=space.microbatches,
+    cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1),
+  )

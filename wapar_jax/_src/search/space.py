@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from wapar_jax._src import compilers
 from wapar_jax._src.compilers import CompilerRules, Scratch
 from wapar_jax._src.cost.xla import StepCosts
-from wapar_jax._src.memory import buffers as buffers_lib, liveness
+from wapar_jax._src.memory import buffers as buffers_lib
+from wapar_jax._src.memory import liveness
 from wapar_jax._src.trace import TracedStep
 from wapar_jax.errors import InvalidArgumentError
 
@@ -32,6 +33,7 @@ FSDP_MIN_BYTES = 64 * 1024
 @dataclasses.dataclass(frozen=True)
 class Group:
   """Isomorphic dimension classes decided together (e.g. the MLP hidden dim of every layer)."""
+
   index: int
   classes: frozenset[int]
   size: int
@@ -42,48 +44,50 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class CompilerBuffers:
   """A step's temporaries under one compiler's rules."""
+
   rules: CompilerRules
-  kept: np.ndarray         # [V] bool: counted in the temporaries' liveness
-  last_use: np.ndarray     # [V] last op needing each, counting recomputation by fusion
-  scratch: Scratch         # buffers no variable stands for
+  kept: np.ndarray  # [V] bool: counted in the temporaries' liveness
+  last_use: np.ndarray  # [V] last op needing each, counting recomputation by fusion
+  scratch: Scratch  # buffers no variable stands for
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
   """Everything the search needs from a traced step, as arrays: built once per compiler."""
+
   traced: TracedStep
   costs: StepCosts
   groups: tuple[Group, ...]
   batch_classes: frozenset[int]
-  self_paired: frozenset[int]       # group ids that occur twice in one tensor
-  conflicts: np.ndarray             # [G, G] bool: the two groups share a tensor
-  var_group: np.ndarray             # [V, G] bool
-  var_bytes: np.ndarray             # [V]
-  var_batch: np.ndarray             # [V] bool
-  var_weight: np.ndarray            # [V] bool: shaped like a parameter, no batch dim
+  self_paired: frozenset[int]  # group ids that occur twice in one tensor
+  conflicts: np.ndarray  # [G, G] bool: the two groups share a tensor
+  var_group: np.ndarray  # [V, G] bool
+  var_bytes: np.ndarray  # [V]
+  var_batch: np.ndarray  # [V] bool
+  var_weight: np.ndarray  # [V] bool: shaped like a parameter, no batch dim
   # The temporaries under the rules of the compiler that runs the step, then under any rules
   # that bound its peak (`CompilerRules.remat_at_least`).
   buffers: tuple[CompilerBuffers, ...]
-  fusible: np.ndarray               # [N] bool: fused into its consumers (target compiler)
-  op_group: np.ndarray              # [N, G] bool
-  op_data_cat: np.ndarray           # [N] liveness.DATA_* category of the op's work
-  op_out_var: np.ndarray            # [N] first output variable (-1 if none)
-  op_out_bytes: np.ndarray          # [N] bytes of all outputs
-  red_batch: np.ndarray             # [N] bool: a reduced dim carries the batch
-  red_group: np.ndarray             # [N, G] bool
-  red_batch_sink: np.ndarray        # [N] bool: where a chain of partial sums is reduced
-  red_group_sink: np.ndarray        # [N, G] bool
-  gathers: tuple[np.ndarray, ...]   # (op, var, is_batch, group or -1) of dims needing a gather
-  param_group: np.ndarray           # [P, G] bool
-  param_bytes: np.ndarray           # [P]
+  fusible: np.ndarray  # [N] bool: fused into its consumers (target compiler)
+  op_group: np.ndarray  # [N, G] bool
+  op_data_cat: np.ndarray  # [N] liveness.DATA_* category of the op's work
+  op_out_var: np.ndarray  # [N] first output variable (-1 if none)
+  op_out_bytes: np.ndarray  # [N] bytes of all outputs
+  red_batch: np.ndarray  # [N] bool: a reduced dim carries the batch
+  red_group: np.ndarray  # [N, G] bool
+  red_batch_sink: np.ndarray  # [N] bool: where a chain of partial sums is reduced
+  red_group_sink: np.ndarray  # [N, G] bool
+  gathers: tuple[np.ndarray, ...]  # (op, var, is_batch, group or -1) of dims needing a gather
+  param_group: np.ndarray  # [P, G] bool
+  param_bytes: np.ndarray  # [P]
   param_dims: tuple[tuple[tuple[int, int], ...], ...]  # per param: (class, size) per dim
   # Per param: the last op reading it for compute, not for the optimizer update (how long an
   # FSDP-gathered copy lives); the step's end where a loop reads it (needed every iteration).
   param_read_until: np.ndarray
   param_first_read: np.ndarray  # [P] first op reading each parameter
-  opt_bytes: np.ndarray             # [O]
-  opt_weight: np.ndarray            # [O] bool: shaped like a parameter
-  opt_group: np.ndarray             # [O, G] bool
+  opt_bytes: np.ndarray  # [O]
+  opt_weight: np.ndarray  # [O] bool: shaped like a parameter
+  opt_group: np.ndarray  # [O, G] bool
   batch_bytes: float
   batch_size: int
   # Batch reductions on the longest chain of reductions that depend on one another (batch-norm
@@ -94,8 +98,15 @@ class SearchSpace:
   microbatches: int = 1
 
 
-def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str], *,
-                rules: CompilerRules, remat: str = "none", microbatches: int = 1) -> SearchSpace:
+def build_space(
+  traced: TracedStep,
+  costs: StepCosts,
+  param_paths: Sequence[str],
+  *,
+  rules: CompilerRules,
+  remat: str = "none",
+  microbatches: int = 1,
+) -> SearchSpace:
   """Groups the dimension classes and lays the step out as arrays for the search, with its
   temporaries under `rules` (the compiler that runs the step)."""
   v_classes = traced.var_classes
@@ -103,8 +114,9 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
   for v in traced.batch_vars:
     if not traced.var_shape[v]:
       raise InvalidArgumentError(
-          "every batch leaf needs a leading batch dimension to split over devices. "
-          f"Got a scalar batch leaf (leaf {traced.batch_vars.index(v)}).")
+        "every batch leaf needs a leading batch dimension to split over devices. "
+        f"Got a scalar batch leaf (leaf {traced.batch_vars.index(v)})."
+      )
     batch_classes.add(v_classes[v][0])
   # Under gradient accumulation the batch class is the micro-batch: what splits must divide it.
   batch_size = math.gcd(*(traced.class_size[c] for c in batch_classes))
@@ -127,7 +139,9 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
     occ = [o for c in classes for o in occurrences[c]]
     nbytes = sum(math.prod(shape) * itemsize for shape, _, _, itemsize in occ)
     names = sorted({f"{p}[{d}]" for _, d, p, _ in occ})
-    label = f"size {sig[0]}: " + ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
+    label = (
+      f"size {sig[0]}: " + ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
+    )
     groups.append(Group(g, frozenset(classes), sig[0], float(nbytes), label))
     for c in classes:
       class_group[c] = g
@@ -217,24 +231,50 @@ def build_space(traced: TracedStep, costs: StepCosts, param_paths: Sequence[str]
         continue
       param_first_read[i] = min(param_first_read[i], op.index)
       if op_data_cat[op.index] != liveness.DATA_WEIGHT:  # not the optimizer update
-        param_read_until[i] = len(ops) if op.multiplicity > 1 else max(param_read_until[i], op.index)
+        param_read_until[i] = (
+          len(ops) if op.multiplicity > 1 else max(param_read_until[i], op.index)
+        )
   return SearchSpace(
-      traced=traced, costs=costs, groups=tuple(groups), batch_classes=frozenset(batch_classes),
-      self_paired=frozenset(self_paired), conflicts=conflicts, var_group=var_group,
-      var_bytes=var_bytes, var_batch=var_batch, var_weight=var_weight, buffers=buffers,
-      fusible=rules.fusible_mask(traced),
-      op_group=op_group, op_data_cat=op_data_cat, op_out_var=op_out_var,
-      op_out_bytes=op_out_bytes, red_batch=red_batch, red_group=red_group,
-      red_batch_sink=red_batch_sink, red_group_sink=red_group_sink,
-      gathers=(np.asarray(g_op, dtype=np.int64), np.asarray(g_var, dtype=np.int64),
-               np.asarray(g_batch, dtype=bool), np.asarray(g_group, dtype=np.int64)),
-      param_group=var_group[pv], param_bytes=var_bytes[pv],
-      param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
-      param_read_until=param_read_until, param_first_read=param_first_read,
-      opt_bytes=var_bytes[ov], opt_weight=var_weight[ov], opt_group=var_group[ov],
-      batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)), batch_size=batch_size,
-      batch_reduce_rounds=_reduction_rounds(ops, red_batch_sink),
-      remat=remat, microbatches=microbatches)
+    traced=traced,
+    costs=costs,
+    groups=tuple(groups),
+    batch_classes=frozenset(batch_classes),
+    self_paired=frozenset(self_paired),
+    conflicts=conflicts,
+    var_group=var_group,
+    var_bytes=var_bytes,
+    var_batch=var_batch,
+    var_weight=var_weight,
+    buffers=buffers,
+    fusible=rules.fusible_mask(traced),
+    op_group=op_group,
+    op_data_cat=op_data_cat,
+    op_out_var=op_out_var,
+    op_out_bytes=op_out_bytes,
+    red_batch=red_batch,
+    red_group=red_group,
+    red_batch_sink=red_batch_sink,
+    red_group_sink=red_group_sink,
+    gathers=(
+      np.asarray(g_op, dtype=np.int64),
+      np.asarray(g_var, dtype=np.int64),
+      np.asarray(g_batch, dtype=bool),
+      np.asarray(g_group, dtype=np.int64),
+    ),
+    param_group=var_group[pv],
+    param_bytes=var_bytes[pv],
+    param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
+    param_read_until=param_read_until,
+    param_first_read=param_first_read,
+    opt_bytes=var_bytes[ov],
+    opt_weight=var_weight[ov],
+    opt_group=var_group[ov],
+    batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)),
+    batch_size=batch_size,
+    batch_reduce_rounds=_reduction_rounds(ops, red_batch_sink),
+    remat=remat,
+    microbatches=microbatches,
+  )
 
 
 def _rule_sets(rules: CompilerRules, remat: str) -> tuple[CompilerRules, ...]:
@@ -252,8 +292,9 @@ def _buffers(traced: TracedStep, rules: CompilerRules, not_temporary: list[int])
 
 # Ops through which a partial sum stays a partial sum (they are linear in it).
 _SUMMING = frozenset({"add", "add_any", "sub"})
-_LINEAR_UNARY = frozenset({"neg", "convert_element_type", "reshape", "transpose", "squeeze",
-                           "copy", "copy_p"})
+_LINEAR_UNARY = frozenset(
+  {"neg", "convert_element_type", "reshape", "transpose", "squeeze", "copy", "copy_p"}
+)
 _SCALING = frozenset({"mul", "div"})
 
 
@@ -284,8 +325,8 @@ def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
     for v in op.in_vars:
       if v >= 0:
         uses[v] = uses.get(v, 0) + 1
-  state: dict[int, tuple] = {}   # partial variable -> (over batch, groups)
-  carrier: dict[int, int] = {}   # partial variable -> op charged for its reduction
+  state: dict[int, tuple] = {}  # partial variable -> (over batch, groups)
+  carrier: dict[int, int] = {}  # partial variable -> op charged for its reduction
   for op in ops:
     i = op.index
     own = (bool(red_batch[i]), tuple(np.flatnonzero(red_group[i])))
@@ -304,8 +345,11 @@ def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
     elif op.primitive in _LINEAR_UNARY:
       ok = len(op.in_vars) == 1
     elif op.primitive in _SCALING:  # partial * x and partial / x, with x not partial
-      ok = len(partial) == 1 and len([v for v in ins if v in state]) == 1 and (
-          op.primitive == "mul" or op.in_vars[0] == partial[0])
+      ok = (
+        len(partial) == 1
+        and len([v for v in ins if v in state]) == 1
+        and (op.primitive == "mul" or op.in_vars[0] == partial[0])
+      )
     else:
       ok = False
     if not ok:
@@ -321,8 +365,11 @@ def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
 
 def eligible_groups(space: SearchSpace, tp: int) -> list[int]:
   """Groups that can be split tp ways on the model axis, largest parameters first."""
-  ok = [g.index for g in space.groups
-        if g.size % tp == 0 and g.index not in space.self_paired and g.param_bytes > 0]
+  ok = [
+    g.index
+    for g in space.groups
+    if g.size % tp == 0 and g.index not in space.self_paired and g.param_bytes > 0
+  ]
   ok.sort(key=lambda g: -space.groups[g].param_bytes)
   return ok[:MAX_SEARCHED_GROUPS]
 

@@ -1,4 +1,4 @@
-"""A candidate as PartitionSpecs: for every parameter (as stored), its optimizer state, the batch."""
+"""A candidate as PartitionSpecs: every parameter (as stored), its optimizer state, the batch."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ def specs_for(space: SearchSpace, c: Candidate) -> tuple[list[P], list[P], list[
   flattened order of the traced step's arguments."""
   traced = space.traced
   model_classes = {cl for g in c.model_groups for cl in space.groups[g].classes}
-  shardable = (fsdp_shardable(space, c.data, c.model_groups)
-               if c.data > 1 else [False] * len(traced.param_vars))
+  shardable = (
+    fsdp_shardable(space, c.data, c.model_groups)
+    if c.data > 1
+    else [False] * len(traced.param_vars)
+  )
   param_specs, opt_specs = [], []
   for i in range(len(traced.param_vars)):
     dims = space.param_dims[i]

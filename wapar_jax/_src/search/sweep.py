@@ -7,21 +7,26 @@ import math
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, aggregate
-from wapar_jax._src.search.candidate import (DEFAULT_MEMORY_HEADROOM, OBJECTIVES, STORAGES,
-                                             STRATEGIES, Candidate, rank_key)
+from wapar_jax._src.search.candidate import (
+  DEFAULT_MEMORY_HEADROOM,
+  OBJECTIVES,
+  STORAGES,
+  STRATEGIES,
+  Candidate,
+  rank_key,
+)
 from wapar_jax._src.search.pricing import price
 from wapar_jax._src.search.space import SearchSpace, group_sets
 from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError
 
-
 # What each strategy allows, as (data degree, model degree, storages): a degree is "one" (1),
 # "many" (> 1) or "any"; a model degree above 1 needs a model-split group set.
 _FAMILIES = {
-    "dp": ("any", "one", frozenset({"replicated"})),
-    "zero1": ("any", "one", frozenset({"zero1"})),
-    "fsdp": ("any", "one", frozenset({"fsdp"})),
-    "tp": ("one", "many", frozenset({"replicated"})),
-    "dp_tp": ("many", "many", frozenset({"replicated"})),
+  "dp": ("any", "one", frozenset({"replicated"})),
+  "zero1": ("any", "one", frozenset({"zero1"})),
+  "fsdp": ("any", "one", frozenset({"fsdp"})),
+  "tp": ("one", "many", frozenset({"replicated"})),
+  "dp_tp": ("many", "many", frozenset({"replicated"})),
 }
 _DEGREE = {"one": lambda n: n == 1, "many": lambda n: n > 1, "any": lambda n: True}
 
@@ -38,17 +43,23 @@ def device_counts(max_devices: int, all_devices: bool) -> list[int]:
   """Every count up to 64 (as WAP swept), then multiples of 8 and powers of two."""
   if all_devices:
     return [max_devices]
-  counts = {d for d in range(1, min(max_devices, 64) + 1)}
+  counts = set(range(1, min(max_devices, 64) + 1))
   counts.update(d for d in range(8, max_devices + 1, 8))
-  counts.update(2 ** k for k in range(int(math.log2(max_devices)) + 1))
+  counts.update(2**k for k in range(int(math.log2(max_devices)) + 1))
   counts.add(max_devices)
   return sorted(counts)
 
 
-def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
-           strategy: str = "auto", objective: str = "time",
-           memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
-           all_devices: bool = False) -> list[Candidate]:
+def search(
+  space: SearchSpace,
+  profile: DeviceProfile,
+  max_devices: int,
+  *,
+  strategy: str = "auto",
+  objective: str = "time",
+  memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
+  all_devices: bool = False,
+) -> list[Candidate]:
   """All candidates, fitting ones first, each part ordered by the objective.
 
   Evaluation is exact enumeration: each (dp, tp, storage) of a group set costs O(1) plus one
@@ -82,10 +93,11 @@ def search(space: SearchSpace, profile: DeviceProfile, max_devices: int, *,
   if not found:
     divisible = [d for d in range(1, max_devices + 1) if space.batch_size % d == 0]
     raise IndivisibleBatchError(
-        f"no {strategy!r} plan exists for up to {max_devices} devices: the batch size "
-        f"{space.batch_size} splits only over {divisible} data-parallel devices, and no "
-        "parameter dimension splits over the rest. Use a batch size divisible by the device "
-        f"count, or another strategy. Got batch size {space.batch_size}.")
+      f"no {strategy!r} plan exists for up to {max_devices} devices: the batch size "
+      f"{space.batch_size} splits only over {divisible} data-parallel devices, and no "
+      "parameter dimension splits over the rest. Use a batch size divisible by the device "
+      f"count, or another strategy. Got batch size {space.batch_size}."
+    )
   return sorted(found, key=rank_key(objective))
 
 

@@ -30,8 +30,16 @@ from wapar_jax.errors import InvalidArgumentError, NonScalarLossError
 __all__ = ["ELEMENTWISE", "Op", "TracedStep", "trace_jaxpr", "trace_train_step"]
 
 
-def trace_train_step(loss_fn, params, batch, optimizer, *, remat: str = "none",
-                     microbatches: int = 1, jaxpr_cache: dict | None = None):
+def trace_train_step(
+  loss_fn,
+  params,
+  batch,
+  optimizer,
+  *,
+  remat: str = "none",
+  microbatches: int = 1,
+  jaxpr_cache: dict | None = None,
+):
   """Traces `make_train_step(loss_fn, optimizer, remat=..., microbatches=...)` on abstract values.
 
   Returns (TracedStep, abstract opt_state). Nothing is materialised: a 7B model traces in
@@ -40,8 +48,9 @@ def trace_train_step(loss_fn, params, batch, optimizer, *, remat: str = "none",
   params, batch = abstract(params), abstract(batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   try:
-    step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches,
-                           jaxpr_cache=jaxpr_cache)
+    step = make_train_step(
+      loss_fn, optimizer, remat=remat, microbatches=microbatches, jaxpr_cache=jaxpr_cache
+    )
     closed = jax.make_jaxpr(step)(params, opt_state, batch)
   except Exception as e:  # diagnose with a forward trace only: the model is traced once if fine
     _check_loss(loss_fn, params, batch, e)
@@ -59,12 +68,14 @@ def _check_loss(loss_fn, params, batch, step_error: Exception) -> None:
     loss = jax.eval_shape(loss_fn, params, batch)
   except Exception as e:
     raise InvalidArgumentError(
-        "loss_fn(params, batch) failed when traced with abstract params and batch. It must be a "
-        "pure function of its two arguments (no use of concrete values). "
-        f"Got {type(e).__name__}: {e}") from e
+      "loss_fn(params, batch) failed when traced with abstract params and batch. It must be a "
+      "pure function of its two arguments (no use of concrete values). "
+      f"Got {type(e).__name__}: {e}"
+    ) from e
   if not (hasattr(loss, "shape") and tuple(loss.shape) == ()):
     shape = getattr(loss, "shape", None)
     got = f"a {type(loss).__name__}" if shape is None else f"shape {tuple(shape)}"
     raise NonScalarLossError(
-        "loss_fn(params, batch) must return a scalar (reduce the per-example losses with "
-        f"jnp.mean or jnp.sum). Got {got}.") from step_error
+      "loss_fn(params, batch) must return a scalar (reduce the per-example losses with "
+      f"jnp.mean or jnp.sum). Got {got}."
+    ) from step_error

@@ -24,19 +24,19 @@ _Literal = jex.core.Literal
 
 # Primitives whose only job is to call a sub-jaxpr with the same inputs and outputs.
 _CALL_JAXPR_PARAM = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
+  "jit": "jaxpr",
+  "pjit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "core_call": "call_jaxpr",
+  "remat2": "jaxpr",
+  "checkpoint": "jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 
-class _UnionFind:
 
+class _UnionFind:
   def __init__(self):
     self.parent: list[int] = []
 
@@ -94,7 +94,6 @@ def _while_trip_count(eqn) -> int | None:
 
 
 class _Builder:
-
   def __init__(self):
     self.uf = _UnionFind()
     self.var_shape: list[tuple[int, ...]] = []
@@ -214,20 +213,22 @@ class _Builder:
     # (so it is not kept alive through the loop) and the final carry is it, bound outside
     # only once the loop ends.
     self.after_loop(outer_out[:n_carry], end)
-    self.close_region(eqn, env, outer_in[:n_consts] + outer_in[n_consts + n_carry:], outer_out)
+    self.close_region(eqn, env, outer_in[:n_consts] + outer_in[n_consts + n_carry :], outer_out)
 
   def while_loop(self, eqn, env, mult, branch):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     trips = _while_trip_count(eqn)
     if trips is None:
-      warnings.warn(f"while loop at {source_line(eqn)} has no static trip count; costed as 1 "
-                    "iteration. Use lax.scan or a fori_loop with literal bounds for an exact cost.",
-                    stacklevel=4)
+      warnings.warn(
+        f"while loop at {source_line(eqn)} has no static trip count; costed as 1 "
+        "iteration. Use lax.scan or a fori_loop with literal bounds for an exact cost.",
+        stacklevel=4,
+      )
       trips = 1
     start = len(self.ops)
     outer_in = [self.read(env, v) for v in eqn.invars]
-    cond_consts, body_consts, carry = outer_in[:nc], outer_in[nc:nc + nb], outer_in[nc + nb:]
+    cond_consts, body_consts, carry = outer_in[:nc], outer_in[nc : nc + nb], outer_in[nc + nb :]
     outer_out = [self.new_var(v.aval, start) for v in eqn.outvars]
     inner_carry = []
     body_carry_vars = p["body_jaxpr"].jaxpr.invars[nb:]
@@ -293,18 +294,28 @@ class _Builder:
       na, nb = node(a), node(b)
       if na is not None and nb is not None:
         self.uf.union(na, nb)
-    self.ops.append(Op(
-        index=pos, primitive=eqn.primitive.name, cost_key=_cost_key(eqn, in_shapes), eqn=eqn,
-        in_vars=in_ids, out_vars=out_ids, multiplicity=float(mult), branch=branch,
+    self.ops.append(
+      Op(
+        index=pos,
+        primitive=eqn.primitive.name,
+        cost_key=_cost_key(eqn, in_shapes),
+        eqn=eqn,
+        in_vars=in_ids,
+        out_vars=out_ids,
+        multiplicity=float(mult),
+        branch=branch,
         reduce_dims=tuple((k, d) for k, d in rule.reduce_dims if in_ids[k] >= 0),
         gather_dims=tuple((k, d) for k, d in rule.gather_dims if in_ids[k] >= 0),
-        source=source_line(eqn)))
+        source=source_line(eqn),
+      )
+    )
     for ov, vid in zip(eqn.outvars, out_ids):
       self.bind_outer(env, ov, vid)
 
 
-def trace_jaxpr(closed_jaxpr, num_params: int, num_opt_state: int, num_batch: int,
-                loss_output: int) -> TracedStep:
+def trace_jaxpr(
+  closed_jaxpr, num_params: int, num_opt_state: int, num_batch: int, loss_output: int
+) -> TracedStep:
   """Flattens a train step's ClosedJaxpr whose inputs are params, opt state, batch (in order)."""
   b = _Builder()
   jaxpr = closed_jaxpr.jaxpr
@@ -339,18 +350,18 @@ def trace_jaxpr(closed_jaxpr, num_params: int, num_opt_state: int, num_batch: in
 
   n1, n2 = num_params, num_params + num_opt_state
   return TracedStep(
-      ops=tuple(b.ops),
-      var_shape=tuple(b.var_shape),
-      var_itemsize=tuple(b.var_itemsize),
-      var_classes=tuple(var_classes),
-      def_pos=np.asarray(b.def_pos, dtype=np.int64),
-      last_use=np.asarray(b.last_use, dtype=np.int64),
-      class_size=tuple(class_size),
-      loop_classes=loop_classes,
-      param_vars=tuple(arg_ids[:n1]),
-      opt_state_vars=tuple(arg_ids[n1:n2]),
-      batch_vars=tuple(arg_ids[n2:n2 + num_batch]),
-      output_vars=tuple(out_ids),
-      loss_var=out_ids[loss_output],
-      unknown_primitives=tuple(sorted(b.unknown)),
+    ops=tuple(b.ops),
+    var_shape=tuple(b.var_shape),
+    var_itemsize=tuple(b.var_itemsize),
+    var_classes=tuple(var_classes),
+    def_pos=np.asarray(b.def_pos, dtype=np.int64),
+    last_use=np.asarray(b.last_use, dtype=np.int64),
+    class_size=tuple(class_size),
+    loop_classes=loop_classes,
+    param_vars=tuple(arg_ids[:n1]),
+    opt_state_vars=tuple(arg_ids[n1:n2]),
+    batch_vars=tuple(arg_ids[n2 : n2 + num_batch]),
+    output_vars=tuple(out_ids),
+    loss_var=out_ids[loss_output],
+    unknown_primitives=tuple(sorted(b.unknown)),
   )

@@ -18,26 +18,95 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Elementwise primitives: operands and result line up element by element.
-ELEMENTWISE = frozenset({
-    "add", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "log", "log1p", "expm1", "tanh",
-    "logistic", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow", "abs", "sign", "select_n", "clamp",
-    "convert_element_type", "eq", "ne", "gt", "ge", "lt", "le", "and", "or", "not", "xor",
-    "is_finite", "stop_gradient", "add_any", "erf", "erfc", "erf_inv", "square", "floor", "ceil",
+ELEMENTWISE = frozenset(
+  {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "neg",
+    "max",
+    "min",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "tanh",
+    "logistic",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "pow",
+    "integer_pow",
+    "abs",
+    "sign",
+    "select_n",
+    "clamp",
+    "convert_element_type",
+    "eq",
+    "ne",
+    "gt",
+    "ge",
+    "lt",
+    "le",
+    "and",
+    "or",
+    "not",
+    "xor",
+    "is_finite",
+    "stop_gradient",
+    "add_any",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "square",
+    "floor",
+    "ceil",
     "one_minus_square",  # jax >= 0.11: the derivative of tanh
-    "round", "rem", "sin", "cos", "tan", "atan2", "copy", "copy_p", "reduce_precision", "nextafter",
-    "imag", "real",
-})
+    "round",
+    "rem",
+    "sin",
+    "cos",
+    "tan",
+    "atan2",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "nextafter",
+    "imag",
+    "real",
+  }
+)
 # Primitives the fallback rule knows: its dim-by-dim lining up is right for them. A primitive
 # outside this set that reaches the fallback is reported as unknown.
-ELEMENTWISE_LIKE = ELEMENTWISE | frozenset({
-    "expand_dims", "iota", "rng_bit_generator", "random_bits", "random_seed", "random_wrap",
-    "random_unwrap", "random_fold_in", "random_split", "threefry2x32", "clz", "population_count",
-    "shift_left", "shift_right_logical", "shift_right_arithmetic", "lgamma", "digamma", "igamma",
+ELEMENTWISE_LIKE = ELEMENTWISE | frozenset(
+  {
+    "expand_dims",
+    "iota",
+    "rng_bit_generator",
+    "random_bits",
+    "random_seed",
+    "random_wrap",
+    "random_unwrap",
+    "random_fold_in",
+    "random_split",
+    "threefry2x32",
+    "clz",
+    "population_count",
+    "shift_left",
+    "shift_right_logical",
+    "shift_right_arithmetic",
+    "lgamma",
+    "digamma",
+    "igamma",
     "custom_lin",
-})
+  }
+)
 
 Dim = tuple[str, int, int]  # ("i" | "o", position, dim)
 Shapes = Sequence[tuple[int, ...]]
@@ -54,6 +123,7 @@ class DimLinks:
     gather_dims: (input position, dim) whose sharding forces an all-gather of that input.
     known: False for a primitive only guessed at.
   """
+
   links: tuple[tuple[Dim, Dim], ...] = ()
   reduce_dims: tuple[tuple[int, int], ...] = ()
   gather_dims: tuple[tuple[int, int], ...] = ()
@@ -67,12 +137,14 @@ RULES: dict[str, Rule] = {}
 
 def register(*primitive_names: str) -> Callable[[Rule], Rule]:
   """Decorator: `rule(eqn, in_shapes, out_shapes) -> DimLinks` is the rule of these primitives."""
+
   def decorate(rule: Rule) -> Rule:
     for name in primitive_names:
       if name in RULES:
         raise ValueError(f"primitive {name!r} already has a dim rule: {RULES[name].__name__}")
       RULES[name] = rule
     return rule
+
   return decorate
 
 
@@ -88,7 +160,9 @@ def _result(links, reduce_dims=(), gather_dims=(), known=True) -> DimLinks:
 def elementwise_rule(eqn, in_shapes: Shapes, out_shapes: Shapes) -> DimLinks:
   """Elementwise and anything unknown of the same shape: dims line up position by position."""
   links, gather_dims = [], []
-  shapes = [("i", k, s) for k, s in enumerate(in_shapes)] + [("o", k, s) for k, s in enumerate(out_shapes)]
+  shapes = [("i", k, s) for k, s in enumerate(in_shapes)] + [
+    ("o", k, s) for k, s in enumerate(out_shapes)
+  ]
   full = [x for x in shapes if len(x[2]) > 0]
   known = eqn.primitive.name in ELEMENTWISE_LIKE
   if full:
@@ -127,8 +201,10 @@ def _dot_general(eqn, in_shapes, out_shapes):
 def _conv_general_dilated(eqn, in_shapes, out_shapes):
   p = eqn.params
   lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-  links = [(("i", 0, lhs_spec[0]), ("o", 0, out_spec[0])),  # batch
-           (("i", 1, rhs_spec[0]), ("o", 0, out_spec[1]))]  # output features
+  links = [
+    (("i", 0, lhs_spec[0]), ("o", 0, out_spec[0])),  # batch
+    (("i", 1, rhs_spec[0]), ("o", 0, out_spec[1])),
+  ]  # output features
   reduce_dims = []
   if p.get("feature_group_count", 1) == 1 and p.get("batch_group_count", 1) == 1:
     links.append((("i", 0, lhs_spec[1]), ("i", 1, rhs_spec[1])))
@@ -141,15 +217,18 @@ def _conv_general_dilated(eqn, in_shapes, out_shapes):
 @register("optimization_barrier", "sharding_constraint")
 def _identity(eqn, in_shapes, out_shapes):
   """Identity on each operand."""
-  return _result((("i", k, d), ("o", k, d)) for k in range(len(in_shapes))
-                 for d in range(len(in_shapes[k])))
+  return _result(
+    (("i", k, d), ("o", k, d)) for k in range(len(in_shapes)) for d in range(len(in_shapes[k]))
+  )
 
 
 @register("broadcast_in_dim")
 def _broadcast_in_dim(eqn, in_shapes, out_shapes):
-  return _result((("i", 0, i), ("o", 0, d))
-                 for i, d in enumerate(eqn.params["broadcast_dimensions"])
-                 if in_shapes[0][i] == out_shapes[0][d])
+  return _result(
+    (("i", 0, i), ("o", 0, d))
+    for i, d in enumerate(eqn.params["broadcast_dimensions"])
+    if in_shapes[0][i] == out_shapes[0][d]
+  )
 
 
 def reshape_links(in_shape, out_shape):
@@ -195,17 +274,30 @@ def _reshape(eqn, in_shapes, out_shapes):
 
 @register("transpose")
 def _transpose(eqn, in_shapes, out_shapes):
-  return _result((("i", 0, in_d), ("o", 0, out_d))
-                 for out_d, in_d in enumerate(eqn.params["permutation"]))
+  return _result(
+    (("i", 0, in_d), ("o", 0, out_d)) for out_d, in_d in enumerate(eqn.params["permutation"])
+  )
 
 
-@register("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-          "reduce_xor", "argmax", "argmin")
+@register(
+  "reduce_sum",
+  "reduce_max",
+  "reduce_min",
+  "reduce_prod",
+  "reduce_and",
+  "reduce_or",
+  "reduce_xor",
+  "argmax",
+  "argmin",
+)
 def _reduction(eqn, in_shapes, out_shapes):
   axes = set(eqn.params["axes"])
   kept = [d for d in range(len(in_shapes[0])) if d not in axes]
-  links = [(("i", 0, in_d), ("o", k, out_d))
-           for out_d, in_d in enumerate(kept) for k in range(len(out_shapes))]
+  links = [
+    (("i", 0, in_d), ("o", k, out_d))
+    for out_d, in_d in enumerate(kept)
+    for k in range(len(out_shapes))
+  ]
   return _result(links, ((0, d) for d in axes))
 
 
@@ -227,7 +319,7 @@ def _along_one_axis(eqn, in_shapes, out_shapes):
 
 @register("squeeze")
 def _squeeze(eqn, in_shapes, out_shapes):
-  removed = set(d % len(in_shapes[0]) for d in eqn.params["dimensions"])
+  removed = {d % len(in_shapes[0]) for d in eqn.params["dimensions"]}
   kept = [d for d in range(len(in_shapes[0])) if d not in removed]
   return _result((("i", 0, in_d), ("o", 0, out_d)) for out_d, in_d in enumerate(kept))
 
@@ -260,8 +352,16 @@ def _same_size_dims(in_shape, out_shape, whole=frozenset()):
   return links, gather_dims
 
 
-@register("pad", "slice", "dynamic_slice", "reduce_window_sum", "reduce_window_max",
-          "reduce_window_min", "reduce_window", "select_and_gather_add")
+@register(
+  "pad",
+  "slice",
+  "dynamic_slice",
+  "reduce_window_sum",
+  "reduce_window_max",
+  "reduce_window_min",
+  "reduce_window",
+  "select_and_gather_add",
+)
 def _windowed(eqn, in_shapes, out_shapes):
   links, gather_dims = _same_size_dims(in_shapes[0], out_shapes[0])
   return _result(links, (), gather_dims)
@@ -346,5 +446,6 @@ def _scatter(eqn, in_shapes, out_shapes):
 def _scatter_add(eqn, in_shapes, out_shapes):
   # Updates split along a scattered dim sum into partial results.
   scattered = _scattered_update_dims(eqn, in_shapes[2])
-  return dataclasses.replace(_scatter(eqn, in_shapes, out_shapes),
-                             reduce_dims=tuple((2, d) for d in scattered))
+  return dataclasses.replace(
+    _scatter(eqn, in_shapes, out_shapes), reduce_dims=tuple((2, d) for d in scattered)
+  )

@@ -25,6 +25,7 @@ class Op:
     gather_dims: (input position, dim) whose sharding forces an all-gather of that input.
     source: "file:line (function)" of the user code that produced it.
   """
+
   index: int
   primitive: str
   cost_key: str
@@ -46,6 +47,7 @@ class TracedStep:
   dim) describe them. `def_pos[v]` / `last_use[v]` are op indices for liveness (-1 = argument,
   len(ops) = step output). Argument groups keep the flattened order of their pytrees.
   """
+
   ops: tuple[Op, ...]
   var_shape: tuple[tuple[int, ...], ...]
   var_itemsize: tuple[int, ...]
@@ -67,5 +69,7 @@ class TracedStep:
 
   def var_bytes(self) -> np.ndarray:
     """Bytes of every variable (unsharded), as float64."""
-    return np.array([math.prod(shape) * itemsize
-                     for shape, itemsize in zip(self.var_shape, self.var_itemsize)], dtype=float)
+    return np.array(
+      [math.prod(shape) * itemsize for shape, itemsize in zip(self.var_shape, self.var_itemsize)],
+      dtype=float,
+    )

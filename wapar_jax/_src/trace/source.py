@@ -26,6 +26,12 @@ def source_line(eqn) -> str:
     return "?"
   # jax excludes only its own files and the standard library; in a virtualenv, site-packages
   # lies outside the latter, so a flax layer would be named instead of the model's line.
-  frame = next((f for f in itertools.chain([first], frames) if not _INSTALLED.search(f.file_name)
-                or f.file_name.startswith(_OWN_PACKAGE)), first)
+  frame = next(
+    (
+      f
+      for f in itertools.chain([first], frames)
+      if not _INSTALLED.search(f.file_name) or f.file_name.startswith(_OWN_PACKAGE)
+    ),
+    first,
+  )
   return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"

@@ -29,16 +29,16 @@ from wapar_jax._src.verify.run import lower_plan_step as lower_plan_step
 from wapar_jax._src.verify.run import verify as verify
 
 __all__ = [
-    "FIGURES",
-    "Collective",
-    "CompiledStep",
-    "Figures",
-    "MemoryBreakdown",
-    "Verification",
-    "analyse_compiled",
-    "compile_like_target",
-    "lower_plan_step",
-    "read_compiled",
-    "relative_error",
-    "verify",
+  "FIGURES",
+  "Collective",
+  "CompiledStep",
+  "Figures",
+  "MemoryBreakdown",
+  "Verification",
+  "analyse_compiled",
+  "compile_like_target",
+  "lower_plan_step",
+  "read_compiled",
+  "relative_error",
+  "verify",
 ]

@@ -11,15 +11,31 @@ from __future__ import annotations
 import collections
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from wapar_jax._src.cost.collectives import (COMBINE_BYTES, hierarchical_collective_time,
-                                             hierarchical_collective_traffic)
+from wapar_jax._src.cost.collectives import (
+  COMBINE_BYTES,
+  hierarchical_collective_time,
+  hierarchical_collective_traffic,
+)
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.verify.hlo import (COLLECTIVE_OPCODES, HloModule, Instr, element_count,
-                                       multiplicities, operand_names, parse_hlo, type_size)
-from wapar_jax._src.verify.replica_groups import (group_axes, group_span, node_size,
-                                                  parse_replica_groups, replica_groups_text)
+from wapar_jax._src.verify.hlo import (
+  COLLECTIVE_OPCODES,
+  HloModule,
+  Instr,
+  element_count,
+  multiplicities,
+  operand_names,
+  parse_hlo,
+  type_size,
+)
+from wapar_jax._src.verify.replica_groups import (
+  group_axes,
+  group_span,
+  node_size,
+  parse_replica_groups,
+  replica_groups_text,
+)
 from wapar_jax._src.verify.results import Collective
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -29,15 +45,55 @@ _COST_KIND = {"collective-permute": "permute"}
 
 # Ops that read their operand element by element: a value only sliced after them is only read
 # in that slice.
-_ELEMENTWISE = frozenset({
-    "abs", "add", "and", "cbrt", "ceil", "clamp", "compare", "convert", "cosine", "divide",
-    "exponential", "exponential-minus-one", "floor", "is-finite", "log", "log-plus-one",
-    "logistic", "maximum", "minimum", "multiply", "negate", "not", "or", "power", "remainder",
-    "round-nearest-even", "rsqrt", "select", "sign", "sine", "sqrt", "subtract", "tanh", "xor"})
+_ELEMENTWISE = frozenset(
+  {
+    "abs",
+    "add",
+    "and",
+    "cbrt",
+    "ceil",
+    "clamp",
+    "compare",
+    "convert",
+    "cosine",
+    "divide",
+    "exponential",
+    "exponential-minus-one",
+    "floor",
+    "is-finite",
+    "log",
+    "log-plus-one",
+    "logistic",
+    "maximum",
+    "minimum",
+    "multiply",
+    "negate",
+    "not",
+    "or",
+    "power",
+    "remainder",
+    "round-nearest-even",
+    "rsqrt",
+    "select",
+    "sign",
+    "sine",
+    "sqrt",
+    "subtract",
+    "tanh",
+    "xor",
+  }
+)
 
 
-def _only_sliced(module: HloModule, comp: str, value: str, elements: float, n: int,
-                 users: Mapping[str, Mapping[str, list[Instr]]], depth: int = 0) -> bool:
+def _only_sliced(
+  module: HloModule,
+  comp: str,
+  value: str,
+  elements: float,
+  n: int,
+  users: Mapping[str, Mapping[str, list[Instr]]],
+  depth: int = 0,
+) -> bool:
   """Whether every use of `value` in `comp` is a dynamic slice of 1/n of its elements.
 
   Looks through bitcasts, copies and elementwise ops of the same size, and into fusions (at
@@ -51,7 +107,8 @@ def _only_sliced(module: HloModule, comp: str, value: str, elements: float, n: i
       if operand_names(use)[0] != value or element_count(use.type) * n != elements:
         return False
     elif use.opcode in ("bitcast", "copy") or (
-        use.opcode in _ELEMENTWISE and element_count(use.type) == elements):
+      use.opcode in _ELEMENTWISE and element_count(use.type) == elements
+    ):
       if not _only_sliced(module, comp, use.name, elements, n, users, depth + 1):
         return False
     elif use.opcode == "fusion":
@@ -59,12 +116,16 @@ def _only_sliced(module: HloModule, comp: str, value: str, elements: float, n: i
       if not callee or callee.group(1) not in module.computations:
         return False
       fused = callee.group(1)
-      params = {int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name
-                for i in module.computations[fused] if i.opcode == "parameter"}
+      params = {
+        int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name
+        for i in module.computations[fused]
+        if i.opcode == "parameter"
+      }
       positions = [k for k, name in enumerate(operand_names(use)) if name == value]
       if not positions or any(
-          k not in params or not _only_sliced(module, fused, params[k], elements, n, users,
-                                              depth + 1) for k in positions):
+        k not in params or not _only_sliced(module, fused, params[k], elements, n, users, depth + 1)
+        for k in positions
+      ):
         return False
     else:
       return False
@@ -101,9 +162,14 @@ def _scattered_bytes(module: HloModule, comp: str, instr: Instr, n: int, users) 
   return total
 
 
-def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile,
-                module: HloModule | None = None, mult: Mapping[str, float] | None = None,
-                notes: list[str] | None = None) -> tuple[Collective, ...]:
+def collectives(
+  text: str,
+  mesh_shape: Mapping[str, int],
+  profile: DeviceProfile,
+  module: HloModule | None = None,
+  mult: Mapping[str, float] | None = None,
+  notes: list[str] | None = None,
+) -> tuple[Collective, ...]:
   """Every collective of a compiled module's text, sized, placed on mesh axes and priced.
 
   A replica-group form this parser does not know is priced as one group of all devices and
@@ -129,7 +195,7 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
     depth: dict[str, int] = {}
     for instr in module.computations[comp]:
       opcode = instr.opcode
-      base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+      base = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
       kind = COLLECTIVE_OPCODES.get(base)
       before = max((depth.get(o, 0) for o in operand_names(instr)), default=0)
       depth[instr.name] = before + (1 if kind is not None else 0)
@@ -139,8 +205,11 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
       try:
         if kind == "collective-permute":
           pairs_text = replica_groups_text(instr.rest, "source_target_pairs") or "{}"
-          groups = [g for g in parse_replica_groups(pairs_text, num) if len(set(g)) > 1] \
-              if pairs_text != "{}" else []
+          groups = (
+            [g for g in parse_replica_groups(pairs_text, num) if len(set(g)) > 1]
+            if pairs_text != "{}"
+            else []
+          )
           n = 2 if groups else 1
         else:
           groups = parse_replica_groups(replica_groups_text(instr.rest) or "{}", num)
@@ -157,18 +226,39 @@ def collectives(text: str, mesh_shape: Mapping[str, int], profile: DeviceProfile
       cost_kind = _COST_KIND.get(kind, kind)
       sent = sum(hierarchical_collective_traffic(cost_kind, nbytes, n_inner, n_outer))
       seconds = hierarchical_collective_time(
-          cost_kind, nbytes, n_inner, n_outer, inner_link.bandwidth, inner_link.latency,
-          outer_link.bandwidth, outer_link.latency)
+        cost_kind,
+        nbytes,
+        n_inner,
+        n_outer,
+        inner_link.bandwidth,
+        inner_link.latency,
+        outer_link.bandwidth,
+        outer_link.latency,
+      )
       op_name = re.search(r'op_name="([^"]*)"', instr.rest)
-      found.append(Collective(
-          kind=kind, name=instr.name, nbytes=nbytes, group_size=n, num_groups=len(groups),
-          axes=group_axes(groups, mesh_shape), crosses_nodes=n_outer > 1, count=count,
-          sent_bytes=float(sent) * count, time=float(seconds) * count,
-          shape=_short(type_text), op_name=op_name.group(1) if op_name else "",
+      found.append(
+        Collective(
+          kind=kind,
+          name=instr.name,
+          nbytes=nbytes,
+          group_size=n,
+          num_groups=len(groups),
+          axes=group_axes(groups, mesh_shape),
+          crosses_nodes=n_outer > 1,
+          count=count,
+          sent_bytes=float(sent) * count,
+          time=float(seconds) * count,
+          shape=_short(type_text),
+          op_name=op_name.group(1) if op_name else "",
           reduction_flops=result_elements * scale * count if reduces else 0.0,
           scattered_bytes=_scattered_bytes(module, comp, instr, n, users)
-          if kind == "all-reduce" else 0.0, nodes=n_outer, computation=comp,
-          depth=depth[instr.name]))
+          if kind == "all-reduce"
+          else 0.0,
+          nodes=n_outer,
+          computation=comp,
+          depth=depth[instr.name],
+        )
+      )
   return tuple(found)
 
 
@@ -202,8 +292,15 @@ def target_comm_time(found: Sequence[Collective], profile: DeviceProfile) -> flo
     launches = max(1, math.ceil(nbytes / COMBINE_BYTES))
     n_inner = max(n // nodes, 1)
     one = hierarchical_collective_time(
-        _COST_KIND.get(kind, kind), nbytes / launches, n_inner, nodes, inner.bandwidth,
-        inner.latency, outer.bandwidth, outer.latency)
+      _COST_KIND.get(kind, kind),
+      nbytes / launches,
+      n_inner,
+      nodes,
+      inner.bandwidth,
+      inner.latency,
+      outer.bandwidth,
+      outer.latency,
+    )
     total += count * launches * float(one)
   return total
 
@@ -211,4 +308,4 @@ def target_comm_time(found: Sequence[Collective], profile: DeviceProfile) -> flo
 def _short(type_text: str, limit: int = 120) -> str:
   text = re.sub(r"/\*.*?\*/", "", type_text)
   text = re.sub(r"\{[^{}]*\}", "", text)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."

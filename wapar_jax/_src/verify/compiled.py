@@ -7,7 +7,7 @@ readings of `hlo`, `collectives` and `kernels` together with XLA's own cost and 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from wapar_jax._src.compat import analysis_dict
 from wapar_jax._src.profiles import DeviceProfile
@@ -26,21 +26,31 @@ def memory_breakdown(compiled) -> tuple[MemoryBreakdown, list[str]]:
   if stats is None:
     return MemoryBreakdown(0.0, 0.0, 0.0, 0.0), ["memory_analysis() returned None"]
   get = lambda k: float(getattr(stats, k, 0) or 0)
-  return MemoryBreakdown(get("argument_size_in_bytes"), get("output_size_in_bytes"),
-                         get("alias_size_in_bytes"), get("temp_size_in_bytes")), []
+  return MemoryBreakdown(
+    get("argument_size_in_bytes"),
+    get("output_size_in_bytes"),
+    get("alias_size_in_bytes"),
+    get("temp_size_in_bytes"),
+  ), []
 
 
 def _cpu_only_buffers(module: HloModule) -> list[str]:
   """Notes on buffers XLA:CPU allocates where a GPU compile would not."""
-  pooling = sum(1 for instrs in module.computations.values() for i in instrs
-                if i.opcode == "scatter" and "select_and_scatter" in i.rest)
+  pooling = sum(
+    1
+    for instrs in module.computations.values()
+    for i in instrs
+    if i.opcode == "scatter" and "select_and_scatter" in i.rest
+  )
   if not pooling:
     return []
-  return [f"XLA:CPU expanded {pooling} max-pool gradient(s) (select-and-scatter) into scatters "
-          "over s32 index arrays, with one int32 iota per dim of each pooled input made at the "
-          "top of the step; GPU XLA fuses the iotas and computes the indices just before each "
-          "scatter, so the compiled peak here includes buffers a GPU compile does not allocate "
-          "(the XLA:CPU memory figure counts them)."]
+  return [
+    f"XLA:CPU expanded {pooling} max-pool gradient(s) (select-and-scatter) into scatters "
+    "over s32 index arrays, with one int32 iota per dim of each pooled input made at the "
+    "top of the step; GPU XLA fuses the iotas and computes the indices just before each "
+    "scatter, so the compiled peak here includes buffers a GPU compile does not allocate "
+    "(the XLA:CPU memory figure counts them)."
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,7 @@ class CompiledStep:
     comm_time_as_emitted: the collectives priced one launch per instruction, as XLA:CPU
       emitted them.
   """
+
   figures: Figures
   xla_flops: float
   loop_flops_added: float
@@ -66,8 +77,7 @@ class CompiledStep:
   comm_time_as_emitted: float = 0.0
 
 
-def read_compiled(compiled, mesh_shape: Mapping[str, int],
-                  profile: DeviceProfile) -> CompiledStep:
+def read_compiled(compiled, mesh_shape: Mapping[str, int], profile: DeviceProfile) -> CompiledStep:
   """Reads a compiled step (FLOPs, memory, collectives, kernels) and prices it on `profile`.
 
   Works for any compiled SPMD step, planned or written by hand; `mesh_shape` names the axes
@@ -92,7 +102,14 @@ def read_compiled(compiled, mesh_shape: Mapping[str, int],
   notes += mem_notes + _cpu_only_buffers(module)
   comm_time = target_comm_time(found, profile)
   compute_time = kernel_seconds(module, mult, profile)
-  figures = Figures(xla_flops + added, sum(c.sent_bytes for c in found), comm_time,
-                    memory.peak, compute_time, compute_time + comm_time)
-  return CompiledStep(figures, xla_flops, added, memory, found, tuple(notes),
-                      sum(c.time for c in found))
+  figures = Figures(
+    xla_flops + added,
+    sum(c.sent_bytes for c in found),
+    comm_time,
+    memory.peak,
+    compute_time,
+    compute_time + comm_time,
+  )
+  return CompiledStep(
+    figures, xla_flops, added, memory, found, tuple(notes), sum(c.time for c in found)
+  )

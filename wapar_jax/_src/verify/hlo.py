@@ -10,17 +10,42 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 # Collective opcodes as XLA prints them -> the kind verification names them by (async -start
 # forms are looked up by their base opcode).
-COLLECTIVE_OPCODES = {"all-reduce": "all-reduce", "all-gather": "all-gather",
-                      "reduce-scatter": "reduce-scatter", "all-to-all": "all-to-all",
-                      "ragged-all-to-all": "all-to-all", "collective-permute": "collective-permute",
-                      "collective-broadcast": "collective-permute"}
-_DTYPE_BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16,
-               "u16": 16, "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64,
-               "u64": 64, "f64": 64, "c64": 64, "c128": 128, "token": 0, "tf32": 32}
+COLLECTIVE_OPCODES = {
+  "all-reduce": "all-reduce",
+  "all-gather": "all-gather",
+  "reduce-scatter": "reduce-scatter",
+  "all-to-all": "all-to-all",
+  "ragged-all-to-all": "all-to-all",
+  "collective-permute": "collective-permute",
+  "collective-broadcast": "collective-permute",
+}
+_DTYPE_BITS = {
+  "pred": 8,
+  "s2": 2,
+  "u2": 2,
+  "s4": 4,
+  "u4": 4,
+  "s8": 8,
+  "u8": 8,
+  "s16": 16,
+  "u16": 16,
+  "f16": 16,
+  "bf16": 16,
+  "s32": 32,
+  "u32": 32,
+  "f32": 32,
+  "s64": 64,
+  "u64": 64,
+  "f64": 64,
+  "c64": 64,
+  "c128": 128,
+  "token": 0,
+  "tf32": 32,
+}
 
 
 def balanced_end(text: str, start: int, open_ch: str, close_ch: str) -> int:
@@ -33,7 +58,7 @@ def balanced_end(text: str, start: int, open_ch: str, close_ch: str) -> int:
       depth -= 1
       if depth == 0:
         return i + 1
-  raise ValueError(f"unbalanced {open_ch}{close_ch} in {text[start:start + 80]!r}")
+  raise ValueError(f"unbalanced {open_ch}{close_ch} in {text[start : start + 80]!r}")
 
 
 def unquote(token: str) -> str:
@@ -44,16 +69,19 @@ def unquote(token: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Instr:
   """One instruction line of a computation, split into its parts."""
+
   name: str
   type: str
   opcode: str
-  rest: str          # operands and attributes
+  rest: str  # operands and attributes
   computation: str
 
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
-_CALLEES = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)"
-                      r"=%?([\w.\-]+)")
+_CALLEES = re.compile(
+  r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)"
+  r"=%?([\w.\-]+)"
+)
 CALLEE_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 
@@ -90,16 +118,17 @@ def _split_instruction(line: str, computation: str) -> Instr | None:
   op = re.match(r"\s*([\w\-]+)\(", line[j:])
   if not op:
     return None
-  return Instr(m.group(1), line[i:j], op.group(1), line[j + op.end():], computation)
+  return Instr(m.group(1), line[i:j], op.group(1), line[j + op.end() :], computation)
 
 
 @dataclasses.dataclass(frozen=True)
 class HloModule:
   """The parts of a compiled module's text that verification reads."""
+
   num_partitions: int
   computations: Mapping[str, tuple[Instr, ...]]
   params: Mapping[str, Mapping[str, str]]  # computation -> parameter name -> type
-  order: tuple[str, ...]                   # as printed: callees before callers, ENTRY last
+  order: tuple[str, ...]  # as printed: callees before callers, ENTRY last
   entry: str
 
 
@@ -131,8 +160,9 @@ def parse_hlo(text: str) -> HloModule:
       computations[current].append(instr)
   if not entry and order:
     entry = order[-1]
-  return HloModule(num_partitions, {k: tuple(v) for k, v in computations.items()}, params,
-                   tuple(order), entry)
+  return HloModule(
+    num_partitions, {k: tuple(v) for k, v in computations.items()}, params, tuple(order), entry
+  )
 
 
 def _trip_count(instr: Instr, module: HloModule) -> int | None:
@@ -143,8 +173,9 @@ def _trip_count(instr: Instr, module: HloModule) -> int | None:
   cond = re.search(r"\bcondition=%?([\w.\-]+)", instr.rest)
   if cond and cond.group(1) in module.computations:
     body = module.computations[cond.group(1)]
-    consts = [int(c) for i in body if i.opcode == "constant"
-              for c in re.findall(r"^(-?\d+)\)", i.rest)]
+    consts = [
+      int(c) for i in body if i.opcode == "constant" for c in re.findall(r"^(-?\d+)\)", i.rest)
+    ]
     if any("direction=LT" in i.rest for i in body if i.opcode == "compare") and len(consts) == 1:
       return consts[0]
   return None
@@ -155,8 +186,8 @@ def multiplicities(module: HloModule) -> tuple[dict[str, float], dict[str, float
 
   Returns (with trip counts, loop bodies once, notes about loops of unknown trip count).
   """
-  mult = {c: 0.0 for c in module.order}
-  once = {c: 0.0 for c in module.order}
+  mult = dict.fromkeys(module.order, 0.0)
+  once = dict.fromkeys(module.order, 0.0)
   mult[module.entry] = once[module.entry] = 1.0
   notes = []
   for comp in reversed(module.order):  # callers are printed after their callees
@@ -178,8 +209,9 @@ def multiplicities(module: HloModule) -> tuple[dict[str, float], dict[str, float
       for callee in callees:
         if callee not in mult:
           continue
-        is_cond = instr.opcode == "while" and re.search(rf"condition=%?{re.escape(callee)}\b",
-                                                         instr.rest)
+        is_cond = instr.opcode == "while" and re.search(
+          rf"condition=%?{re.escape(callee)}\b", instr.rest
+        )
         f = factor + 1 if is_cond else factor
         mult[callee] += mult[comp] * f
         once[callee] += once[comp]
@@ -196,7 +228,7 @@ def value_types(module: HloModule, comp: str) -> dict[str, str]:
 def operand_names(instr: Instr) -> list[str]:
   """Names of the values an instruction reads, in operand order."""
   text = "(" + instr.rest
-  return re.findall(r"%([\w.\-]+)", text[1:balanced_end(text, 0, "(", ")") - 1])
+  return re.findall(r"%([\w.\-]+)", text[1 : balanced_end(text, 0, "(", ")") - 1])
 
 
 def element_count(type_text: str) -> float:

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.verify.hlo import (CALLEE_LISTS, COLLECTIVE_OPCODES, SHAPE, HloModule, Instr,
-                                       operand_names, type_bytes, unquote, value_types)
+from wapar_jax._src.verify.hlo import (
+  CALLEE_LISTS,
+  COLLECTIVE_OPCODES,
+  SHAPE,
+  HloModule,
+  Instr,
+  operand_names,
+  type_bytes,
+  unquote,
+  value_types,
+)
 
 
 def _dot_flops(instr: Instr, types: Mapping[str, str]) -> float:
@@ -42,8 +51,9 @@ def _dot_flops(instr: Instr, types: Mapping[str, str]) -> float:
   return 0.0
 
 
-def loop_flops_added(module: HloModule, mult: Mapping[str, float],
-                     once: Mapping[str, float]) -> float:
+def loop_flops_added(
+  module: HloModule, mult: Mapping[str, float], once: Mapping[str, float]
+) -> float:
   """Dot / convolution FLOPs of the loop iterations XLA's cost analysis leaves out."""
   added = 0.0
   for comp, instrs in module.computations.items():
@@ -58,11 +68,30 @@ def loop_flops_added(module: HloModule, mult: Mapping[str, float],
 
 
 # Instructions that move no data of their own, or are priced elsewhere (collectives).
-_NOT_KERNELS = frozenset({
-    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
-    "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
-    "domain", "copy-start", "copy-done", "send", "recv", "send-done", "recv-done",
-})
+_NOT_KERNELS = frozenset(
+  {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+    "domain",
+    "copy-start",
+    "copy-done",
+    "send",
+    "recv",
+    "send-done",
+    "recv-done",
+  }
+)
 
 
 def _kernel_computations(module: HloModule) -> set[str]:
@@ -80,8 +109,7 @@ def _kernel_computations(module: HloModule) -> set[str]:
       if instr.opcode == "while":
         stack += re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", instr.rest)
       elif instr.opcode == "conditional":
-        stack += re.findall(r"\b(?:true_computation|false_computation)=%?([\w.\-]+)",
-                            instr.rest)
+        stack += re.findall(r"\b(?:true_computation|false_computation)=%?([\w.\-]+)", instr.rest)
         for group in CALLEE_LISTS.findall(instr.rest):
           stack += [unquote(c).lstrip("%") for c in group.split(",") if c.strip()]
       elif instr.opcode == "call":
@@ -128,8 +156,9 @@ def _operand_reads(module: HloModule, comp: str, operand_bytes: Sequence[float])
         sliced[i] = sliced.get(i, 0.0) + type_bytes(instr.type)
       else:
         whole.add(i)
-  return [b if i in whole or i not in sliced else min(b, sliced[i])
-          for i, b in enumerate(operand_bytes)]
+  return [
+    b if i in whole or i not in sliced else min(b, sliced[i]) for i, b in enumerate(operand_bytes)
+  ]
 
 
 def _in_place_root(module: HloModule, comp: str) -> bool:
@@ -138,12 +167,17 @@ def _in_place_root(module: HloModule, comp: str) -> bool:
   return root is not None and root.opcode in ("dynamic-update-slice", "scatter")
 
 
-_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
-               "f8e4m3fn": "float8_e4m3fn", "f8e5m2": "float8_e5m2"}
+_HLO_DTYPES = {
+  "f32": "float32",
+  "bf16": "bfloat16",
+  "f16": "float16",
+  "f64": "float64",
+  "f8e4m3fn": "float8_e4m3fn",
+  "f8e5m2": "float8_e5m2",
+}
 
 
-def kernel_seconds(module: HloModule, mult: Mapping[str, float],
-                   profile: DeviceProfile) -> float:
+def kernel_seconds(module: HloModule, mult: Mapping[str, float], profile: DeviceProfile) -> float:
   """Roofline seconds of the compiled module's kernels per step, on one device of `profile`.
 
   Each kernel (a fusion, dot, convolution, copy, ... at the top of the entry or of a loop body)
@@ -163,9 +197,13 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float],
     types = value_types(module, comp)
     seconds = 0.0
     for instr in module.computations[comp]:
-      base = instr.opcode[:-len("-start")] if instr.opcode.endswith("-start") else instr.opcode
-      if (instr.opcode in _NOT_KERNELS or base in COLLECTIVE_OPCODES
-          or instr.opcode.endswith("-done") or instr.opcode.endswith("-update")):
+      base = instr.opcode[: -len("-start")] if instr.opcode.endswith("-start") else instr.opcode
+      if (
+        instr.opcode in _NOT_KERNELS
+        or base in COLLECTIVE_OPCODES
+        or instr.opcode.endswith("-done")
+        or instr.opcode.endswith("-update")
+      ):
         continue
       operands = list(dict.fromkeys(operand_names(instr)))
       out_bytes = type_bytes(instr.type)
@@ -182,13 +220,15 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float],
         elif instr.opcode in ("slice", "dynamic-slice") and in_bytes:
           in_bytes = [min(in_bytes[0], out_bytes)] + in_bytes[1:]
         in_place = instr.opcode in ("dynamic-update-slice", "scatter") or (
-            callees and _in_place_root(module, callees[0]))
+          callees and _in_place_root(module, callees[0])
+        )
         if in_place and in_bytes:
           # The buffer (first operand) is updated where it lies: only the update moves.
           out_bytes = sum(in_bytes[1:])
           in_bytes = in_bytes[1:]
-      peak = profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * \
-          profile.compute_efficiency
+      peak = (
+        profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * profile.compute_efficiency
+      )
       seconds += max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
       seconds += profile.kernel_overhead
     total += count * seconds

@@ -20,8 +20,15 @@ from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import abstract, leaf_paths, path_str
 
 
-def peak_under(plan, rules: CompilerRules, profile: DeviceProfile, loss_fn=None, optimizer=None,
-               params=None, batch=None) -> float | None:
+def peak_under(
+  plan,
+  rules: CompilerRules,
+  profile: DeviceProfile,
+  loss_fn=None,
+  optimizer=None,
+  params=None,
+  batch=None,
+) -> float | None:
   """The chosen candidate's per-device peak under `rules`; None when the traced step's
   dimension groups are not the ones the plan was made with (another model).
 
@@ -31,15 +38,24 @@ def peak_under(plan, rules: CompilerRules, profile: DeviceProfile, loss_fn=None,
   params = abstract(plan._abstract_params if params is None else params)
   batch = abstract(plan._abstract_batch if batch is None else batch)
   c = plan.chosen
-  traced, _ = trace_train_step(loss_fn, params, batch, optimizer, remat=c.remat,
-                               microbatches=c.microbatches)
+  traced, _ = trace_train_step(
+    loss_fn, params, batch, optimizer, remat=c.remat, microbatches=c.microbatches
+  )
   paths = [path_str(k) for k in leaf_paths(params)]
-  space = build_space(traced, step_costs(traced, CostCache()), paths, rules=rules,
-                      remat=c.remat, microbatches=c.microbatches)
+  space = build_space(
+    traced,
+    step_costs(traced, CostCache()),
+    paths,
+    rules=rules,
+    remat=c.remat,
+    microbatches=c.microbatches,
+  )
   if any(g >= len(space.groups) for g in c.model_groups) or tuple(
-      space.groups[g].label for g in c.model_groups) != tuple(plan.model_split):
+    space.groups[g].label for g in c.model_groups
+  ) != tuple(plan.model_split):
     return None
   # Memory does not depend on the ops' times: price with none.
   sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)))
-  return price(space, sums, profile, c.data, c.model, c.model_groups, c.storage,
-               budget=math.inf).peak_memory
+  return price(
+    space, sums, profile, c.data, c.model, c.model_groups, c.storage, budget=math.inf
+  ).peak_memory

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -35,11 +35,11 @@ def replica_groups_text(line: str, attribute: str = "replica_groups") -> str | N
     return None
   i = m.end()
   if line.startswith("{", i):
-    return line[i:balanced_end(line, i, "{", "}")]
+    return line[i : balanced_end(line, i, "{", "}")]
   if line.startswith("[", i):
     it = _IOTA.match(line, i)
     if not it:
-      raise ValueError(f"unrecognised replica groups {line[i:i + 80]!r}")
+      raise ValueError(f"unrecognised replica groups {line[i : i + 80]!r}")
     return it.group(0)
   mesh = re.match(r"(maximal_)?mesh\[", line[i:])
   if mesh:
@@ -51,7 +51,7 @@ def replica_groups_text(line: str, attribute: str = "replica_groups") -> str | N
     if axes:
       j = balanced_end(line, j + axes.end() - 1, "{", "}")
     return line[i:j]
-  raise ValueError(f"unrecognised replica groups {line[i:i + 80]!r}")
+  raise ValueError(f"unrecognised replica groups {line[i : i + 80]!r}")
 
 
 def parse_replica_groups(text: str, num_devices: int) -> list[list[int]]:
@@ -92,7 +92,7 @@ def parse_replica_groups(text: str, num_devices: int) -> list[list[int]]:
 def _mesh_groups(text: str) -> list[list[int]]:
   end = balanced_end(text, 4, "[", "]")
   axes = []
-  for part in re.findall(r"([^,=]+)=(\d+)", text[5:end - 1]):
+  for part in re.findall(r"([^,=]+)=(\d+)", text[5 : end - 1]):
     axes.append((unquote(part[0]), int(part[1])))
   sizes = [s for _, s in axes]
   rest = text[end:]
@@ -100,7 +100,7 @@ def _mesh_groups(text: str) -> list[list[int]]:
   dev = re.match(r",\s*device_ids=\(", rest)
   if dev:
     close = balanced_end(rest, dev.end() - 1, "(", ")")
-    body = rest[dev.end():close - 1]
+    body = rest[dev.end() : close - 1]
     it = _IOTA.search(body)
     short = re.fullmatch(r"\s*\[([\d,\s]*)\]\s*(?:T\(([\d,\s]*)\))?\s*", body)
     if it:
@@ -112,14 +112,14 @@ def _mesh_groups(text: str) -> list[list[int]]:
       ids = _iota([math.prod(dims)], dims, perm)
     else:
       values = _ints(body)
-      if len(values) == len(sizes) + math.prod(sizes) and values[:len(sizes)] == sizes:
-        values = values[len(sizes):]  # "[4,2]0,2,4,..." prints its dims first
-      ids = np.asarray(values[-math.prod(sizes):])
+      if len(values) == len(sizes) + math.prod(sizes) and values[: len(sizes)] == sizes:
+        values = values[len(sizes) :]  # "[4,2]0,2,4,..." prints its dims first
+      ids = np.asarray(values[-math.prod(sizes) :])
     rest = rest[close:]
   brace = rest.find("{")
   group_axes = []
   if brace >= 0:
-    for token in rest[brace + 1:balanced_end(rest, brace, "{", "}") - 1].split(","):
+    for token in rest[brace + 1 : balanced_end(rest, brace, "{", "}") - 1].split(","):
       if not token.strip():
         continue
       sub = re.match(r"\s*(.+?)\s*:\s*\((\d+)\)\s*(\d+)\s*$", token)
@@ -136,7 +136,7 @@ def _mesh_groups(text: str) -> list[list[int]]:
     if pre is not None:
       cuts[k].update({pre, pre * size})
   factor_dims, owner = [], {}
-  for k, s in enumerate(sizes):
+  for k, _s in enumerate(sizes):
     points = sorted(cuts[k])
     for a, b in zip(points, points[1:]):
       owner[(k, a)] = len(factor_dims)

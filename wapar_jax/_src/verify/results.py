@@ -8,10 +8,12 @@ child process hands its result over).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from wapar_jax._src.cost.collectives import hierarchical_collective_traffic
-from wapar_jax._src.fmt import human_bytes, human_seconds, percent, table as text_table
+from wapar_jax._src.fmt import human_bytes, human_seconds, percent
+from wapar_jax._src.fmt import table as text_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Collective:
       before it there (itself included). Two collectives of one computation at the same depth
       do not depend on each other, so a combiner may merge them.
   """
+
   kind: str
   name: str
   nbytes: float
@@ -76,6 +79,7 @@ class Figures:
   over the compiled module's kernels (fusions, dots, copies) when compiled, on the same profile.
   `step_time` = compute_time + comm_time, as the planner adds them.
   """
+
   flops: float
   comm_bytes: float
   comm_time: float
@@ -87,6 +91,7 @@ class Figures:
 @dataclasses.dataclass(frozen=True)
 class MemoryBreakdown:
   """`compiled.memory_analysis()` in bytes per device; peak = argument + output - alias + temp."""
+
   argument: float
   output: float
   alias: float
@@ -128,6 +133,7 @@ class Verification:
       them (see `target_comm_time`).
     notes: anything that limits the comparison (unknown trip counts, missing analyses).
   """
+
   mesh_shape: Mapping[str, int]
   strategy: str
   profile: str
@@ -147,12 +153,19 @@ class Verification:
   def comm_bytes_scattered(self) -> float:
     """Compiled bytes sent with sliced-only all-reduces counted as the reduce-scatters that
     XLA's GPU / TPU pipelines make of them: the figure to hold a GPU prediction against."""
-    def sent(kind, c):
-      return sum(hierarchical_collective_traffic(kind, c.scattered_bytes,
-                                                 max(c.group_size // c.nodes, 1), c.nodes))
 
-    saved = sum((sent("all-reduce", c) - sent("reduce-scatter", c)) * c.count
-                for c in self.collectives if c.scattered_bytes)
+    def sent(kind, c):
+      return sum(
+        hierarchical_collective_traffic(
+          kind, c.scattered_bytes, max(c.group_size // c.nodes, 1), c.nodes
+        )
+      )
+
+    saved = sum(
+      (sent("all-reduce", c) - sent("reduce-scatter", c)) * c.count
+      for c in self.collectives
+      if c.scattered_bytes
+    )
     return self.compiled.comm_bytes - float(saved)
 
   @property
@@ -163,18 +176,29 @@ class Verification:
   @property
   def errors(self) -> dict[str, float | None]:
     """Relative error of each figure: (predicted - compiled) / compiled."""
-    return {f: relative_error(getattr(self.predicted, f), getattr(self.compiled, f))
-            for f in FIGURES}
+    return {
+      f: relative_error(getattr(self.predicted, f), getattr(self.compiled, f)) for f in FIGURES
+    }
 
   def collective_summary(self) -> list[dict]:
     """Collectives grouped by (kind, axes, group size): instructions, executions, bytes, time."""
     rows: dict[tuple, dict] = {}
     for c in self.collectives:
       key = (c.kind, c.axes, c.group_size, c.crosses_nodes)
-      row = rows.setdefault(key, {"kind": c.kind, "axes": list(c.axes), "group_size": c.group_size,
-                                  "crosses_nodes": c.crosses_nodes, "instructions": 0,
-                                  "executions": 0.0, "nbytes": 0.0, "sent_bytes": 0.0,
-                                  "time": 0.0})
+      row = rows.setdefault(
+        key,
+        {
+          "kind": c.kind,
+          "axes": list(c.axes),
+          "group_size": c.group_size,
+          "crosses_nodes": c.crosses_nodes,
+          "instructions": 0,
+          "executions": 0.0,
+          "nbytes": 0.0,
+          "sent_bytes": 0.0,
+          "time": 0.0,
+        },
+      )
       row["instructions"] += 1
       row["executions"] += c.count
       row["nbytes"] += c.nbytes * c.count
@@ -184,51 +208,92 @@ class Verification:
 
   def table(self) -> str:
     """Prediction and compiled truth side by side, then the collectives, as text."""
-    fmt = {"flops": lambda x: f"{x:.4g}", "comm_bytes": human_bytes,
-           "comm_time": human_seconds, "compute_time": human_seconds,
-           "step_time": human_seconds, "peak_memory": human_bytes}
-    names = {"flops": "FLOPs", "comm_bytes": "communicated", "comm_time": "comm time",
-             "compute_time": "compute time", "step_time": "step time",
-             "peak_memory": "peak memory"}
+    fmt = {
+      "flops": lambda x: f"{x:.4g}",
+      "comm_bytes": human_bytes,
+      "comm_time": human_seconds,
+      "compute_time": human_seconds,
+      "step_time": human_seconds,
+      "peak_memory": human_bytes,
+    }
+    names = {
+      "flops": "FLOPs",
+      "comm_bytes": "communicated",
+      "comm_time": "comm time",
+      "compute_time": "compute time",
+      "step_time": "step time",
+      "peak_memory": "peak memory",
+    }
     errs = self.errors
-    rows = [[names[f], fmt[f](getattr(self.predicted, f)), fmt[f](getattr(self.compiled, f)),
-             percent(errs[f])] for f in FIGURES]
+    rows = [
+      [
+        names[f],
+        fmt[f](getattr(self.predicted, f)),
+        fmt[f](getattr(self.compiled, f)),
+        percent(errs[f]),
+      ]
+      for f in FIGURES
+    ]
     where = "child process" if self.child_process else "this process"
-    lines = [f"verify: mesh {dict(self.mesh_shape)}, strategy {self.strategy}, priced on "
-             f"{self.profile}; compiled in {self.compile_seconds:.2f} s ({where}), "
-             f"verify {self.verify_seconds:.2f} s",
-             "", "per device, per step:",
-             text_table(["figure", "predicted", "compiled", "error"], rows), ""]
+    lines = [
+      f"verify: mesh {dict(self.mesh_shape)}, strategy {self.strategy}, priced on "
+      f"{self.profile}; compiled in {self.compile_seconds:.2f} s ({where}), "
+      f"verify {self.verify_seconds:.2f} s",
+      "",
+      "per device, per step:",
+      text_table(["figure", "predicted", "compiled", "error"], rows),
+      "",
+    ]
     if self.comm_time_as_emitted:
       lines.append(
-          f"comm time prices the compiled collectives as GPU / TPU XLA combines them (30 MiB "
-          f"launches, reduce-scatter where only a slice is read); one launch per instruction as "
-          f"XLA:CPU emitted them: {human_seconds(self.comm_time_as_emitted)}.")
+        f"comm time prices the compiled collectives as GPU / TPU XLA combines them (30 MiB "
+        f"launches, reduce-scatter where only a slice is read); one launch per instruction as "
+        f"XLA:CPU emitted them: {human_seconds(self.comm_time_as_emitted)}."
+      )
     if self.loop_flops_added:
-      lines.append(f"XLA counts each loop body once: {self.xla_flops:.4g} FLOPs reported, "
-                   f"+{self.loop_flops_added:.4g} for the remaining loop iterations.")
+      lines.append(
+        f"XLA counts each loop body once: {self.xla_flops:.4g} FLOPs reported, "
+        f"+{self.loop_flops_added:.4g} for the remaining loop iterations."
+      )
     if self.comm_bytes_scattered != self.compiled.comm_bytes:
       lines.append(
-          f"{human_bytes(self.compiled.comm_bytes - self.comm_bytes_scattered)} of the bytes "
-          "sent are all-reduces used only as each device's slice, which XLA on GPU / TPU emits "
-          f"as reduce-scatters: as such, {human_bytes(self.comm_bytes_scattered)} sent "
-          f"({percent(relative_error(self.predicted.comm_bytes, self.comm_bytes_scattered))}).")
+        f"{human_bytes(self.compiled.comm_bytes - self.comm_bytes_scattered)} of the bytes "
+        "sent are all-reduces used only as each device's slice, which XLA on GPU / TPU emits "
+        f"as reduce-scatters: as such, {human_bytes(self.comm_bytes_scattered)} sent "
+        f"({percent(relative_error(self.predicted.comm_bytes, self.comm_bytes_scattered))})."
+      )
     if self.reduction_flops:
-      lines.append(f"of the compiled FLOPs, {self.reduction_flops:.4g} are the sums inside "
-                   "all-reduce / reduce-scatter, which the prediction leaves out.")
+      lines.append(
+        f"of the compiled FLOPs, {self.reduction_flops:.4g} are the sums inside "
+        "all-reduce / reduce-scatter, which the prediction leaves out."
+      )
     m = self.memory
-    lines.append(f"compiled memory: arguments {human_bytes(m.argument)} + outputs "
-                 f"{human_bytes(m.output)} - aliased {human_bytes(m.alias)} + temporaries "
-                 f"{human_bytes(m.temp)}")
+    lines.append(
+      f"compiled memory: arguments {human_bytes(m.argument)} + outputs "
+      f"{human_bytes(m.output)} - aliased {human_bytes(m.alias)} + temporaries "
+      f"{human_bytes(m.temp)}"
+    )
     summary = self.collective_summary()
     if summary:
-      crows = [[r["kind"], ",".join(r["axes"]) or "-", str(r["group_size"]),
-                "inter" if r["crosses_nodes"] else "intra", str(r["instructions"]),
-                f"{r['executions']:.0f}", human_bytes(r["nbytes"]), human_bytes(r["sent_bytes"]),
-                human_seconds(r["time"])] for r in summary]
-      lines += ["", "collectives in the compiled module:",
-                text_table(["kind", "axes", "n", "link", "ops", "runs", "buffer", "sent", "time"],
-                       crows)]
+      crows = [
+        [
+          r["kind"],
+          ",".join(r["axes"]) or "-",
+          str(r["group_size"]),
+          "inter" if r["crosses_nodes"] else "intra",
+          str(r["instructions"]),
+          f"{r['executions']:.0f}",
+          human_bytes(r["nbytes"]),
+          human_bytes(r["sent_bytes"]),
+          human_seconds(r["time"]),
+        ]
+        for r in summary
+      ]
+      lines += [
+        "",
+        "collectives in the compiled module:",
+        text_table(["kind", "axes", "n", "link", "ops", "runs", "buffer", "sent", "time"], crows),
+      ]
     else:
       lines += ["", "collectives in the compiled module: none"]
     lines += [f"note: {n}" for n in self.notes]
@@ -237,32 +302,45 @@ class Verification:
   def to_dict(self) -> dict:
     """JSON-ready form; `from_dict` reads it back."""
     return {
-        "mesh_shape": dict(self.mesh_shape), "strategy": self.strategy, "profile": self.profile,
-        "predicted": dataclasses.asdict(self.predicted),
-        "compiled": dataclasses.asdict(self.compiled),
-        "errors": self.errors, "xla_flops": self.xla_flops,
-        "reduction_flops": self.reduction_flops,
-        "comm_bytes_scattered": self.comm_bytes_scattered,
-        "comm_bytes_scattered_error": relative_error(self.predicted.comm_bytes,
-                                                     self.comm_bytes_scattered),
-        "loop_flops_added": self.loop_flops_added,
-        "memory": dict(dataclasses.asdict(self.memory), peak=self.memory.peak),
-        "collectives": [c.to_dict() for c in self.collectives],
-        "collective_summary": self.collective_summary(),
-        "compile_seconds": self.compile_seconds, "verify_seconds": self.verify_seconds,
-        "child_process": self.child_process, "notes": list(self.notes),
-        "comm_time_as_emitted": self.comm_time_as_emitted,
+      "mesh_shape": dict(self.mesh_shape),
+      "strategy": self.strategy,
+      "profile": self.profile,
+      "predicted": dataclasses.asdict(self.predicted),
+      "compiled": dataclasses.asdict(self.compiled),
+      "errors": self.errors,
+      "xla_flops": self.xla_flops,
+      "reduction_flops": self.reduction_flops,
+      "comm_bytes_scattered": self.comm_bytes_scattered,
+      "comm_bytes_scattered_error": relative_error(
+        self.predicted.comm_bytes, self.comm_bytes_scattered
+      ),
+      "loop_flops_added": self.loop_flops_added,
+      "memory": dict(dataclasses.asdict(self.memory), peak=self.memory.peak),
+      "collectives": [c.to_dict() for c in self.collectives],
+      "collective_summary": self.collective_summary(),
+      "compile_seconds": self.compile_seconds,
+      "verify_seconds": self.verify_seconds,
+      "child_process": self.child_process,
+      "notes": list(self.notes),
+      "comm_time_as_emitted": self.comm_time_as_emitted,
     }
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "Verification":
+  def from_dict(cls, d: Mapping[str, Any]) -> Verification:
     memory = {k: v for k, v in d["memory"].items() if k != "peak"}
     return cls(
-        mesh_shape=dict(d["mesh_shape"]), strategy=d["strategy"], profile=d["profile"],
-        predicted=Figures(**d["predicted"]), compiled=Figures(**d["compiled"]),
-        xla_flops=d["xla_flops"], loop_flops_added=d["loop_flops_added"],
-        memory=MemoryBreakdown(**memory),
-        collectives=tuple(Collective(**dict(c, axes=tuple(c["axes"]))) for c in d["collectives"]),
-        compile_seconds=d["compile_seconds"], verify_seconds=d["verify_seconds"],
-        child_process=d["child_process"], notes=tuple(d.get("notes", ())),
-        comm_time_as_emitted=d.get("comm_time_as_emitted", 0.0))
+      mesh_shape=dict(d["mesh_shape"]),
+      strategy=d["strategy"],
+      profile=d["profile"],
+      predicted=Figures(**d["predicted"]),
+      compiled=Figures(**d["compiled"]),
+      xla_flops=d["xla_flops"],
+      loop_flops_added=d["loop_flops_added"],
+      memory=MemoryBreakdown(**memory),
+      collectives=tuple(Collective(**dict(c, axes=tuple(c["axes"]))) for c in d["collectives"]),
+      compile_seconds=d["compile_seconds"],
+      verify_seconds=d["verify_seconds"],
+      child_process=d["child_process"],
+      notes=tuple(d.get("notes", ())),
+      comm_time_as_emitted=d.get("comm_time_as_emitted", 0.0),
+    )

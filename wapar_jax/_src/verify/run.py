@@ -14,7 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -34,9 +35,15 @@ DEFAULT_TIMEOUT_S = 300.0
 TARGET_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
-def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: float,
-                     started: float, child_process: bool = False,
-                     predicted_peak: float | None = None) -> Verification:
+def analyse_compiled(
+  compiled,
+  plan,
+  profile: DeviceProfile,
+  compile_seconds: float,
+  started: float,
+  child_process: bool = False,
+  predicted_peak: float | None = None,
+) -> Verification:
   """Reads a compiled step (FLOPs, memory, collectives) and sets it beside the plan.
 
   `predicted_peak`: the plan's peak as the compiler used here compiles the step
@@ -47,17 +54,28 @@ def analyse_compiled(compiled, plan, profile: DeviceProfile, compile_seconds: fl
   peak, notes = p.peak_memory, list(step.notes)
   if predicted_peak is not None and predicted_peak != p.peak_memory:
     peak = predicted_peak
-    notes.append(f"peak memory predicted as XLA:CPU compiles the step: "
-                 f"{peak / 2**30:.2f} GiB; the plan's figure, under the buffer rules of "
-                 f"{plan.profile}'s compiler, is {p.peak_memory / 2**30:.2f} GiB.")
+    notes.append(
+      f"peak memory predicted as XLA:CPU compiles the step: "
+      f"{peak / 2**30:.2f} GiB; the plan's figure, under the buffer rules of "
+      f"{plan.profile}'s compiler, is {p.peak_memory / 2**30:.2f} GiB."
+    )
   predicted = Figures(p.flops, p.comm_bytes, p.comm_time, peak, p.compute_time, p.step_time)
   return Verification(
-      mesh_shape=dict(plan.mesh_shape), strategy=plan.strategy, profile=profile.name,
-      predicted=predicted, compiled=step.figures, xla_flops=step.xla_flops,
-      loop_flops_added=step.loop_flops_added, memory=step.memory,
-      collectives=step.collectives, compile_seconds=compile_seconds,
-      verify_seconds=time.perf_counter() - started, child_process=child_process,
-      notes=tuple(notes), comm_time_as_emitted=step.comm_time_as_emitted)
+    mesh_shape=dict(plan.mesh_shape),
+    strategy=plan.strategy,
+    profile=profile.name,
+    predicted=predicted,
+    compiled=step.figures,
+    xla_flops=step.xla_flops,
+    loop_flops_added=step.loop_flops_added,
+    memory=step.memory,
+    collectives=step.collectives,
+    compile_seconds=compile_seconds,
+    verify_seconds=time.perf_counter() - started,
+    child_process=child_process,
+    notes=tuple(notes),
+    comm_time_as_emitted=step.comm_time_as_emitted,
+  )
 
 
 def compile_like_target(lowered):
@@ -68,8 +86,9 @@ def compile_like_target(lowered):
 def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=None, batch=None):
   """The plan's sharded train step lowered for `devices` (default: the plan's own) on abstract
   arguments; `loss_fn` ... `batch` as for `Plan.train_step`."""
-  step = plan.train_step(devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params,
-                         batch=batch)
+  step = plan.train_step(
+    devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params, batch=batch
+  )
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
   params = abstract(plan._abstract_params if params is None else params)
   batch = abstract(plan._abstract_batch if batch is None else batch)
@@ -77,17 +96,26 @@ def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=Non
   return step.lower(params, opt_state, batch)
 
 
-def compile_and_analyse(plan, devices, profile: DeviceProfile, started: float, loss_fn=None,
-                        optimizer=None, params=None, batch=None,
-                        child_process: bool = False) -> Verification:
+def compile_and_analyse(
+  plan,
+  devices,
+  profile: DeviceProfile,
+  started: float,
+  loss_fn=None,
+  optimizer=None,
+  params=None,
+  batch=None,
+  child_process: bool = False,
+) -> Verification:
   """Compiles the plan's step for `devices` and reads it beside the prediction; on CPU
   devices, with the plan's peak priced again under XLA:CPU's rules."""
   compiled, seconds = compile_plan_step(plan, devices, loss_fn, optimizer, params, batch)
   peak = None
   if devices[0].platform == "cpu":
     peak = predicted_memory.peak_under(plan, XLA_CPU, profile, loss_fn, optimizer, params, batch)
-  return analyse_compiled(compiled, plan, profile, seconds, started, child_process,
-                          predicted_peak=peak)
+  return analyse_compiled(
+    compiled, plan, profile, seconds, started, child_process, predicted_peak=peak
+  )
 
 
 def compile_plan_step(plan, devices, loss_fn, optimizer, params, batch):
@@ -104,9 +132,18 @@ def _profile_of(plan, profile) -> DeviceProfile:
   return load_profile(profile)
 
 
-def verify(plan, devices: Sequence[Any] | None = None, *, profile=None,
-           workload: Mapping[str, Any] | None = None, loss_fn=None, optimizer=None,
-           params=None, batch=None, timeout: float = DEFAULT_TIMEOUT_S) -> Verification:
+def verify(
+  plan,
+  devices: Sequence[Any] | None = None,
+  *,
+  profile=None,
+  workload: Mapping[str, Any] | None = None,
+  loss_fn=None,
+  optimizer=None,
+  params=None,
+  batch=None,
+  timeout: float = DEFAULT_TIMEOUT_S,
+) -> Verification:
   """Compiles the plan's train step for its mesh on CPU devices and compares with the plan.
 
   Args:
@@ -138,35 +175,41 @@ def verify(plan, devices: Sequence[Any] | None = None, *, profile=None,
     devices = list(devices)
     if len(devices) < needed:
       raise NotEnoughDevicesError(
-          f"verify needs {needed} devices for mesh {dict(plan.mesh_shape)}. Pass devices=None to "
-          f"compile in a child process with {needed} virtual CPU devices. Got {len(devices)}.")
+        f"verify needs {needed} devices for mesh {dict(plan.mesh_shape)}. Pass devices=None to "
+        f"compile in a child process with {needed} virtual CPU devices. Got {len(devices)}."
+      )
   if devices is not None:
-    return compile_and_analyse(plan, devices, device_profile, started, loss_fn, optimizer,
-                               params, batch)
-  return _verify_in_child(plan, device_profile, workload, loss_fn, optimizer, params, batch,
-                          timeout, started)
+    return compile_and_analyse(
+      plan, devices, device_profile, started, loss_fn, optimizer, params, batch
+    )
+  return _verify_in_child(
+    plan, device_profile, workload, loss_fn, optimizer, params, batch, timeout, started
+  )
 
 
 # --- the child process: what it is sent, how it is started -----------------------------------
+
 
 def _child_request(plan, profile, workload, loss_fn, optimizer, params, batch) -> dict:
   request = {"plan": json.loads(plan.to_json()), "profile": profile.to_dict()}
   if workload is not None:
     if not isinstance(workload, Mapping) or "example" not in workload:
       raise InvalidArgumentError(
-          "workload must be a dict naming a built-in example, e.g. {'example': 'gpt-tiny', "
-          f"'optimizer': 'adamw', 'lr': 1e-3}}. Got {workload!r}.")
+        "workload must be a dict naming a built-in example, e.g. {'example': 'gpt-tiny', "
+        f"'optimizer': 'adamw', 'lr': 1e-3}}. Got {workload!r}."
+      )
     request["workload"] = dict(workload)
     return request
   try:
     import cloudpickle
   except ImportError:
     raise NotEnoughDevicesError(
-        f"verify needs {plan.num_devices} CPU devices in this process for a user-defined loss "
-        "function (a child process would need cloudpickle to receive it, and it is not "
-        "installed). Run in a process started with XLA_FLAGS=--xla_force_host_platform_"
-        f"device_count={plan.num_devices}, or pip install cloudpickle. Got "
-        f"{_cpu_count()} CPU devices.") from None
+      f"verify needs {plan.num_devices} CPU devices in this process for a user-defined loss "
+      "function (a child process would need cloudpickle to receive it, and it is not "
+      "installed). Run in a process started with XLA_FLAGS=--xla_force_host_platform_"
+      f"device_count={plan.num_devices}, or pip install cloudpickle. Got "
+      f"{_cpu_count()} CPU devices."
+    ) from None
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
   params = plan._abstract_params if params is None else params
   batch = plan._abstract_batch if batch is None else batch
@@ -174,9 +217,10 @@ def _child_request(plan, profile, workload, loss_fn, optimizer, params, batch) -
     blob = cloudpickle.dumps((loss_fn, optimizer, abstract(params), abstract(batch)))
   except Exception as e:  # whatever cloudpickle cannot serialise, the message names it
     raise NotEnoughDevicesError(
-        f"verify needs {plan.num_devices} CPU devices in this process: the loss function or "
-        "optimizer cannot be sent to a child process. Run in a process started with "
-        f"XLA_FLAGS=--xla_force_host_platform_device_count={plan.num_devices}. Got {e}.") from e
+      f"verify needs {plan.num_devices} CPU devices in this process: the loss function or "
+      "optimizer cannot be sent to a child process. Run in a process started with "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={plan.num_devices}. Got {e}."
+    ) from e
   request["pickled"] = blob.hex()
   return request
 
@@ -193,8 +237,9 @@ def _child_env(n: int) -> dict:
   return env
 
 
-def _verify_in_child(plan, profile, workload, loss_fn, optimizer, params, batch, timeout,
-                     started) -> Verification:
+def _verify_in_child(
+  plan, profile, workload, loss_fn, optimizer, params, batch, timeout, started
+) -> Verification:
   request = _child_request(plan, profile, workload, loss_fn, optimizer, params, batch)
   with tempfile.TemporaryDirectory(prefix="wapar-verify-") as tmp:
     req_path, out_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
@@ -202,19 +247,23 @@ def _verify_in_child(plan, profile, workload, loss_fn, optimizer, params, batch,
       json.dump(request, f)
     cmd = [sys.executable, "-m", "wapar_jax._src.verify.child", req_path, out_path]
     try:
-      done = subprocess.run(cmd, env=_child_env(plan.num_devices), capture_output=True,
-                            text=True, timeout=timeout)
+      done = subprocess.run(
+        cmd, env=_child_env(plan.num_devices), capture_output=True, text=True, timeout=timeout
+      )
     except subprocess.TimeoutExpired:
       raise VerificationFailedError(
-          f"the verify child process compiling mesh {dict(plan.mesh_shape)} did not finish in "
-          f"{timeout:.0f} s; pass a larger timeout=, or verify in a process with "
-          f"{plan.num_devices} CPU devices. Got a timeout after {timeout:.0f} s.") from None
+        f"the verify child process compiling mesh {dict(plan.mesh_shape)} did not finish in "
+        f"{timeout:.0f} s; pass a larger timeout=, or verify in a process with "
+        f"{plan.num_devices} CPU devices. Got a timeout after {timeout:.0f} s."
+      ) from None
     if done.returncode != 0 or not os.path.exists(out_path):
       tail = "\n".join(done.stderr.strip().splitlines()[-15:])
       raise VerificationFailedError(
-          f"the verify child process for mesh {dict(plan.mesh_shape)} failed (exit "
-          f"{done.returncode}). Its last lines:\n{tail}\nGot exit code {done.returncode}.")
+        f"the verify child process for mesh {dict(plan.mesh_shape)} failed (exit "
+        f"{done.returncode}). Its last lines:\n{tail}\nGot exit code {done.returncode}."
+      )
     with open(out_path) as f:
       result = Verification.from_dict(json.load(f))
-  return dataclasses.replace(result, verify_seconds=time.perf_counter() - started,
-                             child_process=True)
+  return dataclasses.replace(
+    result, verify_seconds=time.perf_counter() - started, child_process=True
+  )

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src.fmt import human_bytes, human_seconds, table as _table
+from wapar_jax._src.fmt import human_bytes, human_seconds
+from wapar_jax._src.fmt import table as _table
 from wapar_jax._src.tree import path_keys, path_str
 
 
@@ -29,29 +30,30 @@ def summary(plan, max_params: int = 12) -> str:
   """The chosen mesh, parameter specs, predicted costs and the device sweep, as text."""
   p = plan.predicted
   lines = [
-      f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} devices "
-      f"({plan.profile}), strategy {plan.strategy}, objective {plan.objective}",
+    f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} devices "
+    f"({plan.profile}), strategy {plan.strategy}, objective {plan.objective}",
   ]
   if plan.model_split:
     lines.append("split on 'model': " + "; ".join(plan.model_split))
   lines += [
-      "",
-      "predicted per step, per device:",
-      f"  step time      {human_seconds(p.step_time)}  (compute {human_seconds(p.compute_time)}, "
-      f"communication {human_seconds(p.comm_time)})",
-      f"  FLOPs          {p.flops:.4g}",
-      f"  communicated   {human_bytes(p.comm_bytes)}",
-      f"  peak memory    {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget"
-      + f" (under the rules of {plan.profile}'s compiler)",
-      f"  energy         {p.energy:.4g} J per step (all {plan.num_devices} devices)",
-      "",
+    "",
+    "predicted per step, per device:",
+    f"  step time      {human_seconds(p.step_time)}  (compute {human_seconds(p.compute_time)}, "
+    f"communication {human_seconds(p.comm_time)})",
+    f"  FLOPs          {p.flops:.4g}",
+    f"  communicated   {human_bytes(p.comm_bytes)}",
+    f"  peak memory    {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget"
+    + f" (under the rules of {plan.profile}'s compiler)",
+    f"  energy         {p.energy:.4g} J per step (all {plan.num_devices} devices)",
+    "",
   ]
   shapes = {}
   if plan._abstract_params is not None:
-    shapes = {path_keys(k): tuple(v.shape) for k, v in
-              jax.tree_util.tree_flatten_with_path(plan._abstract_params)[0]}
-  items = sorted(plan.flat_param_specs.items(),
-                 key=lambda kv: -_size(shapes.get(kv[0], ())))
+    shapes = {
+      path_keys(k): tuple(v.shape)
+      for k, v in jax.tree_util.tree_flatten_with_path(plan._abstract_params)[0]
+    }
+  items = sorted(plan.flat_param_specs.items(), key=lambda kv: -_size(shapes.get(kv[0], ())))
   rows = [[path_str(k), str(shapes.get(k, "?")), _spec_str(s)] for k, s in items[:max_params]]
   lines.append(f"parameter specs (largest {min(max_params, len(items))} of {len(items)}):")
   lines.append(_table(["parameter", "shape", "spec"], rows))
@@ -62,12 +64,25 @@ def summary(plan, max_params: int = 12) -> str:
   per_count = {}
   for c in plan.candidates:
     per_count.setdefault(c.devices, c)
-  rows = [[str(c.devices), str(c.mesh_shape), c.strategy, human_seconds(c.step_time),
-           human_seconds(c.compute_time), human_seconds(c.comm_time), human_bytes(c.peak_memory),
-           f"{c.energy:.3g} J", "yes" if c.fits else "NO"]
-          for _, c in sorted(per_count.items())]
-  lines.append(_table(["devices", "mesh", "strategy", "step", "compute", "comm", "memory",
-                       "energy", "fits"], rows))
+  rows = [
+    [
+      str(c.devices),
+      str(c.mesh_shape),
+      c.strategy,
+      human_seconds(c.step_time),
+      human_seconds(c.compute_time),
+      human_seconds(c.comm_time),
+      human_bytes(c.peak_memory),
+      f"{c.energy:.3g} J",
+      "yes" if c.fits else "NO",
+    ]
+    for _, c in sorted(per_count.items())
+  ]
+  lines.append(
+    _table(
+      ["devices", "mesh", "strategy", "step", "compute", "comm", "memory", "energy", "fits"], rows
+    )
+  )
   return "\n".join(lines)
 
 
@@ -79,6 +94,7 @@ def _size(shape) -> int:
 
 
 # --- explain -------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _Section:
@@ -162,100 +178,177 @@ def _sections(plan, top: int) -> list[_Section]:
     per_count.setdefault(cand.devices, cand)
   value = (lambda x: x.step_time) if plan.objective == "time" else (lambda x: x.energy)
   fitting = [x for _, x in sorted(per_count.items()) if x.fits]
-  why = [f"objective: {plan.objective}; {plan.stats.get('candidates_evaluated', 0):.0f} candidates "
-         f"priced; plans exist for {len(per_count)} device counts up to {plan.devices_offered}."]
+  why = [
+    f"objective: {plan.objective}; {plan.stats.get('candidates_evaluated', 0):.0f} candidates "
+    f"priced; plans exist for {len(per_count)} device counts up to {plan.devices_offered}."
+  ]
   more = [x for x in fitting if x.devices > plan.num_devices]
   fewer = [x for x in fitting if x.devices < plan.num_devices]
   if more:
     nxt = min(more, key=value)
     why.append(
-        f"more devices do not pay: the best with more ({nxt.devices}, {nxt.strategy}) is "
-        f"{_margin(nxt, c, plan.objective)} ({human_seconds(nxt.compute_time)} compute + "
-        f"{human_seconds(nxt.comm_time)} communication vs {human_seconds(c.compute_time)} + "
-        f"{human_seconds(c.comm_time)}).")
+      f"more devices do not pay: the best with more ({nxt.devices}, {nxt.strategy}) is "
+      f"{_margin(nxt, c, plan.objective)} ({human_seconds(nxt.compute_time)} compute + "
+      f"{human_seconds(nxt.comm_time)} communication vs {human_seconds(c.compute_time)} + "
+      f"{human_seconds(c.comm_time)})."
+    )
   if fewer:
     prev = min(fewer, key=value)
-    why.append(f"fewer devices are slower: the best with fewer ({prev.devices}) is "
-               f"{_margin(prev, c, plan.objective)}.")
+    why.append(
+      f"fewer devices are slower: the best with fewer ({prev.devices}) is "
+      f"{_margin(prev, c, plan.objective)}."
+    )
   unfit = sorted(k for k, x in per_count.items() if not x.fits)
   if unfit:
     why.append(f"no plan fits device memory on {unfit} devices.")
   sweep = tuple(
-      (str(x.devices), str(x.mesh_shape), x.strategy, human_seconds(x.step_time),
-       human_seconds(x.comm_time), f"{x.energy / batch:.3g} J", human_bytes(x.peak_memory),
-       "yes" if x.fits else "NO", _margin(x, c, plan.objective))
-      for _, x in sorted(per_count.items()))
+    (
+      str(x.devices),
+      str(x.mesh_shape),
+      x.strategy,
+      human_seconds(x.step_time),
+      human_seconds(x.comm_time),
+      f"{x.energy / batch:.3g} J",
+      human_bytes(x.peak_memory),
+      "yes" if x.fits else "NO",
+      _margin(x, c, plan.objective),
+    )
+    for _, x in sorted(per_count.items())
+  )
   sections = [
-      _Section(
-          f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} "
-          f"{plan.profile} devices, strategy {plan.strategy}",
-          tuple(why) + ("best plan per device count, margin to the chosen one:",),
-          ("devices", "mesh", "strategy", "step", "comm", "energy/sample", "memory", "fits",
-           "margin"), sweep),
+    _Section(
+      f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} "
+      f"{plan.profile} devices, strategy {plan.strategy}",
+      tuple(why) + ("best plan per device count, margin to the chosen one:",),
+      ("devices", "mesh", "strategy", "step", "comm", "energy/sample", "memory", "fits", "margin"),
+      sweep,
+    ),
   ]
   split = d.compute_bound_seconds + d.memory_bound_seconds
   notes = (
-      f"step {human_seconds(p.step_time)} = compute {human_seconds(p.compute_time)} "
-      f"({_pct(p.compute_time, p.step_time)}) + communication {human_seconds(p.comm_time)} "
-      f"({_pct(p.comm_time, p.step_time)}), {human_bytes(p.comm_bytes)} sent per device.",
-      f"compute: {human_seconds(d.compute_bound_seconds)} limited by FLOP/s "
-      f"({_pct(d.compute_bound_seconds, split)}), {human_seconds(d.memory_bound_seconds)} by "
-      f"memory bandwidth ({_pct(d.memory_bound_seconds, split)}); {p.flops:.4g} FLOPs per device.",
-      f"energy {p.energy:.4g} J per step, {p.energy / batch:.4g} J per sample "
-      f"(batch {batch}, {plan.num_devices} devices).",
+    f"step {human_seconds(p.step_time)} = compute {human_seconds(p.compute_time)} "
+    f"({_pct(p.compute_time, p.step_time)}) + communication {human_seconds(p.comm_time)} "
+    f"({_pct(p.comm_time, p.step_time)}), {human_bytes(p.comm_bytes)} sent per device.",
+    f"compute: {human_seconds(d.compute_bound_seconds)} limited by FLOP/s "
+    f"({_pct(d.compute_bound_seconds, split)}), {human_seconds(d.memory_bound_seconds)} by "
+    f"memory bandwidth ({_pct(d.memory_bound_seconds, split)}); {p.flops:.4g} FLOPs per device.",
+    f"energy {p.energy:.4g} J per step, {p.energy / batch:.4g} J per sample "
+    f"(batch {batch}, {plan.num_devices} devices).",
   )
   remat, micro = getattr(c, "remat", "none"), getattr(c, "microbatches", 1)
   if plan.memory_decision:  # names the memory term that ruled out the fastest option
     notes += (plan.memory_decision,)
   elif remat != "none" or micro > 1:
-    notes += (f"the step runs with remat={remat!r} and {micro} micro-batch(es) of gradient "
-              "accumulation.",)
+    notes += (
+      f"the step runs with remat={remat!r} and {micro} micro-batch(es) of gradient accumulation.",
+    )
   sections.append(_Section("predicted step, per device", notes))
   total = sum(v for _, v in d.memory) or 1.0
   dominant = max(d.memory, key=lambda kv: kv[1])
-  sections.append(_Section(
+  sections.append(
+    _Section(
       "memory per device",
-      (f"peak {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget; "
-       f"dominated by {dominant[0]} ({_pct(dominant[1], total)}).",),
+      (
+        f"peak {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget; "
+        f"dominated by {dominant[0]} ({_pct(dominant[1], total)}).",
+      ),
       ("term", "bytes", "share"),
-      tuple((k, human_bytes(v), _pct(v, total)) for k, v in d.memory)))
+      tuple((k, human_bytes(v), _pct(v, total)) for k, v in d.memory),
+    )
+  )
   groups = param_groups(plan)
-  rows = tuple((f"{n} x {pat}" if n > 1 else pat, str(shape), dtype, _spec_str(spec),
-                human_bytes(b), human_bytes(n * b)) for pat, n, shape, dtype, spec, b in groups[:top * 2])
-  sections.append(_Section(
-      f"parameter groups (largest {len(rows)} of {len(groups)})", (),
-      ("parameters", "shape", "dtype", "spec", "per device", "all, per device"), rows))
-  sections.append(_Section(
+  rows = tuple(
+    (
+      f"{n} x {pat}" if n > 1 else pat,
+      str(shape),
+      dtype,
+      _spec_str(spec),
+      human_bytes(b),
+      human_bytes(n * b),
+    )
+    for pat, n, shape, dtype, spec, b in groups[: top * 2]
+  )
+  sections.append(
+    _Section(
+      f"parameter groups (largest {len(rows)} of {len(groups)})",
+      (),
+      ("parameters", "shape", "dtype", "spec", "per device", "all, per device"),
+      rows,
+    )
+  )
+  sections.append(
+    _Section(
       "logical axes (dimension groups found in the program)",
       (("split on 'model': " + "; ".join(plan.model_split)),) if plan.model_split else (),
       ("name", "size", "mesh axes", "occurs in"),
-      tuple((g.name, str(g.size), ", ".join(g.mesh_axes) or "-", ", ".join(g.where[:3]) +
-             (" ..." if len(g.where) > 3 else "")) for g in d.groups[:top * 2])))
+      tuple(
+        (
+          g.name,
+          str(g.size),
+          ", ".join(g.mesh_axes) or "-",
+          ", ".join(g.where[:3]) + (" ..." if len(g.where) > 3 else ""),
+        )
+        for g in d.groups[: top * 2]
+      ),
+    )
+  )
   alternatives, seen = [], {(c.mesh_shape.items().__repr__(), c.strategy, human_seconds(value(c)))}
   for x in plan.candidates:  # candidates differing only in what the rows cannot show look alike
     key = (x.mesh_shape.items().__repr__(), x.strategy, human_seconds(value(x)))
     if key not in seen and len(alternatives) < top:
       seen.add(key)
       alternatives.append(x)
-  sections.append(_Section(
-      "top alternatives", (),
+  sections.append(
+    _Section(
+      "top alternatives",
+      (),
       ("devices", "mesh", "strategy", "step", "compute", "comm", "memory", "fits", "margin"),
-      tuple((str(x.devices), str(x.mesh_shape), x.strategy, human_seconds(x.step_time),
-             human_seconds(x.compute_time), human_seconds(x.comm_time),
-             human_bytes(x.peak_memory), "yes" if x.fits else "NO",
-             _margin(x, c, plan.objective)) for x in alternatives)))
+      tuple(
+        (
+          str(x.devices),
+          str(x.mesh_shape),
+          x.strategy,
+          human_seconds(x.step_time),
+          human_seconds(x.compute_time),
+          human_seconds(x.comm_time),
+          human_bytes(x.peak_memory),
+          "yes" if x.fits else "NO",
+          _margin(x, c, plan.objective),
+        )
+        for x in alternatives
+      ),
+    )
+  )
   hot = d.hotspots[:top]
-  sections.append(_Section(
+  sections.append(
+    _Section(
       "largest costs by equation (per device, all repeats)",
-      (f"the top {len(hot)} account for {_pct(sum(h.seconds for h in hot), p.compute_time)} of "
-       "compute time.",),
+      (
+        f"the top {len(hot)} account for {_pct(sum(h.seconds for h in hot), p.compute_time)} of "
+        "compute time.",
+      ),
       ("time", "share", "primitive", "x", "bound", "shapes", "source"),
-      tuple((human_seconds(h.seconds), _pct(h.seconds, p.compute_time), h.primitive,
-             str(h.count), h.bound, h.shapes, _short_source(h.source)) for h in hot)))
+      tuple(
+        (
+          human_seconds(h.seconds),
+          _pct(h.seconds, p.compute_time),
+          h.primitive,
+          str(h.count),
+          h.bound,
+          h.shapes,
+          _short_source(h.source),
+        )
+        for h in hot
+      ),
+    )
+  )
   if d.unknown_primitives:
-    sections.append(_Section(
-        "warnings", (f"no sharding rule for {', '.join(d.unknown_primitives)}: costed "
-                     "conservatively.",)))
+    sections.append(
+      _Section(
+        "warnings",
+        (f"no sharding rule for {', '.join(d.unknown_primitives)}: costed conservatively.",),
+      )
+    )
   return sections
 
 
@@ -268,7 +361,9 @@ def explain(plan, top: int = 10) -> str:
     out.append(sec.title)
     out += ["  " + n for n in sec.notes]
     if sec.header:
-      out += ["  " + line for line in _table(list(sec.header), [list(r) for r in sec.rows]).split("\n")]
+      out += [
+        "  " + line for line in _table(list(sec.header), [list(r) for r in sec.rows]).split("\n")
+      ]
     out.append("")
   return "\n".join(out).rstrip() + "\n"
 
@@ -283,8 +378,11 @@ def html(plan, top: int = 10) -> str:
     parts.append(f"<{'h3' if i == 0 else 'h4'}>{e(sec.title)}</{'h3' if i == 0 else 'h4'}>")
     parts += [f"<p>{e(n)}</p>" for n in sec.notes]
     if sec.header:
-      parts.append('<table><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in sec.header) +
-                   "</tr></thead><tbody>")
+      parts.append(
+        "<table><thead><tr>"
+        + "".join(f"<th>{e(h)}</th>" for h in sec.header)
+        + "</tr></thead><tbody>"
+      )
       for r in sec.rows:
         parts.append("<tr>" + "".join(f"<td><code>{e(x)}</code></td>" for x in r) + "</tr>")
       parts.append("</tbody></table>")

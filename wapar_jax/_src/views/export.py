@@ -17,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
+import yaml
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.tree import nest, path_keys, path_str
@@ -29,8 +31,9 @@ _AXIS_ORDER = ("model", "data")  # tensor-parallel rules first: they win over FS
 def _details(plan):
   if plan.details is None:
     raise InvalidArgumentError(
-        "this plan has no dimension groups (it was read from a version-1 plan file): plan again "
-        "to export rules. Got plan.details = None.")
+      "this plan has no dimension groups (it was read from a version-1 plan file): plan again "
+      "to export rules. Got plan.details = None."
+    )
   return plan.details
 
 
@@ -55,8 +58,14 @@ def logical_axis_rules(plan) -> list[tuple[str, str | None]]:
     rules.append(("batch", "data"))
   else:
     rules.append(("batch", None))
-  ordered = sorted(counts, key=lambda na: (_AXIS_ORDER.index(na[1]) if na[1] in _AXIS_ORDER
-                                            else len(_AXIS_ORDER), -counts[na], na[0]))
+  ordered = sorted(
+    counts,
+    key=lambda na: (
+      _AXIS_ORDER.index(na[1]) if na[1] in _AXIS_ORDER else len(_AXIS_ORDER),
+      -counts[na],
+      na[0],
+    ),
+  )
   rules += ordered
   named = {n for n, _ in rules}
   for g in details.groups:
@@ -78,18 +87,6 @@ def param_logical_axes(plan):
   return nest(flat)
 
 
-def spec_from_rules(names, rules) -> P:
-  """flax.linen.logical_to_mesh_axes's rule semantics, without flax's context machinery."""
-  unassigned = object()
-  entries = [unassigned] * len(names)
-  for logical, axis in rules:
-    if logical in names:  # like flax, a rule applies to the first dim of that name only
-      d = list(names).index(logical)
-      if entries[d] is unassigned and (axis is None or axis not in entries):
-        entries[d] = axis
-  return P(*(None if e is unassigned else e for e in entries))
-
-
 def rules_reproduce(plan, rules=None) -> tuple[int, int, list[str]]:
   """(specs reproduced, parameters, paths that differ) when the rules are applied to the
   plan's logical axes: how faithfully the exported rules stand for the plan."""
@@ -98,7 +95,7 @@ def rules_reproduce(plan, rules=None) -> tuple[int, int, list[str]]:
   differ = []
   for leaf in details.params:
     want = plan.flat_param_specs.get(leaf.path, P())
-    got = spec_from_rules(leaf.dims, rules)
+    got = nn.logical_to_mesh_axes(leaf.dims, rules)
     if _norm(got, len(leaf.dims)) != _norm(want, len(leaf.dims)):
       differ.append(path_str(leaf.path))
   return len(details.params) - len(differ), len(details.params), differ
@@ -121,24 +118,30 @@ def to_maxtext_yaml(plan) -> str:
   axes = list(plan.mesh_shape)
   batch_axes = [a for a in axes if any(a in tuple(s) for s in plan.flat_batch_specs.values())]
   ok, total, _ = rules_reproduce(plan, rules)
-  where = {g.name: g for g in details.groups}
-  lines = [
-      f"# wapar_jax plan: {plan.strategy} on {plan.num_devices} of {plan.devices_offered} "
-      f"{plan.profile} devices, objective {plan.objective}",
-      "# mesh shape: " + ", ".join(f"{a}={n}" for a, n in plan.mesh_shape.items()),
-      f"# these rules reproduce {ok} of {total} parameter specs of the plan",
-      f"mesh_axes: {_list(axes)}",
-      f"data_sharding: [{_list(batch_axes or axes[:1])}]",
-      "logical_axis_rules: [",
-  ]
-  for name, axis in rules:
-    g = where.get(name)
-    note = f"  # size {g.size}: {', '.join(g.where[:3])}" if g is not None else ""
-    target = "[]" if axis is None else _list([axis])
-    lines.append(f"  ['{name}', {target}],{note}")
-  lines.append("]")
-  return "\n".join(lines) + "\n"
+  header = [
+    f"wapar_jax plan: {plan.strategy} on {plan.num_devices} of {plan.devices_offered} "
+    f"{plan.profile} devices, objective {plan.objective}",
+    "mesh shape: " + ", ".join(f"{a}={n}" for a, n in plan.mesh_shape.items()),
+    f"these rules reproduce {ok} of {total} parameter specs of the plan",
+    "logical axes:",
+  ] + [f"  {g.name}: size {g.size}, in {', '.join(g.where[:3])}" for g in details.groups]
+  body = {
+    "mesh_axes": _Flow(axes),
+    "data_sharding": _Flow([_Flow(batch_axes or axes[:1])]),
+    "logical_axis_rules": [_Flow([n, _Flow([] if a is None else [a])]) for n, a in rules],
+  }
+  text = yaml.dump(body, Dumper=_Dumper, sort_keys=False, width=100)
+  return "".join(f"# {line}\n" for line in header) + text
 
 
-def _list(xs) -> str:
-  return "[" + ", ".join(f"'{x}'" for x in xs) + "]"
+class _Flow(list):
+  """A list written on one line, as MaxText's configs write mesh axes and rules."""
+
+
+class _Dumper(yaml.SafeDumper):
+  pass
+
+
+_Dumper.add_representer(
+  _Flow, lambda dumper, v: dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+)

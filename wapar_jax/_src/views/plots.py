@@ -53,13 +53,20 @@ def plot_sweep(plan):
   ax.set_xlabel("devices")
   ax.set_ylabel("step time (ms)", color="tab:blue")
   ax2 = ax.twinx()
-  ax2.plot(x, [c.energy / batch for c in sweep], "s--", color="tab:orange",
-           label="energy per sample")
+  ax2.plot(
+    x, [c.energy / batch for c in sweep], "s--", color="tab:orange", label="energy per sample"
+  )
   ax2.set_ylabel("energy per sample (J)", color="tab:orange")
   unfit = [c for c in sweep if not c.fits]
   if unfit:
-    ax.plot([c.devices for c in unfit], [c.step_time * 1e3 for c in unfit], "x", color="red",
-            markersize=10, label="does not fit")
+    ax.plot(
+      [c.devices for c in unfit],
+      [c.step_time * 1e3 for c in unfit],
+      "x",
+      color="red",
+      markersize=10,
+      label="does not fit",
+    )
   ax.axvline(plan.num_devices, color="gray", linestyle=":", label=f"chosen ({plan.num_devices})")
   ax.set_xticks(x)
   ax.set_title(f"{plan.profile}: best plan per device count ({plan.objective})")
@@ -80,18 +87,19 @@ def plot_breakdown(plan, max_candidates: int = 12):
   comm = np.array([c.comm_time for c in cands]) * 1e3
   ax.bar(x, compute, label="compute", color="tab:blue")
   ax.bar(x, comm, bottom=compute, label="communication", color="tab:red")
-  labels = ["x".join(f"{k[0]}{v}" for k, v in c.mesh_shape.items()) + f"\n{c.strategy}"
-            for c in cands]
+  labels = [
+    "x".join(f"{k[0]}{v}" for k, v in c.mesh_shape.items()) + f"\n{c.strategy}" for c in cands
+  ]
   ax.set_xticks(x, labels, fontsize="x-small", rotation=60)
   ax.set_ylabel("time per step (ms)")
   ax.set_title("predicted step per candidate (best first)")
   for i, c in enumerate(cands):
     if c == plan.chosen:
-      ax.annotate("chosen", (i, compute[i] + comm[i]), ha="center", va="bottom",
-                  fontsize="small")
+      ax.annotate("chosen", (i, compute[i] + comm[i]), ha="center", va="bottom", fontsize="small")
     if not c.fits:
-      ax.annotate("no fit", (i, compute[i] + comm[i]), ha="center", va="bottom", color="red",
-                  fontsize="small")
+      ax.annotate(
+        "no fit", (i, compute[i] + comm[i]), ha="center", va="bottom", color="red", fontsize="small"
+      )
   ax.legend(fontsize="small")
   return fig
 
@@ -128,15 +136,18 @@ def plot_layout(plan, param_path: str | None = None):
   """A parameter as a grid of blocks, each labelled with the devices that hold it."""
   Figure = _pyplot()
   if plan.details is None:
-    raise InvalidArgumentError("this plan has no leaf shapes (a version-1 plan file): plan "
-                               "again to draw layouts. Got plan.details = None.")
+    raise InvalidArgumentError(
+      "this plan has no leaf shapes (a version-1 plan file): plan "
+      "again to draw layouts. Got plan.details = None."
+    )
   leaves = {path_str(leaf.path): leaf for leaf in plan.details.params}
   if param_path is None:
     param_path = max(leaves, key=lambda p: math.prod(leaves[p].shape))
   if param_path not in leaves:
     raise InvalidArgumentError(
-        f"no parameter {param_path!r} in this plan; paths look like "
-        f"{sorted(leaves)[:3]}. Got {param_path!r}.")
+      f"no parameter {param_path!r} in this plan; paths look like "
+      f"{sorted(leaves)[:3]}. Got {param_path!r}."
+    )
   leaf = leaves[param_path]
   spec = plan.flat_param_specs.get(leaf.path, P())
   split_dims, split_axes, blocks = device_blocks(leaf.shape, spec, plan.mesh_shape)
@@ -152,18 +163,21 @@ def plot_layout(plan, param_path: str | None = None):
   ax = fig.add_subplot()
   import matplotlib
   from matplotlib.patches import Rectangle
+
   cmap = matplotlib.colormaps["tab20"]
   for k, (index, devs) in enumerate(sorted(blocks.items())):
     r = index[row_k] if row_k is not None else 0
     c = index[col_k] if col_k is not None else 0
     ax.add_patch(Rectangle((c, rows_n - 1 - r), 1, 1, facecolor=cmap(k % 20), edgecolor="black"))
     shown = ", ".join(map(str, devs[:8])) + (" ..." if len(devs) > 8 else "")
-    ax.text(c + 0.5, rows_n - 1 - r + 0.5, f"devices\n{shown}", ha="center", va="center",
-            fontsize="small")
+    ax.text(
+      c + 0.5, rows_n - 1 - r + 0.5, f"devices\n{shown}", ha="center", va="center", fontsize="small"
+    )
   ax.set_xlim(0, cols_n)
   ax.set_ylim(0, rows_n)
   ax.set_xticks([])
   ax.set_yticks([])
+
   def note(k):
     d = split_dims[k]
     return f"dim {d} ({leaf.shape[d]}) split over '{split_axes[k]}'"
@@ -171,6 +185,7 @@ def plot_layout(plan, param_path: str | None = None):
   ax.set_ylabel(note(row_k) if row_k is not None else "not split")
   ax.set_xlabel(note(col_k) if col_k is not None else "not split")
   mesh = ", ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
-  ax.set_title(f"{param_path} {list(leaf.shape)}\nP{tuple(spec)} on mesh ({mesh})",
-               fontsize="medium")
+  ax.set_title(
+    f"{param_path} {list(leaf.shape)}\nP{tuple(spec)} on mesh ({mesh})", fontsize="medium"
+  )
   return fig
