@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wapar_jax._src.tree import abstract
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -30,15 +32,6 @@ class Example:
   batch: Any
   init_params: Callable
   make_batch: Callable
-
-
-def abstract(tree):
-  """Shape and dtype of every leaf of ``tree`` as ``jax.ShapeDtypeStruct``, without sharding.
-
-  ``eval_shape`` results may carry a single-device sharding, which breaks lowering for a mesh
-  (see DESIGN.md, known traps).
-  """
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def eval_params(init_params):

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from wapar_jax.examples._common import Example, abstract, class_loss, linen_example, token_batch
+from wapar_jax._src.tree import abstract
+from wapar_jax.examples._common import Example, class_loss, linen_example, token_batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from wapar_jax.examples._common import Example, abstract, class_loss, classification_batch
+from wapar_jax._src.tree import abstract
+from wapar_jax.examples._common import Example, class_loss, classification_batch
 
 # Training mode: normalise with the batch's own statistics. Momentum and epsilon are
 # torchvision's (its momentum 0.1 weighs the other term). The two-pass variance, as PyTorch
