@@ -26,28 +26,19 @@ def _compute_spec(spec: P) -> P:
 
 
 def _pinned(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs) -> Callable:
-  """`loss_fn` with the parameters XLA must gather held to the plan's compute layout.
+  """`loss_fn` with its inputs held to the plan's compute layout.
 
-  In / out shardings alone leave XLA free to propagate differently: an FSDP step then gathers
+  In/out shardings alone leave XLA free to propagate differently: an FSDP step then gathers
   activations or splits the logits matmul instead of gathering weights, sending about ten
-  times the bytes. So a parameter stored split on the data axis is constrained to its
-  gathered layout at the top of the loss, and the batch to its split. Nothing else is pinned:
-  a parameter already stored in its compute layout needs no constraint, and one would stop XLA
-  from adding a tied weight's partial gradients before it reduces them.
+  times the bytes. Constraining the parameters to their gathered layout and the batch to its
+  split at the top of the loss makes the compiled step the planned one.
   """
   is_spec = lambda x: isinstance(x, P)
-  compute = jax.tree.map(_compute_spec, param_specs, is_leaf=is_spec)
-  gathered = jax.tree.map(lambda c, s: c != s, compute, param_specs, is_leaf=is_spec)
-  if not any(jax.tree.leaves(gathered)):
-    return loss_fn
-  use = named(mesh, compute)
+  use = named(mesh, jax.tree.map(_compute_spec, param_specs, is_leaf=is_spec))
   split = named(mesh, batch_specs)
 
-  def hold(x, sharding, gather):
-    return jax.lax.with_sharding_constraint(x, sharding) if gather else x
-
   def pinned(params, batch):
-    params = jax.tree.map(hold, params, use, gathered)
+    params = jax.lax.with_sharding_constraint(params, use)
     batch = jax.lax.with_sharding_constraint(batch, split)
     return loss_fn(params, batch)
 
