@@ -35,7 +35,7 @@ import optax
 import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src import search
-from wapar_jax._src.fmt import human_bytes, human_seconds
+from wapar_jax._src.fmt import human_bytes, human_seconds, percent
 
 # (label, devices, profile): H100 nodes of 8 GPUs; a v5e-256 slice is one ICI domain.
 SETTINGS = (
@@ -147,10 +147,6 @@ def _name(case: dict) -> str:
   return case["model"] + (f" ({', '.join(notes)})" if notes else "")
 
 
-def _pct(x) -> str:
-  return "n/a" if x is None else f"{100 * x:+.1f}%"
-
-
 def markdown(cases: list[dict]) -> str:
   lines = [
     "# Multi-node plans",
@@ -213,13 +209,13 @@ def markdown(cases: list[dict]) -> str:
       v = c["verification"]
       p, k, e = v["predicted"], v["compiled"], v["errors"]
       lines.append(
-        f"| {c['setting']} | {_name(c)} | {mesh} | {_pct(e['flops'])} | "
+        f"| {c['setting']} | {_name(c)} | {mesh} | {percent(e['flops'])} | "
         f"{human_bytes(p['comm_bytes'])} | "
-        f"{human_bytes(k['comm_bytes'])} | {_pct(e['comm_bytes'])} | "
-        f"{_pct(v['comm_bytes_scattered_error'])} | {human_seconds(p['comm_time'])} | "
-        f"{human_seconds(k['comm_time'])} | {_pct(e['comm_time'])} | "
+        f"{human_bytes(k['comm_bytes'])} | {percent(e['comm_bytes'])} | "
+        f"{percent(v['comm_bytes_scattered_error'])} | {human_seconds(p['comm_time'])} | "
+        f"{human_seconds(k['comm_time'])} | {percent(e['comm_time'])} | "
         f"{human_bytes(p['peak_memory'])} | "
-        f"{human_bytes(k['peak_memory'])} | {_pct(e['peak_memory'])} | "
+        f"{human_bytes(k['peak_memory'])} | {percent(e['peak_memory'])} | "
         f"{v['verify_seconds']:.1f} |"
       )
     lines += ["", "Collectives XLA emitted (kind, mesh axes, group size, across nodes?):", ""]
@@ -252,9 +248,9 @@ def _run(label, devices, profile, model, strategy, verified) -> dict:
   if "verification" in case:
     e = case["verification"]["errors"]
     extra = (
-      f"  verify: flops {_pct(e['flops'])} comm {_pct(e['comm_bytes'])} "
-      f"comm time {_pct(e['comm_time'])} "
-      f"peak {_pct(e['peak_memory'])}"
+      f"  verify: flops {percent(e['flops'])} comm {percent(e['comm_bytes'])} "
+      f"comm time {percent(e['comm_time'])} "
+      f"peak {percent(e['peak_memory'])}"
     )
   print(
     f"{label:12s} {name:16s} {str(case['mesh_shape']):28s} {case['strategy']:12s} "

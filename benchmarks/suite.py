@@ -42,6 +42,7 @@ from wapar_jax import examples
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.fmt import human_bytes, human_seconds
+from wapar_jax._src.tree import abstract
 
 RESULTS = Path(__file__).parent / "results"
 CASE_DIR = RESULTS / "suite_cases"
@@ -121,10 +122,6 @@ def _example(case: Case):
   if case.seq_len is not None:
     kwargs["seq_len"] = case.seq_len
   return examples.get_example(case.model, **kwargs), kwargs
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _unbounded(profile: wap.DeviceProfile) -> wap.DeviceProfile:
@@ -234,7 +231,7 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   mesh_shape = {"data": nodes, "fsdp": setting.devices // nodes}
   devices = np.asarray(jax.devices()[: setting.devices], dtype=object)
   mesh = Mesh(devices.reshape(nodes, setting.devices // nodes), ("data", "fsdp"))
-  params, batch = _abstract(ex.params), _abstract(ex.batch)
+  params, batch = abstract(ex.params), abstract(ex.batch)
   p_specs = hand_rules_specs(params, mesh_shape["fsdp"])
   batch_axis = ("data", "fsdp") if nodes > 1 else "fsdp"
   b_specs = jax.tree.map(lambda x: P(batch_axis), batch)
@@ -273,7 +270,7 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
     out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
     donate_argnums=(0, 1),
   )
-  opt_state = _abstract(jax.eval_shape(tx.init, params))
+  opt_state = abstract(jax.eval_shape(tx.init, params))
   compiled = verify_lib.compile_like_target(step.lower(params, opt_state, batch))
   compile_seconds = time.perf_counter() - t0
   read = verify_lib.read_compiled(compiled, mesh_shape, profile)

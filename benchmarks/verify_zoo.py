@@ -26,7 +26,7 @@ import optax
 
 import wapar_jax as wap
 from wapar_jax import examples
-from wapar_jax._src.fmt import human_bytes
+from wapar_jax._src.fmt import human_bytes, percent
 
 DEVICES = 8
 PROFILE = "h100-sxm"
@@ -73,10 +73,6 @@ def run_case(model: str, overrides: dict, strategy: str) -> dict:
   return case
 
 
-def _pct(x) -> str:
-  return "n/a" if x is None else f"{100 * x:+.1f}%"
-
-
 def markdown(cases: list[dict]) -> str:
   lines = [
     f"# Prediction vs compiled truth ({DEVICES} virtual CPU devices, priced on {PROFILE})",
@@ -106,12 +102,12 @@ def markdown(cases: list[dict]) -> str:
     red = v["reduction_flops"] / k["flops"] if k["flops"] else 0.0
     lines.append(
       f"| {c['model']} | {label} | {mesh} | {p['flops']:.4g} | {k['flops']:.4g} | "
-      f"{_pct(e['flops'])} | {100 * red:.1f}% | {human_bytes(p['comm_bytes'])} | "
-      f"{human_bytes(k['comm_bytes'])} | {_pct(e['comm_bytes'])} | "
-      f"{human_bytes(v['comm_bytes_scattered'])} | {_pct(v['comm_bytes_scattered_error'])} | "
-      f"{_pct(e['comm_time'])} | "
+      f"{percent(e['flops'])} | {100 * red:.1f}% | {human_bytes(p['comm_bytes'])} | "
+      f"{human_bytes(k['comm_bytes'])} | {percent(e['comm_bytes'])} | "
+      f"{human_bytes(v['comm_bytes_scattered'])} | {percent(v['comm_bytes_scattered_error'])} | "
+      f"{percent(e['comm_time'])} | "
       f"{human_bytes(p['peak_memory'])} | {human_bytes(k['peak_memory'])} | "
-      f"{_pct(e['peak_memory'])} | {v['verify_seconds']:.1f} |"
+      f"{percent(e['peak_memory'])} | {v['verify_seconds']:.1f} |"
     )
   lines += [
     "",
@@ -136,7 +132,7 @@ def markdown(cases: list[dict]) -> str:
     lines.append(
       f"| {c['model']} | {c['requested']} | {human_bytes(state)} | "
       f"{human_bytes(m['argument'])} | {human_bytes(act)} | {human_bytes(m['temp'])} | "
-      f"{_pct(temp_err)} |"
+      f"{percent(temp_err)} |"
     )
   lines += [
     "",
@@ -187,7 +183,7 @@ def main(argv=None) -> int:
         e = case["verification"]["errors"]
         print(
           f"{model:11s} {strategy:6s} {case['strategy']:8s} "
-          + "  ".join(f"{f} {_pct(e[f]):>8s}" for f in FIGURES)
+          + "  ".join(f"{f} {percent(e[f]):>8s}" for f in FIGURES)
           + f"  verify {case['verification']['verify_seconds']:.1f} s",
           flush=True,
         )

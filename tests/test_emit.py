@@ -9,13 +9,10 @@ from jax.sharding import PartitionSpec as P
 import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src import verify
+from wapar_jax._src.tree import abstract
 
 TX = optax.adamw(1e-3)
 PROFILE = wap.load_profile("h100-sxm")
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _hand_written(ex, plan, mesh):
@@ -23,7 +20,7 @@ def _hand_written(ex, plan, mesh):
   named = lambda t: jax.tree.map(
     lambda s: NamedSharding(mesh, s), t, is_leaf=lambda x: isinstance(x, P)
   )
-  params = _abstract(ex.params)
+  params = abstract(ex.params)
   opt_specs = optax.tree_map_params(
     TX,
     lambda _, spec: spec,
@@ -44,8 +41,8 @@ def _hand_written(ex, plan, mesh):
 
 
 def _compiled(step, ex, mesh_shape):
-  params, batch = _abstract(ex.params), _abstract(ex.batch)
-  opt_state = _abstract(jax.eval_shape(TX.init, params))
+  params, batch = abstract(ex.params), abstract(ex.batch)
+  opt_state = abstract(jax.eval_shape(TX.init, params))
   compiled = verify.compile_like_target(step.lower(params, opt_state, batch))
   return verify.read_compiled(compiled, mesh_shape, PROFILE)
 

@@ -5,18 +5,10 @@ from __future__ import annotations
 from wapar_jax._src.compilers.rules import CompilerRules, Scratch
 from wapar_jax._src.compilers.xla_cpu import XLA_CPU
 from wapar_jax._src.compilers.xla_gpu import XLA_GPU, XLA_TPU
-from wapar_jax.errors import InvalidArgumentError
 
 REGISTRY = {rules.name: rules for rules in (XLA_GPU, XLA_TPU, XLA_CPU)}
 # The compiler that runs a step on a profile's kind of device.
 BY_PROFILE_KIND = {"gpu": XLA_GPU, "tpu": XLA_TPU, "cpu": XLA_CPU}
-
-
-def by_name(name: str) -> CompilerRules:
-  """The rules registered as `name`."""
-  if name not in REGISTRY:
-    raise InvalidArgumentError(f"compiler must be one of {tuple(REGISTRY)}. Got {name!r}.")
-  return REGISTRY[name]
 
 
 def for_profile(kind: str) -> CompilerRules:
@@ -32,6 +24,5 @@ __all__ = [
   "XLA_CPU",
   "XLA_GPU",
   "XLA_TPU",
-  "by_name",
   "for_profile",
 ]

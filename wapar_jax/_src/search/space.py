@@ -280,7 +280,7 @@ def build_space(
 def _rule_sets(rules: CompilerRules, remat: str) -> tuple[CompilerRules, ...]:
   """The target compiler's rules, and the rules bounding its peak in a rematerialised step."""
   if remat != "none" and rules.remat_at_least:
-    return rules, compilers.by_name(rules.remat_at_least)
+    return rules, compilers.REGISTRY[rules.remat_at_least]
   return (rules,)
 
 
