@@ -1,6 +1,8 @@
 """The emitted step compiles to what the same shardings written by hand with jax.jit give."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding
@@ -9,7 +11,10 @@ from jax.sharding import PartitionSpec as P
 import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src import verify
+from wapar_jax._src.emit.step import _gather_hook
+from wapar_jax._src.step import loss_and_grads, make_train_step
 from wapar_jax._src.tree import abstract
+from wapar_jax.examples import _gpt
 
 TX = optax.adamw(1e-3)
 PROFILE = wap.load_profile("h100-sxm")
@@ -47,20 +52,10 @@ def _compiled(step, ex, mesh_shape):
   return verify.read_compiled(compiled, mesh_shape, PROFILE)
 
 
-# ZeRO-1: every parameter is pinned to its compute layout at the top of the loss, which stops XLA
-# from adding the tied weight's two partial gradients before reducing them (gpt2-small, 8
-# devices, 16 x 256: 1499 MiB sent against 1243 MiB by hand). Pinning only the FSDP-split
-# parameters closes the gap, but the cost model then over-predicts ZeRO-1's bytes of tied
-# models by 14%: the two change together.
-_TIED_ZERO1 = pytest.mark.xfail(strict=True, reason="pinned tied weights reduce twice")
-
-
-@pytest.mark.parametrize(
-  "strategy", [pytest.param("zero1", marks=_TIED_ZERO1), "dp", "tp", "dp_tp"]
-)
+@pytest.mark.parametrize("strategy", ["zero1", "dp", "tp", "dp_tp"])
 def test_emitted_step_costs_what_the_hand_written_one_does(strategy):
-  # gpt-tiny ties its output projection to the token embedding: pinning that weight to its
-  # layout would stop XLA from adding its two partial gradients before reducing them.
+  # gpt-tiny ties its output projection to the token embedding: a constraint on that weight
+  # would stop XLA from adding its two partial gradients before reducing them.
   ex = examples.get_example("gpt-tiny", batch_size=32)
   plan = wap.plan(
     ex.loss_fn,
@@ -102,3 +97,77 @@ def test_fsdp_weights_are_gathered_not_the_activations():
   free = _compiled(_hand_written(ex, plan, plan.make_mesh()), ex, plan.mesh_shape)
   assert "all-gather" in [c.kind for c in emitted.collectives]
   assert emitted.figures.comm_bytes < free.figures.comm_bytes
+
+
+def _wide_gpt(kind):
+  """gpt-tiny widened so that FSDP splits its weights (at least FSDP_MIN_BYTES each)."""
+  cfg = _gpt.GPTConfig(2, 128, 4, 256, 32, jnp.float32)
+  if kind == "nnx":
+    return _gpt.gpt_nnx("wide-nnx", "", cfg, 16, 32)
+  return _gpt.gpt_linen(f"wide-{kind}", "", cfg, 16, 32, scan_layers=kind == "scan")
+
+
+@pytest.mark.parametrize(
+  "kind, remat",
+  [("scan", "weights")]
+  + [
+    pytest.param(k, r, marks=pytest.mark.slow)
+    for k, r in [
+      ("scan", "none"),
+      ("scan", "layers"),
+      ("linen", "none"),
+      ("linen", "weights"),
+      ("nnx", "none"),
+      ("nnx", "weights"),
+      ("nnx", "layers"),
+    ]
+  ],
+)
+def test_fsdp_per_layer_gives_the_single_device_numbers(kind, remat):
+  ex = _wide_gpt(kind)
+  params = ex.init_params(jax.random.key(0))
+  batch = ex.make_batch(jax.random.key(1))
+  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
+  ref_loss, ref_grads = jax.jit(loss_and_grads(ex.loss_fn))(params, batch)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=8,
+    profile=PROFILE,
+    strategy="fsdp",
+    all_devices=True,
+    remat=remat,
+    microbatches=1,
+  )
+  specs = jax.tree.leaves(plan.param_specs, is_leaf=lambda x: isinstance(x, P))
+  assert any("data" in s for s in specs)
+  mesh = plan.make_mesh()
+  sharded_params, sharded_batch = plan.shard(params), plan.shard_batch(batch)
+  # The emitted step's own gradients: each layer's weights gathered where the layer runs.
+  grads_of = loss_and_grads(ex.loss_fn, remat=remat, gather=_gather_hook(mesh, plan.param_specs))
+  loss, grads = jax.jit(grads_of)(sharded_params, sharded_batch)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
+  for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-6 * scale)
+  step = plan.train_step()
+  p, o, ref_p, ref_o = sharded_params, plan.init_opt_state(sharded_params), params, TX.init(params)
+  for _ in range(3):
+    p, o, loss = step(p, o, sharded_batch)
+    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  compiled = _compiled(step, ex, plan.mesh_shape)
+  gathers = [c for c in compiled.collectives if c.kind == "all-gather"]
+  if kind == "scan":  # a layer's slice, gathered inside the loop over layers
+    assert any(c.depth >= 1 for c in gathers)
+  # Each split weight gathered once per layer in the forward pass, and again in the backward
+  # pass under remat (all but those outside the layers, such as the embedding).
+  shapes = [x.shape for x in jax.tree.leaves(ex.params)]
+  layers = 2
+  forward = sum(layers if len(shape) == 3 else 1 for s, shape in zip(specs, shapes) if "data" in s)
+  total = sum(c.count for c in gathers)
+  assert total >= forward
+  if remat != "none":
+    assert total >= 2 * forward - 2

@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-import pytest
 
 import wapar_jax as wap
 from wapar_jax import examples
@@ -32,21 +32,38 @@ def _aggregate(space, groups=()):
   return aggregate_lib.aggregate(space, groups, seconds)
 
 
-def test_fsdp_frees_gathered_parameters_after_their_last_read():
-  # The classifier's gathered weights are read last by the backward pass's first matmuls, long
-  # before the optimizer update at the end of the step.
+def test_fsdp_gathers_each_weight_where_it_is_used_and_frees_it_before_the_update():
+  # The classifier's weights are gathered by the layer that reads them, not at the top of the
+  # step, and their gathered copies die with the backward pass's matmuls, long before the
+  # optimizer update at the end of the step.
   ex = examples.get_example("mlp", batch_size=64)
   space = _space(ex.loss_fn, ex.params, ex.batch)
-  agg = _aggregate(space)
-  big = space.param_bytes >= space_lib.FSDP_MIN_BYTES
-  assert big.any()
-  gathered = agg.gathered_curves.sum(axis=0)
-  assert gathered[0] == pytest.approx(space.param_bytes[big].sum())
-  # The optimizer reads every parameter last (adamw's weight decay); its shards, not the
-  # gathered copies.
   traced = space.traced
   update = min(max(op.index for op in traced.ops if v in op.in_vars) for v in traced.param_vars)
-  assert gathered[update] == 0
+  big = np.flatnonzero(space.param_bytes >= space_lib.FSDP_MIN_BYTES)
+  assert len(big)
+  first_reads = []
+  for i in big:
+    uses = space.gathered_var[(space.gathered_param == i) & (space.gathered_runs > 0)]
+    assert len(uses) == 1
+    assert traced.last_use[uses[0]] < update
+    first_reads.append(traced.def_pos[uses[0]])
+  assert first_reads == sorted(set(first_reads))  # one after the other, layer by layer
+
+
+def test_fsdp_gathers_a_scanned_layer_slice_inside_the_loop():
+  # nn.scan stacks the layers' weights: each iteration gathers its layer's slice.
+  ex = examples.get_example("gpt-tiny-scan")
+  space = _space(ex.loss_fn, ex.params, ex.batch)
+  traced = space.traced
+  stacked = [i for i, v in enumerate(traced.param_vars) if len(traced.var_shape[v]) == 3]
+  assert stacked
+  n_layer = traced.var_shape[traced.param_vars[stacked[0]]][0]
+  for i in stacked:
+    which = (space.gathered_param == i) & (space.gathered_runs > 0)
+    assert set(space.gathered_runs[which]) == {n_layer}
+    slices = space.var_bytes[space.gathered_var[which]]
+    assert np.allclose(slices, space.param_bytes[i] / n_layer)
 
 
 def test_fsdp_parameters_gathered_along_a_minor_dim_are_found():

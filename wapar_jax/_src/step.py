@@ -2,7 +2,9 @@
 
 Two memory levers are applied here, so the planner traces and costs exactly what it emits:
 
-- rematerialisation (`remat`): "none"; "layers" checkpoints every layer — the body of each scan
+- rematerialisation (`remat`): "none"; "weights" recomputes only the gathered weights of an FSDP
+  step (`gathers.REGATHER_POLICY`: each layer's weights are gathered again in the backward pass
+  instead of kept from the forward pass); "layers" checkpoints every layer — the body of each scan
   in the loss (the layer loop of an `nn.scan` model) and each repetition of a repeated block of
   equations (the layers of a Python loop) — saving only what crosses layer boundaries;
   "layers_dots" also keeps each layer's matmul outputs without batch dims (the attention score
@@ -26,14 +28,16 @@ import numpy as np
 import optax
 from jax import lax
 
+from wapar_jax._src import gathers
 from wapar_jax.errors import InvalidArgumentError
 
 # Per-layer rematerialisation policies: what a checkpointed layer keeps for the backward pass.
 _POLICIES = {
+  "weights": gathers.REGATHER_POLICY,
   "layers": jax.checkpoint_policies.nothing_saveable,
   "layers_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-REMAT_CHOICES = ("none", "layers", "layers_dots")
+REMAT_CHOICES = ("none", "weights", "layers", "layers_dots")
 # A repeated block shorter than this many equations is an elementwise run, not a layer.
 _MIN_BLOCK_EQNS = 8
 
@@ -119,9 +123,11 @@ def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
   return inputs, outputs, _layer_remat(lambda *xs: tuple(segment(*xs)), policy)
 
 
-def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None):
-  """The loss's jaxpr, memoised in `cache` by input types (planning traces it per variant)."""
+def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None, tag: str = "loss"):
+  """The loss's jaxpr, memoised in `cache` by `tag` and input types (planning traces it per
+  variant; the tag tells the user's loss from the same loss with gathers hooked in)."""
   key = (
+    tag,
     jax.tree.structure((params, batch)),
     tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((params, batch))),
   )
@@ -133,11 +139,11 @@ def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None):
   return cache[key]
 
 
-def _remat_layers(loss_fn: Callable, policy, cache: dict | None) -> Callable:
+def _remat_layers(loss_fn: Callable, policy, cache: dict | None, tag: str) -> Callable:
   """`loss_fn` with each layer checkpointed: scan bodies, and repeated blocks of equations."""
 
   def rematted(params, batch):
-    closed = loss_jaxpr(loss_fn, params, batch, cache)
+    closed = loss_jaxpr(loss_fn, params, batch, cache, tag)
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts))
     env.update(zip(jaxpr.invars, jax.tree.leaves((params, batch))))
@@ -164,7 +170,7 @@ def _remat_layers(loss_fn: Callable, policy, cache: dict | None) -> Callable:
             "jaxpr": jax.make_jaxpr(body_fn)(*[v.aval for v in body.jaxpr.invars]),
           }
         )
-      outs = eqn.primitive.bind(*[read(v) for v in eqn.invars], **eqn.params)
+      outs = gathers.rebind(eqn, [read(v) for v in eqn.invars])
       env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
       i += 1
     return read(jaxpr.outvars[0])
@@ -172,11 +178,11 @@ def _remat_layers(loss_fn: Callable, policy, cache: dict | None) -> Callable:
   return rematted
 
 
-def _with_remat(loss_fn: Callable, remat: str, cache: dict | None) -> Callable:
+def _with_remat(loss_fn: Callable, remat: str, cache: dict | None, tag: str) -> Callable:
   if remat == "none":
     return loss_fn
   if remat in _POLICIES:
-    return _remat_layers(loss_fn, _POLICIES[remat], cache)
+    return _remat_layers(loss_fn, _POLICIES[remat], cache, tag)
   raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES}. Got {remat!r}.")
 
 
@@ -201,10 +207,21 @@ def _split_microbatches(batch, k: int):
 
 
 def loss_and_grads(
-  loss_fn: Callable, *, remat: str = "none", microbatches: int = 1, jaxpr_cache: dict | None = None
+  loss_fn: Callable,
+  *,
+  remat: str = "none",
+  microbatches: int = 1,
+  gather: Callable | None = None,
+  jaxpr_cache: dict | None = None,
 ) -> Callable:
-  """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation."""
-  loss_fn = _with_remat(loss_fn, remat, jaxpr_cache)
+  """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation, and
+  `gather(i, x)` applied to parameter leaf i at each of its uses (`gathers.at_use`)."""
+  tag = "loss"
+  if gather is not None:
+    raw = lambda fn, params, batch: loss_jaxpr(fn, params, batch, jaxpr_cache)
+    loss_fn = gathers.at_use(loss_fn, gather, raw)
+    tag = "gathered"
+  loss_fn = _with_remat(loss_fn, remat, jaxpr_cache, tag)
   value_and_grad = jax.value_and_grad(loss_fn)
   if microbatches == 1:
     return value_and_grad
@@ -237,11 +254,13 @@ def make_train_step(
   *,
   remat: str = "none",
   microbatches: int = 1,
+  gather: Callable | None = None,
   jaxpr_cache: dict | None = None,
 ) -> Callable:
-  """`(params, opt_state, batch) -> (params, opt_state, loss)`, with no sharding in it."""
+  """`(params, opt_state, batch) -> (params, opt_state, loss)`; sharding enters only through
+  `gather` (see `loss_and_grads`)."""
   grads_of = loss_and_grads(
-    loss_fn, remat=remat, microbatches=microbatches, jaxpr_cache=jaxpr_cache
+    loss_fn, remat=remat, microbatches=microbatches, gather=gather, jaxpr_cache=jaxpr_cache
   )
 
   def train_step(params, opt_state, batch):

@@ -1,4 +1,4 @@
-"""The jitted, sharded train step: in / out shardings, donation, the plan's layout pinned."""
+"""The jitted, sharded train step: in / out shardings, donation, FSDP weights gathered at use."""
 
 from __future__ import annotations
 
@@ -25,24 +25,37 @@ def _compute_spec(spec: P) -> P:
   return P(*(drop(e) for e in spec))
 
 
-def _pinned(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs) -> Callable:
-  """`loss_fn` with its inputs held to the plan's compute layout.
+def _gather_hook(mesh: Mesh, param_specs):
+  """The emitted step's `gathers.at_use` hook: each use of a parameter stored split on the data
+  axis (FSDP) constrained to its gathered compute layout; None when no parameter is.
 
-  In/out shardings alone leave XLA free to propagate differently: an FSDP step then gathers
+  In / out shardings alone leave XLA free to propagate differently: an FSDP step then gathers
   activations or splits the logits matmul instead of gathering weights, sending about ten
-  times the bytes. Constraining the parameters to their gathered layout and the batch to its
-  split at the top of the loss makes the compiled step the planned one.
+  times the bytes. A constraint at each use (on the layer's slice inside a scan) makes XLA
+  gather each layer's weights just before the layer. Nothing else is pinned: a parameter
+  already stored in its compute layout needs no constraint, and one would stop XLA from adding
+  a tied weight's partial gradients before it reduces them.
   """
-  is_spec = lambda x: isinstance(x, P)
-  use = named(mesh, jax.tree.map(_compute_spec, param_specs, is_leaf=is_spec))
+  specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  compute = [_compute_spec(s) for s in specs]
+  split = [c != s for c, s in zip(compute, specs)]
+  if not any(split):
+    return None
+
+  def hook(i, value, dropped):
+    if not split[i]:
+      return value
+    spec = P(*tuple(compute[i])[dropped:])
+    return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
+
+  return hook
+
+
+def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:
+  """`loss_fn` with the batch held to its split: with weights gathered, the activations must
+  follow the batch, not the weights' storage split."""
   split = named(mesh, batch_specs)
-
-  def pinned(params, batch):
-    params = jax.lax.with_sharding_constraint(params, use)
-    batch = jax.lax.with_sharding_constraint(batch, split)
-    return loss_fn(params, batch)
-
-  return pinned
+  return lambda params, batch: loss_fn(params, jax.lax.with_sharding_constraint(batch, split))
 
 
 def sharded_train_step(
@@ -58,12 +71,10 @@ def sharded_train_step(
 ):
   """The jitted step with in/out shardings; params and opt state are donated."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
-  step = make_train_step(
-    _pinned(loss_fn, mesh, param_specs, batch_specs),
-    optimizer,
-    remat=remat,
-    microbatches=microbatches,
-  )
+  hook = _gather_hook(mesh, param_specs)
+  if hook is not None:
+    loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
+  step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches, gather=hook)
   return jax.jit(
     step,
     in_shardings=(p_sh, o_sh, b_sh),

@@ -14,9 +14,11 @@ from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search import Candidate, SearchSpace, rank_value
 
-# Memory levers tried in order of their usual cost: accumulation first (no extra FLOPs), then
-# remat keeping matmul outputs, then full per-layer remat, then both.
+# Memory levers tried in order of their usual cost: gathering FSDP weights again in the backward
+# pass (only collectives), accumulation (no extra FLOPs), remat keeping matmul outputs, then full
+# per-layer remat, then both.
 _VARIANT_ORDER = (
+  ("weights", 1),
   ("none", 2),
   ("layers_dots", 1),
   ("none", 4),

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from wapar_jax._src.memory import liveness
-from wapar_jax._src.search.space import FSDP_MIN_BYTES, CompilerBuffers, SearchSpace
+from wapar_jax._src.search.space import CompilerBuffers, SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,7 @@ class Aggregates:
   gather_model: np.ndarray  # [2 batch] input bytes gathered over model
   gather_model_n: np.ndarray
   memory: tuple[MemoryCurves, ...]  # per rule set of SearchSpace.buffers, in its order
-  # [2 model, points]: bytes of parameters big enough for FSDP while compute still reads them
-  gathered_curves: np.ndarray
+  gathered_model: np.ndarray  # [K] bool: the gathered use (SearchSpace.gathered_var) is split
   param_model: np.ndarray  # [P] bool
   opt_model: np.ndarray  # [O] bool
 
@@ -114,15 +113,6 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
   grads[out[space.red_batch_sink & (out_weight == 1) & has_out]] = True
   curves = tuple(_memory_curves(space, b, data_cat, var_model, grads) for b in space.buffers)
   param_model = space.param_group[:, mask].any(axis=1)
-  big = space.param_bytes >= FSDP_MIN_BYTES
-  gathered_curves = liveness.liveness_curves(
-    np.zeros(int(big.sum()), dtype=np.int64),
-    space.param_read_until[big],
-    space.param_bytes[big],
-    np.full(int(big.sum()), liveness.DATA_NONE),
-    param_model[big],
-    len(t.ops),
-  )[liveness.DATA_NONE]
   return Aggregates(
     compute,
     flops,
@@ -136,7 +126,7 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
     gather_model,
     gather_model_n,
     curves,
-    gathered_curves,
+    var_model[space.gathered_var],
     param_model,
     space.opt_group[:, mask].any(axis=1),
   )

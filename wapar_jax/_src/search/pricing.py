@@ -67,6 +67,19 @@ def _combined(nbytes: float) -> float:
   return float(math.ceil(nbytes / COMBINE_BYTES)) if nbytes > 0 else 0.0
 
 
+def _live(space: SearchSpace, which: np.ndarray, nbytes: np.ndarray, until_made=False):
+  """Per program point, the per-device bytes of the gathered uses selected by `which`."""
+  made = space.traced.def_pos[space.gathered_var[which]]
+  return liveness.liveness_curves(
+    made,
+    made if until_made else space.traced.last_use[space.gathered_var[which]],
+    nbytes[which],
+    np.full(len(made), liveness.DATA_NONE),
+    np.zeros(len(made), dtype=bool),
+    len(space.traced.ops),
+  )[liveness.DATA_NONE, 0]
+
+
 def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, int]]:
   """Per mesh axis, (devices of it inside one node, nodes it spans).
 
@@ -171,27 +184,28 @@ def price(
   relayout: np.ndarray | float = 0.0
   zero1_gathered = 0.0
   if storage == "fsdp":
-    # Gathered once, at the top of the step where the emitted step pins parameters to their
-    # compute layout; the backward pass reads the same gathered copy, which lives until its
-    # last read there. Big parameters that do not split dp ways are in param_mem instead.
-    gathered = float(per_param[shardable].sum())
-    add("all-gather", gathered, _combined(gathered) + agg.loop_iterations, dp, data_span)
+    # Each use of a split parameter gathers it there, a layer's slice inside a loop over
+    # layers, and the copy lives until its last read: the layer itself, or the backward pass
+    # where the forward pass's copy is kept (no remat). Big parameters that do not split dp
+    # ways are in param_mem instead, and their uses alias them.
+    split = shardable[space.gathered_param]
+    runs = space.gathered_runs
+    nbytes = space.var_bytes[space.gathered_var] / np.where(agg.gathered_model, tp, 1)
+    marked = split & (runs > 0)
+    add(
+      "all-gather",
+      float((nbytes * runs)[marked].sum()),
+      float(runs[marked].sum()),
+      dp,
+      data_span,
+    )
     param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
-    unsplit = float(per_param[~shardable & (space.param_bytes >= FSDP_MIN_BYTES)].sum())
-    gathered_live = np.maximum(agg.gathered_curves[0] + agg.gathered_curves[1] / tp - unsplit, 0)
+    gathered_live = _live(space, split & (runs >= 0), nbytes)
     if any(b.rules.copies_strided_gathers for b in space.buffers):
       # Such a compiler gathers a parameter split along a minor dim in a transposed layout and
-      # copies it back, every copy at the top of the step, each living until its first read.
-      strided = gathered_strided(space, dp, groups, shardable, tp)
-      k = int(strided.sum())
-      relayout = liveness.liveness_curves(
-        np.zeros(k, dtype=np.int64),
-        space.param_first_read[strided],
-        per_param[strided],
-        np.full(k, liveness.DATA_NONE),
-        np.zeros(k, dtype=bool),
-        len(space.traced.ops),
-      )[liveness.DATA_NONE, 0]
+      # copies it back to row-major: both buffers are live where it gathers.
+      strided = gathered_strided(space, dp, groups, shardable, tp)[space.gathered_param]
+      relayout = _live(space, marked & strided, nbytes, until_made=True)
   else:
     param_mem = float(per_param.sum())
     if storage == "zero1":  # updated parameters are all-gathered from their shards

@@ -81,10 +81,11 @@ class SearchSpace:
   param_group: np.ndarray  # [P, G] bool
   param_bytes: np.ndarray  # [P]
   param_dims: tuple[tuple[tuple[int, int], ...], ...]  # per param: (class, size) per dim
-  # Per param: the last op reading it for compute, not for the optimizer update (how long an
-  # FSDP-gathered copy lives); the step's end where a loop reads it (needed every iteration).
-  param_read_until: np.ndarray
-  param_first_read: np.ndarray  # [P] first op reading each parameter
+  # Gathered uses of parameters (`TracedStep.gathered`), where an FSDP step gathers a layer's
+  # weights, and the copies a loop keeps of them for the backward pass: [K] each.
+  gathered_var: np.ndarray
+  gathered_param: np.ndarray
+  gathered_runs: np.ndarray  # times gathered per step (0: a kept copy, -1: a view of one)
   opt_bytes: np.ndarray  # [O]
   opt_weight: np.ndarray  # [O] bool: shaped like a parameter
   opt_group: np.ndarray  # [O, G] bool
@@ -217,23 +218,14 @@ def build_space(
   outputs = set(traced.output_vars) - {traced.loss_var}
   not_temporary = list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)
   not_temporary += list(outputs)  # new params / opt state are written into donated buffers
+  # Gathered uses alias their parameter unless FSDP splits it; the pricing counts them then.
+  gathered = np.array(traced.gathered, dtype=float).reshape(-1, 3)
+  gathered_var = gathered[:, 0].astype(np.int64)
+  not_temporary += list(gathered_var)
   buffers = tuple(_buffers(traced, r, not_temporary) for r in _rule_sets(rules, remat))
 
   pv = list(traced.param_vars)
   ov = list(traced.opt_state_vars)
-  param_index = {v: i for i, v in enumerate(pv)}
-  param_read_until = np.zeros(len(pv), dtype=np.int64)
-  param_first_read = np.full(len(pv), len(ops), dtype=np.int64)
-  for op in ops:
-    for v in op.in_vars:
-      i = param_index.get(v)
-      if i is None:
-        continue
-      param_first_read[i] = min(param_first_read[i], op.index)
-      if op_data_cat[op.index] != liveness.DATA_WEIGHT:  # not the optimizer update
-        param_read_until[i] = (
-          len(ops) if op.multiplicity > 1 else max(param_read_until[i], op.index)
-        )
   return SearchSpace(
     traced=traced,
     costs=costs,
@@ -264,8 +256,9 @@ def build_space(
     param_group=var_group[pv],
     param_bytes=var_bytes[pv],
     param_dims=tuple(tuple(zip(v_classes[v], traced.var_shape[v])) for v in pv),
-    param_read_until=param_read_until,
-    param_first_read=param_first_read,
+    gathered_var=gathered_var,
+    gathered_param=gathered[:, 1].astype(np.int64),
+    gathered_runs=gathered[:, 2],
     opt_bytes=var_bytes[ov],
     opt_weight=var_weight[ov],
     opt_group=var_group[ov],

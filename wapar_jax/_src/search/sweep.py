@@ -28,6 +28,8 @@ _FAMILIES = {
   "tp": ("one", "many", frozenset({"replicated"})),
   "dp_tp": ("many", "many", frozenset({"replicated"})),
 }
+# Remat policies that recompute only what an FSDP step gathers.
+_FSDP_ONLY_REMAT = frozenset({"weights"})
 _DEGREE = {"one": lambda n: n == 1, "many": lambda n: n > 1, "any": lambda n: True}
 
 
@@ -87,6 +89,8 @@ def search(
         for storage in STORAGES if dp > 1 else ("replicated",):
           if not _allowed(strategy, dp, tp, storage):
             continue
+          if space.remat in _FSDP_ONLY_REMAT and storage != "fsdp":
+            continue  # the same program as without remat: nothing is gathered
           if groups not in aggregates:
             aggregates[groups] = aggregate(space, groups, op_seconds)
           found.append(price(space, aggregates[groups], profile, dp, tp, groups, storage, budget))

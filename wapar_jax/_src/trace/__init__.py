@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 
+from wapar_jax._src import gathers
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.trace.builder import trace_jaxpr
 from wapar_jax._src.trace.dim_rules import ELEMENTWISE
@@ -40,7 +41,8 @@ def trace_train_step(
   microbatches: int = 1,
   jaxpr_cache: dict | None = None,
 ):
-  """Traces `make_train_step(loss_fn, optimizer, remat=..., microbatches=...)` on abstract values.
+  """Traces `make_train_step(loss_fn, optimizer, remat=..., microbatches=...)` on abstract values,
+  with every use of a parameter marked (`gathers.mark`): where an FSDP step gathers it.
 
   Returns (TracedStep, abstract opt_state). Nothing is materialised: a 7B model traces in
   seconds and a few hundred MB.
@@ -49,7 +51,12 @@ def trace_train_step(
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   try:
     step = make_train_step(
-      loss_fn, optimizer, remat=remat, microbatches=microbatches, jaxpr_cache=jaxpr_cache
+      loss_fn,
+      optimizer,
+      remat=remat,
+      microbatches=microbatches,
+      gather=gathers.mark,
+      jaxpr_cache=jaxpr_cache,
     )
     closed = jax.make_jaxpr(step)(params, opt_state, batch)
   except Exception as e:  # diagnose with a forward trace only: the model is traced once if fine

@@ -16,6 +16,7 @@ import jax.extend as jex
 import numpy as np
 
 from wapar_jax._src.compat import scan_operand_counts
+from wapar_jax._src.gathers import GATHERED
 from wapar_jax._src.trace.dim_rules import dim_rules
 from wapar_jax._src.trace.graph import Op, TracedStep
 from wapar_jax._src.trace.source import source_line
@@ -105,6 +106,12 @@ class _Builder:
     self.loop_dims: list[int] = []
     self.unknown: set[str] = set()
     self.num_conds = 0
+    # Parameters and scan slices of them, by variable: the parameter's index.
+    self.owner: dict[int, int] = {}
+    # Gathered uses of parameters (`gathers.mark`) and the copies a loop stacks or slices of
+    # them: variable -> (parameter index, times the use runs per step; 0 for a stacked copy, -1
+    # for a slice of one).
+    self.gathered: dict[int, tuple[int, float]] = {}
 
   def new_var(self, aval, def_pos) -> int:
     shape = tuple(int(d) for d in getattr(aval, "shape", ()))
@@ -146,8 +153,21 @@ class _Builder:
         self.while_loop(eqn, env, mult, branch)
       elif name == "cond":
         self.cond(eqn, env, mult)
+      elif name == GATHERED:
+        self.gathered_use(eqn, env, mult)
       else:
         self.leaf(eqn, env, mult, branch)
+
+  def gathered_use(self, eqn, env, mult):
+    """A marked use of a parameter (`gathers.mark`): a variable of its own, which an FSDP step
+    gathers there, but no op (the mark costs nothing and moves no program point)."""
+    vid = self.read(env, eqn.invars[0])
+    out = self.new_var(eqn.outvars[0].aval, len(self.ops))
+    if vid >= 0:
+      self.union_vars(out, vid)
+      if vid in self.owner:
+        self.gathered[out] = (self.owner[vid], float(mult))
+    self.bind_outer(env, eqn.outvars[0], out)
 
   def sub_env(self, closed, outer_ids):
     """Env for a sub-jaxpr whose invars alias the given outer variable ids."""
@@ -195,6 +215,10 @@ class _Builder:
         self.union_vars(inner, vid, 0, 1 if k >= n_consts + n_carry else 0)
         if k >= n_consts + n_carry:
           self.loop_dims.append(self.dim(vid, 0))
+          if vid in self.owner:
+            self.owner[inner] = self.owner[vid]
+          if vid in self.gathered:
+            self.gathered[inner] = (self.gathered[vid][0], -1.0)
       inner_in.append(inner)
     _, sub = self.sub_env(closed, inner_in)
     self.walk(jaxpr, sub, mult * length, branch)
@@ -208,6 +232,8 @@ class _Builder:
       else:
         self.union_vars(inner, ovid, 0, 1)
         self.loop_dims.append(self.dim(ovid, 0))
+        if inner in self.gathered:  # the layers' gathered copies, kept for the backward pass
+          self.gathered[ovid] = (self.gathered[inner][0], 0.0)
       self.last_use[inner] = max(self.last_use[inner], end)
     # The loop state is one set of buffers, updated in place: the initial carry becomes it
     # (so it is not kept alive through the loop) and the final carry is it, bound outside
@@ -309,6 +335,10 @@ class _Builder:
         source=source_line(eqn),
       )
     )
+    if eqn.primitive.name == "optimization_barrier":  # per-layer remat passes residuals through
+      for i, o in zip(in_ids, out_ids):
+        if i in self.owner:
+          self.owner[o] = self.owner[i]
     for ov, vid in zip(eqn.outvars, out_ids):
       self.bind_outer(env, ov, vid)
 
@@ -325,6 +355,7 @@ def trace_jaxpr(
   arg_ids = [b.new_var(v.aval, -1) for v in jaxpr.invars]
   for v, vid in zip(jaxpr.invars, arg_ids):
     env[v] = vid
+  b.owner.update((vid, i) for i, vid in enumerate(arg_ids[:num_params]))
   b.walk(jaxpr, env, 1.0, None)
   end = len(b.ops)
   out_ids = []
@@ -364,4 +395,5 @@ def trace_jaxpr(
     output_vars=tuple(out_ids),
     loss_var=out_ids[loss_output],
     unknown_primitives=tuple(sorted(b.unknown)),
+    gathered=tuple((v, i, runs) for v, (i, runs) in sorted(b.gathered.items())),
   )

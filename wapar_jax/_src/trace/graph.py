@@ -62,6 +62,10 @@ class TracedStep:
   output_vars: tuple[int, ...]
   loss_var: int
   unknown_primitives: tuple[str, ...]
+  # (variable, parameter index, runs per step) per gathered use of a parameter (`gathers.mark`),
+  # and per copy of one a loop stacks for the backward pass (runs 0) or slices from that stack
+  # (runs -1: a view, no buffer of its own).
+  gathered: tuple[tuple[int, int, float], ...] = ()
 
   @property
   def num_vars(self) -> int:
