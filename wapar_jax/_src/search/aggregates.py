@@ -38,6 +38,8 @@ class Aggregates:
   flops: np.ndarray  # [3, 2]
   red_data: np.ndarray  # [2 weight-shaped?, 2 model] output bytes reduced over data
   red_data_n: np.ndarray  # [2, 2] collective counts (weight gradients: see loop_iterations)
+  # [2, 2] as red_data, counting each chain of partial sums once, where it is last combined
+  red_data_at_sinks: np.ndarray
   loop_iterations: float  # iterations of the deepest loop holding weight-gradient reductions
   red_model: np.ndarray  # [2 batch, 2 model] output bytes reduced over model
   red_model_n: np.ndarray
@@ -86,6 +88,7 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
 
   red_data = summed(space.red_batch, out_weight, out_model, weighted)
   red_data_n = summed(space.red_batch_sink, out_weight, out_model, mult)
+  red_data_at_sinks = summed(space.red_batch_sink, out_weight, out_model, weighted)
   in_loop_weight = space.red_batch & (out_weight == 1) & (mult > 1)
   loop_iterations = float(mult[in_loop_weight].max()) if in_loop_weight.any() else 0.0
   red_m = space.red_group[:, mask].any(axis=1)
@@ -118,6 +121,7 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
     flops,
     red_data,
     red_data_n,
+    red_data_at_sinks,
     loop_iterations,
     red_model,
     red_model_n,

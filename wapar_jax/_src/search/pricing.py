@@ -145,8 +145,12 @@ def price(
     comm_bytes += bytes_in + bytes_out
 
   # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
+  # Reducing into a split gradient, XLA first adds the partial sums of one weight (a tied
+  # embedding's lookup and output projection) and reduce-scatters the sum; into a replicated
+  # one it all-reduces each partial as it is made (both measured on tied GPT-2).
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
-  grad_bytes = float(agg.red_data[1] @ model_scale)
+  partials = agg.red_data_at_sinks if sharded_state else agg.red_data
+  grad_bytes = float(partials[1] @ model_scale)
   add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_span)
   # Other partial sums over the batch (the loss, norms): independent ones go out as one tuple
   # all-reduce; dependent ones (batch-norm statistics, layer after layer) one round after

@@ -112,6 +112,7 @@ class _Builder:
     # them: variable -> (parameter index, times the use runs per step; 0 for a stacked copy, -1
     # for a slice of one).
     self.gathered: dict[int, tuple[int, float]] = {}
+    self.marked: dict[int, int] = {}  # variable -> its marked use
 
   def new_var(self, aval, def_pos) -> int:
     shape = tuple(int(d) for d in getattr(aval, "shape", ()))
@@ -162,7 +163,11 @@ class _Builder:
     """A marked use of a parameter (`gathers.mark`): a variable of its own, which an FSDP step
     gathers there, but no op (the mark costs nothing and moves no program point)."""
     vid = self.read(env, eqn.invars[0])
+    if vid in self.marked:  # XLA merges the same gather of the same value (CSE): one copy
+      self.bind_outer(env, eqn.outvars[0], self.marked[vid])
+      return
     out = self.new_var(eqn.outvars[0].aval, len(self.ops))
+    self.marked[vid] = out
     if vid >= 0:
       self.union_vars(out, vid)
       if vid in self.owner:
