@@ -80,6 +80,18 @@ _EXAMPLES = {
   "gpt2-xl": _gpt_entry("GPT-2 XL, 1.5B", 48, 1600, 25, 50257, 1024, 8),
   "gpt-1.3b": _gpt_entry("GPT 1.3B: 24 layers, d 2048", 24, 2048, 16, 50257, 1024, 8),
   "gpt-7b": _gpt_entry("GPT 6.6B: 32 layers, d 4096, vocab 32000", 32, 4096, 32, 32000, 2048, 8),
+  # Llama-2-70B's depth, width and vocabulary on GPT blocks (4d MLP, full attention heads), its
+  # layers under nn.scan as large models are written.
+  "gpt-65b-scan": _gpt_entry(
+    "GPT 65B: 80 layers, d 8192, vocab 32000, nn.scan over layers",
+    80,
+    8192,
+    64,
+    32000,
+    4096,
+    256,
+    kind="scan",
+  ),
   "moe-tiny": _moe_entry(
     "mixture-of-experts decoder, 2 layers, d 64, 4 experts top-2", 2, 64, 4, 256, 4, 32, 8
   ),
