@@ -43,6 +43,8 @@ from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.tree import abstract
+from wapar_jax.examples import _gpt
+from wapar_jax.examples._registry import gpt_layout
 
 RESULTS = Path(__file__).parent / "results"
 CASE_DIR = RESULTS / "suite_cases"
@@ -288,6 +290,127 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   return row
 
 
+# The expert family's tensor-parallel degrees (the rest of a node's devices is the fsdp axis).
+EXPERT_TENSOR = (1, 2, 4)
+# MaxText's logical axes of the zoo GPT's weights, by module name: (input dim, output dim) of a
+# Dense kernel; its bias follows the output. Anything else (norms, output biases) is replicated.
+_EXPERT_KERNELS = {
+  "query": ("fsdp", "tensor"),
+  "key": ("fsdp", "tensor"),
+  "value": ("fsdp", "tensor"),
+  "mlp_in": ("fsdp", "tensor"),
+  "attn_out": ("tensor", "fsdp"),
+  "mlp_out": ("tensor", "fsdp"),
+}
+_EXPERT_EMBEDDINGS = {"wte": ("tensor", "fsdp"), "wpe": (None, "fsdp")}  # (vocab, embed)
+
+
+def expert_specs(params, mesh_shape: dict):
+  """MaxText's rules for the zoo GPT, written by name as a researcher annotates a model: embed
+  on 'fsdp'; mlp, heads and vocab on 'tensor'; a dim the axis does not divide replicated."""
+
+  def spec(path, x):
+    names = [getattr(k, "key", str(k)) for k in path]
+    module, leaf = names[-2], names[-1]
+    if module in _EXPERT_EMBEDDINGS:
+      axes = _EXPERT_EMBEDDINGS[module]
+    elif module in _EXPERT_KERNELS and leaf == "kernel":
+      axes = _EXPERT_KERNELS[module]
+    elif module in _EXPERT_KERNELS and _EXPERT_KERNELS[module][1] == "tensor":
+      axes = ("tensor",)  # the bias of a column-split kernel
+    else:
+      return P()
+    axes = [None] * (x.ndim - len(axes)) + list(axes)  # a scanned stack's layer dim
+    return P(*(a if a and d % mesh_shape[a] == 0 else None for a, d in zip(axes, x.shape)))
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _expert_rows(case: Case, tx, setting: Setting, profile) -> list[dict]:
+  """The expert baseline family, hand-written as MaxText does: mesh data (nodes) x fsdp x
+  tensor (`dcn_data_parallelism`, `ici_fsdp_parallelism`, `ici_tensor_parallelism`), weights by
+  the logical rules above, the residual stream held to the batch split at every block
+  (`activation_batch`), every block rematerialised (`remat_policy: full`)."""
+  layout = gpt_layout(case.model)
+  if layout is None:
+    return []
+  cfg, scan_layers = layout(case.seq_len, DTYPE)
+  nodes = max(1, setting.devices // profile.devices_per_node)
+  rows = []
+  for tensor in EXPERT_TENSOR:
+    per_node = setting.devices // nodes
+    if per_node % tensor or cfg.n_head % tensor or tensor >= per_node:
+      continue
+    name = f"expert fsdp x tp{tensor}"
+    try:
+      rows.append(_expert_row(name, case, cfg, scan_layers, tx, setting, profile, nodes, tensor))
+    except Exception as e:  # the suite reports a baseline that fails to build, and goes on
+      rows.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+  return rows
+
+
+def _expert_row(name, case, cfg, scan_layers, tx, setting, profile, nodes, tensor) -> dict:
+  t0 = time.perf_counter()
+  fsdp = setting.devices // nodes // tensor
+  mesh_shape = {"data": nodes, "fsdp": fsdp, "tensor": tensor}
+  devices = np.asarray(jax.devices()[: setting.devices], dtype=object)
+  mesh = Mesh(devices.reshape(nodes, fsdp, tensor), ("data", "fsdp", "tensor"))
+  activations = NamedSharding(mesh, P(("data", "fsdp"), None, None))
+  ex = _gpt.gpt_linen(
+    case.model,
+    "",
+    cfg,
+    case.batch_size,
+    case.seq_len,
+    scan_layers=scan_layers,
+    hold=lambda x: jax.lax.with_sharding_constraint(x, activations),
+    remat_blocks=True,
+  )
+  params, batch = abstract(ex.params), abstract(ex.batch)
+  p_specs = expert_specs(params, mesh_shape)
+  b_specs = jax.tree.map(lambda x: P(("data", "fsdp")), batch)
+  o_specs = optax.tree_map_params(
+    tx,
+    lambda _, spec: spec,
+    jax.eval_shape(tx.init, params),
+    p_specs,
+    transform_non_params=lambda _: P(),
+    is_leaf=lambda x: isinstance(x, P),
+  )
+  named = lambda specs: jax.tree.map(  # noqa: E731
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+  )
+
+  def train_step(p, o, b):
+    loss, grads = jax.value_and_grad(ex.loss_fn)(p, b)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  p_sh, o_sh, b_sh = (named(s) for s in (p_specs, o_specs, b_specs))
+  step = jax.jit(
+    train_step,
+    in_shardings=(p_sh, o_sh, b_sh),
+    out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
+    donate_argnums=(0, 1),
+  )
+  opt_state = abstract(jax.eval_shape(tx.init, params))
+  compiled = verify_lib.compile_like_target(step.lower(params, opt_state, batch))
+  compile_seconds = time.perf_counter() - t0
+  read = verify_lib.read_compiled(compiled, mesh_shape, profile)
+  row = _row(
+    name,
+    None,
+    read.figures,
+    None,
+    profile,
+    {"compile_seconds": compile_seconds},
+    read.memory,
+    read.notes,
+  )
+  row.update(mesh=mesh_shape, devices=setting.devices, strategy=f"fsdp x tensor {tensor}, remat")
+  return row
+
+
 def _energy(profile, figures: dict, devices: int, batch: int) -> float:
   """Joules per sample: every device idles through the step and works through its compute."""
   step, compute = figures["step_time"], figures["compute_time"]
@@ -347,6 +470,7 @@ def run_case(case: Case) -> dict:
       out["rows"].append(_hand_row(ex, tx, setting, profile))
     except Exception as e:  # the suite reports a baseline that fails to build, and goes on
       out["rows"].append({"name": "maxtext rules", "error": f"{type(e).__name__}: {e}"})
+  out["rows"] += _expert_rows(case, tx, setting, profile)
   if case.sweep:
     out["sweep"] = _sweep(ex, tx, case, setting, profile)
   out["seconds"] = time.perf_counter() - started
@@ -368,6 +492,12 @@ def summarise(out: dict) -> dict:
     out["plan_vs_best"] = plan["compiled"]["step_time"] / best["compiled"]["step_time"]
   else:
     out["best_baseline"], out["plan_vs_best"] = None, None
+  experts = [r for r in fitting if r["name"].startswith("expert")]
+  out["plan_vs_expert"] = (
+    plan["compiled"]["step_time"] / min(r["compiled"]["step_time"] for r in experts)
+    if plan is not None and experts
+    else None
+  )
   out["plan_fits"] = bool(plan and plan["fits_compiled"])
   return out
 

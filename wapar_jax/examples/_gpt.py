@@ -7,6 +7,7 @@ one token; the loss is the next-token cross-entropy.
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -69,6 +70,10 @@ def self_attention(y, n_head, dense, *, causal):
   return dense(d, name="attn_out")(attention(q, k, v, causal=causal))
 
 
+def _unchanged(x):
+  return x
+
+
 class _Block(nn.Module):
   """Pre-LayerNorm transformer block: causal multi-head attention, then a 4x GELU MLP."""
 
@@ -93,10 +98,13 @@ class _ScanBlock(nn.Module):
   """``_Block`` with the ``(carry) -> (carry, ys)`` signature that ``nn.scan`` wants."""
 
   cfg: GPTConfig
+  hold: Callable = _unchanged
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return _Block(self.cfg, name="block")(x), None
+    block = nn.remat(_Block) if self.remat else _Block
+    return self.hold(block(self.cfg, name="block")(x)), None
 
 
 class _GPT(nn.Module):
@@ -104,6 +112,11 @@ class _GPT(nn.Module):
 
   cfg: GPTConfig
   scan_layers: bool = False
+  # What a MaxText-style model adds by hand: a sharding constraint on the residual stream at
+  # each block boundary (`nn.with_logical_constraint` there), and every block rematerialised
+  # (`nn.remat`, MaxText's `remat_policy: full`). Defaults leave the model as GPT-2 is written.
+  hold: Callable = _unchanged
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -113,14 +126,16 @@ class _GPT(nn.Module):
     )
     wte = embed(cfg.vocab, cfg.d_model, name="wte")
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
+    x = self.hold(x)
     if self.scan_layers:
       blocks = nn.scan(
         _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer
       )
-      x, _ = blocks(cfg, name="blocks")(x)
+      x, _ = blocks(cfg, self.hold, self.remat_blocks, name="blocks")(x)
     else:
+      block = nn.remat(_Block) if self.remat_blocks else _Block
       for i in range(cfg.n_layer):
-        x = _Block(cfg, name=f"block_{i}")(x)
+        x = self.hold(block(cfg, name=f"block_{i}")(x))
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype, name="ln_f")(x)
     return wte.attend(x)
 
@@ -172,12 +187,15 @@ class _NnxGPT(nnx.Module):
     return self.wte.attend(self.ln_f(x))
 
 
-def gpt_linen(name, description, cfg, batch_size, seq_len, scan_layers=False):
-  """The linen GPT of ``cfg``; ``scan_layers`` stacks the blocks' params under ``nn.scan``."""
+def gpt_linen(
+  name, description, cfg, batch_size, seq_len, scan_layers=False, hold=None, remat_blocks=False
+):
+  """The linen GPT of ``cfg``; ``scan_layers`` stacks the blocks' params under ``nn.scan``;
+  ``hold(x)`` is applied to the residual stream at every block boundary and ``remat_blocks``
+  rematerialises each block, as a MaxText-style model is written by hand."""
   batch, make_batch = token_batch(batch_size, seq_len, cfg.vocab)
-  return linen_example(
-    name, description, _GPT(cfg, scan_layers), batch, make_batch, "inputs", "targets"
-  )
+  model = _GPT(cfg, scan_layers, hold or _unchanged, remat_blocks)
+  return linen_example(name, description, model, batch, make_batch, "inputs", "targets")
 
 
 def gpt_nnx(name, description, cfg, batch_size, seq_len):

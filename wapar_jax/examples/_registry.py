@@ -16,6 +16,9 @@ class _Entry:
   batch_size: int
   seq_len: int | None  # None: the example has no sequence dimension.
   build: Callable  # build(name, description, batch_size, seq_len, dtype) -> Example
+  # For the GPTs: (n_layer, d_model, n_head, vocab, default seq_len, kind), to rebuild the model
+  # with the hand-written sharding of a MaxText-style baseline (benchmarks/suite.py).
+  gpt: tuple | None = None
 
 
 def _gpt_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_size, kind="linen"):
@@ -27,7 +30,9 @@ def _gpt_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_size
       return _gpt.gpt_nnx(name, desc, cfg, b, t)
     return _gpt.gpt_linen(name, desc, cfg, b, t, scan_layers=(kind == "scan"))
 
-  return _Entry(description, batch_size, seq_len, build)
+  return _Entry(
+    description, batch_size, seq_len, build, (n_layer, d_model, n_head, vocab, seq_len, kind)
+  )
 
 
 def _bert_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_size):
@@ -140,6 +145,18 @@ _EXAMPLES = {
     _resnet.resnet((3, 4, 6, 3), 64, 224, 1000),
   ),
 }
+
+
+def gpt_layout(name: str):
+  """(GPTConfig for `seq_len`, scan_layers) of a linen GPT example; None for other examples."""
+  entry = _EXAMPLES.get(name)
+  if entry is None or entry.gpt is None or entry.gpt[-1] == "nnx":
+    return None
+  n_layer, d_model, n_head, vocab, default_len, kind = entry.gpt
+  return lambda seq_len, dtype: (
+    _gpt.GPTConfig(n_layer, d_model, n_head, vocab, max(default_len, seq_len), jnp.dtype(dtype)),
+    kind == "scan",
+  )
 
 
 def list_examples() -> tuple[str, ...]:
