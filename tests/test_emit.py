@@ -171,3 +171,32 @@ def test_fsdp_per_layer_gives_the_single_device_numbers(kind, remat):
   assert total >= forward
   if remat != "none":
     assert total >= 2 * forward - 2
+
+
+@pytest.mark.slow
+def test_zero2_accumulation_matches_single_device():
+  # ZeRO-1 storage with gradient accumulation keeps the accumulated gradients split (ZeRO-2).
+  ex = _wide_gpt("linen")
+  params = ex.init_params(jax.random.key(0))
+  batch = ex.make_batch(jax.random.key(1))
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=8,
+    profile=PROFILE,
+    strategy="zero1",
+    all_devices=True,
+    remat="none",
+    microbatches=2,
+  )
+  assert plan.chosen.microbatches == 2
+  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
+  step = plan.train_step()
+  sharded = plan.shard(params)
+  p, o, ref_p, ref_o = sharded, plan.init_opt_state(sharded), params, TX.init(params)
+  for _ in range(3):
+    p, o, loss = step(p, o, plan.shard_batch(batch))
+    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)

@@ -287,6 +287,7 @@ class Plan:
       self._batch_specs(batch),
       remat=self.chosen.remat,
       microbatches=self.chosen.microbatches,
+      grad_specs=self._opt_param_specs(params) if self.chosen.storage != "replicated" else None,
     )
 
   def verify(self, devices=None, **kwargs):

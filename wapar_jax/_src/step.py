@@ -212,10 +212,13 @@ def loss_and_grads(
   remat: str = "none",
   microbatches: int = 1,
   gather: Callable | None = None,
+  hold_grads: Callable | None = None,
   jaxpr_cache: dict | None = None,
 ) -> Callable:
-  """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation, and
-  `gather(i, x)` applied to parameter leaf i at each of its uses (`gathers.at_use`)."""
+  """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation,
+  `gather(i, x)` applied to parameter leaf i at each of its uses (`gathers.at_use`), and
+  `hold_grads(tree)` to the accumulated gradients after every micro-batch (ZeRO-2: the emitted
+  step keeps them split as the optimizer state is)."""
   tag = "loss"
   if gather is not None:
     raw = lambda fn, params, batch: loss_jaxpr(fn, params, batch, jaxpr_cache)
@@ -228,16 +231,18 @@ def loss_and_grads(
   if not isinstance(microbatches, int) or microbatches < 1:
     raise InvalidArgumentError(f"microbatches must be a positive int. Got {microbatches!r}.")
 
+  hold = hold_grads or (lambda tree: tree)
+
   def accumulated(params, batch):
     def body(carry, micro):
       loss_sum, grad_sum = carry
       loss, grads = value_and_grad(params, micro)
-      grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+      grad_sum = hold(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
       return (loss_sum + loss.astype(jnp.float32), grad_sum), None
 
     # Accumulate in float32 whatever the parameter dtype: bf16 sums of many micro-batches drift.
-    zeros = jax.tree.map(
-      lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+    zeros = hold(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     )
     (loss_sum, grad_sum), _ = lax.scan(
       body, (jnp.zeros((), jnp.float32), zeros), _split_microbatches(batch, microbatches)
@@ -255,12 +260,18 @@ def make_train_step(
   remat: str = "none",
   microbatches: int = 1,
   gather: Callable | None = None,
+  hold_grads: Callable | None = None,
   jaxpr_cache: dict | None = None,
 ) -> Callable:
   """`(params, opt_state, batch) -> (params, opt_state, loss)`; sharding enters only through
-  `gather` (see `loss_and_grads`)."""
+  `gather` and `hold_grads` (see `loss_and_grads`)."""
   grads_of = loss_and_grads(
-    loss_fn, remat=remat, microbatches=microbatches, gather=gather, jaxpr_cache=jaxpr_cache
+    loss_fn,
+    remat=remat,
+    microbatches=microbatches,
+    gather=gather,
+    hold_grads=hold_grads,
+    jaxpr_cache=jaxpr_cache,
   )
 
   def train_step(params, opt_state, batch):

@@ -68,13 +68,21 @@ def sharded_train_step(
   *,
   remat: str = "none",
   microbatches: int = 1,
+  grad_specs=None,
 ):
-  """The jitted step with in/out shardings; params and opt state are donated."""
+  """The jitted step with in/out shardings; params and opt state are donated. `grad_specs`
+  (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   hook = _gather_hook(mesh, param_specs)
   if hook is not None:
     loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
-  step = make_train_step(loss_fn, optimizer, remat=remat, microbatches=microbatches, gather=hook)
+  hold = None
+  if grad_specs is not None:
+    split = named(mesh, grad_specs)
+    hold = lambda grads: jax.lax.with_sharding_constraint(grads, split)  # noqa: E731
+  step = make_train_step(
+    loss_fn, optimizer, remat=remat, microbatches=microbatches, gather=hook, hold_grads=hold
+  )
   return jax.jit(
     step,
     in_shardings=(p_sh, o_sh, b_sh),
