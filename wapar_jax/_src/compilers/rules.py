@@ -123,7 +123,7 @@ class CompilerRules:
       combining this many at a time, each bucket's inputs and results live at once; None when
       it reduces in place or reduce-scatters.
     copies_strided_gathers: an FSDP gather along a minor dim is made in a transposed layout and
-      copied back to row-major, the copy living from the top of the step to its first read.
+      copied back to row-major, both buffers live where it gathers.
     scratch: functions `traced -> Scratch` listing buffers of the compiler's own.
     rerouted_reads: `traced -> {(variable, op)}`: reads the compiler serves from a scratch
       buffer instead of the variable, so the variable dies at its last other reader.
