@@ -105,12 +105,19 @@ def test_logical_axis_rules_reproduce_the_plan_under_flax(tp_plan):
 def test_maxtext_yaml(tp_plan):
   text = tp_plan.to_maxtext_yaml()
   config = yaml.safe_load(text)
-  assert config["mesh_axes"] == ["data", "model"]
+  # MaxText's names: the model axis is its tensor axis.
+  assert config["mesh_axes"] == ["data", "tensor"]
   assert config["data_sharding"] == [["data"]]
-  assert ["mlp", ["model"]] in config["logical_axis_rules"]
+  assert ["mlp", ["tensor"]] in config["logical_axis_rules"]
+  rename = {"model": "tensor"}
   assert [tuple(r) for r in config["logical_axis_rules"]] == [
-    (name, [] if axis is None else [axis]) for name, axis in tp_plan.logical_axis_rules()
+    (name, [] if axis is None else [rename.get(axis, axis)])
+    for name, axis in tp_plan.logical_axis_rules()
   ]
+  sizes = dict(tp_plan.mesh_shape)
+  assert config["ici_data_parallelism"] == sizes["data"]
+  assert config["ici_tensor_parallelism"] == sizes["model"]
+  assert config["dcn_data_parallelism"] == config["dcn_tensor_parallelism"] == 1
   assert "reproduce 36 of 36" in text
 
 

@@ -7,7 +7,6 @@ import optax
 
 import wapar_jax as wap
 from wapar_jax import examples
-from wapar_jax.examples import _gpt
 from wapar_jax._src.compilers import XLA_CPU, XLA_GPU
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.cost.xla import CostCache, step_costs
@@ -16,6 +15,7 @@ from wapar_jax._src.search import pricing
 from wapar_jax._src.search import space as space_lib
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import leaf_paths, path_str
+from wapar_jax.examples import _gpt
 
 TX = optax.adamw(1e-3)
 

@@ -12,15 +12,18 @@ from jax.sharding import PartitionSpec as P
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
 
+# Mesh axes that store state split, never compute on it: a weight is gathered over them.
+_STORAGE_AXES = frozenset({"data", "fsdp"})
+
 
 def _compute_spec(spec: P) -> P:
-  """The layout a parameter is used in: its storage spec without the data (FSDP) split."""
+  """The layout a parameter is used in: its storage spec without the data / fsdp split."""
 
   def drop(entry):
     if isinstance(entry, tuple):
-      kept = tuple(a for a in entry if a != "data")
+      kept = tuple(a for a in entry if a not in _STORAGE_AXES)
       return kept if len(kept) > 1 else (kept[0] if kept else None)
-    return None if entry == "data" else entry
+    return None if entry in _STORAGE_AXES else entry
 
   return P(*(drop(e) for e in spec))
 

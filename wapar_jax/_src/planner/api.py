@@ -239,6 +239,7 @@ def plan(
       "lowered_ops": costs.lowered_ops,
       "candidates_evaluated": len(ranked),
       "total_flops": costs.total_flops,
+      "nodes": -(-best.devices // device_profile.devices_per_node),  # the fewest that hold it
     },
     flat_param_specs=flat_p,
     flat_opt_specs=flat_o,

@@ -19,7 +19,7 @@ def op_divisors(space, c) -> np.ndarray:
   on_model = (
     space.op_group[:, mask].any(axis=1) if mask.any() else np.zeros(len(space.op_group), bool)
   )
-  data_div = np.array(data_divisors(c.data, c.storage), dtype=float)
+  data_div = np.array(data_divisors(c.data, c.storage, c.fsdp), dtype=float)
   return data_div[space.op_data_cat] * np.where(on_model, c.model, 1)
 
 

@@ -53,12 +53,14 @@ class Aggregates:
   opt_model: np.ndarray  # [O] bool
 
 
-def data_divisors(dp: int, storage: str) -> tuple[int, int, int]:
+def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
   """Data-axis split of work / values per memory.DATA_* category: batch, weight-shaped, other.
 
-  Weight-shaped work (the optimizer update) splits only when the state is sharded.
+  Weight-shaped work (the optimizer update) splits only when the state is sharded: dp ways,
+  or `fsdp` ways under hybrid sharding.
   """
-  return dp, dp if storage != "replicated" else 1, 1
+  weight = {"replicated": 1, "hsdp": fsdp}.get(storage, dp)
+  return dp, weight, 1
 
 
 def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarray) -> Aggregates:

@@ -2,17 +2,20 @@
 
 A candidate is a data degree dp, a model degree tp, the groups of dimension classes split on the
 model axis, and where parameters / optimizer state are stored along the data axis; with its
-predicted figures per device and step.
+predicted figures per device and step. Hybrid sharding ("hsdp") stores them split over the data
+axis's devices inside a node only, as a mesh axis of its own (MaxText's data x fsdp x tensor).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-STRATEGIES = ("auto", "dp", "zero1", "fsdp", "tp", "dp_tp")
-STORAGES = ("replicated", "zero1", "fsdp")
+STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp")
+STORAGES = ("replicated", "zero1", "fsdp", "hsdp")
+# Storages that keep parameters split and gather each layer's weights where it runs.
+GATHERING = frozenset({"fsdp", "hsdp"})
 OBJECTIVES = ("time", "energy")
-DATA, MODEL = "data", "model"
+DATA, FSDP, MODEL = "data", "fsdp", "model"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error (benchmarks/results/memory_levers.md).
 DEFAULT_MEMORY_HEADROOM = 0.15
@@ -45,10 +48,12 @@ class Candidate:
   microbatches: int = 1
   # Mesh axes whose collectives cross nodes (laid out as create_hybrid_device_mesh does).
   cross_node_axes: tuple[str, ...] = ()
+  # Under "hsdp": the data axis's devices inside one node, which split the state (the fsdp axis).
+  fsdp: int = 1
 
   @property
   def mesh_shape(self) -> dict[str, int]:
-    return mesh_shape(self.data, self.model)
+    return mesh_shape(self.data, self.model, self.fsdp)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -58,9 +63,10 @@ class Candidate:
     return d
 
 
-def mesh_shape(dp: int, tp: int) -> dict[str, int]:
-  """Axes of size 1 are dropped, except that one device still has a (data=1) mesh."""
-  shape = {DATA: dp, MODEL: tp}
+def mesh_shape(dp: int, tp: int, fsdp: int = 1) -> dict[str, int]:
+  """Axes of size 1 are dropped, except that one device still has a (data=1) mesh. The fsdp
+  axis takes `fsdp` of the dp data-parallel devices, between data (outermost) and model."""
+  shape = {DATA: dp // fsdp, FSDP: fsdp, MODEL: tp}
   kept = {k: v for k, v in shape.items() if v > 1}
   return kept or {DATA: 1}
 
@@ -69,7 +75,7 @@ def strategy_label(dp: int, tp: int, storage: str) -> str:
   if dp * tp == 1:
     return "single"
   if tp == 1:
-    return {"replicated": "dp", "zero1": "zero1", "fsdp": "fsdp"}[storage]
+    return {"replicated": "dp", "zero1": "zero1", "fsdp": "fsdp", "hsdp": "hsdp"}[storage]
   if dp == 1:
     return "tp"
   return "dp_tp" if storage == "replicated" else f"dp_tp+{storage}"

@@ -15,7 +15,7 @@ from wapar_jax._src.cost.collectives import (
 from wapar_jax._src.memory import liveness
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, MemoryCurves, data_divisors
-from wapar_jax._src.search.candidate import DATA, MODEL, Candidate, strategy_label
+from wapar_jax._src.search.candidate import DATA, GATHERING, MODEL, Candidate, strategy_label
 from wapar_jax._src.search.space import FSDP_MIN_BYTES, SearchSpace
 
 
@@ -112,18 +112,31 @@ def price(
   groups: tuple[int, ...],
   storage: str,
   budget: float,
-) -> Candidate:
+) -> Candidate | None:
   """The candidate's predicted time, traffic, energy and per-device memory, and whether it fits
-  `budget` under every rule set of the space (the target compiler's, and any bounding it)."""
+  `budget` under every rule set of the space (the target compiler's, and any bounding it).
+
+  Hybrid sharding ("hsdp") splits the state over the data axis's devices inside a node (the
+  fsdp axis) and replicates it across nodes: None where the data axis does not span nodes with
+  more than one device in each (it would be plain FSDP or data parallelism).
+  """
   d = dp * tp
   sharded_state = storage != "replicated"
-  data_div = data_divisors(dp, storage)
+  spans = axis_spans(dp, tp, profile.devices_per_node)
+  data_span, model_span = spans[DATA], spans[MODEL]
+  fsdp = 1
+  state_span = data_span  # the devices the state is split over, and the nodes they span
+  if storage == "hsdp":
+    fsdp, nodes = data_span
+    if fsdp == 1 or nodes == 1:
+      return None
+    state_span = (fsdp, 1)
+  split = fsdp if storage == "hsdp" else dp  # how many ways sharded state is split
+  data_div = data_divisors(dp, storage, fsdp)
   div = np.array(data_div, dtype=float)[:, None] * np.array([1.0, tp])[None, :]
   compute_time = float((agg.compute / div).sum())
   flops = float((agg.flops / div).sum())
 
-  spans = axis_spans(dp, tp, profile.devices_per_node)
-  data_span, model_span = spans[DATA], spans[MODEL]
   inner, outer = profile.intra_node, profile.inter_node
   model_scale = np.array([1.0, 1.0 / tp])
   data_scale = np.array([1.0, 1.0 / dp])
@@ -151,7 +164,15 @@ def price(
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
   partials = agg.red_data_at_sinks if sharded_state else agg.red_data
   grad_bytes = float(partials[1] @ model_scale)
-  add(weight_kind, grad_bytes, _combined(grad_bytes) + agg.loop_iterations, dp, data_span)
+  grad_count = _combined(grad_bytes) + agg.loop_iterations
+  if storage == "hsdp":
+    # Into a gradient split over fsdp and replicated over data, XLA all-reduces over both axes
+    # and slices (compiled: gpt2-small on 2 x 8 devices), not a reduce-scatter in the node and
+    # an all-reduce of the shards across nodes.
+    # So it reduces each partial sum of a weight as it is made, as into a replicated one.
+    add("all-reduce", float(agg.red_data[1] @ model_scale), grad_count, dp, data_span)
+  else:
+    add(weight_kind, grad_bytes, grad_count, dp, data_span)
   # Other partial sums over the batch (the loss, norms): independent ones go out as one tuple
   # all-reduce; dependent ones (batch-norm statistics, layer after layer) one round after
   # another.
@@ -182,33 +203,33 @@ def price(
 
   param_div = np.where(agg.param_model, tp, 1).astype(float)
   opt_div = np.where(agg.opt_model, tp, 1).astype(float)
-  shardable = fsdp_shardable(space, dp, groups) if dp > 1 else np.zeros(len(param_div), bool)
+  shardable = fsdp_shardable(space, split, groups) if split > 1 else np.zeros(len(param_div), bool)
   per_param = space.param_bytes / param_div
   gathered_live: np.ndarray | float = 0.0  # FSDP's gathered parameters, per program point
   relayout: np.ndarray | float = 0.0
   zero1_gathered = 0.0
-  if storage == "fsdp":
+  if storage in GATHERING:
     # Each use of a split parameter gathers it there, a layer's slice inside a loop over
     # layers, and the copy lives until its last read: the layer itself, or the backward pass
     # where the forward pass's copy is kept (no remat). Big parameters that do not split dp
     # ways are in param_mem instead, and their uses alias them.
-    split = shardable[space.gathered_param]
+    split_uses = shardable[space.gathered_param]
     runs = space.gathered_runs
     nbytes = space.var_bytes[space.gathered_var] / np.where(agg.gathered_model, tp, 1)
-    marked = split & (runs > 0)
+    marked = split_uses & (runs > 0)
     add(
       "all-gather",
       float((nbytes * runs)[marked].sum()),
       float(runs[marked].sum()),
-      dp,
-      data_span,
+      split,
+      state_span,
     )
-    param_mem = float((per_param / np.where(shardable, dp, 1)).sum())
-    gathered_live = _live(space, split & (runs >= 0), nbytes)
+    param_mem = float((per_param / np.where(shardable, split, 1)).sum())
+    gathered_live = _live(space, split_uses & (runs >= 0), nbytes)
     if any(b.rules.copies_strided_gathers for b in space.buffers):
       # Such a compiler gathers a parameter split along a minor dim in a transposed layout and
       # copies it back to row-major: both buffers are live where it gathers.
-      strided = gathered_strided(space, dp, groups, shardable, tp)[space.gathered_param]
+      strided = gathered_strided(space, split, groups, shardable, tp)[space.gathered_param]
       relayout = _live(space, marked & strided, nbytes, until_made=True)
   else:
     param_mem = float(per_param.sum())
@@ -216,7 +237,7 @@ def price(
       zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
       add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
   opt_shard = np.where(
-    space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, dp, 1
+    space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, split, 1
   )
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
 
@@ -268,4 +289,5 @@ def price(
     remat=space.remat,
     microbatches=space.microbatches,
     cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1),
+    fsdp=fsdp,
   )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src.search.candidate import DATA, MODEL, Candidate
+from wapar_jax._src.search.candidate import DATA, FSDP, GATHERING, MODEL, Candidate
 from wapar_jax._src.search.pricing import fsdp_dim, fsdp_shardable
 from wapar_jax._src.search.space import SearchSpace
 
@@ -14,10 +14,10 @@ def specs_for(space: SearchSpace, c: Candidate) -> tuple[list[P], list[P], list[
   flattened order of the traced step's arguments."""
   traced = space.traced
   model_classes = {cl for g in c.model_groups for cl in space.groups[g].classes}
+  # Hybrid sharding splits the state over the fsdp axis only; the batch over data and fsdp.
+  state_axis, split = (FSDP, c.fsdp) if c.storage == "hsdp" else (DATA, c.data)
   shardable = (
-    fsdp_shardable(space, c.data, c.model_groups)
-    if c.data > 1
-    else [False] * len(traced.param_vars)
+    fsdp_shardable(space, split, c.model_groups) if split > 1 else [False] * len(traced.param_vars)
   )
   param_specs, opt_specs = [], []
   for i in range(len(traced.param_vars)):
@@ -29,17 +29,17 @@ def specs_for(space: SearchSpace, c: Candidate) -> tuple[list[P], list[P], list[
           entries[d] = MODEL
           break  # one mesh axis appears at most once in a spec
     tp_only = P(*entries)
-    split = list(entries)
+    stored = list(entries)
     if shardable[i]:
-      d = fsdp_dim(dims, c.data, [e is not None for e in entries], traced.loop_classes)
+      d = fsdp_dim(dims, split, [e is not None for e in entries], traced.loop_classes)
       if d is not None:
-        split[d] = DATA
-    param_specs.append(P(*split) if c.storage == "fsdp" else tp_only)
-    opt_specs.append(P(*split) if c.storage in ("fsdp", "zero1") else tp_only)
+        stored[d] = state_axis
+    param_specs.append(P(*stored) if c.storage in GATHERING else tp_only)
+    opt_specs.append(P(*stored) if c.storage != "replicated" else tp_only)
   batch_specs = []
   for v in traced.batch_vars:
     entries = [None] * len(traced.var_shape[v])
     if c.data > 1:
-      entries[0] = DATA
+      entries[0] = (DATA, FSDP) if c.storage == "hsdp" else DATA
     batch_specs.append(P(*entries))
   return param_specs, opt_specs, batch_specs

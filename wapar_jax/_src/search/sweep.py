@@ -9,6 +9,7 @@ from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, aggregate
 from wapar_jax._src.search.candidate import (
   DEFAULT_MEMORY_HEADROOM,
+  GATHERING,
   OBJECTIVES,
   STORAGES,
   STRATEGIES,
@@ -25,6 +26,7 @@ _FAMILIES = {
   "dp": ("any", "one", frozenset({"replicated"})),
   "zero1": ("any", "one", frozenset({"zero1"})),
   "fsdp": ("any", "one", frozenset({"fsdp"})),
+  "hsdp": ("any", "one", frozenset({"hsdp"})),
   "tp": ("one", "many", frozenset({"replicated"})),
   "dp_tp": ("many", "many", frozenset({"replicated"})),
 }
@@ -89,11 +91,13 @@ def search(
         for storage in STORAGES if dp > 1 else ("replicated",):
           if not _allowed(strategy, dp, tp, storage):
             continue
-          if space.remat in _FSDP_ONLY_REMAT and storage != "fsdp":
+          if space.remat in _FSDP_ONLY_REMAT and storage not in GATHERING:
             continue  # the same program as without remat: nothing is gathered
           if groups not in aggregates:
             aggregates[groups] = aggregate(space, groups, op_seconds)
-          found.append(price(space, aggregates[groups], profile, dp, tp, groups, storage, budget))
+          c = price(space, aggregates[groups], profile, dp, tp, groups, storage, budget)
+          if c is not None:
+            found.append(c)
   if not found:
     divisible = [d for d in range(1, max_devices + 1) if space.batch_size % d == 0]
     raise IndivisibleBatchError(

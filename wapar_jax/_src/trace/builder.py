@@ -113,6 +113,10 @@ class _Builder:
     # for a slice of one).
     self.gathered: dict[int, tuple[int, float]] = {}
     self.marked: dict[int, int] = {}  # variable -> its marked use
+    # Values a scan stacks into its outputs, and stacks a later scan slices again: XLA copies
+    # each slice into / out of the stack in a kernel of its own. (op index, bytes per run).
+    self.loop_copies: list[tuple[int, float]] = []
+    self.stacked: set[int] = set()
 
   def new_var(self, aval, def_pos) -> int:
     shape = tuple(int(d) for d in getattr(aval, "shape", ()))
@@ -158,6 +162,19 @@ class _Builder:
         self.gathered_use(eqn, env, mult)
       else:
         self.leaf(eqn, env, mult, branch)
+
+  def nbytes(self, vid) -> float:
+    return float(math.prod(self.var_shape[vid]) * self.var_itemsize[vid])
+
+  def copy_stacks(self, outer_in, inner_in, first_sliced, start, end):
+    """Slices of an earlier scan's stack are copied out of it before their first reader."""
+    for k in range(first_sliced, len(outer_in)):
+      if outer_in[k] not in self.stacked:
+        continue
+      inner = inner_in[k]
+      reader = next((i for i in range(start, end + 1) if inner in self.ops[i].in_vars), None)
+      if reader is not None:
+        self.loop_copies.append((reader, self.nbytes(inner)))
 
   def gathered_use(self, eqn, env, mult):
     """A marked use of a parameter (`gathers.mark`): a variable of its own, which an FSDP step
@@ -228,6 +245,7 @@ class _Builder:
     _, sub = self.sub_env(closed, inner_in)
     self.walk(jaxpr, sub, mult * length, branch)
     end = len(self.ops) - 1
+    self.copy_stacks(outer_in, inner_in, n_consts + n_carry, start, end)
     for k, (iv, ovid) in enumerate(zip(jaxpr.outvars, outer_out)):
       inner = self.inner_out(sub, iv)
       if k < n_carry:
@@ -237,6 +255,9 @@ class _Builder:
       else:
         self.union_vars(inner, ovid, 0, 1)
         self.loop_dims.append(self.dim(ovid, 0))
+        if start <= self.def_pos[inner] <= end:  # made in the body: copied into the stack
+          self.loop_copies.append((self.def_pos[inner], self.nbytes(inner)))
+          self.stacked.add(ovid)
         if inner in self.gathered:  # the layers' gathered copies, kept for the backward pass
           self.gathered[ovid] = (self.gathered[inner][0], 0.0)
       self.last_use[inner] = max(self.last_use[inner], end)
@@ -401,4 +422,5 @@ def trace_jaxpr(
     loss_var=out_ids[loss_output],
     unknown_primitives=tuple(sorted(b.unknown)),
     gathered=tuple((v, i, runs) for v, (i, runs) in sorted(b.gathered.items())),
+    loop_copies=tuple(b.loop_copies),
   )

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import yaml
@@ -25,7 +27,10 @@ from jax.sharding import PartitionSpec as P
 from wapar_jax._src.tree import nest, path_keys, path_str
 from wapar_jax.errors import InvalidArgumentError
 
-_AXIS_ORDER = ("model", "data")  # tensor-parallel rules first: they win over FSDP fallbacks
+# Tensor-parallel rules first: they win over FSDP fallbacks.
+_AXIS_ORDER = ("model", "fsdp", "data")
+# The plan's mesh axes under MaxText's names (its `ici_<name>_parallelism` keys).
+_MAXTEXT_AXES = {"data": "data", "fsdp": "fsdp", "model": "tensor"}
 
 
 def _details(plan):
@@ -53,11 +58,8 @@ def logical_axis_rules(plan) -> list[tuple[str, str | None]]:
         continue
       for axis in entry if isinstance(entry, tuple) else (entry,):
         counts[(name, axis)] = counts.get((name, axis), 0) + 1
-  rules: list[tuple[str, str | None]] = []
-  if any("data" in tuple(s) for s in plan.flat_batch_specs.values()):
-    rules.append(("batch", "data"))
-  else:
-    rules.append(("batch", None))
+  batch = {tuple(s)[0] if len(tuple(s)) else None for s in plan.flat_batch_specs.values()}
+  rules: list[tuple[str, str | tuple[str, ...] | None]] = [("batch", max(batch, key=bool))]
   ordered = sorted(
     counts,
     key=lambda na: (
@@ -115,9 +117,10 @@ def to_maxtext_yaml(plan) -> str:
   """
   details = _details(plan)
   rules = logical_axis_rules(plan)
-  axes = list(plan.mesh_shape)
-  batch_axes = [a for a in axes if any(a in tuple(s) for s in plan.flat_batch_specs.values())]
   ok, total, _ = rules_reproduce(plan, rules)
+  rename = lambda a: _MAXTEXT_AXES.get(a, a)  # noqa: E731
+  axes = [rename(a) for a in plan.mesh_shape]
+  batch_axes = [rename(a) for a in _flat(rules[0][1])]
   header = [
     f"wapar_jax plan: {plan.strategy} on {plan.num_devices} of {plan.devices_offered} "
     f"{plan.profile} devices, objective {plan.objective}",
@@ -128,10 +131,37 @@ def to_maxtext_yaml(plan) -> str:
   body = {
     "mesh_axes": _Flow(axes),
     "data_sharding": _Flow([_Flow(batch_axes or axes[:1])]),
-    "logical_axis_rules": [_Flow([n, _Flow([] if a is None else [a])]) for n, a in rules],
+    **_parallelism(plan),
+    "logical_axis_rules": [_Flow([n, _Flow([rename(x) for x in _flat(a)])]) for n, a in rules],
   }
   text = yaml.dump(body, Dumper=_Dumper, sort_keys=False, width=100)
   return "".join(f"# {line}\n" for line in header) + text
+
+
+def _flat(entry) -> list[str]:
+  if entry is None:
+    return []
+  return list(entry) if isinstance(entry, tuple) else [entry]
+
+
+def _parallelism(plan) -> dict[str, int]:
+  """MaxText's `dcn_*` (across nodes / slices) and `ici_*` (inside) sizes of each mesh axis, laid
+  out as the plan's mesh is: the axes the search found crossing nodes take the nodes, outermost
+  first."""
+  shape = dict(plan.mesh_shape)
+  nodes = plan.stats.get("nodes", 1) if plan.stats else 1
+  crossing = [a for a in shape if a in plan.chosen.cross_node_axes]
+  dcn = dict.fromkeys(shape, 1)
+  left = int(nodes)
+  for a in crossing:
+    dcn[a] = math.gcd(shape[a], left)
+    left //= dcn[a]
+  out = {}
+  for a in shape:
+    out[f"dcn_{_MAXTEXT_AXES.get(a, a)}_parallelism"] = dcn[a]
+  for a in shape:
+    out[f"ici_{_MAXTEXT_AXES.get(a, a)}_parallelism"] = shape[a] // dcn[a]
+  return out
 
 
 class _Flow(list):
