@@ -98,6 +98,14 @@ def search(
           c = price(space, aggregates[groups], profile, dp, tp, groups, storage, budget)
           if c is not None:
             found.append(c)
+  if not found and strategy == "hsdp":
+    raise InvalidArgumentError(
+      f"no 'hsdp' plan exists for up to {max_devices} devices: hybrid sharding splits the state "
+      "inside a node and replicates it across nodes, so its data axis must span at least two "
+      f"nodes of {profile.devices_per_node} {profile.name} devices with two or more in each. "
+      f"Offer more devices, or use strategy='fsdp'. Got devices={max_devices}, batch size "
+      f"{space.batch_size}."
+    )
   if not found:
     divisible = [d for d in range(1, max_devices + 1) if space.batch_size % d == 0]
     raise IndivisibleBatchError(
