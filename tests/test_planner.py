@@ -286,3 +286,16 @@ def test_memory_rules_choose_whose_peak_must_fit():
     wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, memory_rules="xla:cpu", **forced)
   with pytest.raises(wap.errors.InvalidArgumentError, match="memory_rules"):
     wap.plan(ex.loss_fn, ex.params, ex.batch, profile=card, memory_rules="gpu", **forced)
+
+
+def test_a_scan_over_layers_is_also_planned_rematerialised_for_speed():
+  # Its residuals are copied into stacks and out again; remat is searched even when the plain
+  # step fits, and the copies are priced.
+  ex = examples.get_example("gpt-tiny-scan")
+  plan = wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8)
+  assert plan.stats["variants_searched"] == 2
+  unrolled = examples.get_example("gpt-tiny")
+  plan = wap.plan(
+    unrolled.loss_fn, unrolled.params, unrolled.batch, optimizer=optax.adamw(1e-3), devices=8
+  )
+  assert plan.stats["variants_searched"] == 1

@@ -202,6 +202,8 @@ def plan(
     results[variant] = run(variant)
     if levers.enough_variants(results, objective):
       break
+  for variant in levers.speed_variants(traced, remat, microbatches, results):
+    results[variant] = run(variant)
   ranked = sorted((c for r in results.values() for c in r[3]), key=search.rank_key(objective))
   best = ranked[0]
   traced, costs, space, _ = results[(best.remat, best.microbatches)]

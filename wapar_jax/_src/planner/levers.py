@@ -61,6 +61,18 @@ def memory_variants(ranked, remat, microbatches, objective, layers_exist, batch_
     yield choice, k
 
 
+def speed_variants(traced, remat, microbatches, searched):
+  """Per-layer remat searched for speed, not memory: a scan over layers copies every residual it
+  keeps for the backward pass into a stack and out again (`TracedStep.loop_copies`), which can
+  cost more than recomputing the layer (compiled gpt2-small with nn.scan on 8 devices: 48.7 ms
+  rematerialised against 61.7 ms)."""
+  if remat is not None or not traced.loop_copies:
+    return
+  k = microbatches or 1
+  if ("layers", k) not in searched:
+    yield "layers", k
+
+
 # Once some variant fits, this many more (the next cheapest levers) are searched, then stop.
 _VARIANTS_AFTER_FIRST_FIT = 2
 

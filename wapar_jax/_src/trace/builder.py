@@ -114,7 +114,7 @@ class _Builder:
     self.gathered: dict[int, tuple[int, float]] = {}
     self.marked: dict[int, int] = {}  # variable -> its marked use
     # Values a scan stacks into its outputs, and stacks a later scan slices again: XLA copies
-    # each slice into / out of the stack in a kernel of its own. (op index, bytes per run).
+    # each slice into / out of the stack in a kernel of its own. (op index, bytes moved per run).
     self.loop_copies: list[tuple[int, float]] = []
     self.stacked: set[int] = set()
 
@@ -173,8 +173,8 @@ class _Builder:
         continue
       inner = inner_in[k]
       reader = next((i for i in range(start, end + 1) if inner in self.ops[i].in_vars), None)
-      if reader is not None:
-        self.loop_copies.append((reader, self.nbytes(inner)))
+      if reader is not None:  # read and written
+        self.loop_copies.append((reader, 2 * self.nbytes(inner)))
 
   def gathered_use(self, eqn, env, mult):
     """A marked use of a parameter (`gathers.mark`): a variable of its own, which an FSDP step
@@ -255,8 +255,10 @@ class _Builder:
       else:
         self.union_vars(inner, ovid, 0, 1)
         self.loop_dims.append(self.dim(ovid, 0))
-        if start <= self.def_pos[inner] <= end:  # made in the body: copied into the stack
-          self.loop_copies.append((self.def_pos[inner], self.nbytes(inner)))
+        if start <= self.def_pos[inner] <= end:
+          # Made in the body, so copied into the stack (read and written), which the loop
+          # first fills with zeros (written once over: a slice's worth per iteration).
+          self.loop_copies.append((self.def_pos[inner], 3 * self.nbytes(inner)))
           self.stacked.add(ovid)
         if inner in self.gathered:  # the layers' gathered copies, kept for the backward pass
           self.gathered[ovid] = (self.gathered[inner][0], 0.0)

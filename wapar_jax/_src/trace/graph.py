@@ -66,8 +66,8 @@ class TracedStep:
   # and per copy of one a loop stacks for the backward pass (runs 0) or slices from that stack
   # (runs -1: a view, no buffer of its own).
   gathered: tuple[tuple[int, int, float], ...] = ()
-  # (op, bytes per run) per slice a loop copies into its stacked outputs (the residuals a scan
-  # over layers keeps for the backward pass) or out of such a stack in a later loop.
+  # (op, bytes moved per run) per slice a loop copies into its stacked outputs (the residuals a
+  # scan over layers keeps for the backward pass) or out of such a stack in a later loop.
   loop_copies: tuple[tuple[int, float], ...] = ()
 
   @property
