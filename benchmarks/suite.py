@@ -660,6 +660,15 @@ def summary_lines(cases: list[dict]) -> list[str]:
       f"{np.median(ratios):.3f}; within 2% in {sum(r <= 1.02 for r in ratios)} of "
       f"{len(ratios)}; at least 10% faster in {sum(r <= 0.9 for r in ratios)}."
     )
+  experts = {c["case"]: c["plan_vs_expert"] for c in cases if c.get("plan_vs_expert") is not None}
+  if experts:
+    worst = max(experts, key=experts.get)
+    out.append(
+      f"- plan / fastest fitting expert baseline (MaxText-style FSDP x tensor, remat per "
+      f"block): median {np.median(list(experts.values())):.3f}; <= 1.02 in "
+      f"{sum(r <= 1.02 for r in experts.values())} of {len(experts)}; worst {worst} "
+      f"{experts[worst]:.3f}."
+    )
   if no_baseline:
     fitted = [c["case"] for c in cases if c["case"] in no_baseline and c["plan_fits"]]
     out.append(

@@ -158,11 +158,12 @@ def price(
     comm_bytes += bytes_in + bytes_out
 
   # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
-  # Reducing into a split gradient, XLA first adds the partial sums of one weight (a tied
-  # embedding's lookup and output projection) and reduce-scatters the sum; into a replicated
-  # one it all-reduces each partial as it is made (both measured on tied GPT-2).
+  # Reducing into a split gradient of a weight used unconstrained (ZeRO-1), XLA first adds its
+  # partial sums (a tied embedding's lookup and output projection) and reduce-scatters the sum;
+  # into a replicated one, or from uses constrained to the gathered layout (FSDP), it reduces
+  # each partial as it is made (both measured on tied GPT-2).
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
-  partials = agg.red_data_at_sinks if sharded_state else agg.red_data
+  partials = agg.red_data_at_sinks if storage == "zero1" else agg.red_data
   grad_bytes = float(partials[1] @ model_scale)
   grad_count = _combined(grad_bytes) + agg.loop_iterations
   if storage == "hsdp":

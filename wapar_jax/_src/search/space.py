@@ -155,7 +155,13 @@ def build_space(
   self_paired, conflicts = set(), np.zeros((num_groups, num_groups), dtype=bool)
   # As a multiset: a weight gradient computed transposed (dW^T = dy^T x, then a transpose, as
   # jax differentiates a Dense layer fed by a reshape) is still weight-shaped.
+  # A layer's slice of a parameter stacked for a scan is weight-shaped too: its gradient is
+  # reduced as the stacked parameter's is.
   param_signatures = {tuple(sorted(v_classes[v])) for v in traced.param_vars}
+  param_signatures |= {
+    tuple(sorted(c for c in v_classes[v] if c not in traced.loop_classes))
+    for v in traced.param_vars
+  }
   var_weight = np.zeros(nv, dtype=bool)
   for v in range(nv):
     cls = v_classes[v]
