@@ -48,11 +48,40 @@ def _hand_written(ex, plan, mesh):
   return jax.jit(step, in_shardings=shardings, out_shardings=out, donate_argnums=(0, 1))
 
 
-def _compiled(step, ex, mesh_shape):
+def _compiled(step, ex, mesh_shape, profile=PROFILE):
   params, batch = abstract(ex.params), abstract(ex.batch)
   opt_state = abstract(jax.eval_shape(TX.init, params))
   compiled = verify.compile_like_target(step.lower(params, opt_state, batch))
-  return verify.read_compiled(compiled, mesh_shape, PROFILE)
+  return verify.read_compiled(compiled, mesh_shape, profile)
+
+
+def _forced_plan(ex, strategy, *, remat="none", microbatches=1, profile=PROFILE):
+  """One strategy on all 8 devices, with the levers fixed."""
+  return wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=8,
+    profile=profile,
+    strategy=strategy,
+    all_devices=True,
+    remat=remat,
+    microbatches=microbatches,
+  )
+
+
+def _assert_steps_match_single_device(ex, plan, params, batch, steps=3):
+  """The plan's emitted step, `steps` times, against the single-device step on the same inputs."""
+  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
+  step = plan.train_step()
+  sharded = plan.shard(params)
+  p, o, ref_p, ref_o = sharded, plan.init_opt_state(sharded), params, TX.init(params)
+  for _ in range(steps):
+    p, o, loss = step(p, o, plan.shard_batch(batch))
+    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  return step
 
 
 # The fast tier keeps ZeRO-1, the case a constraint on the tied weight would break.
@@ -63,18 +92,7 @@ def test_emitted_step_costs_what_the_hand_written_one_does(strategy):
   # gpt-tiny ties its output projection to the token embedding: a constraint on that weight
   # would stop XLA from adding its two partial gradients before reducing them.
   ex = examples.get_example("gpt-tiny", batch_size=32)
-  plan = wap.plan(
-    ex.loss_fn,
-    ex.params,
-    ex.batch,
-    optimizer=TX,
-    devices=8,
-    profile=PROFILE,
-    strategy=strategy,
-    all_devices=True,
-    remat="none",
-    microbatches=1,
-  )
+  plan = _forced_plan(ex, strategy)
   mesh = plan.make_mesh()
   emitted = _compiled(plan.train_step(), ex, plan.mesh_shape)
   hand = _compiled(_hand_written(ex, plan, mesh), ex, plan.mesh_shape)
@@ -87,18 +105,7 @@ def test_fsdp_weights_are_gathered_not_the_activations():
   # Without a constraint XLA may split the work on the weights' data split instead of
   # gathering them: the emitted step holds parameters to their gathered layout.
   ex = examples.get_example("gpt-tiny", batch_size=32)
-  plan = wap.plan(
-    ex.loss_fn,
-    ex.params,
-    ex.batch,
-    optimizer=TX,
-    devices=8,
-    profile=PROFILE,
-    strategy="fsdp",
-    all_devices=True,
-    remat="none",
-    microbatches=1,
-  )
+  plan = _forced_plan(ex, "fsdp")
   emitted = _compiled(plan.train_step(), ex, plan.mesh_shape)
   free = _compiled(_hand_written(ex, plan, plan.make_mesh()), ex, plan.mesh_shape)
   assert "all-gather" in [c.kind for c in emitted.collectives]
@@ -133,20 +140,8 @@ def test_fsdp_per_layer_gives_the_single_device_numbers(kind, remat):
   ex = _wide_gpt(kind)
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
-  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
   ref_loss, ref_grads = jax.jit(loss_and_grads(ex.loss_fn))(params, batch)
-  plan = wap.plan(
-    ex.loss_fn,
-    ex.params,
-    ex.batch,
-    optimizer=TX,
-    devices=8,
-    profile=PROFILE,
-    strategy="fsdp",
-    all_devices=True,
-    remat=remat,
-    microbatches=1,
-  )
+  plan = _forced_plan(ex, "fsdp", remat=remat)
   specs = jax.tree.leaves(plan.param_specs, is_leaf=lambda x: isinstance(x, P))
   assert any("data" in s for s in specs)
   mesh = plan.make_mesh()
@@ -158,12 +153,7 @@ def test_fsdp_per_layer_gives_the_single_device_numbers(kind, remat):
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
   for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-6 * scale)
-  step = plan.train_step()
-  p, o, ref_p, ref_o = sharded_params, plan.init_opt_state(sharded_params), params, TX.init(params)
-  for _ in range(3):
-    p, o, loss = step(p, o, sharded_batch)
-    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  step = _assert_steps_match_single_device(ex, plan, params, batch)
   compiled = _compiled(step, ex, plan.mesh_shape)
   gathers = [c for c in compiled.collectives if c.kind == "all-gather"]
   if kind == "scan":  # a layer's slice, gathered inside the loop over layers
@@ -185,27 +175,9 @@ def test_zero2_accumulation_matches_single_device():
   ex = _wide_gpt("linen")
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
-  plan = wap.plan(
-    ex.loss_fn,
-    ex.params,
-    ex.batch,
-    optimizer=TX,
-    devices=8,
-    profile=PROFILE,
-    strategy="zero1",
-    all_devices=True,
-    remat="none",
-    microbatches=2,
-  )
+  plan = _forced_plan(ex, "zero1", microbatches=2)
   assert plan.chosen.microbatches == 2
-  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
-  step = plan.train_step()
-  sharded = plan.shard(params)
-  p, o, ref_p, ref_o = sharded, plan.init_opt_state(sharded), params, TX.init(params)
-  for _ in range(3):
-    p, o, loss = step(p, o, plan.shard_batch(batch))
-    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  _assert_steps_match_single_device(ex, plan, params, batch)
 
 
 @pytest.mark.slow
@@ -214,18 +186,7 @@ def test_hybrid_sharding_splits_state_inside_nodes_and_matches_single_device():
   # data x fsdp, and the plan exports as MaxText's dcn_data x ici_fsdp.
   ex = _wide_gpt("scan")
   profile = dataclasses.replace(PROFILE, devices_per_node=4)
-  plan = wap.plan(
-    ex.loss_fn,
-    ex.params,
-    ex.batch,
-    optimizer=TX,
-    devices=8,
-    profile=profile,
-    strategy="hsdp",
-    all_devices=True,
-    remat="none",
-    microbatches=1,
-  )
+  plan = _forced_plan(ex, "hsdp", profile=profile)
   assert dict(plan.mesh_shape) == {"data": 2, "fsdp": 4}
   specs = jax.tree.leaves(plan.param_specs, is_leaf=lambda x: isinstance(x, P))
   assert any("fsdp" in s for s in specs) and not any("data" in s for s in specs)
@@ -234,23 +195,8 @@ def test_hybrid_sharding_splits_state_inside_nodes_and_matches_single_device():
   assert config["data_sharding"] == [["data", "fsdp"]]
   params = ex.init_params(jax.random.key(0))
   batch = ex.make_batch(jax.random.key(1))
-  ref_step = jax.jit(make_train_step(ex.loss_fn, TX))
-  step = plan.train_step()
-  sharded = plan.shard(params)
-  p, o, ref_p, ref_o = sharded, plan.init_opt_state(sharded), params, TX.init(params)
-  for _ in range(3):
-    p, o, loss = step(p, o, plan.shard_batch(batch))
-    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
-  compiled = verify.read_compiled(
-    verify.compile_like_target(
-      step.lower(
-        abstract(ex.params), abstract(jax.eval_shape(TX.init, abstract(ex.params))), ex.batch
-      )
-    ),
-    plan.mesh_shape,
-    profile,
-  )
+  step = _assert_steps_match_single_device(ex, plan, params, batch)
+  compiled = _compiled(step, ex, plan.mesh_shape, profile)
   gathers = [c for c in compiled.collectives if c.kind == "all-gather"]
   assert gathers and all(c.axes == ("fsdp",) for c in gathers)  # weights stay in the node
   assert compiled.figures.comm_bytes == pytest.approx(plan.predicted.comm_bytes, rel=0.02)
