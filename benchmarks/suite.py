@@ -237,8 +237,29 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   p_specs = hand_rules_specs(params, mesh_shape["fsdp"])
   batch_axis = ("data", "fsdp") if nodes > 1 else "fsdp"
   b_specs = jax.tree.map(lambda x: P(batch_axis), batch)
-  # Written as a researcher writes it, with jax and optax only: optimizer-state leaves follow
-  # their parameter, step counts are replicated.
+  gathered = jax.tree.map(lambda _: P(), p_specs, is_leaf=lambda s: isinstance(s, P))
+  named = lambda specs: jax.tree.map(  # noqa: E731
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+  )
+
+  def loss_fn(p, b):
+    p = jax.lax.with_sharding_constraint(p, named(gathered))
+    b = jax.lax.with_sharding_constraint(b, named(b_specs))
+    return ex.loss_fn(p, b)
+
+  row = _compiled_by_hand(
+    "maxtext rules", loss_fn, tx, mesh, mesh_shape, params, batch, p_specs, b_specs, profile, t0
+  )
+  row.update(devices=setting.devices, strategy="fsdp (rules)")
+  return row
+
+
+def _compiled_by_hand(
+  name, loss_fn, tx, mesh, mesh_shape, params, batch, p_specs, b_specs, profile, t0
+) -> dict:
+  """A baseline's row: its train step written as a researcher writes it, with jax and optax
+  only (optimizer-state leaves follow their parameter, step counts are replicated), jitted
+  with its in / out shardings, compiled and read back."""
   o_specs = optax.tree_map_params(
     tx,
     lambda _, spec: spec,
@@ -247,18 +268,9 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
     transform_non_params=lambda _: P(),
     is_leaf=lambda x: isinstance(x, P),
   )
-  named = lambda specs: jax.tree.map(
-    lambda s: NamedSharding(mesh, s),
-    specs,  # noqa: E731
-    is_leaf=lambda x: isinstance(x, P),
+  named = lambda specs: jax.tree.map(  # noqa: E731
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
   )
-  gathered = named(jax.tree.map(lambda _: P(), p_specs, is_leaf=lambda s: isinstance(s, P)))
-  split = named(b_specs)
-
-  def loss_fn(p, b):
-    p = jax.lax.with_sharding_constraint(p, gathered)
-    b = jax.lax.with_sharding_constraint(b, split)
-    return ex.loss_fn(p, b)
 
   def train_step(p, o, b):
     loss, grads = jax.value_and_grad(loss_fn)(p, b)
@@ -277,7 +289,7 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
   compile_seconds = time.perf_counter() - t0
   read = verify_lib.read_compiled(compiled, mesh_shape, profile)
   row = _row(
-    "maxtext rules",
+    name,
     None,
     read.figures,
     None,
@@ -286,7 +298,7 @@ def _hand_row(ex, tx, setting: Setting, profile) -> dict:
     read.memory,
     read.notes,
   )
-  row.update(mesh=mesh_shape, devices=setting.devices, strategy="fsdp (rules)")
+  row["mesh"] = mesh_shape
   return row
 
 
@@ -369,45 +381,10 @@ def _expert_row(name, case, cfg, scan_layers, tx, setting, profile, nodes, tenso
   params, batch = abstract(ex.params), abstract(ex.batch)
   p_specs = expert_specs(params, mesh_shape)
   b_specs = jax.tree.map(lambda x: P(("data", "fsdp")), batch)
-  o_specs = optax.tree_map_params(
-    tx,
-    lambda _, spec: spec,
-    jax.eval_shape(tx.init, params),
-    p_specs,
-    transform_non_params=lambda _: P(),
-    is_leaf=lambda x: isinstance(x, P),
+  row = _compiled_by_hand(
+    name, ex.loss_fn, tx, mesh, mesh_shape, params, batch, p_specs, b_specs, profile, t0
   )
-  named = lambda specs: jax.tree.map(  # noqa: E731
-    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-  )
-
-  def train_step(p, o, b):
-    loss, grads = jax.value_and_grad(ex.loss_fn)(p, b)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
-
-  p_sh, o_sh, b_sh = (named(s) for s in (p_specs, o_specs, b_specs))
-  step = jax.jit(
-    train_step,
-    in_shardings=(p_sh, o_sh, b_sh),
-    out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
-    donate_argnums=(0, 1),
-  )
-  opt_state = abstract(jax.eval_shape(tx.init, params))
-  compiled = verify_lib.compile_like_target(step.lower(params, opt_state, batch))
-  compile_seconds = time.perf_counter() - t0
-  read = verify_lib.read_compiled(compiled, mesh_shape, profile)
-  row = _row(
-    name,
-    None,
-    read.figures,
-    None,
-    profile,
-    {"compile_seconds": compile_seconds},
-    read.memory,
-    read.notes,
-  )
-  row.update(mesh=mesh_shape, devices=setting.devices, strategy=f"fsdp x tensor {tensor}, remat")
+  row.update(devices=setting.devices, strategy=f"fsdp x tensor {tensor}, remat")
   return row
 
 
