@@ -43,8 +43,7 @@ from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.tree import abstract
-from wapar_jax.examples import _gpt
-from wapar_jax.examples._registry import gpt_layout
+from wapar_jax.examples._registry import handwritten_example
 
 RESULTS = Path(__file__).parent / "results"
 CASE_DIR = RESULTS / "suite_cases"
@@ -304,8 +303,11 @@ def _compiled_by_hand(
 
 # The expert family's tensor-parallel degrees (the rest of a node's devices is the fsdp axis).
 EXPERT_TENSOR = (1, 2, 4)
-# MaxText's logical axes of the zoo GPT's weights, by module name: (input dim, output dim) of a
-# Dense kernel; its bias follows the output. Anything else (norms, output biases) is replicated.
+# MaxText's logical axes of the zoo transformers' weights, written by name as a researcher
+# annotates a model: embed on 'fsdp'; mlp, heads, vocabulary and classes on 'tensor'. Keys are
+# a Dense's module name (axes of its kernel: input dim, output dim; its bias follows the output
+# dim where that is 'tensor') or a parameter's own name (axes of its last dims). Anything else
+# (norms, output biases, position-bias tables) is replicated.
 _EXPERT_KERNELS = {
   "query": ("fsdp", "tensor"),
   "key": ("fsdp", "tensor"),
@@ -313,26 +315,40 @@ _EXPERT_KERNELS = {
   "mlp_in": ("fsdp", "tensor"),
   "attn_out": ("tensor", "fsdp"),
   "mlp_out": ("tensor", "fsdp"),
+  "mlm_dense": ("fsdp", None),  # BERT's masked-LM transform, embed -> embed
+  "head": ("fsdp", "tensor"),  # ViT's classifier, embed -> classes
+  "patch_embed": (None, "fsdp"),  # ViT's patch convolution (HWIO): channels -> embed
 }
-_EXPERT_EMBEDDINGS = {"wte": ("tensor", "fsdp"), "wpe": (None, "fsdp")}  # (vocab, embed)
+_EXPERT_PARAMS = {
+  "wte": ("tensor", "fsdp"),  # (vocab, embed)
+  "wpe": (None, "fsdp"),
+  "shared": ("tensor", "fsdp"),  # T5's tied embedding
+  "mlm_bias": ("tensor",),  # BERT's decoder bias, over the vocabulary
+  "pos_embed": (None, None, "fsdp"),
+  "cls": (None, None, "fsdp"),
+  "router": ("fsdp", None),  # MoE: (embed, experts)
+  "w_in": (None, "fsdp", "tensor"),  # (experts, embed, mlp)
+  "w_out": (None, "tensor", "fsdp"),  # (experts, mlp, embed)
+}
 
 
 def expert_specs(params, mesh_shape: dict):
-  """MaxText's rules for the zoo GPT, written by name as a researcher annotates a model: embed
-  on 'fsdp'; mlp, heads and vocab on 'tensor'; a dim the axis does not divide replicated."""
+  """The rules above applied to every parameter, a dim the axis does not divide replicated."""
 
   def spec(path, x):
     names = [getattr(k, "key", str(k)) for k in path]
-    module, leaf = names[-2], names[-1]
-    if module in _EXPERT_EMBEDDINGS:
-      axes = _EXPERT_EMBEDDINGS[module]
+    module, leaf = (["", *names])[-2], names[-1]
+    if module in _EXPERT_PARAMS:  # an Embed's or a Conv's parameter, named by its module
+      axes = _EXPERT_PARAMS[module]
+    elif leaf in _EXPERT_PARAMS:
+      axes = _EXPERT_PARAMS[leaf]
     elif module in _EXPERT_KERNELS and leaf == "kernel":
       axes = _EXPERT_KERNELS[module]
     elif module in _EXPERT_KERNELS and _EXPERT_KERNELS[module][1] == "tensor":
       axes = ("tensor",)  # the bias of a column-split kernel
     else:
       return P()
-    axes = [None] * (x.ndim - len(axes)) + list(axes)  # a scanned stack's layer dim
+    axes = [None] * (x.ndim - len(axes)) + list(axes)  # a scanned stack's or a conv's leading dims
     return P(*(a if a and d % mesh_shape[a] == 0 else None for a, d in zip(axes, x.shape)))
 
   return jax.tree_util.tree_map_with_path(spec, params)
@@ -343,41 +359,42 @@ def _expert_rows(case: Case, tx, setting: Setting, profile) -> list[dict]:
   tensor (`dcn_data_parallelism`, `ici_fsdp_parallelism`, `ici_tensor_parallelism`), weights by
   the logical rules above, the residual stream held to the batch split at every block
   (`activation_batch`), every block rematerialised (`remat_policy: full`)."""
-  layout = gpt_layout(case.model)
-  if layout is None:
-    return []
-  cfg, scan_layers = layout(case.seq_len, DTYPE)
   nodes = max(1, setting.devices // profile.devices_per_node)
+  per_node = setting.devices // nodes
   rows = []
   for tensor in EXPERT_TENSOR:
-    per_node = setting.devices // nodes
-    if per_node % tensor or cfg.n_head % tensor or tensor >= per_node:
+    if per_node % tensor or tensor >= per_node:
       continue
     name = f"expert fsdp x tp{tensor}"
     try:
-      rows.append(_expert_row(name, case, cfg, scan_layers, tx, setting, profile, nodes, tensor))
+      row = _expert_row(name, case, tx, setting, profile, nodes, tensor)
     except Exception as e:  # the suite reports a baseline that fails to build, and goes on
-      rows.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+      row = {"name": name, "error": f"{type(e).__name__}: {e}"}
+    if row is not None:
+      rows.append(row)
   return rows
 
 
-def _expert_row(name, case, cfg, scan_layers, tx, setting, profile, nodes, tensor) -> dict:
+def _expert_row(name, case, tx, setting, profile, nodes, tensor) -> dict | None:
   t0 = time.perf_counter()
   fsdp = setting.devices // nodes // tensor
   mesh_shape = {"data": nodes, "fsdp": fsdp, "tensor": tensor}
   devices = np.asarray(jax.devices()[: setting.devices], dtype=object)
   mesh = Mesh(devices.reshape(nodes, fsdp, tensor), ("data", "fsdp", "tensor"))
   activations = NamedSharding(mesh, P(("data", "fsdp"), None, None))
-  ex = _gpt.gpt_linen(
+  built = handwritten_example(
     case.model,
-    "",
-    cfg,
     case.batch_size,
     case.seq_len,
-    scan_layers=scan_layers,
+    DTYPE,
     hold=lambda x: jax.lax.with_sharding_constraint(x, activations),
     remat_blocks=True,
   )
+  if built is None:
+    return None
+  ex, n_head = built
+  if n_head % tensor:  # MaxText splits whole heads
+    return None
   params, batch = abstract(ex.params), abstract(ex.batch)
   p_specs = expert_specs(params, mesh_shape)
   b_specs = jax.tree.map(lambda x: P(("data", "fsdp")), batch)

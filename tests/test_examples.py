@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from wapar_jax import errors, examples
-from wapar_jax.examples import _moe
+from wapar_jax.examples import _moe, _registry
 
 TINY = (
   "mlp",
@@ -97,6 +97,41 @@ def test_large_init_params_traces_to_abstract_params(name):
   assert _signature(jax.eval_shape(ex.make_batch, jax.random.key(0))) == _signature(ex.batch)
   loss = jax.eval_shape(ex.loss_fn, ex.params, ex.batch)
   assert loss.shape == () and loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    n if n == "bert-tiny" else pytest.param(n, marks=pytest.mark.slow)
+    for n in ("gpt-tiny", "gpt-tiny-scan", "bert-tiny", "t5-tiny", "vit-tiny", "moe-tiny")
+  ],
+)
+def test_handwritten_variant_is_the_same_model(name):
+  """The MaxText-style rebuild (a hook on the residual stream, every block rematerialised) has
+  the parameters, loss and gradients of the example as written."""
+  plain = examples.get_example(name)
+  held = []
+  ex, n_head = _registry.handwritten_example(
+    name,
+    plain.batch["inputs" if "inputs" in plain.batch else "x"].shape[0],
+    None,
+    "float32",
+    hold=lambda x: held.append(x.shape) or x,
+    remat_blocks=True,
+  )
+  assert n_head == 4 and _signature(ex.params) == _signature(plain.params)
+  params, batch = plain.init_params(jax.random.key(0)), plain.make_batch(jax.random.key(1))
+  want = jax.value_and_grad(plain.loss_fn)(params, batch)
+  got = jax.value_and_grad(ex.loss_fn)(params, batch)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+  assert held and all(len(shape) == 3 for shape in held)  # the residual stream, [B, T, D]
+
+
+def test_examples_without_a_handwritten_variant():
+  assert _registry.handwritten_example("resnet-tiny", 8, None, "float32", None, True) is None
+  assert _registry.handwritten_example("gpt-tiny-nnx", 8, None, "float32", None, True) is None
 
 
 def test_gpt_variants_have_the_same_parameter_count():

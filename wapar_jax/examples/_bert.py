@@ -16,7 +16,7 @@ import optax
 from flax import linen as nn
 
 from wapar_jax.examples._common import module_example
-from wapar_jax.examples._gpt import NORMAL_INIT, GPTConfig, self_attention
+from wapar_jax.examples._gpt import NORMAL_INIT, GPTConfig, self_attention, unchanged
 
 
 class EncoderBlock(nn.Module):
@@ -68,6 +68,8 @@ class _BERT(nn.Module):
   """
 
   cfg: GPTConfig  # the same fields: layers, width, heads, vocabulary, position-table rows
+  hold: Callable = unchanged  # as GPT's: what a MaxText-style model adds by hand
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -80,17 +82,20 @@ class _BERT(nn.Module):
     )
     wte = embed(cfg.vocab, cfg.d_model, name="wte")
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
-    x = norm(name="ln_embed")(x)
+    x = self.hold(norm(name="ln_embed")(x))
+    block = nn.remat(EncoderBlock) if self.remat_blocks else EncoderBlock
     for i in range(cfg.n_layer):
-      x = EncoderBlock(
-        cfg.n_head,
-        4 * cfg.d_model,
-        _BERT_LN_EPS,
-        pre_norm=False,
-        kernel_init=NORMAL_INIT,
-        dtype=cfg.dtype,
-        name=f"block_{i}",
-      )(x)
+      x = self.hold(
+        block(
+          cfg.n_head,
+          4 * cfg.d_model,
+          _BERT_LN_EPS,
+          pre_norm=False,
+          kernel_init=NORMAL_INIT,
+          dtype=cfg.dtype,
+          name=f"block_{i}",
+        )(x)
+      )
     x = nn.Dense(
       cfg.d_model, kernel_init=NORMAL_INIT, dtype=cfg.dtype, param_dtype=cfg.dtype, name="mlm_dense"
     )(x)
@@ -99,9 +104,10 @@ class _BERT(nn.Module):
     return wte.attend(x) + bias
 
 
-def bert(name, description, cfg, batch_size, seq_len):
-  """The BERT of ``cfg`` with a masked-LM loss over sequences of ``seq_len`` tokens."""
-  module = _BERT(cfg)
+def bert(name, description, cfg, batch_size, seq_len, hold=None, remat_blocks=False):
+  """The BERT of ``cfg`` with a masked-LM loss over sequences of ``seq_len`` tokens; ``hold``
+  and ``remat_blocks`` as ``gpt_linen``'s."""
+  module = _BERT(cfg, hold or unchanged, remat_blocks)
   shape = (batch_size, seq_len)
   batch = {
     "inputs": jax.ShapeDtypeStruct(shape, jnp.int32),

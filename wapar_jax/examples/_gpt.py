@@ -70,7 +70,7 @@ def self_attention(y, n_head, dense, *, causal):
   return dense(d, name="attn_out")(attention(q, k, v, causal=causal))
 
 
-def _unchanged(x):
+def unchanged(x):
   return x
 
 
@@ -98,7 +98,7 @@ class _ScanBlock(nn.Module):
   """``_Block`` with the ``(carry) -> (carry, ys)`` signature that ``nn.scan`` wants."""
 
   cfg: GPTConfig
-  hold: Callable = _unchanged
+  hold: Callable = unchanged
   remat: bool = False
 
   @nn.compact
@@ -115,7 +115,7 @@ class _GPT(nn.Module):
   # What a MaxText-style model adds by hand: a sharding constraint on the residual stream at
   # each block boundary (`nn.with_logical_constraint` there), and every block rematerialised
   # (`nn.remat`, MaxText's `remat_policy: full`). Defaults leave the model as GPT-2 is written.
-  hold: Callable = _unchanged
+  hold: Callable = unchanged
   remat_blocks: bool = False
 
   @nn.compact
@@ -194,7 +194,7 @@ def gpt_linen(
   ``hold(x)`` is applied to the residual stream at every block boundary and ``remat_blocks``
   rematerialises each block, as a MaxText-style model is written by hand."""
   batch, make_batch = token_batch(batch_size, seq_len, cfg.vocab)
-  model = _GPT(cfg, scan_layers, hold or _unchanged, remat_blocks)
+  model = _GPT(cfg, scan_layers, hold or unchanged, remat_blocks)
   return linen_example(name, description, model, batch, make_batch, "inputs", "targets")
 
 

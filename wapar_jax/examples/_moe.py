@@ -7,6 +7,7 @@ next-token cross-entropy plus 0.01 times the load-balancing loss of the routers.
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from wapar_jax.examples._common import class_loss, module_example, token_batch
-from wapar_jax.examples._gpt import LN_EPS, NORMAL_INIT, self_attention
+from wapar_jax.examples._gpt import LN_EPS, NORMAL_INIT, self_attention, unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,8 @@ class _MoEGPT(nn.Module):
   """GPT's ``_GPT`` with ``_MoEBlock``s; returns logits and the layers' mean load-balancing loss."""
 
   cfg: MoEConfig
+  hold: Callable = unchanged  # as GPT's: what a MaxText-style model adds by hand
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -111,17 +114,21 @@ class _MoEGPT(nn.Module):
     )
     wte = embed(cfg.vocab, cfg.d_model, name="wte")
     x = wte(tokens) + embed(cfg.max_len, cfg.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
+    x = self.hold(x)
     aux = []
+    block = nn.remat(_MoEBlock) if self.remat_blocks else _MoEBlock
     for i in range(cfg.n_layer):
-      x, layer_aux = _MoEBlock(cfg, name=f"block_{i}")(x)
+      x, layer_aux = block(cfg, name=f"block_{i}")(x)
+      x = self.hold(x)
       aux.append(layer_aux)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=cfg.dtype, param_dtype=cfg.dtype, name="ln_f")(x)
     return wte.attend(x), sum(aux) / cfg.n_layer
 
 
-def moe(name, description, cfg, batch_size, seq_len):
-  """The MoE decoder of ``cfg``; its loss adds the routers' load-balancing loss."""
-  module = _MoEGPT(cfg)
+def moe(name, description, cfg, batch_size, seq_len, hold=None, remat_blocks=False):
+  """The MoE decoder of ``cfg``; its loss adds the routers' load-balancing loss; ``hold`` and
+  ``remat_blocks`` as ``gpt_linen``'s."""
+  module = _MoEGPT(cfg, hold or unchanged, remat_blocks)
   batch, make_batch = token_batch(batch_size, seq_len, cfg.vocab)
 
   def loss(outputs, batch):

@@ -15,53 +15,57 @@ class _Entry:
   description: str
   batch_size: int
   seq_len: int | None  # None: the example has no sequence dimension.
-  build: Callable  # build(name, description, batch_size, seq_len, dtype) -> Example
-  # For the GPTs: (n_layer, d_model, n_head, vocab, default seq_len, kind), to rebuild the model
-  # with the hand-written sharding of a MaxText-style baseline (benchmarks/suite.py).
-  gpt: tuple | None = None
+  # build(name, description, batch_size, seq_len, dtype, **hooks) -> Example; the hooks
+  # (`hold`, `remat_blocks`) rebuild the model as a MaxText-style baseline writes it by hand
+  # (benchmarks/suite.py), for entries whose `n_head` is set.
+  build: Callable
+  n_head: int | None = None  # the attention heads a tensor-parallel axis must divide
 
 
 def _gpt_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_size, kind="linen"):
-  def build(name, desc, b, t, dtype):
+  def build(name, desc, b, t, dtype, **hooks):
     # The position table keeps its default size when a shorter sequence is asked for, so the
     # parameter count of e.g. gpt2-small stays 124M whatever seq_len is planned.
     cfg = _gpt.GPTConfig(n_layer, d_model, n_head, vocab, max(seq_len, t), dtype)
     if kind == "nnx":
       return _gpt.gpt_nnx(name, desc, cfg, b, t)
-    return _gpt.gpt_linen(name, desc, cfg, b, t, scan_layers=(kind == "scan"))
+    return _gpt.gpt_linen(name, desc, cfg, b, t, scan_layers=(kind == "scan"), **hooks)
 
-  return _Entry(
-    description, batch_size, seq_len, build, (n_layer, d_model, n_head, vocab, seq_len, kind)
-  )
+  return _Entry(description, batch_size, seq_len, build, None if kind == "nnx" else n_head)
 
 
 def _bert_entry(description, n_layer, d_model, n_head, vocab, seq_len, batch_size):
-  def build(name, desc, b, t, dtype):
+  def build(name, desc, b, t, dtype, **hooks):
     cfg = _gpt.GPTConfig(n_layer, d_model, n_head, vocab, max(seq_len, t), dtype)
-    return _bert.bert(name, desc, cfg, b, t)
+    return _bert.bert(name, desc, cfg, b, t, **hooks)
 
-  return _Entry(description, batch_size, seq_len, build)
+  return _Entry(description, batch_size, seq_len, build, n_head)
 
 
 def _t5_entry(description, n_layer, d_model, n_head, d_ff, vocab, seq_len, batch_size):
-  def build(name, desc, b, t, dtype):
-    return _t5.t5(name, desc, _t5.T5Config(n_layer, d_model, n_head, d_ff, vocab, dtype), b, t)
+  def build(name, desc, b, t, dtype, **hooks):
+    cfg = _t5.T5Config(n_layer, d_model, n_head, d_ff, vocab, dtype)
+    return _t5.t5(name, desc, cfg, b, t, **hooks)
 
-  return _Entry(description, batch_size, seq_len, build)
+  return _Entry(description, batch_size, seq_len, build, n_head)
 
 
 def _moe_entry(description, n_layer, d_model, n_head, vocab, n_experts, seq_len, batch_size):
-  def build(name, desc, b, t, dtype):
+  def build(name, desc, b, t, dtype, **hooks):
     cfg = _moe.MoEConfig(n_layer, d_model, n_head, vocab, max(seq_len, t), n_experts, dtype=dtype)
-    return _moe.moe(name, desc, cfg, b, t)
+    return _moe.moe(name, desc, cfg, b, t, **hooks)
 
-  return _Entry(description, batch_size, seq_len, build)
+  return _Entry(description, batch_size, seq_len, build, n_head)
 
 
-def _fixed_entry(description, batch_size, build):
+def _fixed_entry(description, batch_size, build, n_head=None):
   """An example without a sequence dimension; ``build(name, description, batch_size, dtype)``."""
   return _Entry(
-    description, batch_size, None, lambda name, desc, b, t, dtype: build(name, desc, b, dtype)
+    description,
+    batch_size,
+    None,
+    lambda name, desc, b, t, dtype, **hooks: build(name, desc, b, dtype, **hooks),
+    n_head,
   )
 
 
@@ -124,11 +128,13 @@ _EXAMPLES = {
     "ViT, 2 layers, d 64, 32x32x3 in 8x8 patches -> 10",
     8,
     _vit.vit(_vit.ViTConfig(2, 64, 4, 32, 8, 10)),
+    n_head=4,
   ),
   "vit-b16": _fixed_entry(
     "ViT-B/16, ImageNet 224x224x3 -> 1000, 86M",
     32,
     _vit.vit(_vit.ViTConfig(12, 768, 12, 224, 16, 1000)),
+    n_head=12,
   ),
   "alexnet": _fixed_entry(
     "AlexNet (torchvision layout), ImageNet 224x224x3 -> 1000", 32, _imagenet.alexnet
@@ -147,16 +153,24 @@ _EXAMPLES = {
 }
 
 
-def gpt_layout(name: str):
-  """(GPTConfig for `seq_len`, scan_layers) of a linen GPT example; None for other examples."""
+def handwritten_example(name: str, batch_size: int, seq_len: int | None, dtype, hold, remat_blocks):
+  """(Example, attention heads) of a transformer example rebuilt as a MaxText-style model is
+  written by hand: ``hold(x)`` applied to the residual stream at every block boundary, every
+  block rematerialised when ``remat_blocks``. None for examples that have no such variant (CNNs,
+  MLPs, the NNX GPTs)."""
   entry = _EXAMPLES.get(name)
-  if entry is None or entry.gpt is None or entry.gpt[-1] == "nnx":
+  if entry is None or entry.n_head is None:
     return None
-  n_layer, d_model, n_head, vocab, default_len, kind = entry.gpt
-  return lambda seq_len, dtype: (
-    _gpt.GPTConfig(n_layer, d_model, n_head, vocab, max(default_len, seq_len), jnp.dtype(dtype)),
-    kind == "scan",
+  ex = entry.build(
+    name,
+    entry.description,
+    batch_size,
+    seq_len or entry.seq_len,
+    jnp.dtype(dtype),
+    hold=hold,
+    remat_blocks=remat_blocks,
   )
+  return ex, entry.n_head
 
 
 def list_examples() -> tuple[str, ...]:

@@ -8,6 +8,7 @@ the start token 0. The loss is the targets' cross-entropy.
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from wapar_jax.examples._common import class_loss, module_example
-from wapar_jax.examples._gpt import attention
+from wapar_jax.examples._gpt import attention, unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +130,17 @@ class _T5Stack(nn.Module):
 
   cfg: T5Config
   decoder: bool
+  hold: Callable = unchanged
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, encoded=None):
     t = x.shape[1]
     bias = _RelativePositionBias(self.cfg, bidirectional=not self.decoder, name="rel_bias")(t, t)
+    x = self.hold(x)
+    block = nn.remat(_T5Block) if self.remat_blocks else _T5Block
     for i in range(self.cfg.n_layer):
-      x = _T5Block(self.cfg, self.decoder, name=f"block_{i}")(x, bias, encoded)
+      x = self.hold(block(self.cfg, self.decoder, name=f"block_{i}")(x, bias, encoded))
     return nn.RMSNorm(
       epsilon=_T5_EPS, dtype=self.cfg.dtype, param_dtype=self.cfg.dtype, name="ln_f"
     )(x)
@@ -145,6 +150,8 @@ class _T5(nn.Module):
   """T5: one embedding shared by encoder, decoder and the (rescaled) output projection."""
 
   cfg: T5Config
+  hold: Callable = unchanged  # as GPT's: what a MaxText-style model adds by hand
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, inputs, decoder_inputs):
@@ -157,14 +164,16 @@ class _T5(nn.Module):
       param_dtype=cfg.dtype,
       name="shared",
     )
-    encoded = _T5Stack(cfg, decoder=False, name="encoder")(shared(inputs))
-    x = _T5Stack(cfg, decoder=True, name="decoder")(shared(decoder_inputs), encoded)
+    stack = functools.partial(_T5Stack, cfg, hold=self.hold, remat_blocks=self.remat_blocks)
+    encoded = stack(decoder=False, name="encoder")(shared(inputs))
+    x = stack(decoder=True, name="decoder")(shared(decoder_inputs), encoded)
     return shared.attend(x * cfg.d_model**-0.5)
 
 
-def t5(name, description, cfg, batch_size, seq_len):
-  """The T5 of ``cfg``: ``seq_len`` input tokens, a quarter as many targets."""
-  module = _T5(cfg)
+def t5(name, description, cfg, batch_size, seq_len, hold=None, remat_blocks=False):
+  """The T5 of ``cfg``: ``seq_len`` input tokens, a quarter as many targets; ``hold`` and
+  ``remat_blocks`` as ``gpt_linen``'s."""
+  module = _T5(cfg, hold or unchanged, remat_blocks)
   in_shape, out_shape = (batch_size, seq_len), (batch_size, _t5_target_len(seq_len))
   batch = {
     "inputs": jax.ShapeDtypeStruct(in_shape, jnp.int32),
