@@ -139,6 +139,9 @@ class CompilerRules:
       read nearby and again far later through a cheap value recomputed from it, is kept.
     local_reads: readers within this many equations of a value count as its neighbours
       (a cheap producer is duplicated into neighbouring kernels).
+    prefetched_gather_bytes: an FSDP gather runs this many bytes of gathers ahead of its use
+      (its copy is live from there): the asynchronous collectives in flight while the layers
+      before it compute. 0 where collectives run in program order.
   """
 
   name: str
@@ -156,6 +159,7 @@ class CompilerRules:
   fusing_kernels: tuple[str, ...] = FUSING_KERNELS
   expensive: frozenset[str] = EXPENSIVE
   local_reads: int = 12
+  prefetched_gather_bytes: float = 0.0
 
   def fusible_mask(self, traced) -> np.ndarray:
     """Per op of `traced`: fused into its consumers."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from wapar_jax._src.compilers.rules import BITCASTS, EXPENSIVE, CompilerRules
+from wapar_jax._src.cost.collectives import COMBINE_BYTES
 
 XLA_GPU = CompilerRules(
   name="xla:gpu",
@@ -20,6 +21,10 @@ XLA_GPU = CompilerRules(
   # then every weight-gradient matmul at the end, keeping more than the jaxpr's order implies;
   # XLA:CPU's rules bound what it keeps there (docs/memory_model.md).
   remat_at_least="xla:cpu",
+  # Its latency-hiding scheduler keeps one asynchronous all-gather in flight (its default
+  # `all_gather_overlap_limit`), of gathers combined up to the combine threshold: the next
+  # combined gather is issued as the current one's layer starts.
+  prefetched_gather_bytes=COMBINE_BYTES,
 )
 
 XLA_TPU = dataclasses.replace(XLA_GPU, name="xla:tpu")

@@ -67,11 +67,23 @@ def _combined(nbytes: float) -> float:
   return float(math.ceil(nbytes / COMBINE_BYTES)) if nbytes > 0 else 0.0
 
 
-def _live(space: SearchSpace, which: np.ndarray, nbytes: np.ndarray, until_made=False):
-  """Per program point, the per-device bytes of the gathered uses selected by `which`."""
+def _live(space: SearchSpace, which: np.ndarray, nbytes: np.ndarray, until_made=False, lead=0.0):
+  """Per program point, the per-device bytes of the gathered uses selected by `which`; each
+  marked use's copy made `lead` bytes of earlier gathers ahead of it (a prefetch)."""
   made = space.traced.def_pos[space.gathered_var[which]]
+  start = made
+  if lead > 0 and made.size > 1:
+    order = np.argsort(made, kind="stable")
+    size = nbytes[which][order]
+    before = np.cumsum(size) - size  # bytes gathered ahead of each use
+    # The earliest use whose gathers up to this one fit in `lead`, and never the use itself.
+    first = np.searchsorted(before, before - lead, side="left")
+    first = np.minimum(first, np.maximum(np.arange(len(order)) - 1, 0))
+    start = np.empty_like(made)
+    start[order] = made[order][first]
+    start = np.where(space.gathered_runs[which] > 0, start, made)
   return liveness.liveness_curves(
-    made,
+    start,
     made if until_made else space.traced.last_use[space.gathered_var[which]],
     nbytes[which],
     np.full(len(made), liveness.DATA_NONE),
@@ -206,7 +218,8 @@ def price(
   opt_div = np.where(agg.opt_model, tp, 1).astype(float)
   shardable = fsdp_shardable(space, split, groups) if split > 1 else np.zeros(len(param_div), bool)
   per_param = space.param_bytes / param_div
-  gathered_live: np.ndarray | float = 0.0  # FSDP's gathered parameters, per program point
+  # FSDP's gathered parameters per program point, by the compiler's prefetch distance.
+  gathered_live: dict[float, np.ndarray] = {}
   relayout: np.ndarray | float = 0.0
   zero1_gathered = 0.0
   if storage in GATHERING:
@@ -226,7 +239,11 @@ def price(
       state_span,
     )
     param_mem = float((per_param / np.where(shardable, split, 1)).sum())
-    gathered_live = _live(space, split_uses & (runs >= 0), nbytes)
+    held = split_uses & (runs >= 0)
+    gathered_live = {
+      lead: _live(space, held, nbytes, lead=lead)
+      for lead in {b.rules.prefetched_gather_bytes for b in space.buffers}
+    }
     if any(b.rules.copies_strided_gathers for b in space.buffers):
       # Such a compiler gathers a parameter split along a minor dim in a transposed layout and
       # copies it back to row-major: both buffers are live where it gathers.
@@ -253,7 +270,8 @@ def price(
       grad_shadow = liveness.per_device(m.combine_curves, (1, 1, 1), tp)
       if sharded_state:
         grad_shadow = grad_shadow + liveness.per_device(m.grad_curves, (1, 1, 1), tp)
-    extra = grad_shadow + gathered_live + (relayout if rules.copies_strided_gathers else 0.0)
+    extra = grad_shadow + gathered_live.get(rules.prefetched_gather_bytes, 0.0)
+    extra = extra + (relayout if rules.copies_strided_gathers else 0.0)
     temps = liveness.peak_bytes(m.curves, data_div, tp, extra=extra)
     if storage == "zero1":
       # ZeRO-1 gathers the updated parameters after the update, once the gradient reduction's
