@@ -282,8 +282,11 @@ class Plan:
   def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
     """`(params, opt_state, batch) -> (params, opt_state, loss)`, jitted with the plan's shardings.
 
-    Params and opt state are donated. `params` / `batch` (abstract is enough) are needed only
-    for a plan loaded from JSON, to shape the specs like the trees.
+    Params and opt state are donated: pass the arrays each call returns to the next. `params`
+    / `batch` (abstract is enough) are needed only for a plan loaded from JSON, to shape the
+    specs like the trees; the step takes batches of `batch`'s size (default: the planned one).
+    A call with donated inputs raises DonatedInputError, one with another batch size or with
+    inputs not laid out by `shard` / `init_opt_state` / `shard_batch` PlanMismatchError.
     """
     loss_fn, optimizer = self._need(loss_fn, optimizer)
     params = self._abstract_params if params is None else params
@@ -308,6 +311,7 @@ class Plan:
       remat=self.chosen.remat,
       microbatches=self.chosen.microbatches,
       grad_specs=self._opt_param_specs(params) if self.chosen.storage != "replicated" else None,
+      planned_batch=batch,
     )
 
   def verify(self, devices=None, **kwargs):
