@@ -25,6 +25,10 @@ from wapar_jax.errors import CorruptPlanFileError
 # (value, where in the file, unknown field names found so far) -> the checked value.
 Rule = Callable[[Any, str, list], Any]
 
+# Fields older versions wrote that this one no longer reads: dropped without a warning.
+# peak_memory_xla_cpu (versions 1 and 2, in predicted and candidates) is now verify's figure.
+RETIRED = frozenset({"peak_memory_xla_cpu"})
+
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80  # a damaged file may hold anything, of any size or depth
 
@@ -54,7 +58,7 @@ def _is_int(v) -> bool:
 
 
 def _is_real(v) -> bool:
-  return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+  return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _one_of(choices) -> Rule:
@@ -100,7 +104,7 @@ def mapping(value_rule: Rule, must: str) -> Rule:
   """An object of any string keys, each value checked by `value_rule`."""
 
   def check(value, where, unknown):
-    if not isinstance(value, dict) or not value:
+    if not isinstance(value, dict):
       _refuse(where, must, value)
     return {k: value_rule(v, _at(where, k), unknown) for k, v in value.items()}
 
@@ -112,14 +116,14 @@ def record(rules: Mapping[str, Rule], optional=frozenset()) -> Rule:
 
   def check(value, where, unknown):
     if not isinstance(value, dict):
-      _refuse(where or "top level", f"be an object with the fields {sorted(rules)}", value)
+      _refuse(where, f"be an object with the fields {sorted(rules)}", value)
     for name in rules:
       if name not in value and name not in optional:
         raise CorruptPlanFileError(
           f"the plan file has no field {_at(where, name)}, which every plan has; the file was "
           f"edited or damaged. Plan again and save a new file. Got the fields {sorted(value)}."
         )
-    unknown.extend(_at(where, k) for k in value if k not in rules)
+    unknown.extend(_at(where, k) for k in value if k not in rules and k not in RETIRED)
     return {k: rule(value[k], _at(where, k), unknown) for k, rule in rules.items() if k in value}
 
   return check
@@ -157,6 +161,7 @@ CANDIDATE_RULES = {
   "fsdp": COUNT,
   "mesh_shape": mapping(COUNT, "be an object of mesh axis sizes"),  # derived, written for readers
 }
+_CANDIDATE = record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"})
 # Fields of `Prediction` (wapar_jax._src.plan), every one a per-step figure.
 _FIGURES = (
   "step_time",
@@ -225,8 +230,8 @@ PLAN_RULES = {
   "devices_offered": COUNT,
   "model_split": list_of(TEXT),
   "predicted": record(PREDICTION_RULES),
-  "chosen": record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"}),
-  "candidates": list_of(record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"})),
+  "chosen": _CANDIDATE,
+  "candidates": list_of(_CANDIDATE),
   "stats": mapping(NUMBER, "be an object of figures"),
   "memory_decision": TEXT,
   "param_specs": _SPECS,
