@@ -35,6 +35,11 @@ class NonScalarLossError(WaparError, ValueError):
   """The loss function does not return a scalar."""
 
 
+class ShardedLossError(WaparError, ValueError):
+  """The loss function already shards or communicates (shard_map, with_sharding_constraint,
+  collectives): the planner takes single-device code."""
+
+
 class IndivisibleBatchError(WaparError, ValueError):
   """The batch's leading dimension cannot be split over any data-parallel degree asked for."""
 
@@ -53,6 +58,10 @@ class NotEnoughDevicesError(WaparError, RuntimeError):
 
 class PlanMismatchError(WaparError, ValueError):
   """A plan is applied to a parameter tree it was not made for."""
+
+
+class DonatedInputError(WaparError, RuntimeError):
+  """An input of the train step was donated to an earlier call, so its buffers are gone."""
 
 
 class CorruptPlanFileError(WaparError, ValueError):

@@ -18,7 +18,7 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import fit_check
+from wapar_jax._src import fit_check, plan_file
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.emit import mesh as mesh_lib
 from wapar_jax._src.emit import shardings as shardings_lib
@@ -26,10 +26,10 @@ from wapar_jax._src.emit import step as step_lib
 from wapar_jax._src.files import write_text_atomic
 from wapar_jax._src.plan_details import PlanDetails
 from wapar_jax._src.search.candidate import Candidate
-from wapar_jax._src.tree import abstract, nest, specs_like
+from wapar_jax._src.tree import abstract, nest, path_keys, path_str, specs_like
 from wapar_jax._src.views import explain as explain_lib
 from wapar_jax._src.views import export, plots
-from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError
+from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError, PlanMismatchError
 
 # 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). 3: predictions under
 # the rules of the profile's compiler only (the XLA:CPU figure is verify's). 1 and 2 are read too.
@@ -75,6 +75,26 @@ def _spec_to_json(spec: P) -> list:
 
 def _spec_from_json(entries: list) -> P:
   return P(*(tuple(e) if isinstance(e, list) else e for e in entries))
+
+
+def _specs_within_rank(tree, flat_specs, what: str):
+  """`specs_like`, refusing a spec longer than its leaf's rank: a plan file without details
+  (version 1) records no shapes, so only the tree it is applied to can tell."""
+  specs = specs_like(tree, flat_specs, what)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for (path, leaf), spec in zip(leaves, jax.tree.leaves(specs, is_leaf=_is_spec)):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if len(spec) > len(shape):
+      raise PlanMismatchError(
+        f"the plan's {what} give {path_str(path_keys(path))} {len(spec)} entries but the leaf "
+        f"has rank {len(shape)} (shape {list(shape)}): the plan was made for another "
+        f"model, or its file was edited. Plan again for this model. Got {spec}."
+      )
+  return specs
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,13 +211,13 @@ class Plan:
     return mesh_lib.make_mesh(self.mesh_shape, self._device_list if devices is None else devices)
 
   def _param_specs(self, params):
-    return specs_like(params, self.flat_param_specs, "parameter specs")
+    return _specs_within_rank(params, self.flat_param_specs, "parameter specs")
 
   def _opt_param_specs(self, params):
-    return specs_like(params, self.flat_opt_specs, "optimizer-state specs")
+    return _specs_within_rank(params, self.flat_opt_specs, "optimizer-state specs")
 
   def _batch_specs(self, batch):
-    return specs_like(batch, self.flat_batch_specs, "batch specs")
+    return _specs_within_rank(batch, self.flat_batch_specs, "batch specs")
 
   def shard(self, params, devices=None):
     """Copies concrete parameters (or any tree shaped like them) onto the plan's mesh.
@@ -262,8 +282,11 @@ class Plan:
   def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
     """`(params, opt_state, batch) -> (params, opt_state, loss)`, jitted with the plan's shardings.
 
-    Params and opt state are donated. `params` / `batch` (abstract is enough) are needed only
-    for a plan loaded from JSON, to shape the specs like the trees.
+    Params and opt state are donated: pass the arrays each call returns to the next. `params`
+    / `batch` (abstract is enough) are needed only for a plan loaded from JSON, to shape the
+    specs like the trees; the step takes batches of `batch`'s size (default: the planned one).
+    A call with donated inputs raises DonatedInputError, one with another batch size or with
+    inputs not laid out by `shard` / `init_opt_state` / `shard_batch` PlanMismatchError.
     """
     loss_fn, optimizer = self._need(loss_fn, optimizer)
     params = self._abstract_params if params is None else params
@@ -288,6 +311,7 @@ class Plan:
       remat=self.chosen.remat,
       microbatches=self.chosen.microbatches,
       grad_specs=self._opt_param_specs(params) if self.chosen.storage != "replicated" else None,
+      planned_batch=batch,
     )
 
   def verify(self, devices=None, **kwargs):
@@ -334,61 +358,59 @@ class Plan:
 
   @classmethod
   def from_json(cls, text: str) -> Plan:
+    """The plan `to_json` wrote, every field checked for form and sense (`plan_file.checked`);
+    fields this version does not know are ignored with a warning."""
     try:
       data = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python reads
       raise CorruptPlanFileError(
-        f"a plan file must be JSON written by Plan.to_json. Got: {e}"
+        f"a plan file must be JSON written by Plan.to_json. Got {type(e).__name__}: {e}"
       ) from e
     if not isinstance(data, dict) or data.get("format") != "wapar_jax.plan":
       raise CorruptPlanFileError(
         'this is not a wapar_jax plan (no "format": "wapar_jax.plan"). '
         f"Got keys {sorted(data)[:8] if isinstance(data, dict) else type(data).__name__}."
       )
-    if data.get("version") not in _READABLE_VERSIONS:
+    version = data.get("version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
       raise CorruptPlanFileError(
-        f"plan file version {data.get('version')!r} is not supported by this wapar_jax "
-        f"(reads versions {_READABLE_VERSIONS}); plan again. Got {data.get('version')!r}."
+        f"plan file version {version!r} is not supported by this wapar_jax "
+        f"(reads versions {_READABLE_VERSIONS}); plan again. Got {version!r}."
       )
-    try:
+    data = plan_file.checked(data)
 
-      def flat(entries):
-        return {tuple(e["path"]): _spec_from_json(e["spec"]) for e in entries}
+    def flat(entries):
+      return {tuple(e["path"]): _spec_from_json(e["spec"]) for e in entries}
 
-      def candidate(d):
-        fields = {f.name for f in dataclasses.fields(Candidate)}
-        d = {k: v for k, v in d.items() if k in fields}
-        d["model_groups"] = tuple(d["model_groups"])
-        d["cross_node_axes"] = tuple(d.get("cross_node_axes", ()))  # absent before multi-host
-        return Candidate(**d)
+    def candidate(d):
+      d = {k: v for k, v in d.items() if k != "mesh_shape"}  # derived from data, model, fsdp
+      d["model_groups"] = tuple(d["model_groups"])
+      d["cross_node_axes"] = tuple(d.get("cross_node_axes", ()))
+      return Candidate(**d)
 
-      params, opt, batch = (
-        flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs")
-      )
-      return cls(
-        mesh_shape=dict(data["mesh_shape"]),
-        param_specs=nest(params),
-        batch_specs=nest(batch),
-        opt_state_param_specs=nest(opt),
-        predicted=Prediction.from_dict(data["predicted"]),
-        candidates=tuple(candidate(c) for c in data["candidates"]),
-        chosen=candidate(data["chosen"]),
-        strategy=data["strategy"],
-        objective=data["objective"],
-        profile=data["profile"],
-        devices_offered=int(data["devices_offered"]),
-        model_split=tuple(data["model_split"]),
-        stats=dict(data["stats"]),
-        memory_decision=data.get("memory_decision", ""),
-        flat_param_specs=params,
-        flat_opt_specs=opt,
-        flat_batch_specs=batch,
-        details=(PlanDetails.from_dict(data["details"]) if "details" in data else None),
-      )
-    except (KeyError, TypeError, ValueError) as e:
-      raise CorruptPlanFileError(
-        f"the plan file is missing or has malformed fields. Got {type(e).__name__}: {e}"
-      ) from e
+    params, opt, batch = (
+      flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs")
+    )
+    return cls(
+      mesh_shape=dict(data["mesh_shape"]),
+      param_specs=nest(params),
+      batch_specs=nest(batch),
+      opt_state_param_specs=nest(opt),
+      predicted=Prediction.from_dict(data["predicted"]),
+      candidates=tuple(candidate(c) for c in data["candidates"]),
+      chosen=candidate(data["chosen"]),
+      strategy=data["strategy"],
+      objective=data["objective"],
+      profile=data["profile"],
+      devices_offered=data["devices_offered"],
+      model_split=tuple(data["model_split"]),
+      stats=dict(data["stats"]),
+      memory_decision=data.get("memory_decision", ""),
+      flat_param_specs=params,
+      flat_opt_specs=opt,
+      flat_batch_specs=batch,
+      details=(PlanDetails.from_dict(data["details"]) if "details" in data else None),
+    )
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the plan as JSON atomically: a reader never sees half a file."""

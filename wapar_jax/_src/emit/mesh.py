@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from wapar_jax.errors import NotEnoughDevicesError, PlanMismatchError
+from wapar_jax.errors import InvalidArgumentError, NotEnoughDevicesError, PlanMismatchError
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
@@ -24,7 +25,7 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
   names = tuple(mesh_shape)
   shape = tuple(mesh_shape[n] for n in names)
   needed = math.prod(shape)
-  devices = list(jax.devices() if devices is None else devices)
+  devices = jax.devices() if devices is None else distinct_devices(devices)
   if len(devices) < needed:
     raise NotEnoughDevicesError(
       f"the plan's mesh {dict(mesh_shape)} needs {needed} devices but {len(devices)} are "
@@ -41,6 +42,37 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
   except (ValueError, NotImplementedError, AssertionError):  # topologies mesh_utils can't lay out
     grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def distinct_devices(devices: Iterable[Any]) -> list[Any]:
+  """`devices` as a list of distinct jax devices; anything else is an InvalidArgumentError
+  saying what to pass (a string is iterable too: "16" would read as two devices)."""
+  if isinstance(devices, (str, bytes, Mapping)) or not isinstance(devices, Iterable):
+    raise InvalidArgumentError(
+      "devices must be a device count (a positive int) or a list of distinct jax devices, "
+      f"e.g. jax.devices()[:4]. Got {type(devices).__name__} {devices!r}."
+    )
+  device_list = list(devices)
+  if not device_list:
+    raise InvalidArgumentError(
+      "devices is empty: pass a device count (a positive int) or a non-empty list of jax "
+      "devices, e.g. jax.devices()[:4]. Got []."
+    )
+  not_devices = [d for d in device_list if not isinstance(d, jax.Device)]
+  if not_devices:
+    raise InvalidArgumentError(
+      f"devices must be jax devices (from jax.devices()), not {type(not_devices[0]).__name__}: "
+      f"to plan for a count pass devices={len(device_list)}, to use given devices pass them, "
+      f"e.g. [jax.devices()[i] for i in (0, 1, 2, 3)]. Got {device_list[:8]!r}."
+    )
+  repeated = [d for d, n in collections.Counter(device_list).items() if n > 1]
+  if repeated:
+    raise InvalidArgumentError(
+      "devices lists the same device more than once, and a device holds one place of the "
+      f"mesh: pass each device once, e.g. jax.devices()[:{len(set(device_list))}]. Got "
+      f"{len(device_list)} devices, {len(set(device_list))} distinct; repeated: {repeated[:4]}."
+    )
+  return device_list
 
 
 def _granules(devices: Sequence[Any]) -> list[list[Any]]:

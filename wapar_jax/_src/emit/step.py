@@ -1,8 +1,11 @@
-"""The jitted, sharded train step: in / out shardings, donation, FSDP weights gathered at use."""
+"""The jitted, sharded train step: in / out shardings, donation, FSDP weights gathered at use,
+behind checks of its inputs (`TrainStep`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -11,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
+from wapar_jax._src.tree import path_keys, path_str
+from wapar_jax.errors import DonatedInputError, PlanMismatchError
 
 # Mesh axes that store state split, never compute on it: a weight is gathered over them.
 _STORAGE_AXES = frozenset({"data", "fsdp"})
@@ -69,12 +74,14 @@ def sharded_train_step(
   opt_specs,
   batch_specs,
   *,
+  planned_batch,
   remat: str = "none",
   microbatches: int = 1,
   grad_specs=None,
 ):
   """The jitted step with in/out shardings; params and opt state are donated. `grad_specs`
-  (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state."""
+  (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state.
+  `planned_batch` (abstract is enough) sets the batch size the step takes."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   hook = _gather_hook(mesh, param_specs)
   if hook is not None:
@@ -86,9 +93,130 @@ def sharded_train_step(
   step = make_train_step(
     loss_fn, optimizer, remat=remat, microbatches=microbatches, gather=hook, hold_grads=hold
   )
-  return jax.jit(
+  jitted = jax.jit(
     step,
     in_shardings=(p_sh, o_sh, b_sh),
     out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
     donate_argnums=(0, 1),
   )
+  return TrainStep(jitted, (p_sh, o_sh, b_sh), planned_batch)
+
+
+_ARGS = ("params", "opt_state", "batch")
+
+
+def _rows(batch) -> list[tuple]:
+  """Dim 0 of each batch leaf, () for a leaf without one."""
+  return [tuple(getattr(x, "shape", ()))[:1] for x in jax.tree.leaves(batch)]
+
+
+@functools.cache
+def _holds_buffers(leaf_type: type) -> bool:
+  """A jax.Array type, not a tracer's (the step may run inside a user's jit or scan); cached by
+  type because isinstance against jax.Array costs more than the check it guards."""
+  return issubclass(leaf_type, jax.Array) and not issubclass(leaf_type, jax.core.Tracer)
+
+
+def _concrete(x) -> bool:
+  return _holds_buffers(type(x))
+
+
+def _deleted(x) -> bool:
+  return _holds_buffers(type(x)) and x.is_deleted()
+
+
+def _named_leaves(name: str, tree) -> list[tuple[str, Any]]:
+  """("<name>/<path>", leaf) for every leaf of one of the step's arguments."""
+  return [
+    (path_str((name, *path_keys(path))), leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
+
+
+class TrainStep:
+  """The jitted step, behind checks that touch no buffer and sync no device (microseconds per
+  call). Refused by name: inputs donated to an earlier call (jax would crash the process on
+  them), a batch of another size than planned (jax would silently compile a step no plan was
+  made for), inputs laid out otherwise than the plan says (jax's error, without the fix).
+
+  Everything else (`lower`, `trace`, ...) is the jitted function's.
+  """
+
+  def __init__(self, jitted, shardings, planned_batch):
+    self._jitted = jitted
+    self._shardings = shardings
+    self._rows = _rows(planned_batch)
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
+
+  def __call__(self, params, opt_state, batch):
+    args = (params, opt_state, batch)
+    if any(_deleted(x) for x in jax.tree.leaves(args)):
+      raise _donated(args)
+    rows = _rows(batch)
+    if rows != self._rows and len(rows) == len(self._rows):  # another structure: jax's error
+      raise _other_batch_size(batch, self._rows)
+    try:
+      return self._jitted(params, opt_state, batch)
+    except ValueError as e:  # jax checks the layouts before it runs (or donates) anything
+      misplaced = _misplaced(args, self._shardings)
+      if not misplaced:
+        raise
+      raise PlanMismatchError(
+        "the step's inputs must be laid out as the plan says: put params on "
+        "the plan's mesh with plan.shard(params), create the optimizer state with "
+        "plan.init_opt_state(params) and put each batch there with plan.shard_batch(batch) "
+        "(host and numpy arrays are taken as they are). "
+        f"Got {len(misplaced)} leaves laid out otherwise: {'; '.join(misplaced[:3])}."
+      ) from e
+
+
+def _donated(args) -> DonatedInputError:
+  deleted = [
+    path for name, tree in zip(_ARGS, args) for path, x in _named_leaves(name, tree) if _deleted(x)
+  ]
+  return DonatedInputError(
+    f"{deleted[0]} was donated to an earlier call of the train step, which freed its buffers: "
+    "the step donates params and opt_state, so after `params, opt_state, loss = "
+    "step(params, opt_state, batch)` only the arrays it returned are valid. Pass those (to keep "
+    "the old values, copy them before the call, e.g. jax.tree.map(jnp.copy, params)). "
+    f"Got {len(deleted)} deleted leaves, first: {', '.join(deleted[:3])}."
+  )
+
+
+def _other_batch_size(batch, planned: list[tuple]) -> PlanMismatchError:
+  wrong = [
+    (path, list(getattr(x, "shape", ())), want[0] if want else None)
+    for (path, x), want in zip(_named_leaves("batch", batch), planned)
+    if tuple(getattr(x, "shape", ()))[:1] != want
+  ]
+  path, shape, rows = wrong[0]
+  return PlanMismatchError(
+    f"the step was built for batches of {rows} rows (dim 0 of {path}), and jax would compile "
+    "another step for any other size, one no plan was made for. Pass batches of "
+    f"{rows} rows, or build a step for the new size with plan.train_step(batch=<a batch of "
+    "that size; jax.ShapeDtypeStruct leaves are enough>) (it must divide the plan's data axis), "
+    f"or plan again. Got {len(wrong)} leaves of another size, first: {path} of shape {shape}."
+  )
+
+
+def _layout(sharding) -> str:
+  if isinstance(sharding, NamedSharding):
+    return f"{sharding.spec} over the mesh {dict(sharding.mesh.shape)}"
+  return str(sharding)
+
+
+def _misplaced(args, shardings) -> list[str]:
+  """'path is <layout>, the plan's step takes <layout>' for each jax.Array laid out otherwise
+  (an argument of another tree structure is left to jax's own error)."""
+  out = []
+  for name, tree, tree_shardings in zip(_ARGS, args, shardings):
+    leaves, expected = _named_leaves(name, tree), jax.tree.leaves(tree_shardings)
+    if len(leaves) == len(expected):
+      out += [
+        f"{path} is {_layout(x.sharding)}, the plan's step takes {_layout(want)}"
+        for (path, x), want in zip(leaves, expected)
+        if _concrete(x) and not x.sharding.is_equivalent_to(want, x.ndim)
+      ]
+  return out

@@ -117,6 +117,7 @@ def plan(
     loss_fn, params = inputs.from_nnx(loss_fn, params)
   if not jax.tree.leaves(params):
     raise InvalidArgumentError("params has no array leaves: nothing to plan. Got an empty tree.")
+  inputs.check_leaves(params, batch)
   if remat is not None and remat not in REMAT_CHOICES:
     raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES} or None. Got {remat!r}.")
   if microbatches is not None and (

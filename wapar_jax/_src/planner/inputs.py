@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
+import reprlib
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from wapar_jax._src.tree import abstract
+from wapar_jax._src.emit.mesh import distinct_devices
+from wapar_jax._src.tree import abstract, path_keys, path_str
 from wapar_jax.errors import InvalidArgumentError
 
 
@@ -26,21 +30,61 @@ def from_nnx(loss_fn: Callable, model):
 
 
 def device_count(devices) -> tuple[int, list | None]:
+  """(How many devices to plan for, the given devices or None) from `plan`'s `devices`."""
   if devices is None:
     return jax.device_count(), None
-  if isinstance(devices, int) and not isinstance(devices, bool):
+  # numpy integers count too (np.int64(8) from an array of sizes); bools are not counts.
+  if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
     if devices < 1:
-      raise InvalidArgumentError(f"devices must be at least 1. Got {devices}.")
-    return devices, None
-  try:
-    device_list = list(devices)
-  except TypeError:
-    raise InvalidArgumentError(
-      f"devices must be an int or a list of jax devices. Got {type(devices).__name__}."
-    ) from None
-  if not device_list:
-    raise InvalidArgumentError("devices is an empty list. Got [].")
+      raise InvalidArgumentError(
+        f"devices must be a positive device count or a list of jax devices. Got {devices}."
+      )
+    return int(devices), None
+  device_list = distinct_devices(devices)
   return len(device_list), device_list
+
+
+def check_leaves(params, batch) -> None:
+  """Every leaf an array (or ShapeDtypeStruct), every parameter of a float dtype, and a batch
+  with leaves: else an InvalidArgumentError naming the leaves and the fix."""
+  for what, tree, fix in (
+    (
+      "params",
+      params,
+      "make it an array (jnp.asarray) or, if it is a constant, close over it "
+      "in loss_fn instead of passing it in params",
+    ),
+    (
+      "batch",
+      batch,
+      "make it an array whose dim 0 is the batch or, if it is a constant (a "
+      "temperature, a learning rate), close over it in loss_fn",
+    ),
+  ):
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise InvalidArgumentError(
+          f"{what} leaf {path_str(path_keys(path))} is a {type(x).__name__}, not an array: "
+          f"every leaf is sharded over the devices. Fix: {fix}. Got {reprlib.repr(x)}."
+        )
+  integers = [
+    f"{path_str(path_keys(p))} {x.dtype}"
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if not jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  if integers:
+    raise InvalidArgumentError(
+      "params must be floating-point: the train step takes their gradient. Cast a trained "
+      "parameter to a float dtype (x.astype(jnp.float32)); move one that is not trained (a "
+      "step counter, a mask, a vocabulary table) out of params, into the batch or closed over "
+      f"in loss_fn. Got {len(integers)} non-float leaves: {', '.join(integers[:5])}."
+    )
+  if not jax.tree.leaves(batch):
+    raise InvalidArgumentError(
+      "batch has no leaves: the planner splits the batch's dim 0 over devices and prices the "
+      "step on its shapes. Pass the batch loss_fn reads, as arrays or jax.ShapeDtypeStruct, "
+      f"e.g. {{'x': jax.ShapeDtypeStruct((32, 784), jnp.float32)}}. Got {reprlib.repr(batch)}."
+    )
 
 
 def linen_params(module, *init_args, rng=None, collection: str = "params", **init_kwargs):

@@ -22,6 +22,7 @@ import jax
 
 from wapar_jax._src import gathers
 from wapar_jax._src.step import make_train_step
+from wapar_jax._src.trace import sharded_loss
 from wapar_jax._src.trace.builder import trace_jaxpr
 from wapar_jax._src.trace.dim_rules import ELEMENTWISE
 from wapar_jax._src.trace.graph import Op, TracedStep
@@ -62,6 +63,8 @@ def trace_train_step(
   except Exception as e:  # diagnose with a forward trace only: the model is traced once if fine
     _check_loss(loss_fn, params, batch, e)
     raise
+  # The step traced for planning adds no sharding of its own: any found came from loss_fn.
+  sharded_loss.refuse_sharding_calls(closed.jaxpr)
   n_params = len(jax.tree.leaves(params))
   n_opt = len(jax.tree.leaves(opt_state))
   n_batch = len(jax.tree.leaves(batch))
@@ -74,6 +77,7 @@ def _check_loss(loss_fn, params, batch, step_error: Exception) -> None:
   try:
     loss = jax.eval_shape(loss_fn, params, batch)
   except Exception as e:
+    sharded_loss.refuse_failed_sharding_call(e)
     raise InvalidArgumentError(
       "loss_fn(params, batch) failed when traced with abstract params and batch. It must be a "
       "pure function of its two arguments (no use of concrete values). "
