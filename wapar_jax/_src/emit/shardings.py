@@ -61,9 +61,9 @@ def opt_state_specs(optimizer: optax.GradientTransformation, params, param_specs
   `MaskedNode` in place of a parameter or a whole branch) gives each leaf its parameter's spec
   when it has the parameter's shape; every other leaf (step counts, hyperparameters, factored or
   stacked statistics) is replicated. `tx.init` compiles to single-device outputs (zeros do not
-  depend on the parameters), so the shardings must be stated; `optax.tree_map_params` would run
-  `init` on a placeholder, which mask and label functions that look at the leaves, and L-BFGS's
-  init, cannot take.
+  depend on the parameters), so the shardings must be stated. Not `optax.tree_map_params`: it
+  maps the specs over MaskedNode (a structure error), gives adafactor's factored rows the rank of
+  their parameter, and runs `init` on a placeholder that L-BFGS's init cannot take.
   """
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
   shapes = {path_keys(p): tuple(x.shape) for p, x in flat_params}
