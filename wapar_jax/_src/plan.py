@@ -18,7 +18,7 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import fit_check, plan_file
+from wapar_jax._src import fit_check, optimizers, plan_file
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.emit import mesh as mesh_lib
 from wapar_jax._src.emit import shardings as shardings_lib
@@ -268,7 +268,7 @@ class Plan:
       raise InvalidArgumentError(
         "this plan carries no optimizer (it was loaded from JSON): pass optimizer=. Got None."
       )
-    return optimizer
+    return optimizers.as_transformation(optimizer)
 
   def init_opt_state(self, sharded_params, optimizer=None, devices=None):
     """The optimizer state, each leaf created sharded like its parameter."""

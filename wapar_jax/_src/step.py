@@ -253,6 +253,18 @@ def loss_and_grads(
   return accumulated
 
 
+def _mean_loss(loss_fn: Callable, microbatches: int) -> Callable:
+  """`(params, batch) -> loss` as the step reports it: the float32 mean over the micro-batches."""
+  if microbatches == 1:
+    return loss_fn
+
+  def mean_loss(params, batch):
+    per_micro = lambda micro: loss_fn(params, micro).astype(jnp.float32)  # noqa: E731
+    return lax.map(per_micro, _split_microbatches(batch, microbatches)).mean()
+
+  return mean_loss
+
+
 def make_train_step(
   loss_fn: Callable[[Any, Any], jax.Array],
   optimizer: optax.GradientTransformation,
@@ -264,7 +276,8 @@ def make_train_step(
   jaxpr_cache: dict | None = None,
 ) -> Callable:
   """`(params, opt_state, batch) -> (params, opt_state, loss)`; sharding enters only through
-  `gather` and `hold_grads` (see `loss_and_grads`)."""
+  `gather` and `hold_grads` (see `loss_and_grads`). An optimizer that takes extra args is given
+  `value` (the loss), `grad` and `value_fn` (the loss of other params on this batch)."""
   grads_of = loss_and_grads(
     loss_fn,
     remat=remat,
@@ -274,9 +287,15 @@ def make_train_step(
     jaxpr_cache=jaxpr_cache,
   )
 
+  value_of = _mean_loss(loss_fn, microbatches)
+
   def train_step(params, opt_state, batch):
     loss, grads = grads_of(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    extra = {}
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+      # optax's names for what line searches (L-BFGS) and plateau schedules read.
+      extra = dict(value=loss, grad=grads, value_fn=lambda p: value_of(p, batch))
+    updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return train_step

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import optax
 
-from wapar_jax._src import compilers, search
+from wapar_jax._src import compilers, optimizers, search
 from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.plan import Plan, Prediction
@@ -52,7 +52,7 @@ def plan(
   params: Any,
   batch: Any,
   *,
-  optimizer: optax.GradientTransformation,
+  optimizer: optax.GradientTransformation | optax.MultiSteps,
   devices: int | Sequence[Any] | None = None,
   profile: str | DeviceProfile = "h100-sxm",
   objective: str = "time",
@@ -73,7 +73,7 @@ def plan(
     params: pytree of arrays or `jax.ShapeDtypeStruct` (never materialised), or an `nnx.Module`
       (e.g. from `nnx.eval_shape(lambda: Model(...))`).
     batch: pytree of arrays or `jax.ShapeDtypeStruct`; dim 0 of every leaf is the batch.
-    optimizer: the optax transformation the train step applies.
+    optimizer: the optax transformation the train step applies, or an `optax.MultiSteps`.
     devices: how many devices to plan for (real or not), or a list of jax devices. Default: all
       devices of this process. Every count up to it is considered.
     profile: a built-in profile name (see `wapar_jax.list_profiles()`), a JSON file, or a
@@ -108,11 +108,7 @@ def plan(
   t0 = time.perf_counter()
   if not callable(loss_fn):
     raise InvalidArgumentError(f"loss_fn must be callable. Got {type(loss_fn).__name__}.")
-  if not isinstance(optimizer, optax.GradientTransformation):
-    raise InvalidArgumentError(
-      "optimizer must be an optax.GradientTransformation, e.g. optax.adamw(1e-3). "
-      f"Got {type(optimizer).__name__}."
-    )
+  optimizer = optimizers.as_transformation(optimizer)
   if inputs.is_nnx_module(params):
     loss_fn, params = inputs.from_nnx(loss_fn, params)
   if not jax.tree.leaves(params):
