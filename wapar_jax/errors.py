@@ -68,5 +68,9 @@ class CorruptPlanFileError(WaparError, ValueError):
   """A plan file cannot be parsed or has the wrong version."""
 
 
+class NonFiniteValueError(WaparError, ValueError):
+  """A value to be written as JSON (a plan's prediction, say) is NaN or infinite."""
+
+
 class VerificationFailedError(WaparError, RuntimeError):
   """Compiling the plan's step for verification failed, timed out, or cannot be arranged."""

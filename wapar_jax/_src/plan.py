@@ -23,7 +23,7 @@ from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.emit import mesh as mesh_lib
 from wapar_jax._src.emit import shardings as shardings_lib
 from wapar_jax._src.emit import step as step_lib
-from wapar_jax._src.files import write_text_atomic
+from wapar_jax._src.files import dumps_strict, write_text_atomic
 from wapar_jax._src.plan_details import PlanDetails
 from wapar_jax._src.search.candidate import Candidate
 from wapar_jax._src.tree import abstract, nest, path_keys, path_str, specs_like
@@ -354,7 +354,7 @@ class Plan:
     }
     if self.details is not None:
       data["details"] = self.details.to_dict()
-    return json.dumps(data, indent=1)
+    return dumps_strict(data, "the plan", indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> Plan:
@@ -413,7 +413,8 @@ class Plan:
     )
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the plan as JSON atomically: a reader never sees half a file."""
+    """Writes the plan as JSON atomically: a reader never sees half a file, and a plan with a
+    NaN or infinite figure is refused (`NonFiniteValueError`) before anything is written."""
     write_text_atomic(path, self.to_json())
 
   @classmethod

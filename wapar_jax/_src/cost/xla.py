@@ -8,25 +8,24 @@ second planning run cost nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import warnings
-from pathlib import Path
 
 import jax
 import jax.extend as jex
 import numpy as np
 
 from wapar_jax._src.compat import analysis_dict
-from wapar_jax._src.files import write_text_atomic
+from wapar_jax._src.cost.cache import CostCache, is_cost
 from wapar_jax._src.trace import ELEMENTWISE, TracedStep
 
 _COST_FIELDS = ("flops", "bytes accessed", "transcendentals")
 # Lowered-module cost analysis undercounts these: the compiler expands them into loops whose
 # work the unexpanded op does not report (max-pool gradients: 8.5x more FLOPs once compiled).
 _COSTED_COMPILED = {"select_and_scatter_add", "select_and_gather_add"}
+# A matmul's 2MNK is under E**1.5 for its E = MK + KN + MN operand and result elements, a
+# convolution exceeds that by about its window's side and expansions such as igamma reach 2,500
+# bytes per element: a cached figure over 1e4 * (E + 1)**1.5 is a corrupt entry, not a cost.
+_CEILING_FACTOR = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,49 +46,6 @@ class StepCosts:
   @property
   def total_flops(self) -> float:
     return float(self.flops.sum())
-
-
-def _cache_path() -> Path:
-  root = os.environ.get("WAPAR_CACHE_DIR") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "wapar_jax"
-  )
-  return Path(root) / f"op_costs-jax{jax.__version__}.json"
-
-
-class CostCache:
-  """Op costs by content key; persisted as one JSON file written atomically."""
-
-  def __init__(self, path: Path | None = None, persist: bool = True):
-    self.path = path or _cache_path()
-    self.persist = persist
-    self.entries: dict[str, list[float]] = {}
-    self.dirty = False
-    if persist and self.path.exists():
-      try:
-        self.entries = json.loads(self.path.read_text())
-      except (OSError, ValueError):  # a corrupt cache is only lost time, never an error
-        self.entries = {}
-
-  @staticmethod
-  def digest(key: str) -> str:
-    return hashlib.sha1(key.encode()).hexdigest()
-
-  def get(self, key: str):
-    return self.entries.get(self.digest(key))
-
-  def put(self, key: str, value) -> None:
-    self.entries[self.digest(key)] = list(value)
-    self.dirty = True
-
-  def save(self) -> None:
-    if not (self.persist and self.dirty):
-      return
-    try:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      write_text_atomic(self.path, json.dumps(self.entries))
-      self.dirty = False
-    except OSError as e:
-      warnings.warn(f"could not write the op-cost cache {self.path}: {e}", stacklevel=2)
 
 
 def _fallback_cost(eqn) -> tuple[float, float, float]:
@@ -139,9 +95,14 @@ def _xla_cost(eqn) -> tuple[float, float, float]:
     analysis = analysis_dict(lowered.cost_analysis())
   except Exception:  # any primitive XLA refuses on its own is costed by the fallback
     return _fallback_cost(eqn)
-  if not analysis:
-    return _fallback_cost(eqn)
-  return tuple(float(analysis.get(k, 0.0)) for k in _COST_FIELDS)
+  cost = tuple(float(analysis.get(k, 0.0)) for k in _COST_FIELDS) if analysis else None
+  return cost if is_cost(cost) else _fallback_cost(eqn)
+
+
+def _cost_ceiling(eqn, scale: int) -> float:
+  """The most `eqn`'s cached cost may be, per `scale` elements (see the constant)."""
+  elements = sum(math.prod(getattr(v.aval, "shape", ())) for v in (*eqn.invars, *eqn.outvars))
+  return _CEILING_FACTOR * (elements / scale + 1) ** 1.5
 
 
 def _elementwise_key(op) -> tuple[str, int] | None:
@@ -183,7 +144,7 @@ def step_costs(traced: TracedStep, cache: CostCache | None = None, progress=None
       continue
     scalable = _elementwise_key(op)
     cache_key, scale = scalable if scalable else (key, 1)
-    hit = cache.get(cache_key)
+    hit = cache.get(cache_key, ceiling=_cost_ceiling(op.eqn, scale))
     if hit is None:
       hit = [x / scale for x in _xla_cost(op.eqn)]
       cache.put(cache_key, hit)

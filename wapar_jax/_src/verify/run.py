@@ -6,13 +6,14 @@ in a child process (`wapar_jax._src.verify.child`) started with that many virtua
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -241,29 +242,44 @@ def _verify_in_child(
   plan, profile, workload, loss_fn, optimizer, params, batch, timeout, started
 ) -> Verification:
   request = _child_request(plan, profile, workload, loss_fn, optimizer, params, batch)
-  with tempfile.TemporaryDirectory(prefix="wapar-verify-") as tmp:
-    req_path, out_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
-    with open(req_path, "w") as f:
-      json.dump(request, f)
-    cmd = [sys.executable, "-m", "wapar_jax._src.verify.child", req_path, out_path]
-    try:
-      done = subprocess.run(
-        cmd, env=_child_env(plan.num_devices), capture_output=True, text=True, timeout=timeout
-      )
-    except subprocess.TimeoutExpired:
-      raise VerificationFailedError(
-        f"the verify child process compiling mesh {dict(plan.mesh_shape)} did not finish in "
-        f"{timeout:.0f} s; pass a larger timeout=, or verify in a process with "
-        f"{plan.num_devices} CPU devices. Got a timeout after {timeout:.0f} s."
-      ) from None
-    if done.returncode != 0 or not os.path.exists(out_path):
-      tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-      raise VerificationFailedError(
-        f"the verify child process for mesh {dict(plan.mesh_shape)} failed (exit "
-        f"{done.returncode}). Its last lines:\n{tail}\nGot exit code {done.returncode}."
-      )
-    with open(out_path) as f:
-      result = Verification.from_dict(json.load(f))
+  # The request (the pickled loss among it) goes in on stdin and the result comes back on
+  # stdout, so nothing is left on disk whichever process is killed; its own session lets the
+  # child be killed as a group, and it kills itself if this process dies (see child.py).
+  child = subprocess.Popen(
+    [sys.executable, "-m", "wapar_jax._src.verify.child", str(os.getpid())],
+    env=_child_env(plan.num_devices),
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  try:
+    out, err = child.communicate(json.dumps(request), timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise VerificationFailedError(
+      f"the verify child process compiling mesh {dict(plan.mesh_shape)} did not finish in "
+      f"{timeout:.0f} s; pass a larger timeout=, or verify in a process with "
+      f"{plan.num_devices} CPU devices. Got a timeout after {timeout:.0f} s."
+    ) from None
+  finally:
+    _end(child)
+  lines = out.strip().splitlines()
+  if child.returncode != 0 or not lines:
+    tail = "\n".join(err.strip().splitlines()[-15:])
+    raise VerificationFailedError(
+      f"the verify child process for mesh {dict(plan.mesh_shape)} failed (exit "
+      f"{child.returncode}). Its last lines:\n{tail}\nGot exit code {child.returncode}."
+    )
+  result = Verification.from_dict(json.loads(lines[-1]))
   return dataclasses.replace(
     result, verify_seconds=time.perf_counter() - started, child_process=True
   )
+
+
+def _end(child: subprocess.Popen) -> None:
+  """Kills `child`'s process group if it still runs (a timeout, an interrupt), and reaps it."""
+  if child.poll() is None:
+    with contextlib.suppress(ProcessLookupError):  # it exited since poll()
+      os.killpg(child.pid, signal.SIGKILL)
+    child.communicate()
