@@ -14,7 +14,7 @@ from wapar_jax._src import compilers, optimizers, search
 from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.plan import Plan, Prediction
-from wapar_jax._src.planner import details, inputs, levers
+from wapar_jax._src.planner import details, inputs, levers, pipelines
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
 from wapar_jax._src.step import REMAT_CHOICES, has_layers
@@ -79,7 +79,9 @@ def plan(
     profile: a built-in profile name (see `wapar_jax.list_profiles()`), a JSON file, or a
       `DeviceProfile`.
     objective: "time" (step time) or "energy" (joules per step over the devices used).
-    strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "tp", "dp_tp".
+    strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "hsdp", "tp",
+      "dp_tp", or "pp" (a pipeline of the loss's layers over a stage axis, with any of the
+      data / tensor families inside each stage).
     memory_headroom: fraction of device memory kept free: fragmentation, runtime buffers and the
       memory model's error (its accuracy is in benchmarks/results/suite.md).
     all_devices: only consider using every device offered.
@@ -162,7 +164,7 @@ def plan(
           space,
           device_profile,
           max_devices,
-          strategy=strategy,
+          strategy="auto" if strategy == "pp" else strategy,
           objective=objective,
           memory_headroom=memory_headroom,
           all_devices=all_devices,
@@ -201,17 +203,57 @@ def plan(
       break
   for variant in levers.speed_variants(traced, remat, microbatches, results):
     results[variant] = run(variant)
-  ranked = sorted((c for r in results.values() for c in r[3]), key=search.rank_key(objective))
+  ranked = [c for r in results.values() for c in r[3]]
+  found = None
+  if strategy in ("auto", "pp") and remat in (None, "layers") and microbatches in (None, 1):
+    t_pipe = time.perf_counter()
+    if has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache):
+      if pipelines.STACK_VARIANT not in results:
+        results[pipelines.STACK_VARIANT] = run(pipelines.STACK_VARIANT)
+      found = pipelines.search_pipelines(
+        loss_fn,
+        abstract_params,
+        abstract_batch,
+        optimizer,
+        results[pipelines.STACK_VARIANT][3],
+        profile=device_profile,
+        max_devices=max_devices,
+        all_devices=all_devices,
+        objective=objective,
+        memory_headroom=memory_headroom,
+        rules=rules,
+        cache=cache,
+      )
+    if found is not None:
+      ranked += found.candidates
+    timings["pipeline_seconds"] = time.perf_counter() - t_pipe
+  if strategy == "pp":
+    ranked = [c for c in ranked if c.stages > 1]
+    if not ranked:
+      raise InvalidArgumentError(
+        "no pipeline plan exists for this loss: a pipeline needs a stack of identical layers "
+        "(a scan over layers, or a Python loop of blocks) passing on arrays with the batch's "
+        f"rows, two or more devices, and a batch that splits over them. Use strategy='auto'. "
+        f"Got devices={max_devices}."
+      )
+  ranked = sorted(ranked, key=search.rank_key(objective))
   best = ranked[0]
-  traced, costs, space, _ = results[(best.remat, best.microbatches)]
+  variant = pipelines.STACK_VARIANT if best.stages > 1 else (best.remat, best.microbatches)
+  traced, costs, space, _ = results[variant]
   if not best.fits:
     closest = min(ranked, key=lambda c: c.peak_memory)
     raise NoFeasiblePlanError(
       levers.no_fit_message(space, closest, budget, device_profile, param_paths), closest
     )
 
-  p_specs, o_specs, b_specs = search.specs_for(space, best)
   p_keys = leaf_paths(abstract_params)
+  stage_layout = None
+  if best.stages > 1:
+    stage_layout, p_specs, o_specs, b_specs = pipelines.pipeline_specs(
+      found, space, best, len(p_keys)
+    )
+  else:
+    p_specs, o_specs, b_specs = search.specs_for(space, best)
   b_keys = leaf_paths(abstract_batch)
   flat_p = dict(zip(p_keys, p_specs))
   flat_o = dict(zip(p_keys, o_specs))
@@ -250,4 +292,5 @@ def plan(
     _device_list=device_list,
     memory_decision=levers.memory_decision(ranked, best, objective),
     details=details.build(space, best, device_profile, abstract_params, abstract_batch, p_specs),
+    pipeline=stage_layout,
   )
