@@ -198,3 +198,15 @@ def test_explain_and_maxtext_know_the_stage_axis():
   assert stages == plan.pipeline.stages
   assert config["num_pipeline_microbatches"] == plan.pipeline.microbatches
   assert config["num_pipeline_repeats"] == plan.pipeline.repeats
+
+
+def test_stages_fixes_or_forbids_the_pipeline():
+  ex, _, _ = _inputs("scan", batch_size=16)
+  kw = dict(optimizer=optax.sgd(0.1), devices=8, profile="titanxp-pcie")
+  assert wap.plan(ex.loss_fn, ex.params, ex.batch, stages=4, **kw).chosen.stages == 4
+  none = wap.plan(ex.loss_fn, ex.params, ex.batch, stages=1, **kw)
+  assert none.pipeline is None and all(c.stages == 1 for c in none.candidates)
+  with pytest.raises(errors.InvalidArgumentError, match="stages must be"):
+    wap.plan(ex.loss_fn, ex.params, ex.batch, stages=0, **kw)
+  with pytest.raises(errors.InvalidArgumentError, match="no pipeline plan"):
+    wap.plan(ex.loss_fn, ex.params, ex.batch, stages=3, **kw)

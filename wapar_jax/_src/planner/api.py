@@ -64,6 +64,7 @@ def plan(
   remat: str | None = None,
   microbatches: int | None = None,
   memory_rules: str = "profile",
+  stages: int | None = None,
 ) -> Plan:
   """Plans how to shard a single-device train step.
 
@@ -95,6 +96,8 @@ def plan(
       compiler that runs the profile's devices (GPU XLA for GPU profiles, TPU XLA for TPU
       ones, XLA:CPU for CPU ones), or a compiler's name ("xla:gpu", "xla:tpu", "xla:cpu"),
       e.g. "xla:cpu" to plan a step that `plan.verify()` on CPU devices can show fits.
+    stages: pipeline stages: 1 for no pipeline, k for exactly k; default searched (with any
+      strategy that allows one: "auto" and "pp").
 
   Returns:
     A frozen `Plan`.
@@ -124,6 +127,8 @@ def plan(
     raise InvalidArgumentError(
       f"microbatches must be a positive int or None. Got {microbatches!r}."
     )
+  if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+    raise InvalidArgumentError(f"stages must be a positive int or None. Got {stages!r}.")
   max_devices, device_list = inputs.device_count(devices)
   device_profile = load_profile(profile)
   rules = _compiler_rules(memory_rules, device_profile)
@@ -205,7 +210,8 @@ def plan(
     results[variant] = run(variant)
   ranked = [c for r in results.values() for c in r[3]]
   found = None
-  if strategy in ("auto", "pp") and remat in (None, "layers") and microbatches in (None, 1):
+  pipelines_allowed = strategy in ("auto", "pp") and stages != 1
+  if pipelines_allowed and remat in (None, "layers") and microbatches in (None, 1):
     t_pipe = time.perf_counter()
     if has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache):
       if pipelines.STACK_VARIANT not in results:
@@ -227,15 +233,18 @@ def plan(
     if found is not None:
       ranked += found.candidates
     timings["pipeline_seconds"] = time.perf_counter() - t_pipe
+  if stages is not None:
+    ranked = [c for c in ranked if c.stages == stages]
   if strategy == "pp":
     ranked = [c for c in ranked if c.stages > 1]
-    if not ranked:
-      raise InvalidArgumentError(
-        "no pipeline plan exists for this loss: a pipeline needs a stack of identical layers "
-        "(a scan over layers, or a Python loop of blocks) passing on arrays with the batch's "
-        f"rows, two or more devices, and a batch that splits over them. Use strategy='auto'. "
-        f"Got devices={max_devices}."
-      )
+  if not ranked:
+    raise InvalidArgumentError(
+      "no pipeline plan exists for this loss: a pipeline needs a stack of identical layers "
+      "(a scan over layers, or a Python loop of blocks) passing on arrays with the batch's "
+      "rows, and stages x repeats dividing the layers, two or more devices, and a batch that "
+      f"splits over them. Plan with stages=None or strategy='auto'. Got devices={max_devices}, "
+      f"stages={stages}, strategy={strategy!r}."
+    )
   ranked = sorted(ranked, key=search.rank_key(objective))
   best = ranked[0]
   variant = pipelines.STACK_VARIANT if best.stages > 1 else (best.remat, best.microbatches)

@@ -131,13 +131,19 @@ def price_pipeline(
   layer_internals = max(stack_act - stack_params - stack.layers * rows_bytes, 0.0)
   per_chunk = stack.layers // (s * r)
   buffers = (3 if r > 1 else 2) * rows_bytes  # micro-batched input, outputs (, circulated)
-  activations = (
-    rest_wide.activation_memory
-    + stack_params / s * (1 + 1 / r)  # the stage's gradient, and one chunk's being added in
+  stage_params = stack_params / s
+  # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
+  # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
+  gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
+  backward = (
+    gradients
     + iterations * act  # each iteration's chunk input, kept for the backward pass
     + buffers
     + per_chunk * layer_internals / m  # one chunk's layers recomputed for one micro-batch
   )
+  # After the loop: the gradient, and under ZeRO-1 the updated parameters gathered.
+  update = stage_params * (2 if base.storage == "zero1" else 1)
+  activations = rest_wide.activation_memory + max(backward, update)
   peak = param_memory + opt_memory + activations
   step_time = compute_time + comm_time
   d = base.devices * s
