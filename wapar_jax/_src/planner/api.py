@@ -195,20 +195,8 @@ def plan(
       "cost analysis). Check the plan with plan.explain().",
       stacklevel=2,
     )
-  for variant in levers.memory_variants(
-    results[first][3],
-    remat,
-    microbatches,
-    objective,
-    lambda: has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache),
-    search.batch_size_of(results[first][2]),
-  ):
-    results[variant] = run(variant)
-    if levers.enough_variants(results, objective):
-      break
-  for variant in levers.speed_variants(traced, remat, microbatches, results):
-    results[variant] = run(variant)
-  ranked = [c for r in results.values() for c in r[3]]
+  # Pipelines first: they are priced on the per-layer remat variant, itself a memory lever, and
+  # a pipeline that fits can end the search for levers early.
   found = None
   pipelines_allowed = strategy in ("auto", "pp") and stages != 1
   if pipelines_allowed and remat in (None, "layers") and microbatches in (None, 1):
@@ -230,9 +218,28 @@ def plan(
         rules=rules,
         cache=cache,
       )
-    if found is not None:
-      ranked += found.candidates
     timings["pipeline_seconds"] = time.perf_counter() - t_pipe
+  staged = list(found.candidates) if found is not None else []
+
+  def searched():  # the pipelines as one more variant: a fit within 5% of the optimum, not a lever
+    return {**results, ("stages", 0): (None, None, None, staged)}
+
+  for variant in levers.memory_variants(
+    results[first][3] + staged,
+    remat,
+    microbatches,
+    objective,
+    lambda: has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache),
+    search.batch_size_of(results[first][2]),
+  ):
+    if variant in results:
+      continue
+    results[variant] = run(variant)
+    if levers.enough_variants(searched(), objective):
+      break
+  for variant in levers.speed_variants(traced, remat, microbatches, results):
+    results[variant] = run(variant)
+  ranked = [c for r in results.values() for c in r[3]] + staged
   if stages is not None:
     ranked = [c for c in ranked if c.stages == stages]
   if strategy == "pp":
