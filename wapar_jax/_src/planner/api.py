@@ -252,7 +252,7 @@ def plan(
       f"splits over them. Plan with stages=None or strategy='auto'. Got devices={max_devices}, "
       f"stages={stages}, strategy={strategy!r}."
     )
-  ranked = sorted(ranked, key=search.rank_key(objective))
+  ranked = pipelines.ranked_with_margin(ranked, objective, strategy == "pp" or stages is not None)
   best = ranked[0]
   variant = pipelines.STACK_VARIANT if best.stages > 1 else (best.remat, best.microbatches)
   traced, costs, space, _ = results[variant]

@@ -25,6 +25,10 @@ from wapar_jax.errors import IndivisibleBatchError
 
 # The per-layer remat variant a pipeline's stack is priced with: a stage rematerialises its chunk.
 STACK_VARIANT = ("layers", 1)
+# A pipeline is chosen over the best plan without one only when predicted this much better: its
+# predictions run 0-28% under the compiled steps where the other families' run 5-31% over
+# (benchmarks/results/pipeline.md), so a closer call is not one the model can make.
+PIPELINE_MARGIN = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +111,19 @@ def search_pipelines(
       for r, m in pricing.schedules(stack.length, s, batch_rows // base.data):
         found.append(pricing.price_pipeline(base, here, wide, shape, profile, s, r, m, budget))
   return PipelineSearch(stack, shape, rest_leaves, rest_space, rest, tuple(found))
+
+
+def ranked_with_margin(ranked, objective: str, pipelines_asked: bool) -> list[Candidate]:
+  """Candidates ranked, a fitting pipeline first only when it beats the best fitting plan
+  without one by `PIPELINE_MARGIN` (unless pipelines were asked for)."""
+  ranked = sorted(ranked, key=search.rank_key(objective))
+  if pipelines_asked or not ranked or ranked[0].stages == 1 or not ranked[0].fits:
+    return ranked
+  value = search.rank_value(objective)
+  flat = next((c for c in ranked if c.stages == 1 and c.fits), None)
+  if flat is None or value(ranked[0]) * (1 + PIPELINE_MARGIN) <= value(flat):
+    return ranked
+  return [flat] + [c for c in ranked if c is not flat]
 
 
 def _widened(spec: P, data: int) -> P:
