@@ -195,8 +195,7 @@ def plan(
       "cost analysis). Check the plan with plan.explain().",
       stacklevel=2,
     )
-  # Pipelines first: they are priced on the per-layer remat variant, itself a memory lever, and
-  # a pipeline that fits can end the search for levers early.
+  # Pipelines first: they are priced on the per-layer remat variant, itself a memory lever.
   found = None
   pipelines_allowed = strategy in ("auto", "pp") and stages != 1
   if pipelines_allowed and remat in (None, "layers") and microbatches in (None, 1):
@@ -220,12 +219,10 @@ def plan(
       )
     timings["pipeline_seconds"] = time.perf_counter() - t_pipe
   staged = list(found.candidates) if found is not None else []
-
-  def searched():  # the pipelines as one more variant: a fit within 5% of the optimum, not a lever
-    return {**results, ("stages", 0): (None, None, None, staged)}
-
+  # The levers are searched as without pipelines: a pipeline is chosen only by a margin over
+  # the best plan without one (`pipelines.ranked_with_margin`), which must be found first.
   for variant in levers.memory_variants(
-    results[first][3] + staged,
+    results[first][3],
     remat,
     microbatches,
     objective,
@@ -235,7 +232,7 @@ def plan(
     if variant in results:
       continue
     results[variant] = run(variant)
-    if levers.enough_variants(searched(), objective):
+    if levers.enough_variants(results, objective):
       break
   for variant in levers.speed_variants(traced, remat, microbatches, results):
     results[variant] = run(variant)
