@@ -5,9 +5,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import json
 import math
 import time
+import warnings
 
+import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -15,10 +19,12 @@ import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src.compilers import XLA_GPU
 from wapar_jax._src.cost.xla import CostCache, step_costs
+from wapar_jax._src.planner import api
 from wapar_jax._src.search import space as space_lib
 from wapar_jax._src.search import sweep
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import leaf_paths, path_str
+from wapar_jax.errors import InvalidArgumentError
 
 TX = optax.adamw(1e-3)
 
@@ -98,6 +104,7 @@ def test_planning_a_million_devices_answers_in_seconds(gpt_tiny):
     gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=1024, cache=False
   )
   assert plan.chosen == small.chosen  # batch 96 splits no further than 1024 devices reach
+  assert plan.stats["device_counts_in_sweep"] < 100
 
 
 def test_a_past_deadline_prices_until_one_candidate_fits(tiny_space):
@@ -108,3 +115,55 @@ def test_a_past_deadline_prices_until_one_candidate_fits(tiny_space):
   assert cut.cut_short and cut.counts_priced == 1  # one device fits gpt-tiny
   assert cut.counts == full.counts
   assert all(c in full.ranked for c in cut.ranked)
+
+
+def test_max_seconds_returns_the_best_plan_so_far_and_says_how_much_ran(gpt_tiny):
+  args = (gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch)
+  with pytest.warns(UserWarning, match=r"cut short by max_seconds=1e-06 .* priced 1 of \d+"):
+    plan = wap.plan(*args, optimizer=TX, devices=1024, max_seconds=1e-6)
+  assert plan.stats["device_counts_priced"] < plan.stats["device_counts_in_sweep"]
+  assert plan.chosen.fits
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # in time: no warning
+    full = wap.plan(*args, optimizer=TX, devices=1024, max_seconds=600)
+  assert full.stats["device_counts_priced"] == full.stats["device_counts_in_sweep"]
+  assert full.chosen.step_time <= plan.chosen.step_time
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "10", True])
+def test_max_seconds_must_be_a_positive_number(gpt_tiny, bad):
+  with pytest.raises(InvalidArgumentError, match="max_seconds must be a positive number"):
+    wap.plan(
+      gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=8, max_seconds=bad
+    )
+
+
+def test_large_problems_are_warned_of_before_the_long_part(gpt_tiny, monkeypatch):
+  monkeypatch.setattr(api, "LARGE_PARAM_LEAVES", 10)
+  monkeypatch.setattr(api, "LARGE_SEARCH_CANDIDATES", 10)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=64)
+  messages = [str(w.message) for w in caught]
+  assert any("leaves: JAX traces the loss" in m for m in messages)
+  assert any("prices about" in m and "max_seconds" in m for m in messages)
+
+
+def test_many_tiny_parameters_plan_without_per_leaf_search_costs():
+  # 2,000 float32[4] leaves summed into a loss: the search and the plan's details are grouped
+  # over leaves (numpy over all of them at once), so they cost a small part of the trace.
+  params = {f"p{i:04d}": jax.ShapeDtypeStruct((4,), jnp.float32) for i in range(2000)}
+  batch = {"x": jax.ShapeDtypeStruct((8, 4), jnp.float32)}
+  loss_fn = lambda p, b: sum(jnp.sum(b["x"] * v) for v in p.values())
+  plan = wap.plan(loss_fn, params, batch, optimizer=TX, devices=8, cache=False)
+  assert plan.stats["search_seconds"] < 0.5 * plan.stats["trace_seconds"]
+
+
+def test_the_cli_passes_max_seconds_through(capsys):
+  from wapar_jax.cli import main
+
+  with pytest.warns(UserWarning, match="cut short by max_seconds"):
+    code = main(["plan", "gpt-tiny", "--devices", "1024", "--max-seconds", "1e-6", "--json"])
+  assert code == 0
+  stats = json.loads(capsys.readouterr().out)["stats"]
+  assert stats["device_counts_priced"] < stats["device_counts_in_sweep"]

@@ -24,6 +24,10 @@ from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError, NoFeas
 
 # Candidates kept on the Plan besides the best one per device count.
 KEPT_CANDIDATES = 20
+# Problems this large are warned about before the long part starts: parameter leaves (the trace
+# is leaf by leaf) and candidates the search would price.
+LARGE_PARAM_LEAVES = 5_000
+LARGE_SEARCH_CANDIDATES = 100_000
 
 
 def _compiler_rules(memory_rules: str, profile: DeviceProfile) -> CompilerRules:
@@ -64,6 +68,7 @@ def plan(
   remat: str | None = None,
   microbatches: int | None = None,
   memory_rules: str = "profile",
+  max_seconds: float | None = None,
 ) -> Plan:
   """Plans how to shard a single-device train step.
 
@@ -93,6 +98,12 @@ def plan(
       compiler that runs the profile's devices (GPU XLA for GPU profiles, TPU XLA for TPU
       ones, XLA:CPU for CPU ones), or a compiler's name ("xla:gpu", "xla:tpu", "xla:cpu"),
       e.g. "xla:cpu" to plan a step that `plan.verify()` on CPU devices can show fits.
+    max_seconds: a bound on planning time, counted from the call: past it the search stops
+      once a candidate that fits was found, and the best plan so far is returned with a
+      warning saying how much was searched. Tracing and costing the plain step always finish
+      (no plan exists without them), and the search finishes the device count it is pricing,
+      so the call returns within max_seconds plus the time to price one device count (well
+      under a second) unless tracing alone takes longer. None (default): no limit.
 
   Returns:
     A frozen `Plan`.
@@ -123,15 +134,19 @@ def plan(
       f"microbatches must be a positive int or None. Got {microbatches!r}."
     )
   max_devices, device_list = inputs.device_count(devices)
+  deadline = None if max_seconds is None else t0 + inputs.positive_seconds(max_seconds)
   device_profile = load_profile(profile)
   rules = _compiler_rules(memory_rules, device_profile)
 
   abstract_params, abstract_batch = abstract(params), abstract(batch)
+  _warn_if_many_leaves(len(jax.tree.leaves(abstract_params)))
   phase = (lambda name, items: items) if progress is None else progress
   param_paths = [path_str(k) for k in leaf_paths(abstract_params)]
   budget = device_profile.memory_bytes * (1 - memory_headroom)
   timings = {"trace_seconds": 0.0, "cost_seconds": 0.0, "search_seconds": 0.0}
   jaxpr_cache: dict = {}
+  # Per variant searched: (device counts of its sweep, device counts priced).
+  coverage: dict[tuple[str, int], tuple[int, int]] = {}
 
   def run(variant: tuple[str, int]):
     remat_choice, k = variant
@@ -156,9 +171,11 @@ def plan(
     space = search.build_space(
       traced, costs, param_paths, rules=rules, remat=remat_choice, microbatches=k
     )
+    if deadline is None and variant == first:
+      _warn_if_large_search(space, max_devices, all_devices)
     try:
       for _ in phase("search", [space]):
-        ranked = search.search(
+        searched = search.search_until(
           space,
           device_profile,
           max_devices,
@@ -166,7 +183,10 @@ def plan(
           objective=objective,
           memory_headroom=memory_headroom,
           all_devices=all_devices,
+          deadline=deadline,
         )
+      ranked = searched.ranked
+      coverage[variant] = (searched.counts, searched.counts_priced)
     except IndivisibleBatchError:
       if variant == (remat or "none", microbatches or 1):
         raise
@@ -177,6 +197,13 @@ def plan(
     return traced, costs, space, ranked
 
   first = (remat or "none", microbatches or 1)
+  # Past the deadline no further variant is started once one candidate fits.
+  stop = lambda: (
+    deadline is not None
+    and time.perf_counter() > deadline
+    and any(c.fits for r in results.values() for c in r[3])
+  )
+  skipped = []
   results = {first: run(first)}
   traced = results[first][0]
   if traced.unknown_primitives:
@@ -196,11 +223,20 @@ def plan(
     lambda: has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache),
     search.batch_size_of(results[first][2]),
   ):
+    if stop():
+      skipped.append("the remaining memory levers (remat, gradient accumulation)")
+      break
     results[variant] = run(variant)
     if levers.enough_variants(results, objective):
       break
   for variant in levers.speed_variants(traced, remat, microbatches, results):
+    if stop():
+      skipped.append("per-layer remat for speed")
+      break
     results[variant] = run(variant)
+  cut = {v: c for v, c in coverage.items() if c[1] < c[0]}
+  if cut or skipped:
+    _warn_cut_short(max_seconds, time.perf_counter() - t0, cut, skipped)
   ranked = sorted((c for r in results.values() for c in r[3]), key=search.rank_key(objective))
   best = ranked[0]
   traced, costs, space, _ = results[(best.remat, best.microbatches)]
@@ -237,6 +273,8 @@ def plan(
       "unique_ops": costs.unique_ops,
       "lowered_ops": costs.lowered_ops,
       "candidates_evaluated": len(ranked),
+      "device_counts_in_sweep": sum(c[0] for c in coverage.values()),
+      "device_counts_priced": sum(c[1] for c in coverage.values()),
       "total_flops": costs.total_flops,
       "nodes": -(-best.devices // device_profile.devices_per_node),  # the fewest that hold it
     },
@@ -250,4 +288,42 @@ def plan(
     _device_list=device_list,
     memory_decision=levers.memory_decision(ranked, best, objective),
     details=details.build(space, best, device_profile, abstract_params, abstract_batch, p_specs),
+  )
+
+
+def _warn_if_many_leaves(leaves: int) -> None:
+  if leaves >= LARGE_PARAM_LEAVES:
+    warnings.warn(
+      f"params has {leaves} leaves: JAX traces the loss, its gradient and the optimizer update "
+      "leaf by leaf, so planning takes about 2 ms a leaf here before the search starts "
+      "(max_seconds bounds the search, not the trace). Stack the parameters of repeated "
+      "layers (nn.scan, nnx.vmap) or concatenate small ones to plan in seconds.",
+      stacklevel=3,
+    )
+
+
+def _warn_if_large_search(space, max_devices: int, all_devices: bool) -> None:
+  candidates = search.sweep_size(space, max_devices, all_devices)
+  if candidates >= LARGE_SEARCH_CANDIDATES:
+    warnings.warn(
+      f"the search for up to {max_devices} devices prices about {candidates} candidates "
+      "(device counts x model degrees x model-split group sets x state storages), about a "
+      "millisecond each. Pass max_seconds= to plan() (--max-seconds) to bound it.",
+      stacklevel=4,
+    )
+
+
+def _warn_cut_short(max_seconds, elapsed: float, cut: dict, skipped: list[str]) -> None:
+  """Says that max_seconds cut the search short, and how much of it ran."""
+  parts = [
+    f"priced {priced} of {counts} device counts of the step with remat {v[0]} and {v[1]} "
+    "micro-batch(es) (powers of two first)"
+    for v, (counts, priced) in cut.items()
+  ]
+  parts += [f"skipped {what}" for what in skipped]
+  warnings.warn(
+    f"planning was cut short by max_seconds={max_seconds} after {elapsed:.1f} s: the search "
+    f"{'; '.join(parts)}. The plan is the best found so far; raise max_seconds, or leave it "
+    "None, for the full search.",
+    stacklevel=3,
   )
