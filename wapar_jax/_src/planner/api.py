@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +53,29 @@ def _kept(ranked: Sequence[Candidate]) -> tuple[Candidate, ...]:
   return tuple(c for c in ranked if id(c) in keep)
 
 
+def _cyclic_gc_paused(fn: Callable) -> Callable:
+  """`fn` run with Python's cyclic garbage collector paused, then restored as it was.
+
+  Tracing a step makes millions of long-lived objects (equations, tracebacks, avals) that each
+  full collection scans again while collecting almost nothing (25 collections, 30 objects for
+  10,000 tiny parameters): a third of planning time (36 s -> 24 s; gpt2-small 1.25 s -> 0.8 s),
+  with the same peak memory, since reference counting frees nearly all of it.
+  """
+
+  @functools.wraps(fn)
+  def paused(*args, **kwargs):
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      if enabled:
+        gc.enable()
+
+  return paused
+
+
+@_cyclic_gc_paused
 def plan(
   loss_fn: Callable,
   params: Any,
