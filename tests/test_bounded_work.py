@@ -22,6 +22,7 @@ from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.planner import api
 from wapar_jax._src.search import space as space_lib
 from wapar_jax._src.search import sweep
+from wapar_jax._src.step import make_train_step
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import leaf_paths, path_str
 from wapar_jax.errors import InvalidArgumentError
@@ -149,14 +150,20 @@ def test_large_problems_are_warned_of_before_the_long_part(gpt_tiny, monkeypatch
   assert any("prices about" in m and "max_seconds" in m for m in messages)
 
 
-def test_many_tiny_parameters_plan_without_per_leaf_search_costs():
-  # 2,000 float32[4] leaves summed into a loss: the search and the plan's details are grouped
-  # over leaves (numpy over all of them at once), so they cost a small part of the trace.
-  params = {f"p{i:04d}": jax.ShapeDtypeStruct((4,), jnp.float32) for i in range(2000)}
+def test_many_tiny_parameters_plan_about_as_fast_as_jax_traces_their_step():
+  # 1,000 float32[4] leaves summed into a loss: 27,000 equations. Before: 2.4x the time jax
+  # takes to trace the plain step (the gradient rebound equation by equation, full garbage
+  # collections over every equation, per-op text and numpy indexing); now 1.3x.
+  params = {f"p{i:04d}": jax.ShapeDtypeStruct((4,), jnp.float32) for i in range(1000)}
   batch = {"x": jax.ShapeDtypeStruct((8, 4), jnp.float32)}
   loss_fn = lambda p, b: sum(jnp.sum(b["x"] * v) for v in p.values())
-  plan = wap.plan(loss_fn, params, batch, optimizer=TX, devices=8, cache=False)
-  assert plan.stats["search_seconds"] < 0.5 * plan.stats["trace_seconds"]
+  t0 = time.perf_counter()
+  state = jax.eval_shape(TX.init, params)
+  jax.make_jaxpr(make_train_step(loss_fn, TX))(params, state, batch)
+  jax_seconds = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  wap.plan(loss_fn, params, batch, optimizer=TX, devices=8, cache=False)
+  assert time.perf_counter() - t0 < 1.8 * jax_seconds
 
 
 def test_the_cli_passes_max_seconds_through(capsys):
