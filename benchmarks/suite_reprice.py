@@ -45,7 +45,8 @@ def _predicted(ex, tx, profile, strategy: str, devices: int) -> dict | None:
     return None
   p = plan.predicted
   figures = {f: getattr(p, f) for f in FIGURES}
-  figures["peak_memory"] = peak_under(plan, XLA_CPU, profile)
+  peak = peak_under(plan, XLA_CPU, profile)  # None for a pipeline: its own figure then
+  figures["peak_memory"] = p.peak_memory if peak is None else peak
   return {"figures": figures, "mesh": dict(plan.mesh_shape), "strategy": plan.strategy}
 
 

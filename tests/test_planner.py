@@ -298,4 +298,16 @@ def test_a_scan_over_layers_is_also_planned_rematerialised_for_speed():
   plan = wap.plan(
     unrolled.loss_fn, unrolled.params, unrolled.batch, optimizer=optax.adamw(1e-3), devices=8
   )
+  # Its per-layer remat variant is searched only to price pipelines on (their stages remat).
+  assert plan.stats["variants_searched"] == 2
+  staged = [c for c in plan.candidates if c.stages > 1]
+  assert all(c.remat == "layers" for c in staged)
+  plan = wap.plan(
+    unrolled.loss_fn,
+    unrolled.params,
+    unrolled.batch,
+    optimizer=optax.adamw(1e-3),
+    devices=8,
+    strategy="zero1",
+  )
   assert plan.stats["variants_searched"] == 1

@@ -87,6 +87,7 @@ def _make_plan(args):
     progress=_progress(args),
     remat=args.remat,
     microbatches=args.microbatches,
+    stages=args.stages,
     memory_rules=args.memory_rules,
     max_seconds=args.max_seconds,
     **headroom,
@@ -298,6 +299,11 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
     "--microbatches",
     type=int,
     help="force gradient-accumulation micro-batches (default: searched likewise)",
+  )
+  p.add_argument(
+    "--stages",
+    type=int,
+    help="pipeline stages: 1 for none, k for exactly k (default: searched)",
   )
   p.add_argument(
     "--max-seconds",

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from wapar_jax._src import fit_check, optimizers, plan_file
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.emit import mesh as mesh_lib
+from wapar_jax._src.emit import pipeline as pipeline_lib
 from wapar_jax._src.emit import shardings as shardings_lib
 from wapar_jax._src.emit import step as step_lib
 from wapar_jax._src.files import dumps_strict, write_text_atomic
@@ -32,9 +33,11 @@ from wapar_jax._src.views import export, plots
 from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError, PlanMismatchError
 
 # 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). 3: predictions under
-# the rules of the profile's compiler only (the XLA:CPU figure is verify's). 1 and 2 are read too.
-PLAN_FORMAT_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+# the rules of the profile's compiler only (the XLA:CPU figure is verify's). 4: adds "pipeline"
+# (the stage layout) and the candidates' stages, repeats and stage micro-batches. Older
+# versions are read too.
+PLAN_FORMAT_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,9 @@ class Plan:
     details: leaf shapes / dtypes, dimension groups, hot spots and memory terms
       (`PlanDetails`); None for a version-1 plan file.
     stats: how planning went (seconds per phase, equations, candidates); not part of equality.
+    pipeline: for a pipeline plan, which layers each stage holds (`StageLayout`); its train
+      step, `shard`, `init_params` and `init_opt_state` work on the parameters stored by stage
+      (`{"stages": [...], "rest": [...]}`); `user_params` gives them back in the user's tree.
   """
 
   mesh_shape: Mapping[str, int]
@@ -144,6 +150,8 @@ class Plan:
   details: PlanDetails | None = dataclasses.field(default=None, repr=False)
   # Which memory term ruled out faster plans and which levers made this one fit ("" if none).
   memory_decision: str = ""
+  # A pipeline plan's stage layout: its step takes the layers' parameters stacked by stage.
+  pipeline: pipeline_lib.StageLayout | None = None
 
   @property
   def num_devices(self) -> int:
@@ -227,10 +235,40 @@ class Plan:
     """
     self.check_fits(params)
     mesh = self.make_mesh(devices)
-    shardings = shardings_lib.named(mesh, self._param_specs(params))
+    shardings = shardings_lib.named(mesh, self._stored_specs(params, self.flat_param_specs))
+    if self.pipeline is not None:
+      params = jax.jit(self.pipeline.to_storage)(params)
     if jax.process_count() > 1:  # every process holds the same full copy; each keeps its shards
       return shardings_lib.from_host_copy(params, shardings)
     return shardings_lib.copy_to(params, shardings)
+
+  def _stored_specs(self, params, flat_specs):
+    """Specs of the parameters as the step takes them: the user's tree's, or a pipeline's stage
+    storage's."""
+    if self.pipeline is not None:
+      return self.pipeline.stored_specs(list(flat_specs.values()))
+    what = "parameter specs" if flat_specs is self.flat_param_specs else "optimizer-state specs"
+    return _specs_within_rank(params, flat_specs, what)
+
+  def stored_params(self, params):
+    """Abstract parameters as the train step takes them (for `lower`): `params` itself, or for
+    a pipeline plan their stage storage."""
+    if self.pipeline is None:
+      return abstract(params)
+    return self.pipeline.storage_shapes(abstract(params))
+
+  def user_params(self, params):
+    """Parameters from the train step back in the user's tree (for a pipeline plan, out of
+    the stage storage); anything else is returned as it is."""
+    if self.pipeline is None:
+      return params
+    treedef = jax.tree.structure(self._abstract_params) if self._abstract_params else None
+    if treedef is None:
+      raise InvalidArgumentError(
+        "this pipeline plan was loaded from JSON and knows no parameter tree: use "
+        "plan.pipeline.from_storage(params, jax.tree.structure(your_params)). Got None."
+      )
+    return self.pipeline.from_storage(params, treedef)
 
   def shard_batch(self, batch, devices=None):
     """The batch on the plan's mesh, split over the data axis.
@@ -250,7 +288,12 @@ class Plan:
     """Runs `init_fn(*args)` so each device creates only its shard: no full host copy."""
     abstract_params = jax.eval_shape(init_fn, *args)
     mesh = self.make_mesh(devices)
-    shardings = shardings_lib.named(mesh, self._param_specs(abstract_params))
+    shardings = shardings_lib.named(
+      mesh, self._stored_specs(abstract_params, self.flat_param_specs)
+    )
+    if self.pipeline is not None:
+      layout = self.pipeline
+      return jax.jit(lambda *a: layout.to_storage(init_fn(*a)), out_shardings=shardings)(*args)
     return jax.jit(init_fn, out_shardings=shardings)(*args)
 
   def _need(self, loss_fn, optimizer):
@@ -274,9 +317,11 @@ class Plan:
     """The optimizer state, each leaf created sharded like its parameter."""
     optimizer = self._need_optimizer(optimizer)
     mesh = self.make_mesh(devices)
-    specs = shardings_lib.opt_state_specs(
-      optimizer, sharded_params, self._opt_param_specs(sharded_params)
-    )
+    if self.pipeline is not None:  # the stage storage
+      param_specs = self._stored_specs(None, self.flat_opt_specs)
+    else:
+      param_specs = self._opt_param_specs(sharded_params)
+    specs = shardings_lib.opt_state_specs(optimizer, sharded_params, param_specs)
     return jax.jit(optimizer.init, out_shardings=shardings_lib.named(mesh, specs))(sharded_params)
 
   def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
@@ -298,6 +343,18 @@ class Plan:
       )
     self.check_fits(params, batch)
     mesh = self.make_mesh(devices)
+    if self.pipeline is not None:
+      return pipeline_lib.pipeline_train_step(
+        loss_fn,
+        optimizer,
+        mesh,
+        self.pipeline,
+        abstract(params),
+        abstract(batch),
+        list(self.flat_param_specs.values()),
+        list(self.flat_opt_specs.values()),
+        self._batch_specs(batch),
+      )
     opt_specs = shardings_lib.opt_state_specs(
       optimizer, abstract(params), self._opt_param_specs(params)
     )
@@ -352,6 +409,8 @@ class Plan:
       "opt_state_param_specs": flat(self.flat_opt_specs),
       "batch_specs": flat(self.flat_batch_specs),
     }
+    if self.pipeline is not None:
+      data["pipeline"] = self.pipeline.to_dict()
     if self.details is not None:
       data["details"] = self.details.to_dict()
     return dumps_strict(data, "the plan", indent=1)
@@ -410,6 +469,9 @@ class Plan:
       flat_opt_specs=opt,
       flat_batch_specs=batch,
       details=(PlanDetails.from_dict(data["details"]) if "details" in data else None),
+      pipeline=(
+        pipeline_lib.StageLayout.from_dict(data["pipeline"]) if "pipeline" in data else None
+      ),
     )
 
   def save(self, path: str | os.PathLike) -> None:

@@ -159,6 +159,9 @@ CANDIDATE_RULES = {
   "microbatches": COUNT,
   "cross_node_axes": list_of(TEXT),
   "fsdp": COUNT,
+  "stages": COUNT,
+  "repeats": COUNT,
+  "stage_microbatches": COUNT,
   "mesh_shape": mapping(COUNT, "be an object of mesh axis sizes"),  # derived, written for readers
 }
 _CANDIDATE = record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"})
@@ -238,9 +241,20 @@ PLAN_RULES = {
   "opt_state_param_specs": _SPECS,
   "batch_specs": _SPECS,
   "details": record(DETAILS_RULES, frozenset({"unknown_primitives"})),
+  "pipeline": record(
+    {
+      "layers": COUNT,
+      "stacked": FLAG,
+      "layer_params": list_of(list_of(INDEX)),
+      "n_params": COUNT,
+      "stages": COUNT,
+      "repeats": COUNT,
+      "microbatches": COUNT,
+    }
+  ),
 }
-# Absent from version-1 files.
-_OPTIONAL = frozenset({"memory_decision", "details"})
+# Absent from version-1 files; "pipeline" only in a pipeline plan's.
+_OPTIONAL = frozenset({"memory_decision", "details", "pipeline"})
 
 
 def checked(data: dict) -> dict:
@@ -253,6 +267,7 @@ def checked(data: dict) -> dict:
   data = record(PLAN_RULES, _OPTIONAL)(data, "", unknown)
   _check_candidates(data)
   _check_specs(data)
+  _check_pipeline(data)
   if unknown:
     shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
     warnings.warn(
@@ -269,11 +284,13 @@ def _check_candidates(data: dict) -> None:
     (f"candidates[{i}]", c) for i, c in enumerate(data["candidates"])
   ]
   for where, c in everyone:
-    fsdp = c.get("fsdp", 1)
-    if c["devices"] != c["data"] * c["model"]:
+    fsdp, stages = c.get("fsdp", 1), c.get("stages", 1)
+    if c["devices"] != c["data"] * c["model"] * stages:
+      staged = f" x {where}.stages" if stages > 1 else ""
       _refuse(
         f"{where}.devices",
-        f"equal {where}.data x {where}.model = {c['data']} x {c['model']}",
+        f"equal {where}.data x {where}.model{staged} = {c['data']} x {c['model']}"
+        + (f" x {stages}" if stages > 1 else ""),
         c["devices"],
       )
     if c["data"] % fsdp:
@@ -282,11 +299,11 @@ def _check_candidates(data: dict) -> None:
       _refuse(
         f"{where}.devices", f"be at most devices_offered = {data['devices_offered']}", c["devices"]
       )
-    if "mesh_shape" in c and c["mesh_shape"] != mesh_shape(c["data"], c["model"], fsdp):
+    own_mesh = mesh_shape(c["data"], c["model"], fsdp, stages)
+    if "mesh_shape" in c and c["mesh_shape"] != own_mesh:
       _refuse(
         f"{where}.mesh_shape",
-        f"be the mesh of its data, model and fsdp degrees, "
-        f"{mesh_shape(c['data'], c['model'], fsdp)}",
+        f"be the mesh of its data, model, fsdp and stage degrees, {own_mesh}",
         c["mesh_shape"],
       )
   if math.prod(mesh.values()) != chosen["devices"]:
@@ -296,11 +313,46 @@ def _check_candidates(data: dict) -> None:
       f"{chosen['devices']} (the product is {math.prod(mesh.values())})",
       mesh,
     )
-  expected = mesh_shape(chosen["data"], chosen["model"], chosen.get("fsdp", 1))
+  expected = mesh_shape(
+    chosen["data"], chosen["model"], chosen.get("fsdp", 1), chosen.get("stages", 1)
+  )
   if mesh != expected:
     _refuse("mesh_shape", f"be the chosen candidate's mesh {expected}", mesh)
   if data["strategy"] != chosen["strategy"]:
     _refuse("strategy", f"be the chosen candidate's, {chosen['strategy']!r}", data["strategy"])
+
+
+def _check_pipeline(data: dict) -> None:
+  chosen, layout = data["chosen"], data.get("pipeline")
+  if layout is None:
+    if chosen.get("stages", 1) > 1:
+      _refuse("pipeline", f"be present: chosen.stages = {chosen['stages']}", None)
+    return
+  for field in ("stages", "repeats"):
+    if layout[field] != chosen.get(field, 1):
+      _refuse(f"pipeline.{field}", f"equal chosen.{field} = {chosen.get(field, 1)}", layout[field])
+  if layout["microbatches"] != chosen.get("stage_microbatches", 1):
+    _refuse(
+      "pipeline.microbatches",
+      f"equal chosen.stage_microbatches = {chosen.get('stage_microbatches', 1)}",
+      layout["microbatches"],
+    )
+  if layout["layers"] % (layout["stages"] * layout["repeats"]):
+    _refuse("pipeline.layers", "split into stages x repeats equal chunks", layout["layers"])
+  if layout["n_params"] != len(data["param_specs"]):
+    _refuse(
+      "pipeline.n_params",
+      f"be the {len(data['param_specs'])} parameter specs' count",
+      layout["n_params"],
+    )
+  per_layer = 1 if layout["stacked"] else layout["layers"]
+  for i, leaves in enumerate(layout["layer_params"]):
+    if len(leaves) != per_layer or any(k >= layout["n_params"] for k in leaves):
+      _refuse(
+        f"pipeline.layer_params[{i}]",
+        f"list {per_layer} parameter leaf indices below pipeline.n_params",
+        leaves,
+      )
 
 
 def _check_specs(data: dict) -> None:

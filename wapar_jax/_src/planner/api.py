@@ -16,7 +16,7 @@ from wapar_jax._src import compilers, optimizers, search
 from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.plan import Plan, Prediction
-from wapar_jax._src.planner import details, inputs, levers
+from wapar_jax._src.planner import details, inputs, levers, pipelines
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
 from wapar_jax._src.step import REMAT_CHOICES, has_layers
@@ -93,6 +93,7 @@ def plan(
   remat: str | None = None,
   microbatches: int | None = None,
   memory_rules: str = "profile",
+  stages: int | None = None,
   max_seconds: float | None = None,
 ) -> Plan:
   """Plans how to shard a single-device train step.
@@ -109,7 +110,9 @@ def plan(
     profile: a built-in profile name (see `wapar_jax.list_profiles()`), a JSON file, or a
       `DeviceProfile`.
     objective: "time" (step time) or "energy" (joules per step over the devices used).
-    strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "tp", "dp_tp".
+    strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "hsdp", "tp",
+      "dp_tp", or "pp" (a pipeline of the loss's layers over a stage axis, with any of the
+      data / tensor families inside each stage).
     memory_headroom: fraction of device memory kept free: fragmentation, runtime buffers and the
       memory model's error (its accuracy is in benchmarks/results/suite.md).
     all_devices: only consider using every device offered.
@@ -123,6 +126,8 @@ def plan(
       compiler that runs the profile's devices (GPU XLA for GPU profiles, TPU XLA for TPU
       ones, XLA:CPU for CPU ones), or a compiler's name ("xla:gpu", "xla:tpu", "xla:cpu"),
       e.g. "xla:cpu" to plan a step that `plan.verify()` on CPU devices can show fits.
+    stages: pipeline stages: 1 for no pipeline, k for exactly k; default searched (with any
+      strategy that allows one: "auto" and "pp").
     max_seconds: a bound on planning time, counted from the call: past it the search stops
       once a candidate that fits was found, and the best plan so far is returned with a
       warning saying how much was searched. Tracing and costing the plain step always finish
@@ -158,6 +163,8 @@ def plan(
     raise InvalidArgumentError(
       f"microbatches must be a positive int or None. Got {microbatches!r}."
     )
+  if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
+    raise InvalidArgumentError(f"stages must be a positive int or None. Got {stages!r}.")
   max_devices, device_list = inputs.device_count(devices)
   deadline = None if max_seconds is None else t0 + inputs.positive_seconds(max_seconds)
   device_profile = load_profile(profile)
@@ -200,18 +207,18 @@ def plan(
       _warn_if_large_search(space, max_devices, all_devices)
     try:
       for _ in phase("search", [space]):
-        searched = search.search_until(
+        swept = search.search_until(
           space,
           device_profile,
           max_devices,
-          strategy=strategy,
+          strategy="auto" if strategy == "pp" else strategy,
           objective=objective,
           memory_headroom=memory_headroom,
           all_devices=all_devices,
           deadline=deadline,
         )
-      ranked = searched.ranked
-      coverage[variant] = (searched.counts, searched.counts_priced)
+      ranked = swept.ranked
+      coverage[variant] = (swept.counts, swept.counts_priced)
     except IndivisibleBatchError:
       if variant == (remat or "none", microbatches or 1):
         raise
@@ -240,19 +247,53 @@ def plan(
       "cost analysis). Check the plan with plan.explain().",
       stacklevel=2,
     )
+  # Pipelines first: they are priced on the per-layer remat variant, itself a memory lever, and
+  # a pipeline that fits can end the search for levers early.
+  found = None
+  pipelines_allowed = strategy in ("auto", "pp") and stages != 1
+  pipelines_wanted = pipelines_allowed and remat in (None, "layers") and microbatches in (None, 1)
+  if pipelines_wanted and strategy == "auto" and stages is None and stop():
+    skipped.append("pipelines (a stage axis)")
+  elif pipelines_wanted:
+    t_pipe = time.perf_counter()
+    if has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache):
+      if pipelines.STACK_VARIANT not in results:
+        results[pipelines.STACK_VARIANT] = run(pipelines.STACK_VARIANT)
+      found = pipelines.search_pipelines(
+        loss_fn,
+        abstract_params,
+        abstract_batch,
+        optimizer,
+        results[pipelines.STACK_VARIANT][3],
+        profile=device_profile,
+        max_devices=max_devices,
+        all_devices=all_devices,
+        objective=objective,
+        memory_headroom=memory_headroom,
+        rules=rules,
+        cache=cache,
+      )
+    timings["pipeline_seconds"] = time.perf_counter() - t_pipe
+  staged = list(found.candidates) if found is not None else []
+
+  def searched():  # the pipelines as one more variant: a fit within 5% of the optimum, not a lever
+    return {**results, ("stages", 0): (None, None, None, staged)}
+
   for variant in levers.memory_variants(
-    results[first][3],
+    results[first][3] + staged,
     remat,
     microbatches,
     objective,
     lambda: has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache),
     search.batch_size_of(results[first][2]),
   ):
+    if variant in results:
+      continue
     if stop():
       skipped.append("the remaining memory levers (remat, gradient accumulation)")
       break
     results[variant] = run(variant)
-    if levers.enough_variants(results, objective):
+    if levers.enough_variants(searched(), objective):
       break
   for variant in levers.speed_variants(traced, remat, microbatches, results):
     if stop():
@@ -262,17 +303,37 @@ def plan(
   cut = {v: c for v, c in coverage.items() if c[1] < c[0]}
   if cut or skipped:
     _warn_cut_short(max_seconds, time.perf_counter() - t0, cut, skipped)
-  ranked = sorted((c for r in results.values() for c in r[3]), key=search.rank_key(objective))
+  ranked = [c for r in results.values() for c in r[3]] + staged
+  if stages is not None:
+    ranked = [c for c in ranked if c.stages == stages]
+  if strategy == "pp":
+    ranked = [c for c in ranked if c.stages > 1]
+  if not ranked:
+    raise InvalidArgumentError(
+      "no pipeline plan exists for this loss: a pipeline needs a stack of identical layers "
+      "(a scan over layers, or a Python loop of blocks) passing on arrays with the batch's "
+      "rows, and stages x repeats dividing the layers, two or more devices, and a batch that "
+      f"splits over them. Plan with stages=None or strategy='auto'. Got devices={max_devices}, "
+      f"stages={stages}, strategy={strategy!r}."
+    )
+  ranked = pipelines.ranked_with_margin(ranked, objective, strategy == "pp" or stages is not None)
   best = ranked[0]
-  traced, costs, space, _ = results[(best.remat, best.microbatches)]
+  variant = pipelines.STACK_VARIANT if best.stages > 1 else (best.remat, best.microbatches)
+  traced, costs, space, _ = results[variant]
   if not best.fits:
     closest = min(ranked, key=lambda c: c.peak_memory)
     raise NoFeasiblePlanError(
       levers.no_fit_message(space, closest, budget, device_profile, param_paths), closest
     )
 
-  p_specs, o_specs, b_specs = search.specs_for(space, best)
   p_keys = leaf_paths(abstract_params)
+  stage_layout = None
+  if best.stages > 1:
+    stage_layout, p_specs, o_specs, b_specs = pipelines.pipeline_specs(
+      found, space, best, len(p_keys)
+    )
+  else:
+    p_specs, o_specs, b_specs = search.specs_for(space, best)
   b_keys = leaf_paths(abstract_batch)
   flat_p = dict(zip(p_keys, p_specs))
   flat_o = dict(zip(p_keys, o_specs))
@@ -313,6 +374,7 @@ def plan(
     _device_list=device_list,
     memory_decision=levers.memory_decision(ranked, best, objective),
     details=details.build(space, best, device_profile, abstract_params, abstract_batch, p_specs),
+    pipeline=stage_layout,
   )
 
 

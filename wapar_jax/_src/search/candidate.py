@@ -1,21 +1,22 @@
 """A point of the search and how candidates are named and ranked.
 
 A candidate is a data degree dp, a model degree tp, the groups of dimension classes split on the
-model axis, and where parameters / optimizer state are stored along the data axis; with its
-predicted figures per device and step. Hybrid sharding ("hsdp") stores them split over the data
-axis's devices inside a node only, as a mesh axis of its own (MaxText's data x fsdp x tensor).
+model axis, where parameters / optimizer state are stored along the data axis, and a pipeline's
+stages (1: none); with its predicted figures per device and step. Hybrid sharding ("hsdp")
+stores the state split over the data axis's devices inside a node only, as a mesh axis of its
+own (MaxText's data x fsdp x tensor).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp")
+STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp", "pp")
 STORAGES = ("replicated", "zero1", "fsdp", "hsdp")
 # Storages that keep parameters split and gather each layer's weights where it runs.
 GATHERING = frozenset({"fsdp", "hsdp"})
 OBJECTIVES = ("time", "energy")
-DATA, FSDP, MODEL = "data", "fsdp", "model"
+DATA, FSDP, MODEL, STAGE = "data", "fsdp", "model", "stage"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error (benchmarks/results/memory_levers.md).
 DEFAULT_MEMORY_HEADROOM = 0.15
@@ -50,10 +51,21 @@ class Candidate:
   cross_node_axes: tuple[str, ...] = ()
   # Under "hsdp": the data axis's devices inside one node, which split the state (the fsdp axis).
   fsdp: int = 1
+  # A pipeline: the layers split into `stages` (the outermost mesh axis) x `repeats` chunks,
+  # the batch into `stage_microbatches` micro-batches flowing through them.
+  stages: int = 1
+  repeats: int = 1
+  stage_microbatches: int = 1
 
   @property
   def mesh_shape(self) -> dict[str, int]:
-    return mesh_shape(self.data, self.model, self.fsdp)
+    return mesh_shape(self.data, self.model, self.fsdp, self.stages)
+
+  @property
+  def bubble(self) -> float:
+    """The idle fraction of a pipeline step (0 without one)."""
+    s, rm = self.stages, self.repeats * self.stage_microbatches
+    return (s - 1) / (rm + s - 1)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -63,15 +75,18 @@ class Candidate:
     return d
 
 
-def mesh_shape(dp: int, tp: int, fsdp: int = 1) -> dict[str, int]:
+def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1) -> dict[str, int]:
   """Axes of size 1 are dropped, except that one device still has a (data=1) mesh. The fsdp
-  axis takes `fsdp` of the dp data-parallel devices, between data (outermost) and model."""
-  shape = {DATA: dp // fsdp, FSDP: fsdp, MODEL: tp}
+  axis takes `fsdp` of the dp data-parallel devices, between data and model; a pipeline's stage
+  axis is outermost (across nodes first: stages send only activations)."""
+  shape = {STAGE: stages, DATA: dp // fsdp, FSDP: fsdp, MODEL: tp}
   kept = {k: v for k, v in shape.items() if v > 1}
   return kept or {DATA: 1}
 
 
-def strategy_label(dp: int, tp: int, storage: str) -> str:
+def strategy_label(dp: int, tp: int, storage: str, stages: int = 1) -> str:
+  if stages > 1:
+    return "pp" if dp * tp == 1 else f"{strategy_label(dp, tp, storage)}+pp"
   if dp * tp == 1:
     return "single"
   if tp == 1:

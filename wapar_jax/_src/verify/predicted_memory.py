@@ -30,10 +30,13 @@ def peak_under(
   batch=None,
 ) -> float | None:
   """The chosen candidate's per-device peak under `rules`; None when the traced step's
-  dimension groups are not the ones the plan was made with (another model).
+  dimension groups are not the ones the plan was made with (another model), or for a pipeline
+  plan.
 
   `loss_fn` ... `batch`: as for `Plan.train_step`, needed only for a plan loaded from JSON.
   """
+  if plan.pipeline is not None:  # priced from two searches (planner.pipelines), not one step
+    return None
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
   params = abstract(plan._abstract_params if params is None else params)
   batch = abstract(plan._abstract_batch if batch is None else batch)

@@ -91,7 +91,7 @@ def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=Non
     devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params, batch=batch
   )
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
-  params = abstract(plan._abstract_params if params is None else params)
+  params = plan.stored_params(plan._abstract_params if params is None else params)
   batch = abstract(plan._abstract_batch if batch is None else batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
   return step.lower(params, opt_state, batch)

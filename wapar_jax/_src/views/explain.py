@@ -243,6 +243,8 @@ def _sections(plan, top: int) -> list[_Section]:
       f"the step runs with remat={remat!r} and {micro} micro-batch(es) of gradient accumulation.",
     )
   sections.append(_Section("predicted step, per device", notes))
+  if plan.pipeline is not None:
+    sections.append(_pipeline_section(plan))
   total = sum(v for _, v in d.memory) or 1.0
   dominant = max(d.memory, key=lambda kv: kv[1])
   sections.append(
@@ -350,6 +352,28 @@ def _sections(plan, top: int) -> list[_Section]:
       )
     )
   return sections
+
+
+def _pipeline_section(plan) -> _Section:
+  """Which layers each stage holds, the schedule's bubble, and the step per stage."""
+  layout, c = plan.pipeline, plan.chosen
+  kind = "GPipe" if layout.repeats == 1 else f"circular, {layout.repeats} repeats"
+  notes = (
+    f"{layout.layers} layers in {layout.stages} stages x {layout.repeats} chunks of "
+    f"{layout.per_chunk} ({kind}); {layout.microbatches} micro-batches; "
+    f"{layout.repeats * layout.microbatches + layout.stages - 1} pipeline iterations, bubble "
+    f"{_pct(c.bubble, 1.0)} of the step.",
+    "every stage computes each iteration, the bubble's too (a scan of fixed length); the "
+    "embedding, head and loss run data-parallel over the data and stage axes.",
+    f"per device: {human_bytes(c.param_memory)} parameters, {human_bytes(c.opt_state_memory)} "
+    f"optimizer state, {human_bytes(c.activation_memory)} activations and gradients; step "
+    f"{human_seconds(c.step_time)} ({human_seconds(c.compute_time)} compute).",
+  )
+  rows = tuple(
+    (str(s), "; ".join(f"{chunk[0]}-{chunk[-1]}" for chunk in layout.chunk_layers(s)))
+    for s in range(layout.stages)
+  )
+  return _Section("pipeline", notes, ("stage", "layers (per repeat)"), rows)
 
 
 def explain(plan, top: int = 10) -> str:

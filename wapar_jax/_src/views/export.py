@@ -30,7 +30,9 @@ from wapar_jax.errors import InvalidArgumentError
 # Tensor-parallel rules first: they win over FSDP fallbacks.
 _AXIS_ORDER = ("model", "fsdp", "data")
 # The plan's mesh axes under MaxText's names (its `ici_<name>_parallelism` keys).
-_MAXTEXT_AXES = {"data": "data", "fsdp": "fsdp", "model": "tensor"}
+_MAXTEXT_AXES = {"data": "data", "fsdp": "fsdp", "model": "tensor", "stage": "stage"}
+# MaxText names the stage axis's parallelism `pipeline`.
+_PARALLELISM_KEYS = {**_MAXTEXT_AXES, "stage": "pipeline"}
 
 
 def _details(plan):
@@ -132,10 +134,21 @@ def to_maxtext_yaml(plan) -> str:
     "mesh_axes": _Flow(axes),
     "data_sharding": _Flow([_Flow(batch_axes or axes[:1])]),
     **_parallelism(plan),
+    **_pipeline_keys(plan),
     "logical_axis_rules": [_Flow([n, _Flow([rename(x) for x in _flat(a)])]) for n, a in rules],
   }
   text = yaml.dump(body, Dumper=_Dumper, sort_keys=False, width=100)
   return "".join(f"# {line}\n" for line in header) + text
+
+
+def _pipeline_keys(plan) -> dict[str, int]:
+  """MaxText's pipeline settings of a pipeline plan (its layers per stage follow from them)."""
+  if plan.pipeline is None:
+    return {}
+  return {
+    "num_pipeline_microbatches": plan.pipeline.microbatches,
+    "num_pipeline_repeats": plan.pipeline.repeats,
+  }
 
 
 def _flat(entry) -> list[str]:
@@ -158,9 +171,9 @@ def _parallelism(plan) -> dict[str, int]:
     left //= dcn[a]
   out = {}
   for a in shape:
-    out[f"dcn_{_MAXTEXT_AXES.get(a, a)}_parallelism"] = dcn[a]
+    out[f"dcn_{_PARALLELISM_KEYS.get(a, a)}_parallelism"] = dcn[a]
   for a in shape:
-    out[f"ici_{_MAXTEXT_AXES.get(a, a)}_parallelism"] = shape[a] // dcn[a]
+    out[f"ici_{_PARALLELISM_KEYS.get(a, a)}_parallelism"] = shape[a] // dcn[a]
   return out
 
 

@@ -1,0 +1,175 @@
+"""Pipeline candidates: a priced data / tensor plan of the whole step, its layers cut into stages.
+
+A pipeline step is two programs (`emit.pipeline`): the layer stack, each stage running its chunk
+for every micro-batch, and the rest of the loss (embedding, head, loss), data-parallel over the
+data and stage axes together. Both are priced from candidates the search already has:
+
+- the whole step on the inner mesh (data x model), with per-layer remat as a pipeline stage
+  rematerialises its chunk: `base`;
+- the step of the loss without its layers (each layer passes its input on) on the same mesh,
+  `rest_here`, and on the data x stage devices, `rest_wide`.
+
+The stack's share is `base - rest_here`. A stage does 1/S of it, for R * M + S - 1 iterations
+where R * M carry work (every stage computes through the bubble, as a scan of fixed length
+must); its layers' gradients are reduced over its data axis only. Between stages each iteration
+sends one micro-batch's activations forward and its gradient back (`ppermute`); entering the
+pipeline the rows are gathered over the stage axis, leaving it they are split again. Memory per
+device: the rest's state and activations at data x stage, 1/S of the stack's state and
+gradient, every iteration's chunk input (GPipe keeps them for the backward pass), the
+micro-batch buffers, and one chunk's layers' activations for one micro-batch while it is
+recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from wapar_jax._src.cost.collectives import collective_traffic, hierarchical_collective_time
+from wapar_jax._src.emit.mesh import hybrid_shapes
+from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.search.candidate import Candidate, strategy_label
+
+# Storages a stage's layers can use: FSDP would gather every layer's weights once per pipeline
+# iteration.
+PIPELINE_STORAGES = frozenset({"replicated", "zero1"})
+# Repeats (circular schedules) and micro-batches per stage searched.
+REPEATS = (1, 2, 4)
+MICROBATCHES_PER_STAGE = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackShape:
+  """What the search knows of the loss's layer stack: its depth and what flows between
+  layers, in bytes for the whole batch."""
+
+  layers: int
+  carry_bytes: float
+
+
+def stage_span(stages: int, inner: int, devices_per_node: int) -> tuple[int, int]:
+  """(stage devices inside one node, nodes the stage axis spans), the stage axis outermost."""
+  shapes = hybrid_shapes((stages, inner), devices_per_node)
+  if shapes is None:
+    return 1, stages
+  (ici, _), (dcn, _) = shapes
+  return ici, dcn
+
+
+def schedules(layers: int, stages: int, rows: int):
+  """(repeats, micro-batches) worth pricing for `stages`: chunks that divide the layers,
+  micro-batches that divide the rows each data-parallel group has (circular: at least S)."""
+  for r in REPEATS:
+    if layers % (stages * r):
+      continue
+    for per_stage in MICROBATCHES_PER_STAGE:
+      m = per_stage * stages
+      if rows % m == 0:
+        yield r, m
+
+
+def price_pipeline(
+  base: Candidate,
+  rest_here: Candidate,
+  rest_wide: Candidate,
+  stack: StackShape,
+  profile: DeviceProfile,
+  stages: int,
+  repeats: int,
+  microbatches: int,
+  budget: float,
+) -> Candidate:
+  """The pipeline of `stages` x `repeats` chunks and `microbatches` on `base`'s inner mesh."""
+  s, r, m = stages, repeats, microbatches
+  dp, tp = base.data, base.model
+  iterations = r * m + s - 1
+  through = iterations / (r * m)  # work a stage does, bubble included, per unit of its share
+  stack_compute = max(base.compute_time - rest_here.compute_time, 0.0)
+  stack_flops = max(base.flops - rest_here.flops, 0.0)
+  stack_comm = max(base.comm_time - rest_here.comm_time, 0.0)
+  stack_bytes = max(base.comm_bytes - rest_here.comm_bytes, 0.0)
+  # Tensor-parallel collectives run with the layers (through the bubble too); with tp == 1 the
+  # stack's communication is its gradient reduction, which a stage does once for its layers.
+  comm_share = through if tp > 1 else 1.0
+  compute_time = rest_wide.compute_time + stack_compute / s * through
+  comm_time = rest_wide.comm_time + stack_comm / s * comm_share
+  comm_bytes = rest_wide.comm_bytes + stack_bytes / s * comm_share
+
+  span_in, span_out = stage_span(s, dp * tp, profile.devices_per_node)
+  link = profile.inter_node if span_out > 1 else profile.intra_node
+  rows_bytes = stack.carry_bytes / dp  # one data-parallel group's rows of the carry
+  act = rows_bytes / m
+  # Every iteration passes a micro-batch's carry on, and its gradient back.
+  p2p = 2 * iterations * (link.latency + act / link.bandwidth)
+  comm_time += p2p
+  comm_bytes += 2 * iterations * act
+
+  def over_stages(kind: str, nbytes: float) -> float:
+    nonlocal comm_bytes
+    comm_bytes += collective_traffic(kind, nbytes, s)
+    return hierarchical_collective_time(
+      kind,
+      nbytes,
+      span_in,
+      span_out,
+      profile.intra_node.bandwidth,
+      profile.intra_node.latency,
+      profile.inter_node.bandwidth,
+      profile.inter_node.latency,
+    )
+
+  # Into the pipeline the rows are gathered over stages (their gradient reduce-scattered back);
+  # out of it the last stage's results are split over the stages again (and the gradient back).
+  comm_time += over_stages("all-gather", rows_bytes) + over_stages("reduce-scatter", rows_bytes)
+  comm_time += 2 * over_stages("all-to-all", rows_bytes)
+
+  param_memory = rest_wide.param_memory + (base.param_memory - rest_here.param_memory) / s
+  opt_memory = rest_wide.opt_state_memory + (base.opt_state_memory - rest_here.opt_state_memory) / s
+  # base's activations beyond the rest's: every layer's gradient, each layer's input (per-layer
+  # remat) and one layer's internals at a time.
+  stack_params = max(base.param_memory - rest_here.param_memory, 0.0)
+  stack_act = max(base.activation_memory - rest_here.activation_memory, 0.0)
+  layer_internals = max(stack_act - stack_params - stack.layers * rows_bytes, 0.0)
+  per_chunk = stack.layers // (s * r)
+  buffers = (3 if r > 1 else 2) * rows_bytes  # micro-batched input, outputs (, circulated)
+  stage_params = stack_params / s
+  # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
+  # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
+  gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
+  backward = (
+    gradients
+    + iterations * act  # each iteration's chunk input, kept for the backward pass
+    + buffers
+    + per_chunk * layer_internals / m  # one chunk's layers recomputed for one micro-batch
+  )
+  # After the loop: the gradient, and under ZeRO-1 the updated parameters gathered.
+  update = stage_params * (2 if base.storage == "zero1" else 1)
+  activations = rest_wide.activation_memory + max(backward, update)
+  peak = param_memory + opt_memory + activations
+  step_time = compute_time + comm_time
+  d = base.devices * s
+  energy = d * (
+    profile.power_idle_watts * step_time
+    + (profile.power_busy_watts - profile.power_idle_watts) * compute_time
+  )
+  return dataclasses.replace(
+    base,
+    devices=d,
+    strategy=strategy_label(dp, tp, base.storage, s),
+    step_time=step_time,
+    compute_time=compute_time,
+    comm_time=comm_time,
+    flops=rest_wide.flops + stack_flops / s * through,
+    comm_bytes=comm_bytes,
+    peak_memory=peak,
+    energy=energy,
+    fits=peak <= budget,
+    param_memory=param_memory,
+    opt_state_memory=opt_memory,
+    activation_memory=activations,
+    remat="layers",
+    microbatches=1,
+    cross_node_axes=("stage",) * (span_out > 1) + base.cross_node_axes,
+    stages=s,
+    repeats=r,
+    stage_microbatches=m,
+  )
