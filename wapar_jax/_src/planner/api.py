@@ -177,8 +177,8 @@ def plan(
   budget = device_profile.memory_bytes * (1 - memory_headroom)
   timings = {"trace_seconds": 0.0, "cost_seconds": 0.0, "search_seconds": 0.0}
   jaxpr_cache: dict = {}
-  # Per variant searched: (device counts of its sweep, device counts priced).
-  coverage: dict[tuple[str, int], tuple[int, int]] = {}
+  # Per variant searched: how much of its sweep was priced.
+  coverage: dict[tuple[str, int], search.Searched] = {}
 
   def run(variant: tuple[str, int]):
     remat_choice, k = variant
@@ -218,7 +218,7 @@ def plan(
           deadline=deadline,
         )
       ranked = swept.ranked
-      coverage[variant] = (swept.counts, swept.counts_priced)
+      coverage[variant] = swept
     except IndivisibleBatchError:
       if variant == (remat or "none", microbatches or 1):
         raise
@@ -300,7 +300,7 @@ def plan(
       skipped.append("per-layer remat for speed")
       break
     results[variant] = run(variant)
-  cut = {v: c for v, c in coverage.items() if c[1] < c[0]}
+  cut = {v: s for v, s in coverage.items() if s.cut_short}
   if cut or skipped:
     _warn_cut_short(max_seconds, time.perf_counter() - t0, cut, skipped)
   ranked = [c for r in results.values() for c in r[3]] + staged
@@ -359,8 +359,8 @@ def plan(
       "unique_ops": costs.unique_ops,
       "lowered_ops": costs.lowered_ops,
       "candidates_evaluated": len(ranked),
-      "device_counts_in_sweep": sum(c[0] for c in coverage.values()),
-      "device_counts_priced": sum(c[1] for c in coverage.values()),
+      "device_counts_in_sweep": sum(s.counts for s in coverage.values()),
+      "device_counts_priced": sum(s.counts_priced for s in coverage.values()),
       "total_flops": costs.total_flops,
       "nodes": -(-best.devices // device_profile.devices_per_node),  # the fewest that hold it
     },
@@ -403,9 +403,9 @@ def _warn_if_large_search(space, max_devices: int, all_devices: bool) -> None:
 def _warn_cut_short(max_seconds, elapsed: float, cut: dict, skipped: list[str]) -> None:
   """Says that max_seconds cut the search short, and how much of it ran."""
   parts = [
-    f"priced {priced} of {counts} device counts of the step with remat {v[0]} and {v[1]} "
-    "micro-batch(es) (powers of two first)"
-    for v, (counts, priced) in cut.items()
+    f"priced {s.counts_priced} of {s.counts} device counts of the step with remat {v[0]} and "
+    f"{v[1]} micro-batch(es) (powers of two first)"
+    for v, s in cut.items()
   ]
   parts += [f"skipped {what}" for what in skipped]
   warnings.warn(
