@@ -39,6 +39,12 @@ CASES = [
     {"seconds": 10.0},
   ),
   ("plan_speed:tiny_params", ["--devices", "8", "--profile", "h100-sxm"], {"seconds": 30.0}),
+  # Without the pipeline search: the sum's repeated blocks look like a layer stack to it.
+  (
+    "plan_speed:tiny_params",
+    ["--devices", "8", "--profile", "h100-sxm", "--stages", "1"],
+    {"seconds": 30.0},
+  ),
   ("gpt-7b", ["--devices", "8", "--profile", "h100-sxm"], {"seconds": 60.0, "rss_gib": 4.0}),
   (
     "gpt-7b",
@@ -155,6 +161,7 @@ def main():
     "python": sys.version.split()[0],
     "cpus": os.cpu_count(),
     "date": time.strftime("%Y-%m-%d"),
+    "commit": _commit(str(ROOT)),
     "baseline": opts.baseline,
     "baseline_commit": _commit(opts.baseline) if opts.baseline else None,
   }
@@ -162,8 +169,8 @@ def main():
   lines = [
     "# Planning time and peak memory (cold op-cost cache)",
     "",
-    f"{meta['cpus']} CPUs, Python {meta['python']}, {meta['date']}. Whole process: "
-    "JAX start-up, trace, XLA cost analysis, search."
+    f"{meta['cpus']} CPUs, Python {meta['python']}, {meta['date']}, commit {meta['commit']}. "
+    "Whole process: JAX start-up, trace, XLA cost analysis, search."
     + (
       f" Baseline: the same cases on commit {meta['baseline_commit']} (process seconds; "
       f"'> {opts.timeout:.0f}': still running when stopped)."
