@@ -29,7 +29,14 @@ def main(argv=None) -> int:
     default=60,
     help="seconds jax.distributed.initialize waits for the other processes",
   )
+  parser.add_argument(
+    "--heartbeat-timeout",
+    type=int,
+    help="seconds without a heartbeat after which a process counts as dead "
+    "(default: the init timeout, at least 10)",
+  )
   args = parser.parse_args(argv)
+  heartbeat = args.heartbeat_timeout or max(10, args.init_timeout)
 
   # Virtual CPU devices must be requested before jax starts.
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
@@ -48,7 +55,7 @@ def main(argv=None) -> int:
     num_processes=args.num_processes,
     process_id=args.process_id,
     initialization_timeout=args.init_timeout,
-    heartbeat_timeout_seconds=max(10, args.init_timeout),
+    heartbeat_timeout_seconds=heartbeat,
   )
 
   import dataclasses
@@ -86,9 +93,10 @@ def main(argv=None) -> int:
     batch = plan.shard_batch(local)
     step = plan.train_step()
     losses = []
-    for _ in range(args.steps):
+    for i in range(args.steps):
       params, opt_state, loss = step(params, opt_state, batch)
       losses.append(float(loss))
+      print(f"{strategy} step {i} done", flush=True)  # a test kills a peer mid-training
     report[strategy] = {
       "losses": losses,
       "mesh_shape": dict(plan.mesh_shape),

@@ -2,7 +2,9 @@
 
 Each process runs tests/multihost_worker.py: plan "gpt-tiny" for the 8 global devices, feed its
 own rows of the batch, 3 steps. The losses must equal an 8-device run in this (single) process
-and agree between the processes. A missing peer or a silent coordinator must fail fast.
+and agree between the processes. A missing peer or a silent coordinator must fail fast, and a
+peer killed mid-training must stop the survivor within the heartbeat timeout it was started
+with (docs/multihost.md, "When a process dies").
 """
 
 import os
@@ -10,6 +12,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -167,6 +170,63 @@ def test_missing_peer_or_silent_coordinator_fails_fast():
   ):
     assert rc != 0
     assert any(w in err for w in words), err[-2000:]
+
+
+# A survivor's wait once a peer dies mid-training is the heartbeat timeout passed to
+# jax.distributed.initialize (the coordinator declares a silent process dead after it, and the
+# others abort; a dead coordinator is noticed at once). Measured: 4.9-5.7 s and 0.2 s. The
+# bound adds 25 s for a loaded machine to notice, abort and reap the process.
+HEARTBEAT_S = 5
+SURVIVOR_EXIT_S = HEARTBEAT_S + 25
+
+
+def _wait_for(path, text: str, procs, timeout: float) -> None:
+  deadline = time.monotonic() + timeout
+  while text not in path.read_text():
+    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+      raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{path.read_text()[-2000:]}")
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [1, 0], ids=["peer", "coordinator"])
+def test_a_killed_peer_stops_the_survivor_within_the_heartbeat_bound(killed, tmp_path):
+  port = _free_port()
+  logs = [tmp_path / f"process{i}.out" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as out, open(tmp_path / f"process{i}.err", "w") as err:
+      procs.append(
+        subprocess.Popen(
+          [sys.executable, WORKER, "--process-id", str(i), "--num-processes", "2"]
+          + ["--coordinator", f"127.0.0.1:{port}", "--steps", "100000"]
+          + ["--heartbeat-timeout", str(HEARTBEAT_S)],
+          stdout=out,
+          stderr=err,
+          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        )
+      )
+  try:
+    for log in logs:  # both are training: steps need every process
+      _wait_for(log, "dp step 2 done", procs, RUN_TIMEOUT_S)
+    procs[killed].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    survivor = procs[1 - killed]
+    try:
+      rc = survivor.wait(timeout=SURVIVOR_EXIT_S)
+    except subprocess.TimeoutExpired:
+      rc = None
+    waited = time.monotonic() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  err = (tmp_path / f"process{1 - killed}.err").read_text()
+  assert rc is not None, f"the survivor still ran {SURVIVOR_EXIT_S} s after:\n{err[-3000:]}"
+  assert rc != 0, f"exit {rc} after {waited:.1f} s:\n{err[-3000:]}"
+  # The message docs/multihost.md quotes.
+  assert "JAX distributed service detected fatal errors" in err, err[-3000:]
 
 
 def test_hybrid_mesh_puts_slow_axes_outside():

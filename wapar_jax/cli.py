@@ -89,6 +89,7 @@ def _make_plan(args):
     microbatches=args.microbatches,
     stages=args.stages,
     memory_rules=args.memory_rules,
+    max_seconds=args.max_seconds,
     **headroom,
   )
 
@@ -303,6 +304,12 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
     "--stages",
     type=int,
     help="pipeline stages: 1 for none, k for exactly k (default: searched)",
+  )
+  p.add_argument(
+    "--max-seconds",
+    type=float,
+    help="bound planning time: past it the search stops and the best plan so far is kept, "
+    "with a warning (tracing the step always finishes; default: no limit)",
   )
   p.add_argument("--batch-size", type=int, help="override the example's global batch size")
   p.add_argument("--seq-len", type=int, help="override the example's sequence length")

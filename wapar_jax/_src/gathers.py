@@ -11,6 +11,7 @@ backward pass gather them again instead of keeping the forward pass's copies.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -40,7 +41,7 @@ def REGATHER_POLICY(primitive, *_, **__) -> bool:
 
 def mark(_, value, dropped=0):
   """The planner's hook: the value unchanged, marked so that the trace shows each gathered use."""
-  return gathered_p.bind(value)
+  return _jitted(gathered_p, (), None)(value)
 
 
 def at_use(loss_fn: Callable, hook: Callable, loss_jaxpr: Callable) -> Callable:
@@ -87,8 +88,40 @@ def rebind(eqn, args, params=None):
   params = eqn.params if params is None else params
   names = source_info_util.current_name_stack() + eqn.source_info.name_stack
   with source_info_util.user_context(eqn.source_info.traceback, name_stack=names), eqn.ctx.manager:
+    key = (eqn.primitive, tuple(sorted(params.items())), eqn.ctx)
+    if _cacheable(eqn, params, key):
+      return _jitted(*key)(*args)
     # custom_jvp / custom_vjp calls take their functions back through get_bind_params
     return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(params))
+
+
+def _cacheable(eqn, params, key) -> bool:
+  """Whether `_jitted` can bind `eqn`: not a call, loop or custom rule (jaxprs or functions in
+  its params), no effects, no literal operands (a jit argument is not a literal), and a key
+  that hashes."""
+  if eqn.effects or any(isinstance(v, jex.core.Literal) for v in eqn.invars):
+    return False
+  if any(callable(p) or hasattr(p, "jaxpr") for p in params.values()):
+    return False
+  try:
+    hash(key)
+  except TypeError:
+    return False
+  return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _jitted(primitive, params, ctx):
+  """`primitive` bound with `params`, as a jitted function inlined where it is called.
+
+  Rebinding a loss equation by equation makes JAX linearise every equation anew when the loss
+  is differentiated; through a jitted function it linearises each kind of equation once, as it
+  does for jnp's own jitted functions (10,000 float32[4] parameters: the gradient's trace 14 s
+  -> 9.6 s, against 7.9 s for the user's own code).
+  """
+  del ctx  # in the key only: the function is traced under the context it is first called in
+  kwargs = dict(params)
+  return jax.jit(lambda *operands: primitive.bind(*operands, **kwargs), inline=True)
 
 
 def _scan_hooked(eqn, first_sliced: int, owners: dict, hook: Callable) -> dict:

@@ -60,7 +60,13 @@ def op_roofline(
 
   `fusible[i]`: op i is fused into its consumers, so only a share of its bytes move.
   """
-  peak = np.array([profile.flops_per_second(op_dtype(op)) for op in traced.ops])
+  by_dtype: dict = {}  # a few dtypes among many ops: look each one's peak up once
+  peak = np.array(
+    [
+      by_dtype[d] if d in by_dtype else by_dtype.setdefault(d, profile.flops_per_second(d))
+      for d in map(op_dtype, traced.ops)
+    ]
+  )
   peak = peak * matmul_efficiency(traced, profile)
   nbytes = costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
   return (

@@ -28,24 +28,32 @@ def materialised(traced, rules: CompilerRules) -> tuple[np.ndarray, np.ndarray]:
   is recomputed inside the backward kernels that read it, from kept inputs.
   """
   n = traced.num_vars
-  made_by_fusible = np.zeros(n, dtype=bool)
-  layout = np.zeros(n, dtype=bool)
-  expensive = np.zeros(n, dtype=bool)
-  kept_if_far = np.zeros(n, dtype=bool)
-  read_by_kernel = np.zeros(n, dtype=bool)
-  readers = np.zeros(n, dtype=np.int64)
   keep_all_far = rules.kept_if_read_later is None
+  # Per primitive once, then per op and variable as arrays: a step of many small parameters
+  # has hundreds of thousands of ops but a few dozen primitives.
+  kinds: dict[str, tuple[bool, bool, bool, bool, bool]] = {}
   for op in traced.ops:
-    outs = list(op.out_vars)
-    fusible = op.primitive in rules.fusible
-    made_by_fusible[outs] = fusible
-    layout[outs] = op.primitive in rules.layout
-    expensive[outs] = op.primitive in rules.expensive
-    kept_if_far[outs] = keep_all_far or op.primitive in rules.kept_if_read_later
-    ins = list({v for v in op.in_vars if v >= 0})
-    readers[ins] += 1
-    if not fusible and not op.primitive.startswith(rules.fusing_kernels):
-      read_by_kernel[ins] = True
+    p = op.primitive
+    if p not in kinds:
+      fusible = p in rules.fusible
+      kinds[p] = (
+        fusible,
+        p in rules.layout,
+        p in rules.expensive,
+        keep_all_far or p in rules.kept_if_read_later,
+        not fusible and not p.startswith(rules.fusing_kernels),
+      )
+  op_kind = np.array([kinds[op.primitive] for op in traced.ops], dtype=bool).reshape(-1, 5)
+  out_op = np.array([op.index for op in traced.ops for _ in op.out_vars], dtype=np.int64)
+  out_var = np.array([v for op in traced.ops for v in op.out_vars], dtype=np.int64)
+  in_op = np.array([op.index for op in traced.ops for _ in set(op.in_vars) - {-1}], np.int64)
+  in_var = np.array([v for op in traced.ops for v in set(op.in_vars) - {-1}], dtype=np.int64)
+  made_by_fusible, layout, expensive, kept_if_far = (np.zeros(n, dtype=bool) for _ in range(4))
+  for flags, column in zip((made_by_fusible, layout, expensive, kept_if_far), range(4)):
+    flags[out_var] = op_kind[out_op, column]
+  readers = np.bincount(in_var, minlength=n).astype(np.int64)
+  read_by_kernel = np.zeros(n, dtype=bool)
+  read_by_kernel[in_var[op_kind[in_op, 4]]] = True
   for op in reversed(traced.ops):
     if op.primitive in rules.kernel_reads_through and read_by_kernel[list(op.out_vars)].any():
       read_by_kernel[[v for v in op.in_vars if v >= 0]] = True

@@ -30,17 +30,31 @@ def hotspots(space, c, profile) -> tuple[tuple[Hotspot, ...], float, float]:
   div = op_divisors(space, c)
   per_device = seconds / div
   compute_bound = float(per_device[flop_seconds >= seconds].sum())
+  # Ops of one source line and cost key (primitive, params, operand types) share a hot spot:
+  # summed with numpy, then formatted once per kind, not once per op (270,000 ops of 10,000
+  # tiny parameters: 5.7 s -> well under a second).
+  kinds: dict[tuple[str, str], int] = {}
+  costly = np.flatnonzero(per_device > 0)
+  kind = np.array(
+    [kinds.setdefault((traced.ops[i].source, traced.ops[i].cost_key), len(kinds)) for i in costly],
+    dtype=np.int64,
+  )
+  first = costly[np.unique(kind, return_index=True)[1]]  # kinds count up from 0 as they appear
+  sums = [
+    np.bincount(kind, weights=w, minlength=len(kinds))
+    for w in (
+      np.ones(len(costly)),
+      space.costs.flops[costly] / div[costly],
+      per_device[costly],
+      flop_seconds[costly] / div[costly],
+    )
+  ]
   merged: dict[tuple, list] = {}
-  for op in traced.ops:
-    i = op.index
-    if per_device[i] <= 0:
-      continue
-    key = (op.primitive, op.source, _shapes(op))
-    entry = merged.setdefault(key, [0, 0.0, 0.0, 0.0])
-    entry[0] += 1
-    entry[1] += space.costs.flops[i] / div[i]
-    entry[2] += per_device[i]
-    entry[3] += flop_seconds[i] / div[i]
+  for k, i in enumerate(first):
+    op = traced.ops[i]
+    entry = merged.setdefault((op.primitive, op.source, _shapes(op)), [0, 0.0, 0.0, 0.0])
+    for j, total in enumerate(sums):
+      entry[j] += total[k]
   top = sorted(merged.items(), key=lambda kv: -kv[1][2])[:TOP_HOTSPOTS]
   hot = tuple(
     Hotspot(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import reprlib
 from collections.abc import Callable
@@ -42,6 +43,21 @@ def device_count(devices) -> tuple[int, list | None]:
     return int(devices), None
   device_list = distinct_devices(devices)
   return len(device_list), device_list
+
+
+def positive_seconds(seconds) -> float:
+  """`max_seconds` as a float: a positive, finite real number of seconds."""
+  if (
+    isinstance(seconds, bool)
+    or not isinstance(seconds, numbers.Real)
+    or not math.isfinite(seconds)
+    or seconds <= 0
+  ):
+    raise InvalidArgumentError(
+      "max_seconds must be a positive number of seconds, or None for no limit, e.g. "
+      f"max_seconds=30. Got {seconds!r}."
+    )
+  return float(seconds)
 
 
 def check_leaves(params, batch) -> None:

@@ -21,5 +21,8 @@ from wapar_jax._src.search.pricing import price as price
 from wapar_jax._src.search.space import SearchSpace as SearchSpace
 from wapar_jax._src.search.space import build_space as build_space
 from wapar_jax._src.search.specs import specs_for as specs_for
+from wapar_jax._src.search.sweep import Searched as Searched
 from wapar_jax._src.search.sweep import batch_size_of as batch_size_of
 from wapar_jax._src.search.sweep import search as search
+from wapar_jax._src.search.sweep import search_until as search_until
+from wapar_jax._src.search.sweep import sweep_size as sweep_size

@@ -326,11 +326,13 @@ def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
         uses[v] = uses.get(v, 0) + 1
   state: dict[int, tuple] = {}  # partial variable -> (over batch, groups)
   carrier: dict[int, int] = {}  # partial variable -> op charged for its reduction
+  # Each op's own flags, read before the loop moves any (it moves them onto later ops only).
+  own_batch, own_any = red_batch.tolist(), red_group.any(axis=1).tolist()
   for op in ops:
     i = op.index
-    own = (bool(red_batch[i]), tuple(np.flatnonzero(red_group[i])))
     if len(op.out_vars) != 1:
       continue
+    own = (own_batch[i], tuple(np.flatnonzero(red_group[i])) if own_any[i] else ())
     out = op.out_vars[0]
     if own != (False, ()):
       state[out], carrier[out] = own, i

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import time
 
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.profiles import DeviceProfile
@@ -43,15 +46,93 @@ def _allowed(strategy: str, dp: int, tp: int, storage: str) -> bool:
   return _DEGREE[data](dp) and _DEGREE[model](tp) and storage in storages
 
 
-def device_counts(max_devices: int, all_devices: bool) -> list[int]:
-  """Every count up to 64 (as WAP swept), then multiples of 8 and powers of two."""
-  if all_devices:
-    return [max_devices]
-  counts = set(range(1, min(max_devices, 64) + 1))
-  counts.update(d for d in range(8, max_devices + 1, 8))
-  counts.update(2**k for k in range(int(math.log2(max_devices)) + 1))
-  counts.add(max_devices)
-  return sorted(counts)
+# The WAP sweep: every count up to here, then multiples of 8 (a node of 8 GPUs) up to
+# _MULTIPLES_OF_8_UP_TO, and powers of two and the offered count throughout.
+_EVERY_COUNT_UP_TO = 64
+_MULTIPLES_OF_8_UP_TO = 1024
+# Above _MULTIPLES_OF_8_UP_TO only counts whose odd part is at most this are swept: 2^k times
+# 1, 5/4, 3/2 or 7/4, four per doubling, each within 25% of the next. Why the optimum stays in
+# the set in practice: a count is usable only as dp * tp with dp dividing the batch and tp a
+# model dim, and batch sizes and model dims are powers of two times 3, 5 or 7 (768, 3072,
+# 50304 = 2^7 * 3 * 131, batches of 96 * 2^k), so the counts they split into evenly are of this
+# form; and at that scale the step time moves smoothly with the count (compute as 1/d,
+# collective latency as log d), so a count left out is within 25% of a kept one.
+_LARGEST_ODD_PART = 7
+
+
+def in_sweep(d: int, max_devices: int, all_devices: bool) -> bool:
+  """Whether the sweep considers `d` of `max_devices` devices (see _LARGEST_ODD_PART)."""
+  if all_devices or d == max_devices:
+    return d == max_devices
+  if d > max_devices:
+    return False
+  odd = d >> ((d & -d).bit_length() - 1)
+  return (
+    d <= _EVERY_COUNT_UP_TO
+    or (d <= _MULTIPLES_OF_8_UP_TO and d % 8 == 0)
+    or odd <= _LARGEST_ODD_PART
+  )
+
+
+def divisors(n: int) -> list[int]:
+  """Every divisor of n, ascending: trial division up to sqrt(n)."""
+  small, large = [], []
+  for k in range(1, math.isqrt(n) + 1):
+    if n % k == 0:
+      small.append(k)
+      if k != n // k:
+        large.append(n // k)
+  return small + large[::-1]
+
+
+def model_degrees(space: SearchSpace) -> list[int]:
+  """1 and every model degree that splits at least one group the model axis can take."""
+  degrees = {1}
+  for g in space.groups:
+    if g.index not in space.self_paired and g.param_bytes > 0:
+      degrees.update(divisors(g.size))
+  return sorted(degrees)
+
+
+def sweep_points(space: SearchSpace, max_devices: int, all_devices: bool) -> list[tuple]:
+  """(device count, its model degrees ascending) for each count of the sweep that splits as
+  dp * tp, dp dividing the batch and tp a model degree; powers of two first, so that a search
+  cut short by its deadline has the coarse curve.
+
+  Built from divisors, never by scanning counts: the cost is (divisors of the batch) x (model
+  degrees), whatever the device count.
+  """
+  by_count: dict[int, list[int]] = {}
+  for dp in divisors(space.batch_size):
+    for tp in model_degrees(space):
+      if in_sweep(dp * tp, max_devices, all_devices):
+        by_count.setdefault(dp * tp, []).append(tp)
+  order = sorted(by_count, key=lambda d: (d & (d - 1) != 0, d))
+  return [(d, sorted(by_count[d])) for d in order]
+
+
+def sweep_size(space: SearchSpace, max_devices: int, all_devices: bool) -> int:
+  """About how many candidates `search_until` prices: every point of the sweep times its
+  model-split group sets and state storages."""
+  sets = functools.cache(lambda tp: max(len(group_sets(space, tp)), 1))
+  return sum(
+    sets(tp) * (len(STORAGES) if d > tp else 1)
+    for d, degrees in sweep_points(space, max_devices, all_devices)
+    for tp in degrees
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Searched:
+  """A search's candidates, ranked, and how much of the sweep it priced before its deadline."""
+
+  ranked: list[Candidate]
+  counts: int  # device counts of the sweep (`sweep_points`)
+  counts_priced: int
+
+  @property
+  def cut_short(self) -> bool:
+    return self.counts_priced < self.counts
 
 
 def search(
@@ -64,7 +145,34 @@ def search(
   memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
   all_devices: bool = False,
 ) -> list[Candidate]:
-  """All candidates, fitting ones first, each part ordered by the objective.
+  """All candidates, fitting ones first, each part ordered by the objective (`search_until`
+  with no deadline)."""
+  return search_until(
+    space,
+    profile,
+    max_devices,
+    strategy=strategy,
+    objective=objective,
+    memory_headroom=memory_headroom,
+    all_devices=all_devices,
+  ).ranked
+
+
+def search_until(
+  space: SearchSpace,
+  profile: DeviceProfile,
+  max_devices: int,
+  *,
+  strategy: str = "auto",
+  objective: str = "time",
+  memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
+  all_devices: bool = False,
+  deadline: float | None = None,
+) -> Searched:
+  """The candidates of every point of the sweep priced before `deadline` (a
+  `time.perf_counter()` value; None: no limit), fitting ones first, each part ordered by the
+  objective. Past the deadline the search stops at the next device count once a candidate
+  fits; until one does it goes on.
 
   Evaluation is exact enumeration: each (dp, tp, storage) of a group set costs O(1) plus one
   max over the memory curves (`aggregate`), so thousands of candidates for a 7B model cost
@@ -79,13 +187,17 @@ def search(
   budget = profile.memory_bytes * (1 - memory_headroom)
   op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
   aggregates: dict[tuple[int, ...], Aggregates] = {}
+  sets_of = functools.cache(lambda tp: group_sets(space, tp))
+  points = sweep_points(space, max_devices, all_devices)
   found = []
-  for d in device_counts(max_devices, all_devices):
-    for tp in (t for t in range(1, d + 1) if d % t == 0):
+  priced = 0
+  for d, degrees in points:
+    if deadline is not None and time.perf_counter() > deadline and any(c.fits for c in found):
+      break
+    priced += 1
+    for tp in degrees:
       dp = d // tp
-      if space.batch_size % dp:
-        continue
-      for groups in group_sets(space, tp):
+      for groups in sets_of(tp):
         if tp > 1 and not groups:
           continue
         for storage in STORAGES if dp > 1 else ("replicated",):
@@ -107,14 +219,16 @@ def search(
       f"{space.batch_size}."
     )
   if not found:
-    divisible = [d for d in range(1, max_devices + 1) if space.batch_size % d == 0]
+    divisible = [d for d in divisors(space.batch_size) if d <= max_devices]
     raise IndivisibleBatchError(
       f"no {strategy!r} plan exists for up to {max_devices} devices: the batch size "
       f"{space.batch_size} splits only over {divisible} data-parallel devices, and no "
       "parameter dimension splits over the rest. Use a batch size divisible by the device "
       f"count, or another strategy. Got batch size {space.batch_size}."
     )
-  return sorted(found, key=rank_key(objective))
+  # Ascending device counts first, as the points were once swept, so that ties keep their order.
+  found.sort(key=lambda c: c.devices)
+  return Searched(sorted(found, key=rank_key(objective)), len(points), priced)
 
 
 def batch_size_of(space: SearchSpace) -> int:

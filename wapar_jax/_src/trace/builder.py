@@ -8,6 +8,7 @@ its primitive's rule from `dim_rules`.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -65,7 +66,11 @@ def _aval_shape(v):
 
 
 def _itemsize(aval) -> int:
-  dtype = getattr(aval, "dtype", None)
+  return _dtype_itemsize(getattr(aval, "dtype", None))
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_itemsize(dtype) -> int:
   try:
     return int(np.dtype(dtype).itemsize)
   except TypeError:  # PRNG key and other extended dtypes
@@ -73,14 +78,29 @@ def _itemsize(aval) -> int:
 
 
 def _cost_key(eqn, in_shapes) -> str:
-  params = ", ".join(f"{k}={v!r}" for k, v in sorted(eqn.params.items()))
+  items = tuple(sorted(eqn.params.items()))
+  try:
+    params = _params_text(items)
+  except TypeError:  # a param that does not hash
+    params = _params_text.__wrapped__(items)
   ins = []
   for v, shape in zip(eqn.invars, in_shapes):
     if isinstance(v, _Literal):
       ins.append(f"lit({np.asarray(v.val).tolist()!r}:{v.aval.dtype})")
     else:
-      ins.append(f"{v.aval.dtype}{list(shape)}")
+      ins.append(f"{_dtype_text(v.aval.dtype)}{list(shape)}")
   return f"{eqn.primitive.name}[{params}]({', '.join(ins)})"
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_text(dtype) -> str:
+  return str(dtype)  # numpy builds a dtype's name anew each time
+
+
+@functools.lru_cache(maxsize=4096)
+def _params_text(items) -> str:
+  """An equation's params as text; many equations share them, and repr is costly."""
+  return ", ".join(f"{k}={v!r}" for k, v in items)
 
 
 def _while_trip_count(eqn) -> int | None:
