@@ -248,22 +248,21 @@ def plan(
       stacklevel=2,
     )
   # Pipelines first: they are priced on the per-layer remat variant, itself a memory lever.
-  found = None
+  found, stack_run = None, None
   pipelines_allowed = strategy in ("auto", "pp") and stages != 1
   pipelines_wanted = pipelines_allowed and remat in (None, "layers") and microbatches in (None, 1)
   if pipelines_wanted and strategy == "auto" and stages is None and stop():
     skipped.append("pipelines (a stage axis)")
   elif pipelines_wanted:
     t_pipe = time.perf_counter()
-    if has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache):
-      if pipelines.STACK_VARIANT not in results:
-        results[pipelines.STACK_VARIANT] = run(pipelines.STACK_VARIANT)
+    if pipelines.has_stack(loss_fn, abstract_params, abstract_batch):
+      stack_run = results.get(pipelines.STACK_VARIANT) or run(pipelines.STACK_VARIANT)
       found = pipelines.search_pipelines(
         loss_fn,
         abstract_params,
         abstract_batch,
         optimizer,
-        results[pipelines.STACK_VARIANT][3],
+        stack_run[3],
         profile=device_profile,
         max_devices=max_devices,
         all_devices=all_devices,
@@ -274,8 +273,9 @@ def plan(
       )
     timings["pipeline_seconds"] = time.perf_counter() - t_pipe
   staged = list(found.candidates) if found is not None else []
-  # The levers are searched as without pipelines: a pipeline is chosen only by a margin over
-  # the best plan without one (`pipelines.ranked_with_margin`), which must be found first.
+  # The levers are searched as without pipelines, in their own order (the stack's variant is
+  # kept aside until its turn): a pipeline is chosen only by a margin over the best plan
+  # without one (`pipelines.ranked_with_margin`), which must be found first.
   for variant in levers.memory_variants(
     results[first][3],
     remat,
@@ -289,14 +289,20 @@ def plan(
     if stop():
       skipped.append("the remaining memory levers (remat, gradient accumulation)")
       break
-    results[variant] = run(variant)
+    results[variant] = (
+      stack_run if variant == pipelines.STACK_VARIANT and stack_run else run(variant)
+    )
     if levers.enough_variants(results, objective):
       break
   for variant in levers.speed_variants(traced, remat, microbatches, results):
     if stop():
       skipped.append("per-layer remat for speed")
       break
-    results[variant] = run(variant)
+    results[variant] = (
+      stack_run if variant == pipelines.STACK_VARIANT and stack_run else run(variant)
+    )
+  if stack_run is not None:
+    results.setdefault(pipelines.STACK_VARIANT, stack_run)
   cut = {v: s for v, s in coverage.items() if s.cut_short}
   if cut or skipped:
     _warn_cut_short(max_seconds, time.perf_counter() - t0, cut, skipped)

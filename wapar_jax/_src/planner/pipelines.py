@@ -47,6 +47,17 @@ def _rest_key(c: Candidate) -> tuple[int, int, str]:
   return c.data, c.model, c.storage
 
 
+def has_stack(loss_fn: Callable, params, batch) -> bool:
+  """Whether the loss has layers a pipeline can cut (checked before the search traces a
+  variant for them): a stack passing on arrays with the batch's rows."""
+  try:
+    _, stack, _ = layers.without_stack(loss_fn, params, batch)
+  except layers.NoLayerStack:
+    return False
+  rows = {getattr(v.aval, "shape", ())[:1] for v in stack.carry}
+  return len(rows) == 1 and rows != {()} and stack.length > 1
+
+
 def search_pipelines(
   loss_fn: Callable,
   params,
