@@ -151,6 +151,9 @@ def plan_case(case: GoldenCase):
     remat=case.remat,
     microbatches=case.microbatches,
     all_devices=case.all_devices,
+    # A private in-memory cost cache: an op's per-element cost comes from the first of its
+    # shapes costed, so a shared cache would make the figures depend on what ran before.
+    cache=False,
   )
 
 

@@ -59,12 +59,9 @@ def _pipelined_grads(ex, params, batch, stages, repeats, micro, data):
   "kind, stages, repeats, micro, data",
   [
     ("scan", 2, 1, 2, 2),
-    pytest.param("scan", 4, 1, 4, 1, marks=pytest.mark.slow),
     pytest.param("scan", 2, 2, 2, 2, marks=pytest.mark.slow),
-    pytest.param("linen", 2, 1, 4, 2, marks=pytest.mark.slow),
     pytest.param("linen", 4, 1, 4, 2, marks=pytest.mark.slow),
     pytest.param("nnx", 2, 2, 4, 1, marks=pytest.mark.slow),
-    pytest.param("nnx", 4, 1, 8, 1, marks=pytest.mark.slow),
   ],
 )
 def test_pipeline_gives_the_single_device_loss_and_gradients(kind, stages, repeats, micro, data):

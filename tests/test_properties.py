@@ -9,7 +9,7 @@ Hypothesis tries the simplest example first (the first choice of every list), so
 start with sizes that make each family do real work (weights FSDP splits, dims that split 8
 ways), and the kinds and device counts start at another one per family. The fast tier draws
 that one example per family, with the model kind and device count given per family so that
-the five cover every kind and several counts; the slow tier draws three examples of any kind
+the five cover every kind and several counts; the slow tier draws two examples of any kind
 and count per family.
 """
 
@@ -162,7 +162,7 @@ def test_emitted_step_matches_single_device(family, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=3, **REPRODUCIBLE)
+@settings(max_examples=2, **REPRODUCIBLE)
 @given(data=st.data())
 def test_emitted_step_matches_single_device_on_more_workloads(family, data):
   workload = data.draw(workloads(family), label="workload")
