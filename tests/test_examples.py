@@ -103,7 +103,9 @@ def test_large_init_params_traces_to_abstract_params(name):
   "name",
   [
     n if n == "bert-tiny" else pytest.param(n, marks=pytest.mark.slow)
-    for n in ("gpt-tiny", "gpt-tiny-scan", "bert-tiny", "t5-tiny", "vit-tiny", "moe-tiny")
+    # The encoder (BERT's block is ViT's too), the scan and the encoder-decoder; the MoE and
+    # the unrolled GPT take the same hooks in the same places.
+    for n in ("gpt-tiny-scan", "bert-tiny", "t5-tiny")
   ],
 )
 def test_handwritten_variant_is_the_same_model(name):
