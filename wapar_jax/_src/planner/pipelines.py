@@ -26,7 +26,7 @@ from wapar_jax.errors import IndivisibleBatchError
 # The per-layer remat variant a pipeline's stack is priced with: a stage rematerialises its chunk.
 STACK_VARIANT = ("layers", 1)
 # A pipeline is chosen over the best plan without one only when predicted this much better: its
-# predictions run 0-28% under the compiled steps where the other families' run 5-31% over
+# predictions run 3-13% under the compiled steps where the other families' run 5-31% over
 # (benchmarks/results/pipeline.md), so a closer call is not one the model can make.
 PIPELINE_MARGIN = 0.15
 
