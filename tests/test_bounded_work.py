@@ -93,6 +93,7 @@ def test_sweep_points_are_the_device_count_by_divisor_scan_it_replaces(tiny_spac
   assert [d for d, _ in points[: len(powers)]] == powers  # the coarse curve first
 
 
+@pytest.mark.slow
 def test_planning_a_million_devices_answers_in_seconds(gpt_tiny):
   # Before: every count's divisors by scanning 1..d, 125,000 counts: over 10 minutes.
   t0 = time.perf_counter()
@@ -150,6 +151,7 @@ def test_large_problems_are_warned_of_before_the_long_part(gpt_tiny, monkeypatch
   assert any("prices about" in m and "max_seconds" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_many_tiny_parameters_plan_about_as_fast_as_jax_traces_their_step():
   # 1,000 float32[4] leaves summed into a loss: 27,000 equations. Before: 2.4x the time jax
   # takes to trace the plain step (the gradient rebound equation by equation, full garbage

@@ -156,7 +156,7 @@ def _check_matches_single_device(mlp, name, tx, strategy, rtol=1e-5):
     assert any("data" in str(s) for s in state_specs), state_specs
 
 
-@pytest.mark.parametrize("strategy", ["dp", "zero1"])
+@pytest.mark.parametrize("strategy", ["dp", pytest.param("zero1", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_transformation_trains_like_single_device(mlp, name, strategy):
   _check_matches_single_device(mlp, name, TRANSFORMS[name](), strategy)

@@ -205,7 +205,15 @@ def _golden() -> dict:
     return json.load(f)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+# The fast tier keeps one case per family of the search; the rest run in the full suite.
+_FAST = {"mlp-cpu", "plain-cpu", "gpt-tiny-h100", "gpt-tiny-dp-tp"}
+
+
+@pytest.mark.parametrize(
+  "case",
+  [c if c.name in _FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+  ids=lambda c: c.name,
+)
 def test_plan_matches_golden(case):
   want = _golden().get(case.name)
   assert want is not None, f"{case.name} is not in {GOLDEN}: run python {__file__} --update"

@@ -91,6 +91,7 @@ def _compiled_peak(plan):
   return plan.verify(devices=devices, profile="cpu").compiled.peak_memory
 
 
+@pytest.mark.slow
 def test_planner_accumulates_when_memory_forces_it():
   ex = examples.get_example("gpt-tiny", batch_size=64)
   cpu = wap.load_profile("cpu")

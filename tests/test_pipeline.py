@@ -58,7 +58,7 @@ def _pipelined_grads(ex, params, batch, stages, repeats, micro, data):
 @pytest.mark.parametrize(
   "kind, stages, repeats, micro, data",
   [
-    ("scan", 2, 1, 2, 2),
+    pytest.param("scan", 2, 1, 2, 2, marks=pytest.mark.slow),
     pytest.param("scan", 2, 2, 2, 2, marks=pytest.mark.slow),
     pytest.param("linen", 4, 1, 4, 2, marks=pytest.mark.slow),
     pytest.param("nnx", 2, 2, 4, 1, marks=pytest.mark.slow),

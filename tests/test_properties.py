@@ -152,7 +152,12 @@ def _check_emitted_step_matches_single_device(family, workload):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# The fast tier: the two families that split the most (state, then batch x model); the rest in
+# the full suite.
+@pytest.mark.parametrize(
+  "family",
+  [f if f in ("fsdp", "dp_tp") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES],
+)
 @settings(max_examples=1, **REPRODUCIBLE)
 @given(data=st.data())
 def test_emitted_step_matches_single_device(family, data):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import wapar_jax as wap
 from wapar_jax import examples
@@ -119,6 +120,7 @@ def test_xla_cpu_reduces_gradients_in_combined_buckets_of_256():
   assert gpu.memory[0].combine_curves is None  # GPU XLA reduces in place
 
 
+@pytest.mark.slow
 def test_a_gpu_remat_step_is_priced_under_both_rule_sets():
   # GPU XLA's peak in a rematerialised step is bounded by XLA:CPU's rules; a plain step is
   # priced under GPU XLA's alone (one liveness scan per candidate, not two).
