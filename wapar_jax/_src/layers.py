@@ -18,7 +18,7 @@ import jax.extend as jex
 
 from wapar_jax._src import gathers
 from wapar_jax._src.compat import scan_operand_counts
-from wapar_jax._src.step import repeated_blocks
+from wapar_jax._src.step import free_vars, repeated_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +129,6 @@ def _from_scan(jaxpr, i: int, eqn, n_params: int) -> LayerStack:
   )
 
 
-def _free_vars(eqns) -> list:
-  """Variables a run of equations reads but does not define, in order of first read."""
-  defined, free = set(), []
-  for e in eqns:
-    for v in e.invars:
-      if isinstance(v, jex.core.Var) and v not in defined and v not in free:
-        free.append(v)
-    defined.update(e.outvars)
-  return free
-
-
 def _from_blocks(jaxpr, blocks: list[tuple[int, int]], n_params: int) -> LayerStack:
   """The stack of a Python loop of layers: block k's inputs are, position by position, the same
   variable in every block (a const), an output of block k - 1 (the carry), or a parameter of
@@ -148,7 +137,7 @@ def _from_blocks(jaxpr, blocks: list[tuple[int, int]], n_params: int) -> LayerSt
   runs = [jaxpr.eqns[a:b] for a, b in blocks]
   made = [[v for e in run for v in e.outvars] for run in runs]
   position = [{v: p for p, v in enumerate(m)} for m in made]
-  frees = [_free_vars(run) for run in runs]
+  frees = [free_vars(run) for run in runs]
   if len({len(f) for f in frees}) != 1:
     raise NoLayerStack("the repeated blocks read different numbers of inputs")
   consts, carry_in, carry_from, params, param_pos = [], [], [], [], []

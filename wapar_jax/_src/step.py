@@ -105,14 +105,20 @@ def _layer_remat(fn: Callable, policy) -> Callable:
   return layer
 
 
-def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
-  """A per-layer-rematerialised function computing `eqns`, with its inputs and outputs."""
-  defined, inputs = set(), []
+def free_vars(eqns) -> list:
+  """Variables a run of equations reads but does not define, in order of first read."""
+  defined, free = set(), []
   for eqn in eqns:
     for v in eqn.invars:
-      if isinstance(v, jex.core.Var) and v not in defined and v not in inputs:
-        inputs.append(v)
+      if isinstance(v, jex.core.Var) and v not in defined and v not in free:
+        free.append(v)
     defined.update(eqn.outvars)
+  return free
+
+
+def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
+  """A per-layer-rematerialised function computing `eqns`, with its inputs and outputs."""
+  inputs = free_vars(eqns)
   outputs = [v for eqn in eqns for v in eqn.outvars if v in outer_later_uses]
   # The loss's debug info, renamed: its argument and result names do not describe a segment.
   debug_info = debug_info._replace(arg_names=None, result_paths=None).replace_func_name(
@@ -194,16 +200,19 @@ def has_layers(loss_fn: Callable, params, batch, cache: dict | None = None) -> b
   )
 
 
-def _split_microbatches(batch, k: int):
-  def split(x):
-    if x.shape[0] % k:
-      raise InvalidArgumentError(
-        f"the batch dim {x.shape[0]} does not split into {k} micro-batches; use a micro-batch "
-        f"count that divides it. Got microbatches={k}."
-      )
-    return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+def split_rows(x, k: int):
+  """[B, ...] -> [k, B / k, ...]; micro-batch j holds rows j, j + k, ...: a split that keeps
+  each device's rows on that device when dim 0 is sharded."""
+  if x.shape[0] % k:
+    raise InvalidArgumentError(
+      f"the batch dim {x.shape[0]} does not split into {k} micro-batches; use a micro-batch "
+      f"count that divides it. Got microbatches={k}."
+    )
+  return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
 
-  return jax.tree.map(split, batch)
+
+def _split_microbatches(batch, k: int):
+  return jax.tree.map(lambda x: split_rows(x, k), batch)
 
 
 def loss_and_grads(

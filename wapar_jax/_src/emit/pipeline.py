@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from wapar_jax._src import layers
 from wapar_jax._src.emit import shardings as shardings_lib
 from wapar_jax._src.emit import step as step_lib
+from wapar_jax._src.step import split_rows
 from wapar_jax.errors import InvalidArgumentError
 
 STAGE = "stage"
@@ -202,7 +203,7 @@ def _trace(loss_fn, params, batch, pieces: int) -> tuple[layers.LayerStack, _Tra
   micro-batch's rows on one device)."""
   n_params = len(jax.tree.leaves(params))
   closed = jax.make_jaxpr(loss_fn)(params, batch)
-  micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: _split(x, pieces)[0], b), batch)
+  micro = jax.eval_shape(lambda b: jax.tree.map(lambda x: split_rows(x, pieces)[0], b), batch)
   try:
     stack = layers.find(closed.jaxpr, n_params)
     micro_stack = layers.same_stack(jax.make_jaxpr(loss_fn)(params, micro).jaxpr, n_params, stack)
@@ -229,17 +230,6 @@ def _batch_dependent(jaxpr, n_params: int, stack) -> list[int]:
     if any(isinstance(v, jex.core.Var) and v in tainted for v in eqn.invars):
       tainted.update(eqn.outvars)
   return [k for k, v in enumerate(stack.consts) if isinstance(v, jex.core.Var) and v in tainted]
-
-
-def _split(x, m_count: int):
-  """[B, ...] -> [M, B / M, ...]; micro-batch j holds rows j, j + M, ...: a split that keeps
-  each device's rows on that device when the batch is sharded."""
-  if x.shape[0] % m_count:
-    raise InvalidArgumentError(
-      f"the batch dim {x.shape[0]} does not split into {m_count} pipeline micro-batches; use a "
-      f"micro-batch count that divides it. Got microbatches={m_count}."
-    )
-  return jnp.moveaxis(x.reshape(x.shape[0] // m_count, m_count, *x.shape[1:]), 1, 0)
 
 
 def _merge(x):
@@ -346,7 +336,7 @@ def pipelined_loss(
   )
 
   def run_stack(stacked, consts, carry):
-    into = lambda x: lax.with_sharding_constraint(_split(x, m_count), inside)  # noqa: E731
+    into = lambda x: lax.with_sharding_constraint(split_rows(x, m_count), inside)  # noqa: E731
     shared = [c for j, c in enumerate(consts) if j not in by_micro]
     micro = [into(c) for j, c in enumerate(consts) if j in by_micro]
     outs = run(list(stacked), shared, micro, [into(x) for x in carry])
