@@ -255,10 +255,11 @@ def plan(
     skipped.append("pipelines (a stage axis)")
   elif pipelines_wanted:
     t_pipe = time.perf_counter()
-    if pipelines.has_stack(loss_fn, abstract_params, abstract_batch):
+    cut = pipelines.cuttable_stack(loss_fn, abstract_params, abstract_batch)
+    if cut is not None:
       stack_run = results.get(pipelines.STACK_VARIANT) or run(pipelines.STACK_VARIANT)
       found = pipelines.search_pipelines(
-        loss_fn,
+        cut,
         abstract_params,
         abstract_batch,
         optimizer,
@@ -273,6 +274,10 @@ def plan(
       )
     timings["pipeline_seconds"] = time.perf_counter() - t_pipe
   staged = list(found.candidates) if found is not None else []
+
+  def reuse_stack_run(variant):  # the stack's variant, traced already for the pipelines
+    return stack_run if variant == pipelines.STACK_VARIANT and stack_run else run(variant)
+
   # The levers are searched as without pipelines, in their own order (the stack's variant is
   # kept aside until its turn): a pipeline is chosen only by a margin over the best plan
   # without one (`pipelines.ranked_with_margin`), which must be found first.
@@ -289,18 +294,14 @@ def plan(
     if stop():
       skipped.append("the remaining memory levers (remat, gradient accumulation)")
       break
-    results[variant] = (
-      stack_run if variant == pipelines.STACK_VARIANT and stack_run else run(variant)
-    )
+    results[variant] = reuse_stack_run(variant)
     if levers.enough_variants(results, objective):
       break
   for variant in levers.speed_variants(traced, remat, microbatches, results):
     if stop():
       skipped.append("per-layer remat for speed")
       break
-    results[variant] = (
-      stack_run if variant == pipelines.STACK_VARIANT and stack_run else run(variant)
-    )
+    results[variant] = reuse_stack_run(variant)
   if stack_run is not None:
     results.setdefault(pipelines.STACK_VARIANT, stack_run)
   cut = {v: s for v, s in coverage.items() if s.cut_short}

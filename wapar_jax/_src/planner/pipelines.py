@@ -47,19 +47,22 @@ def _rest_key(c: Candidate) -> tuple[int, int, str]:
   return c.data, c.model, c.storage
 
 
-def has_stack(loss_fn: Callable, params, batch) -> bool:
-  """Whether the loss has layers a pipeline can cut (checked before the search traces a
-  variant for them): a stack passing on arrays with the batch's rows."""
+def cuttable_stack(loss_fn: Callable, params, batch):
+  """`layers.without_stack` of the loss when it has layers a pipeline can cut (a stack passing
+  on arrays with the batch's rows), else None; checked before the search traces a variant for
+  them."""
   try:
-    _, stack, _ = layers.without_stack(loss_fn, params, batch)
+    rest_loss, stack, rest_leaves = layers.without_stack(loss_fn, params, batch)
   except layers.NoLayerStack:
-    return False
+    return None
   rows = {getattr(v.aval, "shape", ())[:1] for v in stack.carry}
-  return len(rows) == 1 and rows != {()} and stack.length > 1
+  if len(rows) != 1 or rows == {()} or stack.length < 2:
+    return None
+  return rest_loss, stack, rest_leaves
 
 
 def search_pipelines(
-  loss_fn: Callable,
+  cut,
   params,
   batch,
   optimizer,
@@ -73,15 +76,9 @@ def search_pipelines(
   rules,
   cache: bool,
 ) -> PipelineSearch | None:
-  """Pipeline candidates on `base_ranked` (the whole step's candidates with per-layer remat);
-  None when the loss has no layer stack a pipeline can cut."""
-  try:
-    rest_loss, stack, rest_leaves = layers.without_stack(loss_fn, params, batch)
-  except layers.NoLayerStack:
-    return None
-  rows = {getattr(v.aval, "shape", ())[:1] for v in stack.carry}
-  if len(rows) != 1 or rows == {()}:
-    return None
+  """Pipeline candidates on `base_ranked` (the whole step's candidates with per-layer remat),
+  for the loss's stack `cut` (`cuttable_stack`)."""
+  rest_loss, stack, rest_leaves = cut
   carry_bytes = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in stack.carry))
   shape = pricing.StackShape(stack.length, carry_bytes)
   leaves = jax.tree.leaves(params)
