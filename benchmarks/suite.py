@@ -407,15 +407,7 @@ def _expert_row(name, case, tx, setting, profile, nodes, tensor) -> dict | None:
 
 def _energy(profile, figures: dict, devices: int, batch: int) -> float:
   """Joules per sample: every device idles through the step and works through its compute."""
-  step, compute = figures["step_time"], figures["compute_time"]
-  return (
-    devices
-    * (
-      profile.power_idle_watts * step
-      + (profile.power_busy_watts - profile.power_idle_watts) * compute
-    )
-    / batch
-  )
+  return profile.step_energy(devices, figures["step_time"], figures["compute_time"]) / batch
 
 
 def _sweep(ex, tx, case: Case, setting: Setting, profile) -> list[dict]:

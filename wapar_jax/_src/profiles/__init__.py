@@ -100,6 +100,12 @@ class DeviceProfile:
   def __hash__(self):  # a mappingproxy is not hashable; the JSON form is.
     return hash(json.dumps(self.to_dict(), sort_keys=True))
 
+  def step_energy(self, devices: int, step_time: float, compute_time: float) -> float:
+    """Joules of one step on `devices` devices: each idles through the step and works through
+    its compute."""
+    busy = self.power_busy_watts - self.power_idle_watts
+    return devices * (self.power_idle_watts * step_time + busy * compute_time)
+
   def flops_per_second(self, dtype) -> float:
     """Peak dense FLOP/s for `dtype` (a numpy / jax dtype or its name), before efficiency.
 

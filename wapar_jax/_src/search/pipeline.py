@@ -147,10 +147,7 @@ def price_pipeline(
   peak = param_memory + opt_memory + activations
   step_time = compute_time + comm_time
   d = base.devices * s
-  energy = d * (
-    profile.power_idle_watts * step_time
-    + (profile.power_busy_watts - profile.power_idle_watts) * compute_time
-  )
+  energy = profile.step_energy(d, step_time, compute_time)
   return dataclasses.replace(
     base,
     devices=d,

@@ -283,10 +283,7 @@ def price(
   peak = state + max(temporaries(m, b.rules) for m, b in zip(agg.memory, space.buffers))
 
   step_time = compute_time + comm_time
-  energy = d * (
-    profile.power_idle_watts * step_time
-    + (profile.power_busy_watts - profile.power_idle_watts) * compute_time
-  )
+  energy = profile.step_energy(d, step_time, compute_time)
   return Candidate(
     devices=d,
     data=dp,
