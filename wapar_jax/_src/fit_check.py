@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import jax
 
-from wapar_jax._src.plan_details import Leaf, PlanDetails
+from wapar_jax._src.plan_details import BATCH, Leaf, PlanDetails
 from wapar_jax._src.tree import path_keys, path_str
 from wapar_jax.errors import PlanMismatchError
 
@@ -46,12 +46,17 @@ def differences(
       a, b = want[p], got[p]
       shape_a, shape_b = a.shape, b.shape
       if not check_batch_dim and shape_a and shape_b:
-        shape_a, shape_b = shape_a[1:], shape_b[1:]
+        d = a.dims.index(BATCH) if BATCH in a.dims else 0
+        shape_a, shape_b = _without(shape_a, d), _without(shape_b, d)
       if shape_a != shape_b:
         lines.append(f"shape: {path_str(p)} planned {list(a.shape)}, got {list(b.shape)}")
       if a.dtype != b.dtype:
         lines.append(f"dtype: {path_str(p)} planned {a.dtype}, got {b.dtype}")
   return lines
+
+
+def _without(shape: tuple, d: int) -> tuple:
+  return shape[:d] + shape[d + 1 :]
 
 
 def check_fits(details: PlanDetails, params=None, batch=None) -> None:

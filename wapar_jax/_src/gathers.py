@@ -44,19 +44,20 @@ def mark(_, value, dropped=0):
   return _jitted(gathered_p, (), None)(value)
 
 
-def at_use(loss_fn: Callable, hook: Callable, loss_jaxpr: Callable) -> Callable:
+def at_use(loss_fn: Callable, hook: Callable, loss_program: Callable) -> Callable:
   """`loss_fn` with `hook(i, x, dropped)` applied to parameter leaf i at each of its uses
   (`dropped`: how many leading dims of the parameter a scan sliced off to give x).
 
-  `loss_jaxpr(loss_fn, params, batch)` returns the loss's ClosedJaxpr (memoised by the caller).
+  `loss_fn(params, *rest)` may return any tree (the loss and a model's updated state);
+  `loss_program(loss_fn, args)` returns its ClosedJaxpr and output tree (memoised by the caller).
   """
 
-  def hooked(params, batch):
-    closed = loss_jaxpr(loss_fn, params, batch)
+  def hooked(params, *rest):
+    closed, out_tree = loss_program(loss_fn, (params, *rest))
     n = len(jax.tree.leaves(params))
     owners = {v: (i, 0) for i, v in enumerate(closed.jaxpr.invars[:n])}
-    args = jax.tree.leaves((params, batch))
-    return _evaluate(closed.jaxpr, closed.consts, args, owners, hook)[0]
+    args = jax.tree.leaves((params, *rest))
+    return jax.tree.unflatten(out_tree, _evaluate(closed.jaxpr, closed.consts, args, owners, hook))
 
   return hooked
 

@@ -27,7 +27,7 @@ from wapar_jax._src.emit import step as step_lib
 from wapar_jax._src.files import dumps_strict, write_text_atomic
 from wapar_jax._src.plan_details import PlanDetails
 from wapar_jax._src.search.candidate import Candidate
-from wapar_jax._src.tree import abstract, nest, path_keys, path_str, specs_like
+from wapar_jax._src.tree import abstract, leaf_paths, nest, path_keys, path_str, specs_like
 from wapar_jax._src.views import explain as explain_lib
 from wapar_jax._src.views import export, plots
 from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError, PlanMismatchError
@@ -35,9 +35,10 @@ from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError, PlanMis
 # 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). 3: predictions under
 # the rules of the profile's compiler only (the XLA:CPU figure is verify's). 4: adds "pipeline"
 # (the stage layout) and the candidates' stages, repeats and stage micro-batches. Older
-# versions are read too.
-PLAN_FORMAT_VERSION = 4
-_READABLE_VERSIONS = (1, 2, 3, 4)
+# versions are read too. 5: adds "model_state_specs" (a model's state the step carries) and
+# "batch_axes" (batch dims other than dim 0).
+PLAN_FORMAT_VERSION = 5
+_READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,9 @@ class Plan:
     details: leaf shapes / dtypes, dimension groups, hot spots and memory terms
       (`PlanDetails`); None for a version-1 plan file.
     stats: how planning went (seconds per phase, equations, candidates); not part of equality.
+    model_state_specs: PartitionSpec per leaf of the model's state (replicated), shaped like
+      it; None for a model without state. Its step takes and returns the state:
+      `(params, opt_state, batch, model_state) -> (params, opt_state, loss, model_state)`.
     pipeline: for a pipeline plan, which layers each stage holds (`StageLayout`); its train
       step, `shard`, `init_params` and `init_opt_state` work on the parameters stored by stage
       (`{"stages": [...], "rest": [...]}`); `user_params` gives them back in the user's tree.
@@ -152,6 +156,12 @@ class Plan:
   memory_decision: str = ""
   # A pipeline plan's stage layout: its step takes the layers' parameters stacked by stage.
   pipeline: pipeline_lib.StageLayout | None = None
+  # A model's state the step carries (batch statistics, PRNG keys): its specs, None if none.
+  model_state_specs: Any = None
+  flat_model_state_specs: Mapping[tuple, P] | None = dataclasses.field(default=None, repr=False)
+  _abstract_model_state: Any = dataclasses.field(default=None, repr=False, compare=False)
+  # The batch dim of each batch leaf by path, where one is not dim 0 (`plan(batch_axes=)`).
+  flat_batch_axes: Mapping[tuple, int] | None = None
 
   @property
   def num_devices(self) -> int:
@@ -224,6 +234,12 @@ class Plan:
   def _opt_param_specs(self, params):
     return _specs_within_rank(params, self.flat_opt_specs, "optimizer-state specs")
 
+  def _batch_axes(self, batch) -> tuple[int, ...] | None:
+    """The batch dim of each leaf of `batch` (flattened order), None if every one is dim 0."""
+    if not self.flat_batch_axes:
+      return None
+    return tuple(self.flat_batch_axes.get(k, 0) for k in leaf_paths(batch))
+
   def _batch_specs(self, batch):
     return _specs_within_rank(batch, self.flat_batch_specs, "batch specs")
 
@@ -284,6 +300,27 @@ class Plan:
       return shardings_lib.from_process_local(batch, shardings)
     return shardings_lib.copy_to(batch, shardings)
 
+  def shard_model_state(self, model_state, devices=None):
+    """Copies a model's state (an NNX model's non-Param state, linen's batch_stats, PRNG keys)
+    onto the plan's mesh, as the train step takes it.
+
+    Example:
+      >>> _, params, model_state = nnx.split(model, nnx.Param, ...)
+      >>> params, model_state = plan.shard(params), plan.shard_model_state(model_state)
+      >>> params, opt_state, loss, model_state = step(params, opt_state, batch, model_state)
+    """
+    if self.flat_model_state_specs is None:
+      raise InvalidArgumentError(
+        "this plan's model has no model state: its step is step(params, opt_state, batch). "
+        "Plan with model_state= (or an NNX model holding BatchNorm or Rngs state) to carry one. "
+        "Got a plan without model state."
+      )
+    specs = _specs_within_rank(model_state, self.flat_model_state_specs, "model-state specs")
+    shardings = shardings_lib.named(self.make_mesh(devices), specs)
+    if jax.process_count() > 1:
+      return shardings_lib.from_host_copy(model_state, shardings)
+    return shardings_lib.copy_to(model_state, shardings)
+
   def init_params(self, init_fn: Callable, *args, devices=None):
     """Runs `init_fn(*args)` so each device creates only its shard: no full host copy."""
     abstract_params = jax.eval_shape(init_fn, *args)
@@ -324,12 +361,25 @@ class Plan:
     specs = shardings_lib.opt_state_specs(optimizer, sharded_params, param_specs)
     return jax.jit(optimizer.init, out_shardings=shardings_lib.named(mesh, specs))(sharded_params)
 
-  def train_step(self, devices=None, *, loss_fn=None, optimizer=None, params=None, batch=None):
-    """`(params, opt_state, batch) -> (params, opt_state, loss)`, jitted with the plan's shardings.
+  def train_step(
+    self,
+    devices=None,
+    *,
+    loss_fn=None,
+    optimizer=None,
+    params=None,
+    batch=None,
+    model_state=None,
+  ):
+    """`(params, opt_state, batch) -> (params, opt_state, loss)`, jitted with the plan's shardings;
+    with model state, `(params, opt_state, batch, model_state) -> (params, opt_state, loss,
+    model_state)`.
 
-    Params and opt state are donated: pass the arrays each call returns to the next. `params`
-    / `batch` (abstract is enough) are needed only for a plan loaded from JSON, to shape the
-    specs like the trees; the step takes batches of `batch`'s size (default: the planned one).
+    Params, opt state and model state are donated: pass the arrays each call returns to the
+    next. `params` / `batch` / `model_state` (abstract is enough) are needed only for a plan
+    loaded from JSON, to shape the specs like the trees (an NNX model's loss from JSON: pass
+    `loss_fn(params, batch, model_state) -> (loss, model_state)`); the step takes batches of
+    `batch`'s size (default: the planned one).
     A call with donated inputs raises DonatedInputError, one with another batch size or with
     inputs not laid out by `shard` / `init_opt_state` / `shard_batch` PlanMismatchError.
     """
@@ -342,6 +392,17 @@ class Plan:
         "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None."
       )
     self.check_fits(params, batch)
+    state_specs = None
+    if self.flat_model_state_specs is not None:
+      model_state = self._abstract_model_state if model_state is None else model_state
+      if model_state is None:
+        raise InvalidArgumentError(
+          "a plan with model state loaded from JSON needs the state's tree: pass model_state= "
+          "(jax.ShapeDtypeStruct leaves are enough). Got model_state = None."
+        )
+      state_specs = _specs_within_rank(
+        model_state, self.flat_model_state_specs, "model-state specs"
+      )
     mesh = self.make_mesh(devices)
     if self.pipeline is not None:
       return pipeline_lib.pipeline_train_step(
@@ -369,6 +430,8 @@ class Plan:
       microbatches=self.chosen.microbatches,
       grad_specs=self._opt_param_specs(params) if self.chosen.storage != "replicated" else None,
       planned_batch=batch,
+      state_specs=state_specs,
+      batch_axes=self._batch_axes(batch),
     )
 
   def verify(self, devices=None, **kwargs):
@@ -411,6 +474,10 @@ class Plan:
     }
     if self.pipeline is not None:
       data["pipeline"] = self.pipeline.to_dict()
+    if self.flat_model_state_specs is not None:
+      data["model_state_specs"] = flat(self.flat_model_state_specs)
+    if self.flat_batch_axes:
+      data["batch_axes"] = [{"path": list(k), "axis": a} for k, a in self.flat_batch_axes.items()]
     if self.details is not None:
       data["details"] = self.details.to_dict()
     return dumps_strict(data, "the plan", indent=1)
@@ -450,6 +517,7 @@ class Plan:
     params, opt, batch = (
       flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs")
     )
+    state = flat(data["model_state_specs"]) if "model_state_specs" in data else None
     return cls(
       mesh_shape=dict(data["mesh_shape"]),
       param_specs=nest(params),
@@ -471,6 +539,11 @@ class Plan:
       details=(PlanDetails.from_dict(data["details"]) if "details" in data else None),
       pipeline=(
         pipeline_lib.StageLayout.from_dict(data["pipeline"]) if "pipeline" in data else None
+      ),
+      model_state_specs=None if state is None else nest(state),
+      flat_model_state_specs=state,
+      flat_batch_axes=(
+        {tuple(e["path"]): e["axis"] for e in data["batch_axes"]} if "batch_axes" in data else None
       ),
     )
 

@@ -240,6 +240,8 @@ PLAN_RULES = {
   "param_specs": _SPECS,
   "opt_state_param_specs": _SPECS,
   "batch_specs": _SPECS,
+  "model_state_specs": _SPECS,
+  "batch_axes": list_of(record({"path": list_of(KEY), "axis": INDEX})),
   "details": record(DETAILS_RULES, frozenset({"unknown_primitives"})),
   "pipeline": record(
     {
@@ -253,8 +255,9 @@ PLAN_RULES = {
     }
   ),
 }
-# Absent from version-1 files; "pipeline" only in a pipeline plan's.
-_OPTIONAL = frozenset({"memory_decision", "details", "pipeline"})
+# Absent from version-1 files; "pipeline" only in a pipeline plan's, "model_state_specs" only in
+# the plan of a model with state.
+_OPTIONAL = frozenset({"memory_decision", "details", "pipeline", "model_state_specs", "batch_axes"})
 
 
 def checked(data: dict) -> dict:
@@ -366,7 +369,8 @@ def _check_specs(data: dict) -> None:
     }
     shapes["opt_state_param_specs"] = shapes["param_specs"]
   paths: dict[str, set] = {}
-  for field in ("param_specs", "opt_state_param_specs", "batch_specs"):
+  fields = ("param_specs", "opt_state_param_specs", "batch_specs", "model_state_specs")
+  for field in (f for f in fields if f in data):
     paths[field] = set()
     for i, entry in enumerate(data[field]):
       where, path, spec = f"{field}[{i}]", tuple(entry["path"]), entry["spec"]

@@ -19,7 +19,6 @@ Two memory levers are applied here, so the planner traces and costs exactly what
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.extend as jex
@@ -129,30 +128,37 @@ def _checkpointed_segment(eqns, outer_later_uses, policy, debug_info):
   return inputs, outputs, _layer_remat(lambda *xs: tuple(segment(*xs)), policy)
 
 
-def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None, tag: str = "loss"):
-  """The loss's jaxpr, memoised in `cache` by `tag` and input types (planning traces it per
-  variant; the tag tells the user's loss from the same loss with gathers hooked in)."""
+def loss_program(loss_fn: Callable, args: tuple, cache: dict | None = None, tag: str = "loss"):
+  """(The loss's ClosedJaxpr over the leaves of `args`, the tree of its outputs), memoised in
+  `cache` by `tag` and input types (planning traces it per variant; the tag tells the user's
+  loss from the same loss with gathers hooked in)."""
   key = (
     tag,
-    jax.tree.structure((params, batch)),
-    tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((params, batch))),
+    jax.tree.structure(args),
+    tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args)),
   )
   if cache is None or key not in cache:
-    closed = jax.make_jaxpr(loss_fn)(params, batch)
+    closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(*args)
+    program = closed, jax.tree.structure(out_shape)
     if cache is None:
-      return closed
-    cache[key] = closed
+      return program
+    cache[key] = program
   return cache[key]
+
+
+def loss_jaxpr(loss_fn: Callable, params, batch, cache: dict | None = None, tag: str = "loss"):
+  """The ClosedJaxpr of `loss_fn(params, batch)` (`loss_program`'s, memoised likewise)."""
+  return loss_program(loss_fn, (params, batch), cache, tag)[0]
 
 
 def _remat_layers(loss_fn: Callable, policy, cache: dict | None, tag: str) -> Callable:
   """`loss_fn` with each layer checkpointed: scan bodies, and repeated blocks of equations."""
 
-  def rematted(params, batch):
-    closed = loss_jaxpr(loss_fn, params, batch, cache, tag)
+  def rematted(*args):
+    closed, out_tree = loss_program(loss_fn, args, cache, tag)
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts))
-    env.update(zip(jaxpr.invars, jax.tree.leaves((params, batch))))
+    env.update(zip(jaxpr.invars, jax.tree.leaves(args)))
     read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
     eqns = list(jaxpr.eqns)
     blocks = dict(repeated_blocks(eqns))
@@ -179,7 +185,7 @@ def _remat_layers(loss_fn: Callable, policy, cache: dict | None, tag: str) -> Ca
       outs = gathers.rebind(eqn, [read(v) for v in eqn.invars])
       env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
       i += 1
-    return read(jaxpr.outvars[0])
+    return jax.tree.unflatten(out_tree, [read(v) for v in jaxpr.outvars])
 
   return rematted
 
@@ -192,9 +198,10 @@ def _with_remat(loss_fn: Callable, remat: str, cache: dict | None, tag: str) -> 
   raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES}. Got {remat!r}.")
 
 
-def has_layers(loss_fn: Callable, params, batch, cache: dict | None = None) -> bool:
-  """Whether per-layer remat has anything to checkpoint: a scan or a repeated block."""
-  eqns = loss_jaxpr(loss_fn, params, batch, cache).jaxpr.eqns
+def has_layers(loss_fn: Callable, args: tuple, cache: dict | None = None) -> bool:
+  """Whether per-layer remat has anything to checkpoint in `loss_fn(*args)`: a scan or a
+  repeated block."""
+  eqns = loss_program(loss_fn, args, cache)[0].jaxpr.eqns
   return bool(repeated_blocks(eqns)) or any(
     e.primitive.name == "scan" and e.params["length"] > 1 for e in eqns
   )
@@ -223,59 +230,87 @@ def loss_and_grads(
   gather: Callable | None = None,
   hold_grads: Callable | None = None,
   jaxpr_cache: dict | None = None,
+  with_state: bool = False,
 ) -> Callable:
   """`(params, batch) -> (loss, grads)` with the given remat policy and accumulation,
   `gather(i, x)` applied to parameter leaf i at each of its uses (`gathers.at_use`), and
   `hold_grads(tree)` to the accumulated gradients after every micro-batch (ZeRO-2: the emitted
-  step keeps them split as the optimizer state is)."""
+  step keeps them split as the optimizer state is).
+
+  `with_state`: the loss is `loss_fn(params, batch, state) -> (loss, new state)` (a model's
+  batch statistics, PRNG keys) and this returns `(params, batch, state) -> ((loss, new state),
+  grads)`; micro-batches see the state in turn, as consecutive steps would.
+  """
   tag = "loss"
   if gather is not None:
-    raw = lambda fn, params, batch: loss_jaxpr(fn, params, batch, jaxpr_cache)
+    raw = lambda fn, args: loss_program(fn, args, jaxpr_cache)
     loss_fn = gathers.at_use(loss_fn, gather, raw)
     tag = "gathered"
   loss_fn = _with_remat(loss_fn, remat, jaxpr_cache, tag)
+  if with_state:
+    return _accumulated(jax.value_and_grad(loss_fn, has_aux=True), microbatches, hold_grads)
   value_and_grad = jax.value_and_grad(loss_fn)
+  if microbatches == 1:
+    return value_and_grad
+
+  def no_state(params, batch, state):
+    loss, grads = value_and_grad(params, batch)
+    return (loss, state), grads
+
+  accumulated = _accumulated(no_state, microbatches, hold_grads)
+
+  def accumulated_without_state(params, batch):
+    (loss, _), grads = accumulated(params, batch, ())
+    return loss, grads
+
+  return accumulated_without_state
+
+
+def _accumulated(value_and_grad: Callable, microbatches: int, hold_grads) -> Callable:
+  """`value_and_grad(params, batch, state) -> ((loss, state), grads)` over `microbatches`
+  micro-batches: gradients summed in a `lax.scan`, the state carried from one to the next."""
   if microbatches == 1:
     return value_and_grad
   if not isinstance(microbatches, int) or microbatches < 1:
     raise InvalidArgumentError(f"microbatches must be a positive int. Got {microbatches!r}.")
-
   hold = hold_grads or (lambda tree: tree)
 
-  def accumulated(params, batch):
+  def accumulated(params, batch, state):
     def body(carry, micro):
-      loss_sum, grad_sum = carry
-      loss, grads = value_and_grad(params, micro)
+      loss_sum, grad_sum, state = carry
+      (loss, state), grads = value_and_grad(params, micro, state)
       grad_sum = hold(jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads))
-      return (loss_sum + loss.astype(jnp.float32), grad_sum), None
+      return (loss_sum + loss.astype(jnp.float32), grad_sum, state), None
 
     # Accumulate in float32 whatever the parameter dtype: bf16 sums of many micro-batches drift.
     zeros = hold(
       jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     )
-    (loss_sum, grad_sum), _ = lax.scan(
-      body, (jnp.zeros((), jnp.float32), zeros), _split_microbatches(batch, microbatches)
+    (loss_sum, grad_sum, state), _ = lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros, state), _split_microbatches(batch, microbatches)
     )
     grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
-    return loss_sum / microbatches, grads
+    return (loss_sum / microbatches, state), grads
 
   return accumulated
 
 
-def _mean_loss(loss_fn: Callable, microbatches: int) -> Callable:
-  """`(params, batch) -> loss` as the step reports it: the float32 mean over the micro-batches."""
+def _mean_loss(loss_fn: Callable, microbatches: int, with_state: bool) -> Callable:
+  """`(params, batch[, state]) -> loss` as the step reports it: the float32 mean over the
+  micro-batches (a stateful loss's state is read, not advanced: this prices other params)."""
+  value = (lambda p, b, s: loss_fn(p, b, s)[0]) if with_state else loss_fn
   if microbatches == 1:
-    return loss_fn
+    return value
 
-  def mean_loss(params, batch):
-    per_micro = lambda micro: loss_fn(params, micro).astype(jnp.float32)  # noqa: E731
+  def mean_loss(params, batch, *state):
+    per_micro = lambda micro: value(params, micro, *state).astype(jnp.float32)  # noqa: E731
     return lax.map(per_micro, _split_microbatches(batch, microbatches)).mean()
 
   return mean_loss
 
 
 def make_train_step(
-  loss_fn: Callable[[Any, Any], jax.Array],
+  loss_fn: Callable,
   optimizer: optax.GradientTransformation,
   *,
   remat: str = "none",
@@ -283,10 +318,15 @@ def make_train_step(
   gather: Callable | None = None,
   hold_grads: Callable | None = None,
   jaxpr_cache: dict | None = None,
+  with_state: bool = False,
 ) -> Callable:
   """`(params, opt_state, batch) -> (params, opt_state, loss)`; sharding enters only through
   `gather` and `hold_grads` (see `loss_and_grads`). An optimizer that takes extra args is given
-  `value` (the loss), `grad` and `value_fn` (the loss of other params on this batch)."""
+  `value` (the loss), `grad` and `value_fn` (the loss of other params on this batch).
+
+  `with_state`: `loss_fn(params, batch, state) -> (loss, new state)`, and the step is
+  `(params, opt_state, batch, state) -> (params, opt_state, loss, new state)`.
+  """
   grads_of = loss_and_grads(
     loss_fn,
     remat=remat,
@@ -294,17 +334,30 @@ def make_train_step(
     gather=gather,
     hold_grads=hold_grads,
     jaxpr_cache=jaxpr_cache,
+    with_state=with_state,
   )
+  value_of = _mean_loss(loss_fn, microbatches, with_state)
 
-  value_of = _mean_loss(loss_fn, microbatches)
-
-  def train_step(params, opt_state, batch):
-    loss, grads = grads_of(params, batch)
+  def update(params, opt_state, batch, loss, grads, *state):
     extra = {}
     if isinstance(optimizer, optax.GradientTransformationExtraArgs):
       # optax's names for what line searches (L-BFGS) and plateau schedules read.
-      extra = dict(value=loss, grad=grads, value_fn=lambda p: value_of(p, batch))
+      extra = dict(value=loss, grad=grads, value_fn=lambda p: value_of(p, batch, *state))
     updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state
 
-  return train_step
+  if not with_state:
+
+    def train_step(params, opt_state, batch):
+      loss, grads = grads_of(params, batch)
+      params, opt_state = update(params, opt_state, batch, loss, grads)
+      return params, opt_state, loss
+
+    return train_step
+
+  def stateful_train_step(params, opt_state, batch, state):
+    (loss, new_state), grads = grads_of(params, batch, state)
+    params, opt_state = update(params, opt_state, batch, loss, grads, state)
+    return params, opt_state, loss, new_state
+
+  return stateful_train_step

@@ -12,10 +12,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from wapar_jax._src import batch_axes as batch_axes_lib
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.tree import path_keys, path_str
-from wapar_jax.errors import DonatedInputError, PlanMismatchError
+from wapar_jax.errors import DonatedInputError, InvalidArgumentError, PlanMismatchError
 
 # Mesh axes that store state split, never compute on it: a weight is gathered over them.
 _STORAGE_AXES = frozenset({"data", "fsdp"})
@@ -63,7 +64,9 @@ def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:
   """`loss_fn` with the batch held to its split: with weights gathered, the activations must
   follow the batch, not the weights' storage split."""
   split = named(mesh, batch_specs)
-  return lambda params, batch: loss_fn(params, jax.lax.with_sharding_constraint(batch, split))
+  return lambda params, batch, *state: loss_fn(
+    params, jax.lax.with_sharding_constraint(batch, split), *state
+  )
 
 
 def sharded_train_step(
@@ -78,36 +81,60 @@ def sharded_train_step(
   remat: str = "none",
   microbatches: int = 1,
   grad_specs=None,
+  state_specs=None,
+  batch_axes=None,
 ):
   """The jitted step with in/out shardings; params and opt state are donated. `grad_specs`
   (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state.
-  `planned_batch` (abstract is enough) sets the batch size the step takes."""
+  `planned_batch` (abstract is enough) sets the batch size the step takes. `state_specs`: the
+  loss carries a model's state (`make_train_step(with_state=True)`), laid out so and donated.
+  `batch_axes`: the batch dim of each batch leaf (flattened order) where one is not dim 0; the
+  step takes the batch so and runs rows first (`batch_axes.rows_first`)."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
+  s_sh = () if state_specs is None else (named(mesh, state_specs),)
   hook = _gather_hook(mesh, param_specs)
+  rows_specs = batch_specs
+  if batch_axes is not None:
+    loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
+    flat, treedef = jax.tree.flatten(batch_specs, is_leaf=lambda x: isinstance(x, P))
+    rows_specs = treedef.unflatten(
+      [batch_axes_lib.spec_rows_first(s, a) for s, a in zip(flat, batch_axes)]
+    )
   if hook is not None:
-    loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
+    loss_fn = _batch_pinned(loss_fn, mesh, rows_specs)
   hold = None
   if grad_specs is not None:
     split = named(mesh, grad_specs)
     hold = lambda grads: jax.lax.with_sharding_constraint(grads, split)  # noqa: E731
   step = make_train_step(
-    loss_fn, optimizer, remat=remat, microbatches=microbatches, gather=hook, hold_grads=hold
+    loss_fn,
+    optimizer,
+    remat=remat,
+    microbatches=microbatches,
+    gather=hook,
+    hold_grads=hold,
+    with_state=state_specs is not None,
   )
+  if batch_axes is not None:
+    rows_step = step
+    step = lambda p, o, b, *s: rows_step(p, o, batch_axes_lib.rows_first(b, batch_axes), *s)
   jitted = jax.jit(
     step,
-    in_shardings=(p_sh, o_sh, b_sh),
-    out_shardings=(p_sh, o_sh, NamedSharding(mesh, P())),
-    donate_argnums=(0, 1),
+    in_shardings=(p_sh, o_sh, b_sh, *s_sh),
+    out_shardings=(p_sh, o_sh, NamedSharding(mesh, P()), *s_sh),
+    donate_argnums=(0, 1, 3) if s_sh else (0, 1),
   )
-  return TrainStep(jitted, (p_sh, o_sh, b_sh), planned_batch)
+  return TrainStep(jitted, (p_sh, o_sh, b_sh, *s_sh), planned_batch, batch_axes)
 
 
-_ARGS = ("params", "opt_state", "batch")
+_ARGS = ("params", "opt_state", "batch", "model_state")
 
 
-def _rows(batch) -> list[tuple]:
-  """Dim 0 of each batch leaf, () for a leaf without one."""
-  return [tuple(getattr(x, "shape", ()))[:1] for x in jax.tree.leaves(batch)]
+def _rows(batch, axes=None) -> list[tuple]:
+  """The batch dim of each batch leaf (dim 0, or `axes[i]`), () for a leaf without one."""
+  leaves = jax.tree.leaves(batch)
+  axes = [0] * len(leaves) if axes is None or len(axes) != len(leaves) else axes
+  return [tuple(getattr(x, "shape", ()))[a : a + 1] for x, a in zip(leaves, axes)]
 
 
 @functools.cache
@@ -142,23 +169,26 @@ class TrainStep:
   Everything else (`lower`, `trace`, ...) is the jitted function's.
   """
 
-  def __init__(self, jitted, shardings, planned_batch):
+  def __init__(self, jitted, shardings, planned_batch, batch_axes=None):
     self._jitted = jitted
     self._shardings = shardings
-    self._rows = _rows(planned_batch)
+    self._batch_axes = batch_axes
+    self._rows = _rows(planned_batch, batch_axes)
 
   def __getattr__(self, name):
     return getattr(self._jitted, name)
 
-  def __call__(self, params, opt_state, batch):
-    args = (params, opt_state, batch)
+  def __call__(self, params, opt_state, batch, *model_state):
+    args = (params, opt_state, batch, *model_state)
+    if len(args) != len(self._shardings):
+      raise _wrong_arity(len(args), len(self._shardings))
     if any(_deleted(x) for x in jax.tree.leaves(args)):
       raise _donated(args)
-    rows = _rows(batch)
+    rows = _rows(batch, self._batch_axes)
     if rows != self._rows and len(rows) == len(self._rows):  # another structure: jax's error
-      raise _other_batch_size(batch, self._rows)
+      raise _other_batch_size(batch, self._rows, self._batch_axes)
     try:
-      return self._jitted(params, opt_state, batch)
+      return self._jitted(*args)
     except ValueError as e:  # jax checks the layouts before it runs (or donates) anything
       misplaced = _misplaced(args, self._shardings)
       if not misplaced:
@@ -172,28 +202,45 @@ class TrainStep:
       ) from e
 
 
+def _wrong_arity(given: int, expected: int) -> InvalidArgumentError:
+  if expected == 4:
+    return InvalidArgumentError(
+      "this plan's model carries state (batch statistics, PRNG keys): the step is "
+      "step(params, opt_state, batch, model_state) -> (params, opt_state, loss, model_state); "
+      "put the state on the mesh with plan.shard_model_state(model_state). "
+      f"Got {given} arguments."
+    )
+  return InvalidArgumentError(
+    "the step is step(params, opt_state, batch) -> (params, opt_state, loss): this plan's model "
+    f"has no model state. Got {given} arguments."
+  )
+
+
 def _donated(args) -> DonatedInputError:
   deleted = [
     path for name, tree in zip(_ARGS, args) for path, x in _named_leaves(name, tree) if _deleted(x)
   ]
   return DonatedInputError(
     f"{deleted[0]} was donated to an earlier call of the train step, which freed its buffers: "
-    "the step donates params and opt_state, so after `params, opt_state, loss = "
-    "step(params, opt_state, batch)` only the arrays it returned are valid. Pass those (to keep "
-    "the old values, copy them before the call, e.g. jax.tree.map(jnp.copy, params)). "
+    "the step donates params and opt_state (and model_state), so after `params, opt_state, "
+    "loss = step(params, opt_state, batch)` only the arrays it returned are valid. Pass those "
+    "(to keep the old values, copy them before the call, e.g. jax.tree.map(jnp.copy, params)). "
     f"Got {len(deleted)} deleted leaves, first: {', '.join(deleted[:3])}."
   )
 
 
-def _other_batch_size(batch, planned: list[tuple]) -> PlanMismatchError:
+def _other_batch_size(batch, planned: list[tuple], axes) -> PlanMismatchError:
+  leaves = _named_leaves("batch", batch)
+  axes = [0] * len(leaves) if axes is None else axes
   wrong = [
-    (path, list(getattr(x, "shape", ())), want[0] if want else None)
-    for (path, x), want in zip(_named_leaves("batch", batch), planned)
-    if tuple(getattr(x, "shape", ()))[:1] != want
+    (path, list(getattr(x, "shape", ())), want[0] if want else None, a)
+    for (path, x), want, a in zip(leaves, planned, axes)
+    if tuple(getattr(x, "shape", ()))[a : a + 1] != want
   ]
-  path, shape, rows = wrong[0]
+  path, shape, rows, axis = wrong[0]
   return PlanMismatchError(
-    f"the step was built for batches of {rows} rows (dim 0 of {path}), and jax would compile "
+    f"the step was built for batches of {rows} rows (dim {axis} of {path}), and jax would "
+    "compile "
     "another step for any other size, one no plan was made for. Pass batches of "
     f"{rows} rows, or build a step for the new size with plan.train_step(batch=<a batch of "
     "that size; jax.ShapeDtypeStruct leaves are enough>) (it must divide the plan's data axis), "

@@ -11,7 +11,9 @@ from typing import Any
 
 import jax
 import optax
+from jax.sharding import PartitionSpec as P
 
+from wapar_jax._src import batch_axes as batch_axes_lib
 from wapar_jax._src import compilers, optimizers, search
 from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
@@ -95,15 +97,20 @@ def plan(
   memory_rules: str = "profile",
   stages: int | None = None,
   max_seconds: float | None = None,
+  model_state: Any = None,
+  batch_axes: Any = 0,
 ) -> Plan:
   """Plans how to shard a single-device train step.
 
   Args:
     loss_fn: `loss_fn(params, batch) -> scalar`, single-device code with no sharding in it.
-      With an NNX model as `params`, `loss_fn(model, batch)` instead.
+      With an NNX model as `params`, `loss_fn(model, batch)` instead; with `model_state`,
+      `loss_fn(params, batch, model_state) -> (loss, new_model_state)`.
     params: pytree of arrays or `jax.ShapeDtypeStruct` (never materialised), or an `nnx.Module`
-      (e.g. from `nnx.eval_shape(lambda: Model(...))`).
-    batch: pytree of arrays or `jax.ShapeDtypeStruct`; dim 0 of every leaf is the batch.
+      (e.g. from `nnx.eval_shape(lambda: Model(...))`): its `nnx.Param` state is planned, the
+      rest (BatchNorm statistics, `nnx.Rngs` that dropout draws from) is its model state.
+    batch: pytree of arrays or `jax.ShapeDtypeStruct`; dim 0 of every leaf is the batch unless
+      `batch_axes` says otherwise.
     optimizer: the optax transformation the train step applies, or an `optax.MultiSteps`.
     devices: how many devices to plan for (real or not), or a list of jax devices. Default: all
       devices of this process. Every count up to it is considered.
@@ -134,6 +141,14 @@ def plan(
       (no plan exists without them), and the search finishes the device count it is pricing,
       so the call returns within max_seconds plus the time to price one device count (well
       under a second) unless tracing alone takes longer. None (default): no limit.
+    model_state: state the step reads and returns updated, not trained: linen's
+      `batch_stats`, a PRNG key for dropout (`jax.random.key`), counters. Replicated on every
+      device; the step becomes `(params, opt_state, batch, model_state) -> (params, opt_state,
+      loss, model_state)`. An NNX model's non-Param state is its model state. Pipelines are not
+      searched for a loss with model state.
+    batch_axes: the batch dim of every batch leaf (an int), or a tree shaped like batch with an
+      int per leaf, e.g. 1 for a time-major `(seq, batch)` batch. Every leaf must have the same
+      size along it. Pipelines are searched only for batches with the batch dim first.
 
   Returns:
     A frozen `Plan`.
@@ -151,10 +166,20 @@ def plan(
     raise InvalidArgumentError(f"loss_fn must be callable. Got {type(loss_fn).__name__}.")
   optimizer = optimizers.as_transformation(optimizer)
   if inputs.is_nnx_module(params):
-    loss_fn, params = inputs.from_nnx(loss_fn, params)
+    if model_state is not None:
+      raise InvalidArgumentError(
+        "an NNX model carries its own state (everything but its nnx.Param variables is the "
+        "model state): pass the model alone, without model_state. Got model_state too."
+      )
+    loss_fn, params, model_state = inputs.from_nnx(loss_fn, params)
+  if model_state is not None and not jax.tree.leaves(model_state):
+    model_state = None
   if not jax.tree.leaves(params):
     raise InvalidArgumentError("params has no array leaves: nothing to plan. Got an empty tree.")
-  inputs.check_leaves(params, batch)
+  inputs.check_leaves(params, batch, model_state)
+  axes = batch_axes_lib.per_leaf(batch, batch_axes)
+  batch_axes_lib.check_sizes(batch, axes)
+  moved = batch_axes_lib.moved(axes)
   if remat is not None and remat not in REMAT_CHOICES:
     raise InvalidArgumentError(f"remat must be one of {REMAT_CHOICES} or None. Got {remat!r}.")
   if microbatches is not None and (
@@ -171,6 +196,11 @@ def plan(
   rules = _compiler_rules(memory_rules, device_profile)
 
   abstract_params, abstract_batch = abstract(params), abstract(batch)
+  abstract_state = None if model_state is None else abstract(model_state)
+  state_args = () if abstract_state is None else (abstract_state,)
+  # Planned rows first: the search, micro-batches and pipelines read the batch dim as dim 0.
+  rows_batch = batch_axes_lib.rows_first(abstract_batch, axes) if moved else abstract_batch
+  rows_loss = batch_axes_lib.loss_on_rows_first(loss_fn, axes) if moved else loss_fn
   _warn_if_many_leaves(len(jax.tree.leaves(abstract_params)))
   phase = (lambda name, items: items) if progress is None else progress
   param_paths = [path_str(k) for k in leaf_paths(abstract_params)]
@@ -185,13 +215,14 @@ def plan(
     t_start = time.perf_counter()
     for _ in phase("tracing", [loss_fn]):
       traced, _ = trace_train_step(
-        loss_fn,
+        rows_loss,
         abstract_params,
-        abstract_batch,
+        rows_batch,
         optimizer,
         remat=remat_choice,
         microbatches=k,
         jaxpr_cache=jaxpr_cache,
+        state=abstract_state,
       )
     t_traced = time.perf_counter()
     costs = step_costs(
@@ -249,7 +280,9 @@ def plan(
     )
   # Pipelines first: they are priced on the per-layer remat variant, itself a memory lever.
   found, stack_run = None, None
-  pipelines_allowed = strategy in ("auto", "pp") and stages != 1
+  pipelines_allowed = (
+    strategy in ("auto", "pp") and stages != 1 and abstract_state is None and not moved
+  )
   pipelines_wanted = pipelines_allowed and remat in (None, "layers") and microbatches in (None, 1)
   if pipelines_wanted and strategy == "auto" and stages is None and stop():
     skipped.append("pipelines (a stage axis)")
@@ -286,7 +319,7 @@ def plan(
     remat,
     microbatches,
     objective,
-    lambda: has_layers(loss_fn, abstract_params, abstract_batch, jaxpr_cache),
+    lambda: has_layers(rows_loss, (abstract_params, rows_batch, *state_args), jaxpr_cache),
     search.batch_size_of(results[first][2]),
   ):
     if variant in results:
@@ -316,9 +349,11 @@ def plan(
     raise InvalidArgumentError(
       "no pipeline plan exists for this loss: a pipeline needs a stack of identical layers "
       "(a scan over layers, or a Python loop of blocks) passing on arrays with the batch's "
-      "rows, and stages x repeats dividing the layers, two or more devices, and a batch that "
-      f"splits over them. Plan with stages=None or strategy='auto'. Got devices={max_devices}, "
-      f"stages={stages}, strategy={strategy!r}."
+      "rows, and stages x repeats dividing the layers, two or more devices, a batch that "
+      "splits over them, no model state, and the batch dim first. Plan with stages=None or "
+      "strategy='auto'. Got "
+      f"devices={max_devices}, stages={stages}, strategy={strategy!r}, model state: "
+      f"{'yes' if abstract_state is not None else 'no'}."
     )
   ranked = pipelines.ranked_with_margin(ranked, objective, strategy == "pp" or stages is not None)
   best = ranked[0]
@@ -341,7 +376,11 @@ def plan(
   b_keys = leaf_paths(abstract_batch)
   flat_p = dict(zip(p_keys, p_specs))
   flat_o = dict(zip(p_keys, o_specs))
+  if moved:
+    b_specs = [batch_axes_lib.spec_as_given(s, a) for s, a in zip(b_specs, axes)]
   flat_b = dict(zip(b_keys, b_specs))
+  # Replicated: batch statistics and keys are small, and every device reads all of them.
+  flat_s = {k: P() for k in leaf_paths(abstract_state)} if abstract_state is not None else {}
   return Plan(
     mesh_shape=best.mesh_shape,
     param_specs=specs_like(abstract_params, flat_p, "parameter specs"),
@@ -371,13 +410,21 @@ def plan(
     flat_param_specs=flat_p,
     flat_opt_specs=flat_o,
     flat_batch_specs=flat_b,
+    model_state_specs=(
+      None if abstract_state is None else specs_like(abstract_state, flat_s, "model-state specs")
+    ),
+    flat_model_state_specs=flat_s if abstract_state is not None else None,
     _loss_fn=loss_fn,
     _optimizer=optimizer,
     _abstract_params=abstract_params,
     _abstract_batch=abstract_batch,
+    _abstract_model_state=abstract_state,
     _device_list=device_list,
     memory_decision=levers.memory_decision(ranked, best, objective),
-    details=details.build(space, best, device_profile, abstract_params, abstract_batch, p_specs),
+    details=details.build(
+      space, best, device_profile, abstract_params, abstract_batch, p_specs, batch_axes=axes
+    ),
+    flat_batch_axes=dict(zip(b_keys, axes)) if moved else None,
     pipeline=stage_layout,
   )
 

@@ -79,11 +79,18 @@ def _group_name(occurrences: list[tuple[str, int, tuple]], share: float, taken: 
 
 
 def build(
-  space, chosen, profile, abstract_params, abstract_batch, param_specs: Sequence[Any]
+  space,
+  chosen,
+  profile,
+  abstract_params,
+  abstract_batch,
+  param_specs: Sequence[Any],
+  batch_axes: Sequence[int] | None = None,
 ) -> PlanDetails:
   """PlanDetails of `chosen`, a candidate of `space` priced with `profile`.
 
-  `param_specs` are the chosen PartitionSpecs in the flattened order of `abstract_params`.
+  `param_specs` are the chosen PartitionSpecs in the flattened order of `abstract_params`;
+  `abstract_batch` is the batch as the user gives it, its batch dims `batch_axes` (default 0).
   """
   p_leaves, b_leaves = describe_tree(abstract_params), describe_tree(abstract_batch)
   param_paths = [path_str(leaf.path) for leaf in p_leaves]
@@ -125,9 +132,10 @@ def build(
           use = axis_use.setdefault(class_group[cls[d]], {})
           use[axis] = use.get(axis, 0) + 1
     params.append(dataclasses.replace(leaf, dims=tuple(dim_name(c) for c in cls)))
+  axes = [0] * len(b_leaves) if batch_axes is None else batch_axes
   batch = [
-    dataclasses.replace(leaf, dims=tuple(BATCH if d == 0 else None for d in range(len(leaf.shape))))
-    for leaf in b_leaves
+    dataclasses.replace(leaf, dims=tuple(BATCH if d == a else None for d in range(len(leaf.shape))))
+    for leaf, a in zip(b_leaves, axes)
   ]
   groups = []
   for g in sorted(names):

@@ -21,13 +21,29 @@ def is_nnx_module(x) -> bool:
 
 
 def from_nnx(loss_fn: Callable, model):
-  """An NNX model becomes (loss over its Param state, abstract Param state)."""
+  """An NNX model becomes (loss over its Param state, abstract Param state, the rest of its
+  state or None).
+
+  The rest (BatchNorm statistics, the counters and keys of `nnx.Rngs` that dropout draws from)
+  is model state the step carries: the loss is then `(params, batch, state) -> (loss, new
+  state)`, so statistics are updated and every step draws new dropout masks. The model is merged
+  with copies of its variables inside the traced function: merging the caller's variables would
+  mutate them from another trace level.
+  """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if not jax.tree.leaves(rest):
 
-  def loss_over_params(params, batch):
-    return loss_fn(nnx.merge(graphdef, params, rest), batch)
+    def loss_over_params(params, batch):
+      return loss_fn(nnx.merge(graphdef, params, rest, copy=True), batch)
 
-  return loss_over_params, params
+    return loss_over_params, params, None
+
+  def loss_with_state(params, batch, state):
+    merged = nnx.merge(graphdef, params, state, copy=True)
+    loss = loss_fn(merged, batch)
+    return loss, nnx.split(merged, nnx.Param, ...)[2]
+
+  return loss_with_state, params, rest
 
 
 def device_count(devices) -> tuple[int, list | None]:
@@ -60,10 +76,16 @@ def positive_seconds(seconds) -> float:
   return float(seconds)
 
 
-def check_leaves(params, batch) -> None:
+def check_leaves(params, batch, model_state=None) -> None:
   """Every leaf an array (or ShapeDtypeStruct), every parameter of a float dtype, and a batch
   with leaves: else an InvalidArgumentError naming the leaves and the fix."""
   for what, tree, fix in (
+    (
+      "model_state",
+      model_state,
+      "make it an array (jnp.asarray; a PRNG key from jax.random.key is one) or close over it "
+      "in loss_fn if the step does not update it",
+    ),
     (
       "params",
       params,

@@ -279,7 +279,7 @@ def price(
       return max(temps, liveness.bytes_at(m.curves, m.update_pos, data_div, tp) + zero1_gathered)
     return temps
 
-  state = param_mem + opt_mem + space.batch_bytes / dp
+  state = param_mem + opt_mem + space.batch_bytes / dp + space.model_state_bytes
   peak = state + max(temporaries(m, b.rules) for m, b in zip(agg.memory, space.buffers))
 
   step_time = compute_time + comm_time

@@ -91,6 +91,8 @@ class SearchSpace:
   opt_group: np.ndarray  # [O, G] bool
   batch_bytes: float
   batch_size: int
+  # A model's state (batch statistics, PRNG keys): replicated, read and written every step.
+  model_state_bytes: float = 0.0
   # Batch reductions on the longest chain of reductions that depend on one another (batch-norm
   # statistics: the variance needs the reduced mean, the next layer needs both, and so on back
   # through the backward pass). All but the last are collectives of their own.
@@ -222,7 +224,9 @@ def build_space(
   red_batch_sink, red_group_sink = red_batch.copy(), red_group.copy()
   _reduce_at_sinks(ops, red_batch_sink, red_group_sink)
   outputs = set(traced.output_vars) - {traced.loss_var}
-  not_temporary = list(traced.param_vars + traced.opt_state_vars + traced.batch_vars)
+  not_temporary = list(
+    traced.param_vars + traced.opt_state_vars + traced.batch_vars + traced.state_vars
+  )
   not_temporary += list(outputs)  # new params / opt state are written into donated buffers
   # Gathered uses alias their parameter unless FSDP splits it; the pricing counts them then.
   gathered = np.array(traced.gathered, dtype=float).reshape(-1, 3)
@@ -270,6 +274,7 @@ def build_space(
     opt_group=var_group[ov],
     batch_bytes=float(sum(var_bytes[v] for v in traced.batch_vars)),
     batch_size=batch_size,
+    model_state_bytes=float(sum(var_bytes[v] for v in traced.state_vars)),
     batch_reduce_rounds=_reduction_rounds(ops, red_batch_sink),
     remat=remat,
     microbatches=microbatches,

@@ -392,9 +392,15 @@ class _Builder:
 
 
 def trace_jaxpr(
-  closed_jaxpr, num_params: int, num_opt_state: int, num_batch: int, loss_output: int
+  closed_jaxpr,
+  num_params: int,
+  num_opt_state: int,
+  num_batch: int,
+  loss_output: int,
+  num_state: int = 0,
 ) -> TracedStep:
-  """Flattens a train step's ClosedJaxpr whose inputs are params, opt state, batch (in order)."""
+  """Flattens a train step's ClosedJaxpr whose inputs are params, opt state, batch and a model's
+  state (in order)."""
   b = _Builder()
   jaxpr = closed_jaxpr.jaxpr
   env = {}
@@ -428,6 +434,7 @@ def trace_jaxpr(
   loop_classes = frozenset(roots[b.uf.find(x)] for x in b.loop_dims)
 
   n1, n2 = num_params, num_params + num_opt_state
+  n3 = n2 + num_batch
   return TracedStep(
     ops=tuple(b.ops),
     var_shape=tuple(b.var_shape),
@@ -439,7 +446,8 @@ def trace_jaxpr(
     loop_classes=loop_classes,
     param_vars=tuple(arg_ids[:n1]),
     opt_state_vars=tuple(arg_ids[n1:n2]),
-    batch_vars=tuple(arg_ids[n2 : n2 + num_batch]),
+    batch_vars=tuple(arg_ids[n2:n3]),
+    state_vars=tuple(arg_ids[n3 : n3 + num_state]),
     output_vars=tuple(out_ids),
     loss_var=out_ids[loss_output],
     unknown_primitives=tuple(sorted(b.unknown)),

@@ -69,6 +69,8 @@ class TracedStep:
   # (op, bytes moved per run) per slice a loop copies into its stacked outputs (the residuals a
   # scan over layers keeps for the backward pass) or out of such a stack in a later loop.
   loop_copies: tuple[tuple[int, float], ...] = ()
+  # A model's state (batch statistics, PRNG keys) the step reads and returns updated.
+  state_vars: tuple[int, ...] = ()
 
   @property
   def num_vars(self) -> int:

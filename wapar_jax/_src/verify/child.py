@@ -44,15 +44,26 @@ def main(argv: Sequence[str]) -> int:
     ex = examples.get_example(
       w["example"], batch_size=w.get("batch_size"), seq_len=w.get("seq_len"), dtype=w.get("dtype")
     )
-    loss_fn, params, batch = ex.loss_fn, ex.params, ex.batch
+    loss_fn, params, batch, model_state = ex.loss_fn, ex.params, ex.batch, None
     optimizer = optimizers.by_name(w.get("optimizer", "adamw"), float(w.get("lr", 1e-3)))
   else:
     import cloudpickle  # optional: only a request holding pickled functions needs it
 
-    loss_fn, optimizer, params, batch = cloudpickle.loads(bytes.fromhex(request["pickled"]))
+    loss_fn, optimizer, params, batch, model_state = cloudpickle.loads(
+      bytes.fromhex(request["pickled"])
+    )
   devices = jax.devices("cpu")[: plan.num_devices]
   result = compile_and_analyse(
-    plan, devices, profile, started, loss_fn, optimizer, params, batch, child_process=True
+    plan,
+    devices,
+    profile,
+    started,
+    loss_fn,
+    optimizer,
+    params,
+    batch,
+    child_process=True,
+    model_state=model_state,
   )
   with result_out:
     result_out.write(json.dumps(result.to_dict()) + "\n")

@@ -28,6 +28,7 @@ def peak_under(
   optimizer=None,
   params=None,
   batch=None,
+  model_state=None,
 ) -> float | None:
   """The chosen candidate's per-device peak under `rules`; None when the traced step's
   dimension groups are not the ones the plan was made with (another model), or for a pipeline
@@ -41,8 +42,15 @@ def peak_under(
   params = abstract(plan._abstract_params if params is None else params)
   batch = abstract(plan._abstract_batch if batch is None else batch)
   c = plan.chosen
+  model_state = plan._abstract_model_state if model_state is None else model_state
   traced, _ = trace_train_step(
-    loss_fn, params, batch, optimizer, remat=c.remat, microbatches=c.microbatches
+    loss_fn,
+    params,
+    batch,
+    optimizer,
+    remat=c.remat,
+    microbatches=c.microbatches,
+    state=None if plan.flat_model_state_specs is None else abstract(model_state),
   )
   paths = [path_str(k) for k in leaf_paths(params)]
   space = build_space(

@@ -84,17 +84,26 @@ def compile_like_target(lowered):
   return lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
 
 
-def lower_plan_step(plan, devices=None, loss_fn=None, optimizer=None, params=None, batch=None):
+def lower_plan_step(
+  plan, devices=None, loss_fn=None, optimizer=None, params=None, batch=None, model_state=None
+):
   """The plan's sharded train step lowered for `devices` (default: the plan's own) on abstract
-  arguments; `loss_fn` ... `batch` as for `Plan.train_step`."""
+  arguments; `loss_fn` ... `model_state` as for `Plan.train_step`."""
+  model_state = plan._abstract_model_state if model_state is None else model_state
   step = plan.train_step(
-    devices=devices, loss_fn=loss_fn, optimizer=optimizer, params=params, batch=batch
+    devices=devices,
+    loss_fn=loss_fn,
+    optimizer=optimizer,
+    params=params,
+    batch=batch,
+    model_state=model_state,
   )
   loss_fn, optimizer = plan._need(loss_fn, optimizer)
   params = plan.stored_params(plan._abstract_params if params is None else params)
   batch = abstract(plan._abstract_batch if batch is None else batch)
   opt_state = abstract(jax.eval_shape(optimizer.init, params))
-  return step.lower(params, opt_state, batch)
+  state_args = () if plan.flat_model_state_specs is None else (abstract(model_state),)
+  return step.lower(params, opt_state, batch, *state_args)
 
 
 def compile_and_analyse(
@@ -107,21 +116,26 @@ def compile_and_analyse(
   params=None,
   batch=None,
   child_process: bool = False,
+  model_state=None,
 ) -> Verification:
   """Compiles the plan's step for `devices` and reads it beside the prediction; on CPU
   devices, with the plan's peak priced again under XLA:CPU's rules."""
-  compiled, seconds = compile_plan_step(plan, devices, loss_fn, optimizer, params, batch)
+  compiled, seconds = compile_plan_step(
+    plan, devices, loss_fn, optimizer, params, batch, model_state
+  )
   peak = None
   if devices[0].platform == "cpu":
-    peak = predicted_memory.peak_under(plan, XLA_CPU, profile, loss_fn, optimizer, params, batch)
+    peak = predicted_memory.peak_under(
+      plan, XLA_CPU, profile, loss_fn, optimizer, params, batch, model_state
+    )
   return analyse_compiled(
     compiled, plan, profile, seconds, started, child_process, predicted_peak=peak
   )
 
 
-def compile_plan_step(plan, devices, loss_fn, optimizer, params, batch):
+def compile_plan_step(plan, devices, loss_fn, optimizer, params, batch, model_state=None):
   """(the plan's step compiled as for its target, seconds the compile took)."""
-  lowered = lower_plan_step(plan, devices, loss_fn, optimizer, params, batch)
+  lowered = lower_plan_step(plan, devices, loss_fn, optimizer, params, batch, model_state)
   t0 = time.perf_counter()
   compiled = compile_like_target(lowered)
   return compiled, time.perf_counter() - t0
@@ -215,7 +229,10 @@ def _child_request(plan, profile, workload, loss_fn, optimizer, params, batch) -
   params = plan._abstract_params if params is None else params
   batch = plan._abstract_batch if batch is None else batch
   try:
-    blob = cloudpickle.dumps((loss_fn, optimizer, abstract(params), abstract(batch)))
+    state = plan._abstract_model_state
+    blob = cloudpickle.dumps(
+      (loss_fn, optimizer, abstract(params), abstract(batch), state and abstract(state))
+    )
   except Exception as e:  # whatever cloudpickle cannot serialise, the message names it
     raise NotEnoughDevicesError(
       f"verify needs {plan.num_devices} CPU devices in this process: the loss function or "

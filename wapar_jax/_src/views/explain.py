@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.fmt import table as _table
+from wapar_jax._src.plan_details import BATCH
 from wapar_jax._src.tree import path_keys, path_str
 
 
@@ -170,9 +171,32 @@ def param_groups(plan) -> list[tuple[str, int, tuple, str, P, float]]:
   return out
 
 
+def _batch_size(details) -> int:
+  """Rows of the batch: the size of the dim named "batch" of its first leaf."""
+  if not details.batch or not details.batch[0].shape:
+    return 1
+  leaf = details.batch[0]
+  return leaf.shape[leaf.dims.index(BATCH) if BATCH in leaf.dims else 0]
+
+
+def _batch_note(plan, batch: int) -> list[str]:
+  """Why the batch narrowed the plan, when it does not split over every device offered: a data
+  axis must divide it, so other device counts need a model axis (or do not exist)."""
+  offered = plan.devices_offered
+  fits = [k for k in range(1, offered + 1) if batch % k == 0]
+  if fits[-1] == offered:
+    return []
+  chosen = plan.mesh_shape.get("data", 1) * plan.mesh_shape.get("fsdp", 1)
+  return [
+    f"the batch ({batch} rows) splits over {fits} data-parallel devices only, not all "
+    f"{offered}: a data axis must divide it. The chosen data axis is {chosen}; a batch of "
+    f"{offered * max(1, -(-batch // offered))} rows would let data parallelism use every device."
+  ]
+
+
 def _sections(plan, top: int) -> list[_Section]:
   p, c, d = plan.predicted, plan.chosen, plan.details
-  batch = d.batch[0].shape[0] if d.batch and d.batch[0].shape else 1
+  batch = _batch_size(d)
   per_count = {}
   for cand in plan.candidates:
     per_count.setdefault(cand.devices, cand)
@@ -201,6 +225,7 @@ def _sections(plan, top: int) -> list[_Section]:
   unfit = sorted(k for k, x in per_count.items() if not x.fits)
   if unfit:
     why.append(f"no plan fits device memory on {unfit} devices.")
+  why += _batch_note(plan, batch)
   sweep = tuple(
     (
       str(x.devices),
