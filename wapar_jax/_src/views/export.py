@@ -17,8 +17,8 @@ function, then size-1 mesh axes dropped). Nothing is left for per-parameter over
 `rules_reproduce` counts what the rules give back.
 
 Example:
-  >>> plan.logical_axis_rules()
-  [('batch', 'data'), ('embed', 'data'), ('embed_unsplit', None), ('mlp', 'model'), ...]
+  >>> plan.logical_axis_rules()  # an FSDP plan of a small GPT
+  [('batch', 'data'), ('embed', None), ('embed_data', 'data'), ..., ('mlp_unsplit', None), ...]
   >>> names = plan.param_logical_axes()  # shaped like the parameters
   >>> print(plan.to_maxtext_yaml())
 """
