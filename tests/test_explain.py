@@ -161,6 +161,8 @@ def test_cli_explain(tmp_path, capsys):
   assert "largest costs by equation" in capsys.readouterr().out
   assert main(["explain", "--plan", str(path), "--maxtext"]) == 0
   assert capsys.readouterr().out.startswith("# wapar_jax plan")
+  assert main(["explain", "--plan", str(path), "--rules"]) == 0
+  assert capsys.readouterr().out.startswith("('batch', ")
   assert main(["explain", "mlp", "--devices", "4", "--json", "--progress"]) == 0
   out = capsys.readouterr()
   assert json.loads(out.out)["logical_axis_rules"][0][0] == "batch"

@@ -198,16 +198,19 @@ class Plan:
     """Which device holds which block of a parameter (default: the largest): a Figure."""
     return plots.plot_layout(self, param_path)
 
-  def logical_axis_rules(self) -> list[tuple[str, str | None]]:
-    """The plan as flax-style `(logical axis, mesh axis)` rules (see `param_logical_axes`)."""
+  def logical_axis_rules(self) -> list[tuple[str, str | tuple[str, ...] | None]]:
+    """The plan as flax-style `(logical axis, mesh axes)` rules, one per name: through
+    `flax.linen.logical_to_mesh_axes` they give back every spec from `param_logical_axes`."""
     return export.logical_axis_rules(self)
 
-  def param_logical_axes(self) -> Any:
-    """Per parameter, the logical axis name of each dim, shaped like the parameter tree."""
-    return export.param_logical_axes(self)
+  def param_logical_axes(self, optimizer_state: bool = False) -> Any:
+    """Per parameter, the logical axis name of each dim, shaped like the parameter tree; with
+    `optimizer_state=True`, those of its optimizer-state leaves (they differ under ZeRO-1)."""
+    return export.param_logical_axes(self, optimizer_state)
 
   def to_maxtext_yaml(self) -> str:
-    """mesh_axes, data_sharding and logical_axis_rules in MaxText's config style."""
+    """mesh_axes, data_sharding, dcn_* / ici_* parallelism and logical_axis_rules in MaxText's
+    config style."""
     return export.to_maxtext_yaml(self)
 
   def check_fits(self, params=None, batch=None) -> None:

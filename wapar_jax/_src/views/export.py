@@ -4,19 +4,28 @@ Codebases such as MaxText and t5x annotate every parameter dim with a logical na
 "mlp", ...) and map names to mesh axes with a list of rules. A plan's dimension groups are such
 logical axes, found in the program; exporting them lets a plan replace hand-written rules.
 
-Rules follow flax's semantics (`flax.linen.logical_to_mesh_axes`): for each dim, the first rule
-of its name whose mesh axis the tensor does not use yet wins. Per-leaf choices a rule list cannot
-express (FSDP keeps small tensors replicated, or splits the largest free dim of each) are
-approximated; `rules_reproduce` says how many parameter specs the rules give back exactly.
+A rule maps a name to one split, but a plan splits one group differently from leaf to leaf:
+FSDP keeps small tensors whole and splits the largest free dim of each leaf, ZeRO-1 splits the
+optimizer state of replicated parameters. So a dim's logical name is its group's name and the
+split it has there: the split that covers the most elements keeps the plain name ("embed"),
+each other split gets a name of its own ("embed_data", "embed_unsplit"), and a group that
+occurs twice in one leaf gives its second occurrence another base name ("embed_2"), since flax
+refuses a name twice in one array. The cost is more names (at most one per group, occurrence and
+split); the gain is one rule per name, so `flax.linen.logical_to_mesh_axes(names, rules)` gives
+back every parameter, optimizer-state and batch spec exactly, and so do MaxText's rules (that
+function, then size-1 mesh axes dropped). Nothing is left for per-parameter overrides;
+`rules_reproduce` counts what the rules give back.
 
 Example:
-  >>> plan.logical_axis_rules()
-  [('batch', 'data'), ('mlp', 'model'), ('heads', 'model'), ('embed', None), ...]
+  >>> plan.logical_axis_rules()  # an FSDP plan of a small GPT
+  [('batch', 'data'), ('embed', None), ('embed_data', 'data'), ..., ('mlp_unsplit', None), ...]
+  >>> names = plan.param_logical_axes()  # shaped like the parameters
   >>> print(plan.to_maxtext_yaml())
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -24,15 +33,18 @@ import jax
 import yaml
 from jax.sharding import PartitionSpec as P
 
+from wapar_jax._src.plan_details import BATCH, LAYERS
 from wapar_jax._src.tree import nest, path_keys, path_str
 from wapar_jax.errors import InvalidArgumentError
 
-# Tensor-parallel rules first: they win over FSDP fallbacks.
-_AXIS_ORDER = ("model", "fsdp", "data")
-# The plan's mesh axes under MaxText's names (its `ici_<name>_parallelism` keys).
-_MAXTEXT_AXES = {"data": "data", "fsdp": "fsdp", "model": "tensor", "stage": "stage"}
-# MaxText names the stage axis's parallelism `pipeline`.
+# The plan's mesh axes under MaxText's names, in the plan's mesh order.
+_MAXTEXT_AXES = {"stage": "stage", "data": "data", "fsdp": "fsdp", "model": "tensor"}
+# MaxText names the stage axis's parallelism (`ici_pipeline_parallelism`) `pipeline`.
 _PARALLELISM_KEYS = {**_MAXTEXT_AXES, "stage": "pipeline"}
+# Which specs a name set covers: the parameters, their optimizer state, the batch.
+_KINDS = ("params", "opt_state", "batch")
+
+Entry = str | tuple[str, ...] | None
 
 
 def _details(plan):
@@ -44,101 +56,179 @@ def _details(plan):
   return plan.details
 
 
-def logical_axis_rules(plan) -> list[tuple[str, str | None]]:
-  """Flax-style `(logical name, mesh axis or None)` rules that reproduce the plan's specs.
+@dataclasses.dataclass(frozen=True)
+class _Names:
+  """Each leaf's logical dim names (by kind, then leaf path) and the one rule of each name."""
 
-  Names are the plan's dimension groups (`plan.details.groups`), plus "batch" for the batch dim
-  and "layers" for a scanned layer dim. A name may appear twice (e.g. split on "model" where it
-  can, else on "data"), as flax allows.
+  dims: dict[str, dict[tuple, tuple[str | None, ...]]]
+  rules: tuple[tuple[str, Entry], ...]
+
+
+def _entry(e) -> Entry:
+  """A spec entry with 1-tuples as their axis and () as None, so equal splits compare equal."""
+  if isinstance(e, tuple):
+    return None if not e else e[0] if len(e) == 1 else e
+  return e
+
+
+def _entries(spec, rank: int) -> tuple[Entry, ...]:
+  entries = [_entry(e) for e in tuple(spec)] + [None] * (rank - len(spec))
+  return tuple(entries[:rank])
+
+
+def _leaf_specs(plan, kind: str):
+  details = _details(plan)
+  if kind == "batch":
+    return [(leaf, plan.flat_batch_specs.get(leaf.path, P())) for leaf in details.batch]
+  flat = plan.flat_param_specs if kind == "params" else plan.flat_opt_specs
+  return [(leaf, flat.get(leaf.path, P())) for leaf in details.params]
+
+
+def _unique(name: str, taken: set[str]) -> str:
+  out, k = name, 2
+  while out in taken:
+    out, k = f"{name}_{k}", k + 1
+  taken.add(out)
+  return out
+
+
+def _names(plan) -> _Names:
+  """One logical name per (group, occurrence in its leaf, split): see the module docstring."""
+  details = _details(plan)
+  splits: dict[tuple, dict[Entry, int]] = {}  # (group, occurrence) -> split -> elements
+  keyed: dict[str, dict[tuple, list]] = {}
+  for kind in ("batch", "params", "opt_state"):  # the batch first: its rule leads the list
+    keyed[kind] = {}
+    for leaf, spec in _leaf_specs(plan, kind):
+      seen: dict[str, int] = {}
+      keys = []
+      for group, entry in zip(leaf.dims, _entries(spec, len(leaf.dims))):
+        k = seen.get(group, 0) if group is not None else 0
+        if group is not None:
+          seen[group] = k + 1
+        covered = splits.setdefault((group, k), {})
+        covered[entry] = covered.get(entry, 0) + math.prod(leaf.shape)
+        keys.append(((group, k), entry))
+      keyed[kind][leaf.path] = keys
+  taken = {g.name for g in details.groups} | {BATCH, LAYERS} | {g for g, _ in splits if g}
+  name_of: dict[tuple, str | None] = {}
+  rules = []
+  for (group, k), covered in splits.items():
+    # Dims of no group are not split by the plan's rules; one that is gets a name of its own.
+    plain = None if group is None else max(covered, key=covered.get)
+    base = "unnamed" if group is None else group if k == 0 else _unique(f"{group}_{k + 1}", taken)
+    for entry in sorted(covered, key=lambda e: e != plain):  # the plain name's rule first
+      if group is None and entry is None:
+        name = None
+      elif entry == plain:
+        name = base
+      else:
+        axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+        name = _unique(f"{base}_{'_'.join(axes) or 'unsplit'}", taken)
+      name_of[((group, k), entry)] = name
+      if name is not None:
+        rules.append((name, entry))
+  dims = {
+    kind: {path: tuple(name_of[key] for key in keys) for path, keys in leaves.items()}
+    for kind, leaves in keyed.items()
+  }
+  return _Names(dims, tuple(rules))
+
+
+def logical_axis_rules(plan) -> list[tuple[str, Entry]]:
+  """Flax-style `(logical name, mesh axis or tuple of axes or None)` rules, one per name: they give
+  back every parameter, optimizer-state and batch spec of the plan from `param_logical_axes`.
+
+  Names are the plan's dimension groups (`plan.details.groups`), "batch" for the batch dim and
+  "layers" for a scanned layer dim, each with one more name per other split of it
+  ("embed_data", "embed_unsplit"; see the module docstring).
   """
-  details = _details(plan)
-  counts: dict[tuple[str, str], int] = {}
-  for leaf in details.params:
-    spec = plan.flat_param_specs.get(leaf.path, P())
-    for name, entry in zip(leaf.dims, tuple(spec) + (None,) * len(leaf.dims)):
-      if name is None or entry is None:
-        continue
-      for axis in entry if isinstance(entry, tuple) else (entry,):
-        counts[(name, axis)] = counts.get((name, axis), 0) + 1
-  batch = {tuple(s)[0] if len(tuple(s)) else None for s in plan.flat_batch_specs.values()}
-  rules: list[tuple[str, str | tuple[str, ...] | None]] = [("batch", max(batch, key=bool))]
-  ordered = sorted(
-    counts,
-    key=lambda na: (
-      _AXIS_ORDER.index(na[1]) if na[1] in _AXIS_ORDER else len(_AXIS_ORDER),
-      -counts[na],
-      na[0],
-    ),
-  )
-  rules += ordered
-  named = {n for n, _ in rules}
-  for g in details.groups:
-    if g.name not in named:
-      rules.append((g.name, None))
-  if any("layers" in leaf.dims for leaf in details.params):
-    rules.append(("layers", None))
-  return rules
+  return list(_names(plan).rules)
 
 
-def param_logical_axes(plan):
-  """Per parameter leaf, the tuple of logical names of its dims (None: no group), as a tree
-  shaped like the parameters (nested dicts for a plan loaded from JSON)."""
-  details = _details(plan)
-  flat = {leaf.path: tuple(leaf.dims) for leaf in details.params}
+def param_logical_axes(plan, optimizer_state: bool = False):
+  """Per parameter leaf, the tuple of logical names of its dims (None: never split), as a tree
+  shaped like the parameters (nested dicts for a plan loaded from JSON).
+
+  With `optimizer_state=True`, the names of each parameter's optimizer-state leaves: they differ
+  where the state is split and the parameter is not (ZeRO-1). Flax has no rules of its own for
+  optimizer state: give its leaves these names' specs, e.g. with `optax.tree_map_params`.
+  """
+  flat = _names(plan).dims["opt_state" if optimizer_state else "params"]
   if plan._abstract_params is not None:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(plan._abstract_params)
     return jax.tree_util.tree_unflatten(treedef, [flat[path_keys(p)] for p, _ in leaves])
   return nest(flat)
 
 
-def rules_reproduce(plan, rules=None) -> tuple[int, int, list[str]]:
-  """(specs reproduced, parameters, paths that differ) when the rules are applied to the
-  plan's logical axes: how faithfully the exported rules stand for the plan."""
-  details = _details(plan)
-  rules = logical_axis_rules(plan) if rules is None else rules
+def rules_reproduce(plan, rules=None, kind: str = "params") -> tuple[int, int, list[str]]:
+  """(specs reproduced, leaves, paths that differ) when `rules` (default: the plan's) are applied
+  through `flax.linen.logical_to_mesh_axes` to the logical names of `kind`: "params",
+  "opt_state" (each parameter's optimizer-state spec) or "batch"."""
+  if kind not in _KINDS:
+    raise InvalidArgumentError(f"kind must be one of {_KINDS}. Got {kind!r}.")
+  names = _names(plan)
+  rules = list(names.rules) if rules is None else rules
   differ = []
-  for leaf in details.params:
-    want = plan.flat_param_specs.get(leaf.path, P())
-    got = nn.logical_to_mesh_axes(leaf.dims, rules)
-    if _norm(got, len(leaf.dims)) != _norm(want, len(leaf.dims)):
+  leaves = _leaf_specs(plan, kind)
+  for leaf, want in leaves:
+    axes = names.dims[kind][leaf.path]
+    got = nn.logical_to_mesh_axes(axes, rules)
+    if _entries(got, len(axes)) != _entries(want, len(axes)):
       differ.append(path_str(leaf.path))
-  return len(details.params) - len(differ), len(details.params), differ
-
-
-def _norm(spec, rank):
-  entries = list(spec) + [None] * (rank - len(spec))
-  return tuple(entries[:rank])
+  return len(leaves) - len(differ), len(leaves), differ
 
 
 def to_maxtext_yaml(plan) -> str:
   """The plan in MaxText's config style (cf. configs/custom_mesh_and_rule/pure-fsdp.yml).
 
-  mesh_axes and data_sharding name the plan's mesh; logical_axis_rules use this plan's logical
-  names, so the model's parameters must carry them (see `param_logical_axes`). Comments record
-  the mesh sizes, where each name occurs, and how many specs the rules reproduce.
+  mesh_axes, data_sharding and the `dcn_*` / `ici_*` parallelism of every axis MaxText knows the
+  plan's by (explicit, so that none of MaxText's -1 defaults fills in); logical_axis_rules use
+  this plan's logical names, so the model's parameters must carry them (`param_logical_axes`).
+  MaxText has no rules for optimizer state: a ZeRO-1 plan sets `shard_optimizer_over_data`,
+  MaxText's ZeRO-1, which picks the split dims itself (the plan's are the rules applied to
+  `param_logical_axes(optimizer_state=True)`). Comments record the mesh sizes, how many specs
+  the rules reproduce, and where each group occurs.
   """
   details = _details(plan)
-  rules = logical_axis_rules(plan)
-  ok, total, _ = rules_reproduce(plan, rules)
+  names = _names(plan)
+  counts = {kind: rules_reproduce(plan, kind=kind)[:2] for kind in _KINDS}
   rename = lambda a: _MAXTEXT_AXES.get(a, a)  # noqa: E731
   axes = [rename(a) for a in plan.mesh_shape]
-  batch_axes = [rename(a) for a in _flat(rules[0][1])]
+  batch_axes = [rename(a) for a in _flat(dict(names.rules).get(BATCH))]
+  zero1 = plan.chosen.storage == "zero1"
   header = [
     f"wapar_jax plan: {plan.strategy} on {plan.num_devices} of {plan.devices_offered} "
     f"{plan.profile} devices, objective {plan.objective}",
     "mesh shape: " + ", ".join(f"{a}={n}" for a, n in plan.mesh_shape.items()),
-    f"these rules reproduce {ok} of {total} parameter specs of the plan",
+    "through flax.linen.logical_to_mesh_axes these rules reproduce {} of {} parameter specs,\n"
+    "  {} of {} optimizer-state specs and {} of {} batch specs".format(
+      *(n for k in _KINDS for n in counts[k])
+    ),
+    "parameters must carry the plan's logical names (plan.param_logical_axes()): a group\n"
+    "  split differently across leaves has one name per split",
+    "optimizer state: "
+    + (
+      "split over data where the parameters are replicated (ZeRO-1); MaxText's\n"
+      "  shard_optimizer_over_data picks its own split dims, the plan's are these rules on\n"
+      "  plan.param_logical_axes(optimizer_state=True)"
+      if zero1
+      else "split as its parameter"
+    ),
     "logical axes:",
   ] + [f"  {g.name}: size {g.size}, in {', '.join(g.where[:3])}" for g in details.groups]
   body = {
     "mesh_axes": _Flow(axes),
-    "data_sharding": _Flow([_Flow(batch_axes or axes[:1])]),
+    "data_sharding": _Flow([_Flow(batch_axes)]),  # [[]]: the batch is replicated (TP only)
     **_parallelism(plan),
     **_pipeline_keys(plan),
-    "logical_axis_rules": [_Flow([n, _Flow([rename(x) for x in _flat(a)])]) for n, a in rules],
+    **({"shard_optimizer_over_data": True} if zero1 else {}),
+    "logical_axis_rules": [
+      _Flow([n, _Flow([rename(x) for x in _flat(a)])]) for n, a in names.rules
+    ],
   }
   text = yaml.dump(body, Dumper=_Dumper, sort_keys=False, width=100)
-  return "".join(f"# {line}\n" for line in header) + text
+  return "".join(f"# {line}\n" for entry in header for line in entry.split("\n")) + text
 
 
 def _pipeline_keys(plan) -> dict[str, int]:
@@ -158,22 +248,19 @@ def _flat(entry) -> list[str]:
 
 
 def _parallelism(plan) -> dict[str, int]:
-  """MaxText's `dcn_*` (across nodes / slices) and `ici_*` (inside) sizes of each mesh axis, laid
-  out as the plan's mesh is: the axes the search found crossing nodes take the nodes, outermost
-  first."""
-  shape = dict(plan.mesh_shape)
+  """MaxText's `dcn_*` (across nodes / slices) and `ici_*` (inside) sizes of every axis it knows
+  the plan's by (1 where the plan has none), laid out as the plan's mesh is: the axes the search
+  found crossing nodes take the nodes, outermost first."""
+  shape = {a: plan.mesh_shape.get(a, 1) for a in _PARALLELISM_KEYS}
   nodes = plan.stats.get("nodes", 1) if plan.stats else 1
-  crossing = [a for a in shape if a in plan.chosen.cross_node_axes]
   dcn = dict.fromkeys(shape, 1)
   left = int(nodes)
-  for a in crossing:
-    dcn[a] = math.gcd(shape[a], left)
-    left //= dcn[a]
-  out = {}
   for a in shape:
-    out[f"dcn_{_PARALLELISM_KEYS.get(a, a)}_parallelism"] = dcn[a]
-  for a in shape:
-    out[f"ici_{_PARALLELISM_KEYS.get(a, a)}_parallelism"] = shape[a] // dcn[a]
+    if a in plan.chosen.cross_node_axes:
+      dcn[a] = math.gcd(shape[a], left)
+      left //= dcn[a]
+  out = {f"dcn_{_PARALLELISM_KEYS[a]}_parallelism": dcn[a] for a in shape}
+  out.update({f"ici_{_PARALLELISM_KEYS[a]}_parallelism": shape[a] // dcn[a] for a in shape})
   return out
 
 
