@@ -247,3 +247,42 @@ def test_bitcast_keeps_leading_dims(in_shape, out_shape, whole):
   links = dim_rules(eqn, [in_shape], [out_shape])
   assert links.known and links.gather_dims == whole
   assert links.links == tuple(((("i", 0, d), ("o", 0, d))) for d in range(2))
+
+
+@pytest.fixture(scope="module")
+def mlp_plan():
+  ex = examples.get_example("mlp")
+  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="h100-sxm")
+
+
+def test_explain_says_why_device_counts_are_missing(mlp_plan, tp_plan):
+  assert sorted({c.devices for c in mlp_plan.candidates}) == [1, 2, 4, 5, 8]
+  assert (
+    "no plan on 3, 6, 7 devices: a count is used only as data x model, the data degree dividing "
+    "the batch (32)" in mlp_plan.explain()
+  )
+  assert "no plan on" not in tp_plan.explain()  # all_devices: no other count was asked for
+
+
+def test_sweep_plot_breaks_lines_at_missing_counts_and_keeps_its_legend_off_the_axes(mlp_plan):
+  fig = mlp_plan.plot_sweep()
+  fig.canvas.draw()
+  skipped = {3, 6, 7}
+  for ax in fig.axes:
+    assert ax.get_legend() is None
+    for line in ax.get_lines():
+      xs = list(line.get_xdata())
+      if line.get_linestyle() in ("-", "--") and len(xs) > 1 and xs[0] != xs[1]:
+        for a, b in zip(xs, xs[1:]):
+          assert not any(a < s < b for s in skipped), (line.get_label(), xs)
+  (legend,) = fig.legends
+  assert {t.get_text() for t in legend.get_texts()} >= {"step time", "energy per sample"}
+  box = legend.get_window_extent()
+  assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+  assert "no plan on 3, 6, 7 devices" in fig.get_supxlabel().replace("\n", " ")
+
+
+def test_breakdown_labels_tell_every_bar_apart(mlp_plan, tp_plan):
+  for plan in (mlp_plan, tp_plan):
+    labels = [t.get_text() for t in plan.plot_breakdown().axes[0].get_xticklabels()]
+    assert len(labels) == min(12, len(plan.candidates)) and len(set(labels)) == len(labels)

@@ -73,33 +73,14 @@ _PROFILES_EPILOG = """examples:
 """
 
 
-# What --optimizer and --lr mean when neither the flags nor the workload name an optimizer.
-_DEFAULT_OPTIMIZER, _DEFAULT_LR = "adamw", 1e-3
-
-
 def _workload(args) -> workload_lib.Workload:
   return workload_lib.load(
-    args.model, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype
-  )
-
-
-def _optimizer(args, workload: workload_lib.Workload):
-  """The --optimizer flag's when given; else the workload's own; else the default."""
-  if args.optimizer is None and workload.optimizer is not None:
-    if args.lr is not None:
-      raise wap.errors.InvalidArgumentError(
-        f"--lr sets the rate of --optimizer, and {args.model} returns an optimizer of its own: "
-        "set the rate in workload(), or pass --optimizer NAME to replace its optimizer. "
-        f"Got --lr {args.lr} without --optimizer."
-      )
-    return workload.optimizer
-  return optimizers.by_name(*_optimizer_flags(args))
-
-
-def _optimizer_flags(args) -> tuple[str, float]:
-  return (
-    args.optimizer or _DEFAULT_OPTIMIZER,
-    _DEFAULT_LR if args.lr is None else args.lr,
+    args.model,
+    batch_size=args.batch_size,
+    seq_len=args.seq_len,
+    dtype=args.dtype,
+    optimizer=args.optimizer,
+    lr=args.lr,
   )
 
 
@@ -110,7 +91,7 @@ def _make_plan(args, workload=None, strategy=None, all_devices=None, progress=Tr
     workload.loss_fn,
     workload.params,
     workload.batch,
-    optimizer=_optimizer(args, workload),
+    optimizer=workload.optimizer,
     devices=args.devices,
     profile=args.profile,
     objective=args.objective,
@@ -125,22 +106,6 @@ def _make_plan(args, workload=None, strategy=None, all_devices=None, progress=Tr
     max_seconds=args.max_seconds,
     **headroom,
   )
-
-
-def _child_workload(args):
-  """How a verify child process rebuilds the workload: a built-in example by name; None for
-  user code, which goes pickled."""
-  if ":" in args.model:
-    return None
-  optimizer, lr = _optimizer_flags(args)
-  return {
-    "example": args.model,
-    "batch_size": args.batch_size,
-    "seq_len": args.seq_len,
-    "dtype": args.dtype,
-    "optimizer": optimizer,
-    "lr": lr,
-  }
 
 
 def _use_cpu_devices(n: int) -> None:
@@ -244,8 +209,8 @@ def _cmd_plan(args) -> int:
 
 def _cmd_verify(args) -> int:
   _use_cpu_devices(args.devices)
-  plan = _make_plan(args)
-  result = plan.verify(workload=_child_workload(args), timeout=args.timeout)
+  workload = _workload(args)
+  result = _make_plan(args, workload).verify(workload=workload.child, timeout=args.timeout)
   print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
   return 0
 
@@ -264,23 +229,15 @@ def _cmd_bench(args) -> int:
     ),
     None
     if args.no_compile
-    else lambda plan: plan.verify(workload=_child_workload(args), timeout=args.timeout),
+    else lambda plan: plan.verify(workload=workload.child, timeout=args.timeout),
     families=("auto", *(f for f in families if f != "auto")),
     progress=_progress(args),
   )
   if args.json:
     print(json.dumps([r.to_dict() for r in rows], indent=1))
-    return 0
-  print(
-    f"{args.model} on up to {args.devices} {args.profile} devices, per device and step; "
-    "* the planner's choice"
-  )
-  print(bench_lib.table(rows))
-  if not args.no_compile:
-    print(
-      "compiled: the emitted step compiled by XLA for the plan's mesh on virtual CPU devices; "
-      f"its step priced on {args.profile}, its peak from XLA:CPU's memory analysis"
-    )
+  else:
+    print(f"{args.model} on up to {args.devices} {args.profile} devices, per device and step:")
+    print(bench_lib.table(rows))
   return 0
 
 
@@ -399,15 +356,21 @@ def _add_plan_arguments(p, model_nargs=None, strategy=True) -> None:
   p.add_argument(
     "--optimizer",
     choices=tuple(optimizers.OPTIMIZERS),
-    help=f"default {_DEFAULT_OPTIMIZER}, or the one module:function returns",
+    help=f"default {workload_lib.DEFAULT_OPTIMIZER}, or the one module:function returns",
   )
-  p.add_argument("--lr", type=float, help=f"--optimizer's learning rate (default {_DEFAULT_LR})")
+  p.add_argument(
+    "--lr", type=float, help=f"--optimizer's learning rate (default {workload_lib.DEFAULT_LR})"
+  )
   p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
   p.add_argument(
     "--progress",
     action="store_true",
     help="progress bars on stderr even when it is not a terminal (never with --json)",
   )
+
+
+# `verify`'s and `bench`'s bound on a child process.
+_TIMEOUT = {"type": float, "default": 300.0, "help": "seconds a child-process compile may take"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,12 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     "virtual CPU devices: predicted vs compiled FLOPs, bytes, memory",
   )
   _add_plan_arguments(p)
-  p.add_argument(
-    "--timeout",
-    type=float,
-    default=300.0,
-    help="seconds a child-process compile may take (default 300)",
-  )
+  p.add_argument("--timeout", **_TIMEOUT)
   p.add_argument("--json", action="store_true", help="print the comparison as JSON")
   p.set_defaults(run=_cmd_verify)
 
@@ -464,12 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--no-compile", action="store_true", help="predictions only: compile no family's step"
   )
-  p.add_argument(
-    "--timeout",
-    type=float,
-    default=300.0,
-    help="seconds each child-process compile may take (default 300)",
-  )
+  p.add_argument("--timeout", **_TIMEOUT)
   p.add_argument("--json", action="store_true", help="print the rows as JSON")
   p.set_defaults(run=_cmd_bench)
 

@@ -141,7 +141,8 @@ def _short(note: str) -> str:
 
 
 def table(rows: Sequence[BenchRow]) -> str:
-  """The rows as text, `*` marking the planner's choice; each note's first sentence below."""
+  """The rows as text, `*` marking the planner's choice; each note's first sentence, and what
+  "compiled" means, below."""
 
   def fig(x, human):
     return "-" if x is None else human(x)
@@ -172,4 +173,10 @@ def table(rows: Sequence[BenchRow]) -> str:
     "fits",
   ]
   notes = [f"  {r.family}: {_short(r.note)}" for r in rows if r.note]
+  notes.append("* the planner's choice")
+  if any(r.compiled_step is not None for r in rows):
+    notes.append(
+      "compiled: the emitted step compiled by XLA for the plan's mesh on virtual CPU devices; "
+      "its step priced on the plan's profile, its peak from XLA:CPU's memory analysis"
+    )
   return "\n".join([text_table(header, body), *notes])

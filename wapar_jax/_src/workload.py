@@ -4,6 +4,7 @@
 `function(**overrides)` returns `(loss_fn, params, batch)` or `(loss_fn, params, batch,
 optimizer)`. It is handed `batch_size`, `seq_len` and `dtype` as keywords when the user gave
 those flags; a flag the function takes no keyword for is an error rather than silently ignored.
+Its optimizer is used unless the --optimizer flag names one.
 
 Example, with `mypkg/train.py` holding
 
@@ -25,28 +26,38 @@ import sys
 from typing import Any
 
 from wapar_jax import examples
+from wapar_jax._src import optimizers
 from wapar_jax.errors import InvalidArgumentError
 
 # The command-line flags a workload function may take, as its keyword names.
 OVERRIDES = {"batch_size": "--batch-size", "seq_len": "--seq-len", "dtype": "--dtype"}
+# The optimizer when neither --optimizer nor the workload names one; --lr's default.
+DEFAULT_OPTIMIZER, DEFAULT_LR = "adamw", 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """A train step's parts; `optimizer` is None when the workload names none."""
+  """A train step's parts, and how a verify child process rebuilds them (`child`: a built-in
+  example's name and flags, as `Plan.verify(workload=...)` takes them; None for user code,
+  which goes to the child pickled)."""
 
   loss_fn: Any
   params: Any
   batch: Any
-  optimizer: Any = None
+  optimizer: Any
+  child: dict | None = None
 
 
-def load(spec: str, **overrides) -> Workload:
-  """The workload `spec` names, with `overrides` (those of OVERRIDES that are not None)."""
+def load(spec: str, *, optimizer: str | None = None, lr: float | None = None, **overrides):
+  """The workload `spec` names, with `overrides` (those of OVERRIDES that are not None), and
+  the optimizer the flags name (`optimizer`, `lr`: None when not given)."""
   given = {k: v for k, v in overrides.items() if v is not None}
+  rate = DEFAULT_LR if lr is None else lr
   if ":" not in spec:
     ex = examples.get_example(spec, **given)
-    return Workload(ex.loss_fn, ex.params, ex.batch)
+    name = optimizer or DEFAULT_OPTIMIZER
+    child = {"example": spec, **overrides, "optimizer": name, "lr": rate}
+    return Workload(ex.loss_fn, ex.params, ex.batch, optimizers.by_name(name, rate), child)
   fn = _function(spec)
   _check_keywords(spec, fn, given)
   returned = fn(**given)
@@ -55,7 +66,15 @@ def load(spec: str, **overrides) -> Workload:
       f"{spec}() must return (loss_fn, params, batch) or (loss_fn, params, batch, optimizer). "
       f"Got {_describe(returned)}."
     )
-  return Workload(*returned)
+  if len(returned) == 4 and optimizer is None:
+    if lr is not None:
+      raise InvalidArgumentError(
+        f"--lr sets the rate of --optimizer, and {spec} returns an optimizer of its own: set "
+        "the rate in the function, or pass --optimizer NAME to replace its optimizer. Got "
+        f"--lr {lr} without --optimizer."
+      )
+    return Workload(*returned)
+  return Workload(*returned[:3], optimizers.by_name(optimizer or DEFAULT_OPTIMIZER, rate))
 
 
 def _function(spec: str):
