@@ -61,8 +61,9 @@ _BENCH_EPILOG = """examples:
 A row per family: the mesh it plans, its predicted step time and peak memory and whether it
 fits, and, compiled for its mesh on virtual CPU devices, the step priced from the compiled
 module and the compiled peak. Each baseline family uses all --devices devices, as it would be
-run by hand; auto picks its own count (all of them with --all-devices). A family with no plan
-says why. * marks the planner's choice (auto, and any family that plans the same).
+run by hand (pp the count it finds); auto picks its own (all of them with --all-devices). A
+family with no plan says why. * marks the planner's choice (auto, and any family that plans the
+same).
 """
 
 _PROFILES_EPILOG = """examples:
