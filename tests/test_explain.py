@@ -5,7 +5,11 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import json
+import types
+import warnings
 
+import jax
+import jax.numpy as jnp
 import matplotlib
 import optax
 import pytest
@@ -187,3 +191,100 @@ def test_cli_profiles_show_and_help(capsys):
     with pytest.raises(SystemExit):
       main(command)
     assert "examples:" in capsys.readouterr().out
+
+
+class _DropoutMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dropout(0.1, deterministic=False)(nn.Dense(512)(x))
+    return nn.Dense(256)(x)
+
+
+def _bernoulli_loss(params, batch):
+  x = batch["x"] @ params["w"]
+  keep = jax.random.bernoulli(jax.random.key(0), 0.9, x.shape)
+  return jnp.mean(jnp.where(keep, x / 0.9, 0.0) ** 2)
+
+
+def _linen_dropout_workload():
+  model = _DropoutMLP()
+  x = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(1), jnp.zeros(x.shape)))
+
+  def loss_fn(params, batch):
+    y = model.apply(params, batch["x"], rngs={"dropout": jax.random.key(0)})
+    return jnp.mean(y**2)
+
+  return loss_fn, params, {"x": x}
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "linen"])
+def test_dropout_hotspots_name_the_model_line_and_plan_without_warnings(kind):
+  if kind == "bernoulli":
+    loss_fn, batch = _bernoulli_loss, {"x": jax.ShapeDtypeStruct((64, 256), jnp.float32)}
+    params = {"w": jax.ShapeDtypeStruct((256, 512), jnp.float32)}
+  else:
+    loss_fn, params, batch = _linen_dropout_workload()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # "no sharding rule for bitcast_convert_type" would raise
+    plan = wap.plan(loss_fn, params, batch, optimizer=TX, devices=4, profile="h100-sxm")
+  hot = plan.details.hotspots
+  assert plan.details.unknown_primitives == ()
+  assert all(h.source != "?" for h in hot), [h for h in hot if h.source == "?"]
+  # random_bits runs inside jax.random's jit: its line is the model's call of dropout.
+  bits = next(h for h in hot if h.primitive == "random_bits")
+  assert bits.source.startswith(f"{__file__}:"), bits.source
+  caller = "_bernoulli_loss" if kind == "bernoulli" else "_DropoutMLP.__call__"
+  assert bits.source.endswith(f"({caller})")
+
+
+@pytest.mark.parametrize(
+  ("in_shape", "out_shape", "whole"),
+  [((64, 8), (64, 8), ()), ((64, 8), (64, 8, 4), ()), ((64, 8, 4), (64, 8), ((0, 2),))],
+)
+def test_bitcast_keeps_leading_dims(in_shape, out_shape, whole):
+  from wapar_jax._src.trace.dim_rules import dim_rules
+
+  eqn = types.SimpleNamespace(primitive=types.SimpleNamespace(name="bitcast_convert_type"))
+  links = dim_rules(eqn, [in_shape], [out_shape])
+  assert links.known and links.gather_dims == whole
+  assert links.links == tuple(((("i", 0, d), ("o", 0, d))) for d in range(2))
+
+
+@pytest.fixture(scope="module")
+def mlp_plan():
+  ex = examples.get_example("mlp")
+  return wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=TX, devices=8, profile="h100-sxm")
+
+
+def test_explain_says_why_device_counts_are_missing(mlp_plan, tp_plan):
+  assert sorted({c.devices for c in mlp_plan.candidates}) == [1, 2, 4, 5, 8]
+  assert (
+    "no plan on 3, 6, 7 devices: a count is used only as data x model, the data degree dividing "
+    "the batch (32)" in mlp_plan.explain()
+  )
+  assert "no plan on" not in tp_plan.explain()  # all_devices: no other count was asked for
+
+
+def test_sweep_plot_breaks_lines_at_missing_counts_and_keeps_its_legend_off_the_axes(mlp_plan):
+  fig = mlp_plan.plot_sweep()
+  fig.canvas.draw()
+  skipped = {3, 6, 7}
+  for ax in fig.axes:
+    assert ax.get_legend() is None
+    for line in ax.get_lines():
+      xs = list(line.get_xdata())
+      if line.get_linestyle() in ("-", "--") and len(xs) > 1 and xs[0] != xs[1]:
+        for a, b in zip(xs, xs[1:]):
+          assert not any(a < s < b for s in skipped), (line.get_label(), xs)
+  (legend,) = fig.legends
+  assert {t.get_text() for t in legend.get_texts()} >= {"step time", "energy per sample"}
+  box = legend.get_window_extent()
+  assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+  assert "no plan on 3, 6, 7 devices" in fig.get_supxlabel().replace("\n", " ")
+
+
+def test_breakdown_labels_tell_every_bar_apart(mlp_plan, tp_plan):
+  for plan in (mlp_plan, tp_plan):
+    labels = [t.get_text() for t in plan.plot_breakdown().axes[0].get_xticklabels()]
+    assert len(labels) == min(12, len(plan.candidates)) and len(set(labels)) == len(labels)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -22,8 +21,9 @@ from rich.progress import (
 )
 
 import wapar_jax as wap
-from wapar_jax import examples
+from wapar_jax._src import bench as bench_lib
 from wapar_jax._src import calibrate, compilers, optimizers
+from wapar_jax._src import workload as workload_lib
 from wapar_jax._src.search import STRATEGIES
 
 _EPILOG = """examples:
@@ -31,7 +31,9 @@ _EPILOG = """examples:
   wapar plan gpt-7b --devices 8 --profile h100-sxm --dtype bfloat16 --out plan.json
   wapar plan alexnet --devices 4 --profile titanxp-pcie --batch-size 8 --strategy dp
   wapar plan mypkg.train:workload --devices 16     # workload() -> (loss_fn, params, batch)
+  wapar plan mypkg.train:workload --batch-size 64  # passed as workload(batch_size=64)
   wapar verify gpt2-small --devices 8 --profile h100-sxm --seq-len 256
+  wapar bench gpt-tiny --devices 8 --profile cpu            # auto vs dp, fsdp, tp, ..., compiled
   wapar explain gpt2-small --devices 8 --profile h100-sxm   # why this plan, and what it costs
   wapar explain --plan plan.json --maxtext                  # export a saved plan's rules
   wapar profiles                                            # list; `wapar profiles show h100-sxm`
@@ -51,6 +53,19 @@ communication, memory by term, the closest alternatives, and the costliest equat
 source line that produced them.
 """
 
+_BENCH_EPILOG = """examples:
+  wapar bench gpt-tiny --devices 8 --profile cpu            # every family, compiled
+  wapar bench gpt2-small --devices 8 --profile h100-sxm --no-compile   # predictions only
+  wapar bench mlp --devices 4 --families dp fsdp --json     # auto, dp and fsdp as JSON rows
+
+A row per family: the mesh it plans, its predicted step time and peak memory and whether it
+fits, and, compiled for its mesh on virtual CPU devices, the step priced from the compiled
+module and the compiled peak. Each baseline family uses all --devices devices, as it would be
+run by hand (pp the count it finds); auto picks its own (all of them with --all-devices). A
+family with no plan says why. * marks the planner's choice (auto, and any family that plans the
+same).
+"""
+
 _PROFILES_EPILOG = """examples:
   wapar profiles                      # list the built-in device profiles
   wapar profiles show titanxp-pcie    # one profile in full, with its sources
@@ -59,32 +74,32 @@ _PROFILES_EPILOG = """examples:
 """
 
 
-def _workload(model: str, batch_size, seq_len, dtype):
-  if ":" in model:
-    module_name, fn_name = model.split(":", 1)
-    sys.path.insert(0, os.getcwd())
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    loss_fn, params, batch = fn()
-    return loss_fn, params, batch
-  ex = examples.get_example(model, batch_size=batch_size, seq_len=seq_len, dtype=dtype)
-  return ex.loss_fn, ex.params, ex.batch
+def _workload(args) -> workload_lib.Workload:
+  return workload_lib.load(
+    args.model,
+    batch_size=args.batch_size,
+    seq_len=args.seq_len,
+    dtype=args.dtype,
+    optimizer=args.optimizer,
+    lr=args.lr,
+  )
 
 
-def _make_plan(args):
-  loss_fn, params, batch = _workload(args.model, args.batch_size, args.seq_len, args.dtype)
+def _make_plan(args, workload=None, strategy=None, all_devices=None, progress=True):
+  workload = workload or _workload(args)
   headroom = {} if args.memory_headroom is None else {"memory_headroom": args.memory_headroom}
   return wap.plan(
-    loss_fn,
-    params,
-    batch,
-    optimizer=optimizers.by_name(args.optimizer, args.lr),
+    workload.loss_fn,
+    workload.params,
+    workload.batch,
+    optimizer=workload.optimizer,
     devices=args.devices,
     profile=args.profile,
     objective=args.objective,
-    strategy=args.strategy,
-    all_devices=args.all_devices,
+    strategy=strategy or args.strategy,
+    all_devices=args.all_devices if all_devices is None else all_devices,
     cache=not args.no_cache,
-    progress=_progress(args),
+    progress=_progress(args) if progress else None,
     remat=args.remat,
     microbatches=args.microbatches,
     stages=args.stages,
@@ -92,6 +107,12 @@ def _make_plan(args):
     max_seconds=args.max_seconds,
     **headroom,
   )
+
+
+def _use_cpu_devices(n: int) -> None:
+  # Enough CPU devices here spares a child process; too late once jax has started.
+  with contextlib.suppress(RuntimeError, AttributeError):
+    jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
 
 
 def _progress(args):
@@ -188,25 +209,36 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-  # Enough CPU devices here spares a child process; too late once jax has started.
-  with contextlib.suppress(RuntimeError, AttributeError):
-    jax.config.update("jax_num_cpu_devices", max(args.devices, jax.config.jax_num_cpu_devices))
-  plan = _make_plan(args)
-  # A child process (if needed) rebuilds a built-in example by name; user code goes pickled.
-  workload = (
-    None
-    if ":" in args.model
-    else {
-      "example": args.model,
-      "batch_size": args.batch_size,
-      "seq_len": args.seq_len,
-      "dtype": args.dtype,
-      "optimizer": args.optimizer,
-      "lr": args.lr,
-    }
-  )
-  result = plan.verify(workload=workload, timeout=args.timeout)
+  _use_cpu_devices(args.devices)
+  workload = _workload(args)
+  result = _make_plan(args, workload).verify(workload=workload.child, timeout=args.timeout)
   print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+  return 0
+
+
+def _cmd_bench(args) -> int:
+  if not args.no_compile:
+    _use_cpu_devices(args.devices)
+  workload = _workload(args)
+  families = args.families or STRATEGIES
+  rows = bench_lib.bench(
+    # A baseline runs on every device offered, as one written by hand would; but "pp" is left
+    # its count, as the planner builds pipelines from plans on fewer devices, which
+    # all_devices=True removes (no pipeline plan would exist).
+    lambda strategy: _make_plan(
+      args, workload, strategy, args.all_devices or strategy not in ("auto", "pp"), progress=False
+    ),
+    None
+    if args.no_compile
+    else lambda plan: plan.verify(workload=workload.child, timeout=args.timeout),
+    families=("auto", *(f for f in families if f != "auto")),
+    progress=_progress(args),
+  )
+  if args.json:
+    print(json.dumps([r.to_dict() for r in rows], indent=1))
+  else:
+    print(f"{args.model} on up to {args.devices} {args.profile} devices, per device and step:")
+    print(bench_lib.table(rows))
   return 0
 
 
@@ -252,13 +284,14 @@ def _cmd_calibrate(args) -> int:
   return 0
 
 
-def _add_plan_arguments(p, model_nargs=None) -> None:
-  """The workload, device and search arguments shared by `plan`, `verify` and `explain`."""
+def _add_plan_arguments(p, model_nargs=None, strategy=True) -> None:
+  """The workload, device and search arguments shared by `plan`, `verify`, `explain` and
+  `bench` (which plans every strategy, so takes no --strategy)."""
   p.add_argument(
     "model",
     nargs=model_nargs,
     help="a built-in example (mlp, cnn, gpt-tiny, gpt2-small, gpt-7b, "
-    "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch)",
+    "alexnet, vgg16, ...) or module:function returning (loss_fn, params, batch[, optimizer])",
   )
   p.add_argument(
     "--devices",
@@ -270,12 +303,13 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
     "--profile", default="h100-sxm", help="device profile name or .json file (see `wapar profiles`)"
   )
   p.add_argument("--objective", choices=("time", "energy"), default="time")
-  p.add_argument(
-    "--strategy",
-    default="auto",
-    choices=STRATEGIES,
-    help="auto, or restrict to one family (for baselines)",
-  )
+  if strategy:
+    p.add_argument(
+      "--strategy",
+      default="auto",
+      choices=STRATEGIES,
+      help="auto, or restrict to one family (for baselines; `wapar bench` compares them all)",
+    )
   p.add_argument("--all-devices", action="store_true", help="only plans that use every device")
   p.add_argument(
     "--memory-headroom",
@@ -311,17 +345,33 @@ def _add_plan_arguments(p, model_nargs=None) -> None:
     help="bound planning time: past it the search stops and the best plan so far is kept, "
     "with a warning (tracing the step always finishes; default: no limit)",
   )
-  p.add_argument("--batch-size", type=int, help="override the example's global batch size")
-  p.add_argument("--seq-len", type=int, help="override the example's sequence length")
-  p.add_argument("--dtype", help="parameter/compute dtype of the example, e.g. bfloat16")
-  p.add_argument("--optimizer", default="adamw", choices=tuple(optimizers.OPTIMIZERS))
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    help="override the global batch size (module:function: passed as batch_size=)",
+  )
+  p.add_argument(
+    "--seq-len", type=int, help="override the sequence length (module:function: seq_len=)"
+  )
+  p.add_argument("--dtype", help="parameter/compute dtype, e.g. bfloat16 (module:function: dtype=)")
+  p.add_argument(
+    "--optimizer",
+    choices=tuple(optimizers.OPTIMIZERS),
+    help=f"default {workload_lib.DEFAULT_OPTIMIZER}, or the one module:function returns",
+  )
+  p.add_argument(
+    "--lr", type=float, help=f"--optimizer's learning rate (default {workload_lib.DEFAULT_LR})"
+  )
   p.add_argument("--no-cache", action="store_true", help="do not use the on-disk op-cost cache")
   p.add_argument(
     "--progress",
     action="store_true",
     help="progress bars on stderr even when it is not a terminal (never with --json)",
   )
+
+
+# `verify`'s and `bench`'s bound on a child process.
+_TIMEOUT = {"type": float, "default": 300.0, "help": "seconds a child-process compile may take"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,14 +401,31 @@ def build_parser() -> argparse.ArgumentParser:
     "virtual CPU devices: predicted vs compiled FLOPs, bytes, memory",
   )
   _add_plan_arguments(p)
-  p.add_argument(
-    "--timeout",
-    type=float,
-    default=300.0,
-    help="seconds a child-process compile may take (default 300)",
-  )
+  p.add_argument("--timeout", **_TIMEOUT)
   p.add_argument("--json", action="store_true", help="print the comparison as JSON")
   p.set_defaults(run=_cmd_verify)
+
+  p = sub.add_parser(
+    "bench",
+    help="the plan against every baseline family (dp, zero1, fsdp, tp, ...): predicted "
+    "and compiled step time and peak memory, as a table",
+    epilog=_BENCH_EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  _add_plan_arguments(p, strategy=False)
+  p.add_argument(
+    "--families",
+    nargs="+",
+    choices=STRATEGIES,
+    metavar="FAMILY",
+    help=f"the families to compare with auto (default all: {', '.join(STRATEGIES[1:])})",
+  )
+  p.add_argument(
+    "--no-compile", action="store_true", help="predictions only: compile no family's step"
+  )
+  p.add_argument("--timeout", **_TIMEOUT)
+  p.add_argument("--json", action="store_true", help="print the rows as JSON")
+  p.set_defaults(run=_cmd_bench)
 
   p = sub.add_parser(
     "explain",

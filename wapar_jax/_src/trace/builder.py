@@ -20,7 +20,7 @@ from wapar_jax._src.compat import scan_operand_counts
 from wapar_jax._src.gathers import GATHERED
 from wapar_jax._src.trace.dim_rules import dim_rules
 from wapar_jax._src.trace.graph import Op, TracedStep
-from wapar_jax._src.trace.source import source_line
+from wapar_jax._src.trace.source import UNKNOWN, source_line
 
 _Literal = jex.core.Literal
 
@@ -137,6 +137,8 @@ class _Builder:
     # each slice into / out of the stack in a kernel of its own. (op index, bytes moved per run).
     self.loop_copies: list[tuple[int, float]] = []
     self.stacked: set[int] = set()
+    # The researcher's line of the call or loop being walked (`source_line`'s `outer`).
+    self.outer_source = UNKNOWN
 
   def new_var(self, aval, def_pos) -> int:
     shape = tuple(int(d) for d in getattr(aval, "shape", ()))
@@ -168,20 +170,32 @@ class _Builder:
       env[outer_var] = inner_var_id
 
   def walk(self, jaxpr, env, mult, branch):
+    outer = self.outer_source
     for eqn in jaxpr.eqns:
       name = eqn.primitive.name
-      if name in _CALL_JAXPR_PARAM and _CALL_JAXPR_PARAM[name] in eqn.params:
-        self.inline_call(eqn, env, mult, branch)
-      elif name == "scan":
+      if name == GATHERED:
+        self.gathered_use(eqn, env, mult)
+        continue
+      region = (name in _CALL_JAXPR_PARAM and _CALL_JAXPR_PARAM[name] in eqn.params) or name in (
+        "scan",
+        "while",
+        "cond",
+      )
+      if not region:
+        self.leaf(eqn, env, mult, branch)
+        continue
+      # The equations inside are named by this line where their own tracebacks, cut short at
+      # a jit (jax.random's, jnp's), hold no frame of the researcher's.
+      self.outer_source = source_line(eqn, outer)
+      if name == "scan":
         self.scan(eqn, env, mult, branch)
       elif name == "while":
         self.while_loop(eqn, env, mult, branch)
       elif name == "cond":
         self.cond(eqn, env, mult)
-      elif name == GATHERED:
-        self.gathered_use(eqn, env, mult)
       else:
-        self.leaf(eqn, env, mult, branch)
+        self.inline_call(eqn, env, mult, branch)
+      self.outer_source = outer
 
   def nbytes(self, vid) -> float:
     return float(math.prod(self.var_shape[vid]) * self.var_itemsize[vid])
@@ -295,7 +309,7 @@ class _Builder:
     trips = _while_trip_count(eqn)
     if trips is None:
       warnings.warn(
-        f"while loop at {source_line(eqn)} has no static trip count; costed as 1 "
+        f"while loop at {self.outer_source} has no static trip count; costed as 1 "
         "iteration. Use lax.scan or a fori_loop with literal bounds for an exact cost.",
         stacklevel=4,
       )
@@ -380,7 +394,7 @@ class _Builder:
         branch=branch,
         reduce_dims=tuple((k, d) for k, d in rule.reduce_dims if in_ids[k] >= 0),
         gather_dims=tuple((k, d) for k, d in rule.gather_dims if in_ids[k] >= 0),
-        source=source_line(eqn),
+        source=source_line(eqn, self.outer_source),
       )
     )
     if eqn.primitive.name == "optimization_barrier":  # per-layer remat passes residuals through

@@ -317,6 +317,17 @@ def _along_one_axis(eqn, in_shapes, out_shapes):
   return _result(links, (), gather_dims)
 
 
+@register("bitcast_convert_type")
+def _bitcast_convert_type(eqn, in_shapes, out_shapes):
+  """Same shape when the widths are equal; a narrower result gains a trailing dim of the
+  widths' ratio, a wider one loses it: the leading dims line up, the trailing one stays whole."""
+  shared = min(len(in_shapes[0]), len(out_shapes[0]))
+  links = ((("i", 0, d), ("o", 0, d)) for d in range(shared))
+  # The input's trailing dim that a wider result folds away must be whole on each device.
+  whole = ((0, d) for d in range(shared, len(in_shapes[0])))
+  return _result(links, (), whole)
+
+
 @register("squeeze")
 def _squeeze(eqn, in_shapes, out_shapes):
   removed = {d % len(in_shapes[0]) for d in eqn.params["dimensions"]}

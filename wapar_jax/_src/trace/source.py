@@ -6,7 +6,6 @@ change between jax versions, kept here so a jax upgrade touches one function.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 
@@ -15,23 +14,29 @@ from jax._src import source_info_util
 _INSTALLED = re.compile(r"[/\\](site|dist)-packages[/\\]")
 # wapar_jax itself: its built-in examples are model code even when the package is installed.
 _OWN_PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UNKNOWN = "?"
 
 
-def source_line(eqn) -> str:
+def _is_researchers(line: str) -> bool:
+  return not _INSTALLED.search(line) or line.startswith(_OWN_PACKAGE)
+
+
+def source_line(eqn, outer: str = UNKNOWN) -> str:
   """The researcher's line that made `eqn`: the innermost frame outside jax and installed
-  libraries (flax, optax, ...), else the innermost outside jax."""
-  frames = source_info_util.user_frames(eqn.source_info.traceback)
-  first = next(frames, None)
-  if first is None:
-    return "?"
+  libraries (flax, optax, ...); else `outer`, the line of the call `eqn` is inside, when that is
+  the researcher's; else the innermost frame outside jax, else `outer`.
+
+  `outer` matters for jax's own jitted functions (jax.random's `bernoulli`, `jnp.where`): the
+  traceback of an equation inside a jit stops at the jit, so it holds jax frames only.
+  """
+  first = None
   # jax excludes only its own files and the standard library; in a virtualenv, site-packages
   # lies outside the latter, so a flax layer would be named instead of the model's line.
-  frame = next(
-    (
-      f
-      for f in itertools.chain([first], frames)
-      if not _INSTALLED.search(f.file_name) or f.file_name.startswith(_OWN_PACKAGE)
-    ),
-    first,
-  )
-  return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+  for f in source_info_util.user_frames(eqn.source_info.traceback):
+    line = f"{f.file_name}:{f.start_line} ({f.function_name})"
+    if _is_researchers(line):
+      return line
+    first = first or line
+  if first is None or (outer != UNKNOWN and _is_researchers(outer)):
+    return outer
+  return first

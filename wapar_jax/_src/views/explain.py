@@ -20,7 +20,11 @@ from jax.sharding import PartitionSpec as P
 from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.fmt import table as _table
 from wapar_jax._src.plan_details import BATCH
+from wapar_jax._src.search.sweep import divisors, in_sweep
 from wapar_jax._src.tree import path_keys, path_str
+
+# Skipped device counts named in a note; the rest are counted.
+_SKIPPED_SHOWN = 8
 
 
 def _spec_str(spec: P) -> str:
@@ -153,6 +157,54 @@ def _margin(c, best, objective: str) -> str:
   return "chosen" if c == best else f"{d * 100:+.1f}%"
 
 
+def _listed(counts) -> str:
+  shown = ", ".join(map(str, counts[:_SKIPPED_SHOWN]))
+  more = len(counts) - _SKIPPED_SHOWN
+  return shown + (f" and {more} more" if more > 0 else "")
+
+
+def skipped_counts(plan) -> str | None:
+  """Why device counts up to the offered one have no plan, as a sentence; None if all have.
+
+  The search (`search.sweep`) uses a count only as data x model degrees, the data degree
+  dividing the batch and the model degree a parameter dimension; past 64 devices it also
+  thins the counts out. The model degrees here are those of every parameter dimension, a
+  superset of the search's, so a count said not to split truly does not.
+  """
+  counts = {c.devices for c in plan.candidates}
+  n = plan.devices_offered
+  if 1 not in counts or plan.details is None:  # all_devices: one count was asked for
+    return None
+  batch = _batch_size(plan.details)
+  sizes = sorted({g.size for g in plan.details.groups if g.name != BATCH and g.param_bytes > 0})
+  data = [k for k in divisors(batch) if k <= n]
+  model = {t for size in sizes for t in divisors(size) if t <= n}
+  splits = {dp * tp for dp in data for tp in model if dp * tp <= n}
+  missing = [k for k in range(1, n + 1) if k not in counts]
+  thinned = [k for k in missing if not in_sweep(k, n, False)]
+  unsplit = [k for k in missing if k not in splits and k not in thinned]
+  other = [k for k in missing if k in splits and k not in thinned]
+  notes = []
+  if unsplit:
+    notes.append(
+      f"no plan on {_listed(unsplit)} devices: a count is used only as data x model, the data "
+      f"degree dividing the batch ({batch}) and the model degree a parameter dimension "
+      f"({', '.join(map(str, sizes[:6]))}{' ...' if len(sizes) > 6 else ''}); these split "
+      "neither way."
+    )
+  if thinned:
+    notes.append(
+      f"{_listed(thinned)} devices are not swept: above 64 only multiples of 8 up to 1024, "
+      "and beyond that 2^k times 1, 5/4, 3/2 or 7/4, each within 25% of the next."
+    )
+  if other:
+    notes.append(
+      f"no candidate kept on {_listed(other)} devices (the strategy asked for rules them out, "
+      "or the search stopped at max_seconds)."
+    )
+  return " ".join(notes) or None
+
+
 def param_groups(plan) -> list[tuple[str, int, tuple, str, P, float]]:
   """Parameter leaves grouped by (layer-pattern, shape, dtype, spec), largest first.
 
@@ -225,6 +277,9 @@ def _sections(plan, top: int) -> list[_Section]:
   unfit = sorted(k for k, x in per_count.items() if not x.fits)
   if unfit:
     why.append(f"no plan fits device memory on {unfit} devices.")
+  skipped = skipped_counts(plan)
+  if skipped:
+    why.append(skipped)
   why += _batch_note(plan, batch)
   sweep = tuple(
     (

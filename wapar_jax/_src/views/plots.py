@@ -10,12 +10,15 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import math
+import textwrap
 
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.tree import path_str
+from wapar_jax._src.views.explain import skipped_counts
 from wapar_jax.errors import InvalidArgumentError
 
 
@@ -41,27 +44,56 @@ def _batch_size(plan) -> int:
   return d.batch[0].shape[0] if d is not None and d.batch and d.batch[0].shape else 1
 
 
+def _runs(counts: list[int], skipped: set[int]) -> list[list[int]]:
+  """`counts` cut into runs with no skipped count between neighbours: one line per run, so no
+  segment suggests a figure for a count that has no plan."""
+  runs: list[list[int]] = []
+  for k in counts:
+    if runs and not any(runs[-1][-1] < s < k for s in skipped):
+      runs[-1].append(k)
+    else:
+      runs.append([k])
+  return runs
+
+
 def plot_sweep(plan):
-  """Step time and energy per sample of the best plan for every device count (the WAP curve)."""
+  """Step time and energy per sample of the best plan for every device count (the WAP curve).
+
+  Lines join only neighbouring counts with plans; the caption says why the others have none.
+  The legend sits above the axes, where it cannot cover a curve.
+  """
   Figure = _pyplot()
-  sweep = _per_count(plan)
+  sweep = {c.devices: c for c in _per_count(plan)}
   batch = _batch_size(plan)
-  x = [c.devices for c in sweep]
-  fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+  x = sorted(sweep)
+  skipped = set(range(1, plan.devices_offered + 1)) - set(x)
+  fig = Figure(figsize=(6.4, 4.4), layout="constrained")
   ax = fig.add_subplot()
-  ax.plot(x, [c.step_time * 1e3 for c in sweep], "o-", color="tab:blue", label="step time")
+  ax2 = ax.twinx()
+  for i, run in enumerate(_runs(x, skipped)):
+    first = i == 0  # one legend entry per curve
+    ax.plot(
+      run,
+      [sweep[k].step_time * 1e3 for k in run],
+      "o-",
+      color="tab:blue",
+      label="step time" if first else None,
+    )
+    ax2.plot(
+      run,
+      [sweep[k].energy / batch for k in run],
+      "s--",
+      color="tab:orange",
+      label="energy per sample" if first else None,
+    )
   ax.set_xlabel("devices")
   ax.set_ylabel("step time (ms)", color="tab:blue")
-  ax2 = ax.twinx()
-  ax2.plot(
-    x, [c.energy / batch for c in sweep], "s--", color="tab:orange", label="energy per sample"
-  )
   ax2.set_ylabel("energy per sample (J)", color="tab:orange")
-  unfit = [c for c in sweep if not c.fits]
+  unfit = [k for k in x if not sweep[k].fits]
   if unfit:
     ax.plot(
-      [c.devices for c in unfit],
-      [c.step_time * 1e3 for c in unfit],
+      unfit,
+      [sweep[k].step_time * 1e3 for k in unfit],
       "x",
       color="red",
       markersize=10,
@@ -70,27 +102,56 @@ def plot_sweep(plan):
   ax.axvline(plan.num_devices, color="gray", linestyle=":", label=f"chosen ({plan.num_devices})")
   ax.set_xticks(x)
   ax.set_title(f"{plan.profile}: best plan per device count ({plan.objective})")
-  handles = ax.get_legend_handles_labels()
+  handles, labels = ax.get_legend_handles_labels()
   more = ax2.get_legend_handles_labels()
-  ax.legend(handles[0] + more[0], handles[1] + more[1], loc="best", fontsize="small")
+  fig.legend(
+    handles + more[0],
+    labels + more[1],
+    loc="outside upper center",
+    ncols=4,
+    fontsize="small",
+    frameon=False,
+  )
+  note = skipped_counts(plan)
+  if note:
+    fig.supxlabel(textwrap.fill(note, 100), fontsize="x-small", ha="left", x=0.01)
   return fig
+
+
+def _candidate_labels(cands) -> list[str]:
+  """Mesh and strategy, and what else tells candidates apart (remat, micro-batches, pipeline
+  repeats and micro-batches); candidates alike in all of these are numbered."""
+  labels = []
+  for c in cands:
+    parts = ["x".join(f"{k[0]}{v}" for k, v in c.mesh_shape.items()), c.strategy]
+    if c.remat != "none":
+      parts.append(f"remat {c.remat}")
+    if c.microbatches > 1:
+      parts.append(f"{c.microbatches} micro")
+    if c.stages > 1:
+      parts.append(f"{c.repeats}r x {c.stage_microbatches}m")
+    labels.append("\n".join(parts))
+  alike = collections.Counter(labels)
+  seen: collections.Counter = collections.Counter()
+  for i, label in enumerate(labels):
+    if alike[label] > 1:  # they differ in what no label shows: which dims are split, say
+      seen[label] += 1
+      labels[i] = f"{label} #{seen[label]}"
+  return labels
 
 
 def plot_breakdown(plan, max_candidates: int = 12):
   """Compute and communication time per step of the kept candidates, as stacked bars."""
   Figure = _pyplot()
   cands = list(plan.candidates[:max_candidates])
-  fig = Figure(figsize=(max(6.4, 0.55 * len(cands) + 2), 4.0), layout="constrained")
+  fig = Figure(figsize=(max(6.4, 0.55 * len(cands) + 2), 4.4), layout="constrained")
   ax = fig.add_subplot()
   x = np.arange(len(cands))
   compute = np.array([c.compute_time for c in cands]) * 1e3
   comm = np.array([c.comm_time for c in cands]) * 1e3
   ax.bar(x, compute, label="compute", color="tab:blue")
   ax.bar(x, comm, bottom=compute, label="communication", color="tab:red")
-  labels = [
-    "x".join(f"{k[0]}{v}" for k, v in c.mesh_shape.items()) + f"\n{c.strategy}" for c in cands
-  ]
-  ax.set_xticks(x, labels, fontsize="x-small", rotation=60)
+  ax.set_xticks(x, _candidate_labels(cands), fontsize="x-small", rotation=60)
   ax.set_ylabel("time per step (ms)")
   ax.set_title("predicted step per candidate (best first)")
   for i, c in enumerate(cands):
