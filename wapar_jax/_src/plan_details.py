@@ -89,6 +89,14 @@ class PlanDetails:
   memory_bound_seconds: float
   unknown_primitives: tuple[str, ...] = ()
 
+  @property
+  def batch_size(self) -> int:
+    """Rows of the batch: the size of the first batch leaf's dim named "batch"."""
+    if not self.batch or not self.batch[0].shape:
+      return 1
+    leaf = self.batch[0]
+    return leaf.shape[leaf.dims.index(BATCH) if BATCH in leaf.dims else 0]
+
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     for leaf in d["params"] + d["batch"]:

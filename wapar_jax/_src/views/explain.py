@@ -175,7 +175,7 @@ def skipped_counts(plan) -> str | None:
   n = plan.devices_offered
   if 1 not in counts or plan.details is None:  # all_devices: one count was asked for
     return None
-  batch = _batch_size(plan.details)
+  batch = plan.details.batch_size
   sizes = sorted({g.size for g in plan.details.groups if g.name != BATCH and g.param_bytes > 0})
   data = [k for k in divisors(batch) if k <= n]
   model = {t for size in sizes for t in divisors(size) if t <= n}
@@ -223,14 +223,6 @@ def param_groups(plan) -> list[tuple[str, int, tuple, str, P, float]]:
   return out
 
 
-def _batch_size(details) -> int:
-  """Rows of the batch: the size of the dim named "batch" of its first leaf."""
-  if not details.batch or not details.batch[0].shape:
-    return 1
-  leaf = details.batch[0]
-  return leaf.shape[leaf.dims.index(BATCH) if BATCH in leaf.dims else 0]
-
-
 def _batch_note(plan, batch: int) -> list[str]:
   """Why the batch narrowed the plan, when it does not split over every device offered: a data
   axis must divide it, so other device counts need a model axis (or do not exist)."""
@@ -248,7 +240,7 @@ def _batch_note(plan, batch: int) -> list[str]:
 
 def _sections(plan, top: int) -> list[_Section]:
   p, c, d = plan.predicted, plan.chosen, plan.details
-  batch = _batch_size(d)
+  batch = d.batch_size
   per_count = {}
   for cand in plan.candidates:
     per_count.setdefault(cand.devices, cand)

@@ -40,8 +40,7 @@ def _per_count(plan):
 
 
 def _batch_size(plan) -> int:
-  d = plan.details
-  return d.batch[0].shape[0] if d is not None and d.batch and d.batch[0].shape else 1
+  return plan.details.batch_size if plan.details is not None else 1
 
 
 def _runs(counts: list[int], skipped: set[int]) -> list[list[int]]:
