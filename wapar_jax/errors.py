@@ -60,6 +60,11 @@ class PlanMismatchError(WaparError, ValueError):
   """A plan is applied to a parameter tree it was not made for."""
 
 
+class ExplicitAxesError(WaparError, ValueError):
+  """The plan's compute layout is applied where the mesh's axes are Explicit (sharding in
+  types): it is made of constraints for Auto axes."""
+
+
 class DonatedInputError(WaparError, RuntimeError):
   """An input of the train step was donated to an earlier call, so its buffers are gone."""
 

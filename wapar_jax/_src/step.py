@@ -215,6 +215,23 @@ def _split_microbatches(batch, k: int):
   return jax.tree.map(lambda x: split_rows(x, k), batch)
 
 
+def planned_loss(
+  loss_fn: Callable,
+  *,
+  remat: str = "none",
+  gather: Callable | None = None,
+  jaxpr_cache: dict | None = None,
+) -> Callable:
+  """`loss_fn` with `gather(i, x, dropped)` applied to parameter leaf i at each of its uses
+  (`gathers.at_use`) and the remat policy applied per layer: the loss the step differentiates."""
+  tag = "loss"
+  if gather is not None:
+    raw = lambda fn, params, batch: loss_jaxpr(fn, params, batch, jaxpr_cache)
+    loss_fn = gathers.at_use(loss_fn, gather, raw)
+    tag = "gathered"
+  return _with_remat(loss_fn, remat, jaxpr_cache, tag)
+
+
 def loss_and_grads(
   loss_fn: Callable,
   *,
@@ -228,13 +245,9 @@ def loss_and_grads(
   `gather(i, x)` applied to parameter leaf i at each of its uses (`gathers.at_use`), and
   `hold_grads(tree)` to the accumulated gradients after every micro-batch (ZeRO-2: the emitted
   step keeps them split as the optimizer state is)."""
-  tag = "loss"
-  if gather is not None:
-    raw = lambda fn, params, batch: loss_jaxpr(fn, params, batch, jaxpr_cache)
-    loss_fn = gathers.at_use(loss_fn, gather, raw)
-    tag = "gathered"
-  loss_fn = _with_remat(loss_fn, remat, jaxpr_cache, tag)
-  value_and_grad = jax.value_and_grad(loss_fn)
+  value_and_grad = jax.value_and_grad(
+    planned_loss(loss_fn, remat=remat, gather=gather, jaxpr_cache=jaxpr_cache)
+  )
   if microbatches == 1:
     return value_and_grad
   if not isinstance(microbatches, int) or microbatches < 1:

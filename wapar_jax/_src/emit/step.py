@@ -66,6 +66,20 @@ def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:
   return lambda params, batch: loss_fn(params, jax.lax.with_sharding_constraint(batch, split))
 
 
+def layout_levers(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs, grad_specs=None):
+  """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
+  when weights are gathered at use, the `gathers.at_use` hook (None if no weight is), and the
+  constraint keeping accumulated gradients split (None unless `grad_specs`)."""
+  hook = _gather_hook(mesh, param_specs)
+  if hook is not None:
+    loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
+  hold = None
+  if grad_specs is not None:
+    split = named(mesh, grad_specs)
+    hold = lambda grads: jax.lax.with_sharding_constraint(grads, split)  # noqa: E731
+  return loss_fn, hook, hold
+
+
 def sharded_train_step(
   loss_fn: Callable,
   optimizer: optax.GradientTransformation,
@@ -83,13 +97,7 @@ def sharded_train_step(
   (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state.
   `planned_batch` (abstract is enough) sets the batch size the step takes."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
-  hook = _gather_hook(mesh, param_specs)
-  if hook is not None:
-    loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
-  hold = None
-  if grad_specs is not None:
-    split = named(mesh, grad_specs)
-    hold = lambda grads: jax.lax.with_sharding_constraint(grads, split)  # noqa: E731
+  loss_fn, hook, hold = layout_levers(loss_fn, mesh, param_specs, batch_specs, grad_specs)
   step = make_train_step(
     loss_fn, optimizer, remat=remat, microbatches=microbatches, gather=hook, hold_grads=hold
   )
