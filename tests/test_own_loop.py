@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,6 +46,10 @@ def _case(name):
     all_devices=True,
   )
   return ex, plan
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
 
 
 def _counts(step, ex) -> dict:
@@ -167,7 +172,7 @@ def test_shardings_are_shaped_like_the_trees():
   assert jax.tree.structure(sh.params) == jax.tree.structure(params)
   assert jax.tree.structure(sh.opt_state) == jax.tree.structure(jax.eval_shape(TX.init, params))
   assert jax.tree.structure(sh.batch) == jax.tree.structure(ex.batch)
-  specs = jax.tree.leaves(plan.param_specs, is_leaf=lambda x: isinstance(x, P))
+  specs = jax.tree.leaves(plan.param_specs, is_leaf=_is_spec)
   assert [s.spec for s in jax.tree.leaves(sh.params)] == specs
   loaded = wap.Plan.from_json(plan.to_json())
   assert loaded.shardings(params=params, batch=ex.batch, optimizer=TX) == sh
@@ -176,3 +181,57 @@ def test_shardings_are_shaped_like_the_trees():
     loaded.shardings()
   with pytest.raises(wap.errors.PlanMismatchError, match="axes and sizes"):
     plan.shardings(jax.make_mesh((8,), ("data",)))
+
+
+class _Mlp(nnx.Module):
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(32, 128, rngs=rngs)
+    self.fc2 = nnx.Linear(128, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+def _mlp_loss(model, batch):
+  return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+_MLP_BATCH = {
+  "x": jax.ShapeDtypeStruct((16, 32), jnp.float32),
+  "y": jax.ShapeDtypeStruct((16, 4), jnp.float32),
+}
+
+
+@functools.cache
+def _nnx_plan():
+  model = nnx.eval_shape(lambda: _Mlp(nnx.Rngs(0)))
+  return wap.plan(
+    _mlp_loss, model, _MLP_BATCH, optimizer=TX, devices=8, profile="cpu", strategy="tp"
+  )
+
+
+def test_a_loaded_nnx_plan_has_the_fresh_plans_specs():
+  plan = _nnx_plan()
+  loaded = wap.Plan.from_json(plan.to_json())
+  assert loaded.param_specs == plan.param_specs
+  assert loaded.opt_state_param_specs == plan.opt_state_param_specs
+  assert loaded == plan
+  assert set(plan.param_specs["fc1"]) == {"kernel", "bias"}  # no Variable payload level
+  state = nnx.state(nnx.eval_shape(lambda: _Mlp(nnx.Rngs(0))), nnx.Param)
+  assert jax.tree.structure(plan.shardings().params) == jax.tree.structure(state)
+
+
+def test_annotate_puts_the_plan_on_the_model():
+  plan = _nnx_plan()
+  model = plan.annotate(_Mlp(nnx.Rngs(0)))
+  specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+  assert specs.to_pure_dict() == plan.param_specs
+  assert any(
+    s != P() for s in jax.tree.leaves(plan.param_specs, is_leaf=lambda x: isinstance(x, P))
+  )
+  # flax's own shardings from the metadata are the plan's.
+  mesh = plan.make_mesh()
+  named = nnx.get_named_sharding(nnx.state(model, nnx.Param), mesh)
+  assert jax.tree.leaves(named) == jax.tree.leaves(plan.shardings(mesh).params)
+  with pytest.raises(wap.errors.InvalidArgumentError, match="nnx.Module"):
+    plan.annotate({"w": jnp.zeros(3)})

@@ -16,12 +16,13 @@ from typing import Any
 
 import jax
 import optax
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import fit_check, optimizers, plan_file
 from wapar_jax._src import verify as verify_lib
 from wapar_jax._src.emit import mesh as mesh_lib
-from wapar_jax._src.emit import own_loop
+from wapar_jax._src.emit import nnx_metadata, own_loop
 from wapar_jax._src.emit import pipeline as pipeline_lib
 from wapar_jax._src.emit import shardings as shardings_lib
 from wapar_jax._src.emit import step as step_lib
@@ -468,6 +469,23 @@ class Plan:
       return fn(params, batch)
 
     return grads_of
+
+  def annotate(self, model):
+    """Puts the plan onto an NNX model as sharding metadata, in place: each `nnx.Param`'s
+    `out_sharding` (flax 0.12's name) set to its spec, so that flax's own tools read the plan.
+    Returns the model.
+
+    Example:
+      >>> model = plan.annotate(Model(nnx.Rngs(0)))
+      >>> nnx.get_partition_spec(nnx.state(model, nnx.Param))  # the plan's specs
+      >>> state = jax.device_put(nnx.state(model, nnx.Param), plan.shardings().params)
+    """
+    if not isinstance(model, nnx.Module):
+      raise InvalidArgumentError(
+        "plan.annotate takes an nnx.Module (a linen model's parameters carry no metadata: use "
+        f"plan.shardings().params). Got {type(model).__name__}."
+      )
+    return nnx_metadata.annotate(model, self._param_specs(nnx.state(model, nnx.Param)))
 
   def _planned_trees(self, params, batch):
     params = self._abstract_params if params is None else params

@@ -21,7 +21,7 @@ from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
 from wapar_jax._src.step import REMAT_CHOICES, has_layers
 from wapar_jax._src.trace import trace_train_step
-from wapar_jax._src.tree import abstract, leaf_paths, path_str, specs_like
+from wapar_jax._src.tree import abstract, leaf_paths, nest, path_str, specs_like
 from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError, NoFeasiblePlanError
 
 # Candidates kept on the Plan besides the best one per device count.
@@ -150,7 +150,8 @@ def plan(
   if not callable(loss_fn):
     raise InvalidArgumentError(f"loss_fn must be callable. Got {type(loss_fn).__name__}.")
   optimizer = optimizers.as_transformation(optimizer)
-  if inputs.is_nnx_module(params):
+  nnx_model = inputs.is_nnx_module(params)
+  if nnx_model:
     loss_fn, params = inputs.from_nnx(loss_fn, params)
   if not jax.tree.leaves(params):
     raise InvalidArgumentError("params has no array leaves: nothing to plan. Got an empty tree.")
@@ -342,11 +343,17 @@ def plan(
   flat_p = dict(zip(p_keys, p_specs))
   flat_o = dict(zip(p_keys, o_specs))
   flat_b = dict(zip(b_keys, b_specs))
+  # An NNX State's specs as plain nested dicts, as a plan loaded from JSON has them.
+  like_params = (
+    (lambda flat, what: nest(flat))
+    if nnx_model
+    else (lambda flat, what: specs_like(abstract_params, flat, what))
+  )
   return Plan(
     mesh_shape=best.mesh_shape,
-    param_specs=specs_like(abstract_params, flat_p, "parameter specs"),
+    param_specs=like_params(flat_p, "parameter specs"),
     batch_specs=specs_like(abstract_batch, flat_b, "batch specs"),
-    opt_state_param_specs=specs_like(abstract_params, flat_o, "optimizer-state specs"),
+    opt_state_param_specs=like_params(flat_o, "optimizer-state specs"),
     predicted=Prediction.of(best, budget),
     candidates=_kept(ranked),
     chosen=best,
