@@ -69,6 +69,14 @@ class DonatedInputError(WaparError, RuntimeError):
   """An input of the train step was donated to an earlier call, so its buffers are gone."""
 
 
+class MissingDependencyError(WaparError, ImportError):
+  """An optional dependency a feature needs (orbax-checkpoint for checkpoints) is not installed."""
+
+
+class CheckpointNotFoundError(WaparError, FileNotFoundError):
+  """The checkpoint asked for is not in the directory (or the directory has none)."""
+
+
 class CorruptPlanFileError(WaparError, ValueError):
   """A plan file cannot be parsed or has the wrong version."""
 

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import fit_check, optimizers, plan_file
 from wapar_jax._src import verify as verify_lib
+from wapar_jax._src.emit import checkpoint as checkpoint_lib
 from wapar_jax._src.emit import mesh as mesh_lib
 from wapar_jax._src.emit import nnx_metadata, own_loop
 from wapar_jax._src.emit import pipeline as pipeline_lib
@@ -389,12 +390,57 @@ class Plan:
     optimizer = optimizer or self._optimizer
     opt_specs = None
     if optimizer is not None:
-      optimizer = optimizers.as_transformation(optimizer)
-      opt_specs = shardings_lib.opt_state_specs(
-        optimizer, abstract(params), self._opt_param_specs(params)
-      )
+      opt_specs = self._opt_state_specs(optimizers.as_transformation(optimizer), params)
     mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
     return own_loop.shardings(mesh, self._param_specs(params), opt_specs, self._batch_specs(batch))
+
+  def _opt_state_specs(self, optimizer, params):
+    return shardings_lib.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
+
+  def save_checkpoint(self, directory, step: int, params, opt_state) -> bool:
+    """Writes params and optimizer state as checkpoint `step` with orbax-checkpoint.
+
+    `directory` is a path or an `orbax.checkpoint.CheckpointManager`, whose options then
+    apply (`save_interval_steps`, `max_to_keep`, asynchronous saves): pass it every step and it
+    saves every N-th (see docs/multihost.md). Returns whether a checkpoint was written. A
+    pipeline plan's stage storage is refused: its parameters are not in the user's tree.
+
+    Example:
+      >>> plan.save_checkpoint("/tmp/run", 100, params, opt_state)
+    """
+    self._refuse_pipeline("save_checkpoint")
+    return checkpoint_lib.save(directory, step, {"params": params, "opt_state": opt_state})
+
+  def restore_checkpoint(self, directory, step=None, *, optimizer=None, params=None, mesh=None):
+    """`(step, params, opt_state)` of checkpoint `step` (default: the latest) in `directory`
+    (a path or an orbax CheckpointManager), each array read straight into this plan's sharding.
+
+    The checkpoint may come from another plan of the same model (another mesh, strategy or
+    device count). `params` (abstract is enough; default: the planned tree) and `optimizer`
+    (default: the planned one) shape the trees, as `shardings` does.
+
+    Example:
+      >>> plan = wapar_jax.Plan.load("plan.json")
+      >>> step, params, opt_state = plan.restore_checkpoint("/tmp/run", params=params,
+      ...                                                   optimizer=optax.adamw(1e-3))
+    """
+    self._refuse_pipeline("restore_checkpoint")
+    optimizer = self._need_optimizer(optimizer)
+    params = self._abstract_params if params is None else params
+    if params is None:
+      raise InvalidArgumentError(
+        "a plan loaded from JSON needs the parameter tree to restore into: pass params= "
+        "(jax.ShapeDtypeStruct leaves are enough). Got params=None."
+      )
+    self.check_fits(params)
+    mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
+    like = {"params": abstract(params), "opt_state": jax.eval_shape(optimizer.init, params)}
+    shardings = {
+      "params": shardings_lib.named(mesh, self._param_specs(params)),
+      "opt_state": shardings_lib.named(mesh, self._opt_state_specs(optimizer, params)),
+    }
+    step, state = checkpoint_lib.restore(directory, step, shardings, like)
+    return step, state["params"], state["opt_state"]
 
   def constrain(self, loss_fn: Callable, mesh=None) -> Callable:
     """`loss_fn(params, batch)` laid out as the plan's step lays it out, to differentiate in
