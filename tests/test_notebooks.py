@@ -13,7 +13,7 @@ import time
 import pytest
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-NAMES = ("quickstart", "replace_rules", "how_many_devices")
+NAMES = ("quickstart", "replace_rules", "how_many_devices", "own_loop")
 # All notebooks together must stay under 90 s in CI; each gets a share with slack.
 TIMEOUT_S = 60
 

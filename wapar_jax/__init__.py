@@ -17,6 +17,7 @@ import importlib.metadata
 
 from wapar_jax import errors as errors
 from wapar_jax._src.calibrate import calibrate as calibrate
+from wapar_jax._src.emit.own_loop import Shardings as Shardings
 from wapar_jax._src.plan import Plan as Plan
 from wapar_jax._src.plan import Prediction as Prediction
 from wapar_jax._src.planner.api import plan as plan
@@ -37,6 +38,7 @@ __all__ = [
   "LinkTier",
   "Plan",
   "Prediction",
+  "Shardings",
   "Verification",
   "WaparError",
   "calibrate",

@@ -60,8 +60,21 @@ class PlanMismatchError(WaparError, ValueError):
   """A plan is applied to a parameter tree it was not made for."""
 
 
+class ExplicitAxesError(WaparError, ValueError):
+  """The plan's compute layout is applied where the mesh's axes are Explicit (sharding in
+  types): it is made of constraints for Auto axes."""
+
+
 class DonatedInputError(WaparError, RuntimeError):
   """An input of the train step was donated to an earlier call, so its buffers are gone."""
+
+
+class MissingDependencyError(WaparError, ImportError):
+  """An optional dependency a feature needs (orbax-checkpoint for checkpoints) is not installed."""
+
+
+class CheckpointNotFoundError(WaparError, FileNotFoundError):
+  """The checkpoint asked for is not in the directory (or the directory has none)."""
 
 
 class CorruptPlanFileError(WaparError, ValueError):

@@ -119,3 +119,9 @@ def spec_rows_first(spec: P, axis: int) -> P:
   entries = list(spec) + [None] * max(0, axis + 1 - len(spec))
   entries.insert(0, entries.pop(axis))
   return P(*entries)
+
+
+def specs_rows_first(batch_specs, axes: Sequence[int]):
+  """`spec_rows_first` over a tree of specs (flattened order matching `axes`)."""
+  flat, treedef = jax.tree.flatten(batch_specs, is_leaf=lambda x: isinstance(x, P))
+  return treedef.unflatten([spec_rows_first(s, a) for s, a in zip(flat, axes)])

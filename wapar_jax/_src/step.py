@@ -222,6 +222,23 @@ def _split_microbatches(batch, k: int):
   return jax.tree.map(lambda x: split_rows(x, k), batch)
 
 
+def planned_loss(
+  loss_fn: Callable,
+  *,
+  remat: str = "none",
+  gather: Callable | None = None,
+  jaxpr_cache: dict | None = None,
+) -> Callable:
+  """`loss_fn` with `gather(i, x, dropped)` applied to parameter leaf i at each of its uses
+  (`gathers.at_use`) and the remat policy applied per layer: the loss the step differentiates."""
+  tag = "loss"
+  if gather is not None:
+    raw = lambda fn, args: loss_program(fn, args, jaxpr_cache)
+    loss_fn = gathers.at_use(loss_fn, gather, raw)
+    tag = "gathered"
+  return _with_remat(loss_fn, remat, jaxpr_cache, tag)
+
+
 def loss_and_grads(
   loss_fn: Callable,
   *,
@@ -241,12 +258,7 @@ def loss_and_grads(
   batch statistics, PRNG keys) and this returns `(params, batch, state) -> ((loss, new state),
   grads)`; micro-batches see the state in turn, as consecutive steps would.
   """
-  tag = "loss"
-  if gather is not None:
-    raw = lambda fn, args: loss_program(fn, args, jaxpr_cache)
-    loss_fn = gathers.at_use(loss_fn, gather, raw)
-    tag = "gathered"
-  loss_fn = _with_remat(loss_fn, remat, jaxpr_cache, tag)
+  loss_fn = planned_loss(loss_fn, remat=remat, gather=gather, jaxpr_cache=jaxpr_cache)
   if with_state:
     return _accumulated(jax.value_and_grad(loss_fn, has_aux=True), microbatches, hold_grads)
   value_and_grad = jax.value_and_grad(loss_fn)

@@ -58,8 +58,24 @@ def specs_like(tree, flat_specs: Mapping[PathKeys, P], what: str):
   return jax.tree_util.tree_unflatten(treedef, [flat_specs[path_keys(p)] for p, _ in leaves])
 
 
+# The key an `nnx.Variable` holds its array under in a flattened `nnx.State`.
+NNX_PAYLOAD = "value"
+
+
+def nnx_payload_paths(paths) -> bool:
+  """Whether leaf paths are an NNX State's: every one a Variable's payload (".../value")."""
+  paths = list(paths)
+  return bool(paths) and all(len(k) > 1 and k[-1] == NNX_PAYLOAD for k in paths)
+
+
 def nest(flat: Mapping[PathKeys, Any]) -> dict:
-  """Nested dicts from leaf paths, for showing per-leaf values without the original tree."""
+  """Nested dicts from leaf paths, for showing per-leaf values without the original tree.
+
+  Paths of an NNX State lose their Variables' payload level, as `nnx.State.to_pure_dict()`
+  drops it: a plan made from an NNX model and the same plan loaded from JSON nest alike.
+  """
+  if nnx_payload_paths(flat):
+    flat = {keys[:-1]: value for keys, value in flat.items()}
   root: dict = {}
   for keys, value in flat.items():
     node = root

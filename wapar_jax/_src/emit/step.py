@@ -69,6 +69,20 @@ def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:
   )
 
 
+def layout_levers(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs, grad_specs=None):
+  """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
+  when weights are gathered at use, the `gathers.at_use` hook (None if no weight is), and the
+  constraint keeping accumulated gradients split (None unless `grad_specs`)."""
+  hook = _gather_hook(mesh, param_specs)
+  if hook is not None:
+    loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
+  hold = None
+  if grad_specs is not None:
+    split = named(mesh, grad_specs)
+    hold = lambda grads: jax.lax.with_sharding_constraint(grads, split)  # noqa: E731
+  return loss_fn, hook, hold
+
+
 def sharded_train_step(
   loss_fn: Callable,
   optimizer: optax.GradientTransformation,
@@ -92,20 +106,11 @@ def sharded_train_step(
   step takes the batch so and runs rows first (`batch_axes.rows_first`)."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   s_sh = () if state_specs is None else (named(mesh, state_specs),)
-  hook = _gather_hook(mesh, param_specs)
   rows_specs = batch_specs
   if batch_axes is not None:
     loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
-    flat, treedef = jax.tree.flatten(batch_specs, is_leaf=lambda x: isinstance(x, P))
-    rows_specs = treedef.unflatten(
-      [batch_axes_lib.spec_rows_first(s, a) for s, a in zip(flat, batch_axes)]
-    )
-  if hook is not None:
-    loss_fn = _batch_pinned(loss_fn, mesh, rows_specs)
-  hold = None
-  if grad_specs is not None:
-    split = named(mesh, grad_specs)
-    hold = lambda grads: jax.lax.with_sharding_constraint(grads, split)  # noqa: E731
+    rows_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
+  loss_fn, hook, hold = layout_levers(loss_fn, mesh, param_specs, rows_specs, grad_specs)
   step = make_train_step(
     loss_fn,
     optimizer,

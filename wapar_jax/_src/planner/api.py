@@ -23,7 +23,7 @@ from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
 from wapar_jax._src.step import REMAT_CHOICES, has_layers
 from wapar_jax._src.trace import trace_train_step
-from wapar_jax._src.tree import abstract, leaf_paths, path_str, specs_like
+from wapar_jax._src.tree import abstract, leaf_paths, nest, path_str, specs_like
 from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError, NoFeasiblePlanError
 
 # Candidates kept on the Plan besides the best one per device count.
@@ -165,7 +165,8 @@ def plan(
   if not callable(loss_fn):
     raise InvalidArgumentError(f"loss_fn must be callable. Got {type(loss_fn).__name__}.")
   optimizer = optimizers.as_transformation(optimizer)
-  if inputs.is_nnx_module(params):
+  nnx_model = inputs.is_nnx_module(params)
+  if nnx_model:
     if model_state is not None:
       raise InvalidArgumentError(
         "an NNX model carries its own state (everything but its nnx.Param variables is the "
@@ -381,11 +382,18 @@ def plan(
   flat_b = dict(zip(b_keys, b_specs))
   # Replicated: batch statistics and keys are small, and every device reads all of them.
   flat_s = {k: P() for k in leaf_paths(abstract_state)} if abstract_state is not None else {}
+  # An NNX State's specs as plain nested dicts, as a plan loaded from JSON has them.
+  like = lambda tree: (
+    (lambda flat, what: nest(flat))
+    if nnx_model
+    else (lambda flat, what: specs_like(tree, flat, what))
+  )
+  like_params = like(abstract_params)
   return Plan(
     mesh_shape=best.mesh_shape,
-    param_specs=specs_like(abstract_params, flat_p, "parameter specs"),
+    param_specs=like_params(flat_p, "parameter specs"),
     batch_specs=specs_like(abstract_batch, flat_b, "batch specs"),
-    opt_state_param_specs=specs_like(abstract_params, flat_o, "optimizer-state specs"),
+    opt_state_param_specs=like_params(flat_o, "optimizer-state specs"),
     predicted=Prediction.of(best, budget),
     candidates=_kept(ranked),
     chosen=best,
@@ -411,7 +419,7 @@ def plan(
     flat_opt_specs=flat_o,
     flat_batch_specs=flat_b,
     model_state_specs=(
-      None if abstract_state is None else specs_like(abstract_state, flat_s, "model-state specs")
+      None if abstract_state is None else like(abstract_state)(flat_s, "model-state specs")
     ),
     flat_model_state_specs=flat_s if abstract_state is not None else None,
     _loss_fn=loss_fn,
