@@ -9,7 +9,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "wapar_jax"
 MAX_LINES = 500
 # Imported inside functions on purpose: optional dependencies, loaded only when used.
-OPTIONAL = ("matplotlib", "cloudpickle", "scipy")
+OPTIONAL = ("matplotlib", "cloudpickle", "scipy", "orbax")
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -9,80 +9,28 @@ sharded train step. Plans from JSON carry no code: pass `loss_fn` and `optimizer
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import optax
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src import fit_check, optimizers, plan_file
+from wapar_jax._src import fit_check, optimizers, plan_json
 from wapar_jax._src import verify as verify_lib
-from wapar_jax._src.emit import checkpoint as checkpoint_lib
 from wapar_jax._src.emit import mesh as mesh_lib
-from wapar_jax._src.emit import nnx_metadata, own_loop
 from wapar_jax._src.emit import pipeline as pipeline_lib
 from wapar_jax._src.emit import shardings as shardings_lib
 from wapar_jax._src.emit import step as step_lib
-from wapar_jax._src.emit.own_loop import Shardings
 from wapar_jax._src.files import dumps_strict, write_text_atomic
-from wapar_jax._src.plan_details import PlanDetails
+from wapar_jax._src.plan_details import PlanDetails, Prediction
+from wapar_jax._src.plan_own_loop import OwnLoopMethods
 from wapar_jax._src.search.candidate import Candidate
-from wapar_jax._src.tree import abstract, leaf_paths, nest, path_keys, path_str, specs_like
+from wapar_jax._src.tree import abstract, leaf_paths, path_keys, path_str, specs_like
 from wapar_jax._src.views import explain as explain_lib
 from wapar_jax._src.views import export, plots
 from wapar_jax.errors import CorruptPlanFileError, InvalidArgumentError, PlanMismatchError
-
-# 2: adds "details" (leaf shapes and dtypes, dimension groups, hot spots). 3: predictions under
-# the rules of the profile's compiler only (the XLA:CPU figure is verify's). 4: adds "pipeline"
-# (the stage layout) and the candidates' stages, repeats and stage micro-batches. Older
-# versions are read too. 5: adds "model_state_specs" (a model's state the step carries) and
-# "batch_axes" (batch dims other than dim 0).
-PLAN_FORMAT_VERSION = 5
-_READABLE_VERSIONS = (1, 2, 3, 4, 5)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-  """Predicted cost of one train step, per device (energy: all used devices together)."""
-
-  step_time: float  # seconds
-  compute_time: float  # seconds
-  comm_time: float  # seconds
-  flops: float  # FLOPs per device
-  comm_bytes: float  # bytes sent per device
-  peak_memory: float  # bytes per device
-  energy: float  # joules per step, all used devices
-  memory_budget: float  # bytes per device the plan had to fit in
-
-  @classmethod
-  def of(cls, c: Candidate, memory_budget: float) -> Prediction:
-    return cls(
-      c.step_time,
-      c.compute_time,
-      c.comm_time,
-      c.flops,
-      c.comm_bytes,
-      c.peak_memory,
-      c.energy,
-      memory_budget,
-    )
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> Prediction:
-    """Reads the known fields; others (from other versions) are left out."""
-    return cls(**{f.name: float(d[f.name]) for f in dataclasses.fields(cls)})
-
-
-def _spec_to_json(spec: P) -> list:
-  return [list(e) if isinstance(e, tuple) else e for e in spec]
-
-
-def _spec_from_json(entries: list) -> P:
-  return P(*(tuple(e) if isinstance(e, list) else e for e in entries))
 
 
 def _specs_within_rank(tree, flat_specs, what: str):
@@ -106,7 +54,7 @@ def _is_spec(x) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(OwnLoopMethods):
   """A sharding plan for one train step on one kind of device.
 
   Attributes:
@@ -249,6 +197,16 @@ class Plan:
 
   def _batch_specs(self, batch):
     return _specs_within_rank(batch, self.flat_batch_specs, "batch specs")
+
+  def _model_state_specs(self, model_state=None):
+    """Specs shaped like `model_state` (default: the planned one; needed for a plan from JSON)."""
+    model_state = self._abstract_model_state if model_state is None else model_state
+    if model_state is None:
+      raise InvalidArgumentError(
+        "a plan with model state loaded from JSON needs the state's tree: pass model_state= "
+        "(jax.ShapeDtypeStruct leaves are enough). Got model_state = None."
+      )
+    return _specs_within_rank(model_state, self.flat_model_state_specs, "model-state specs")
 
   def shard(self, params, devices=None):
     """Copies concrete parameters (or any tree shaped like them) onto the plan's mesh.
@@ -425,221 +383,6 @@ class Plan:
       batch_axes=self._batch_axes(batch),
     )
 
-  # --- the user's own loop ---------------------------------------------------------------
-
-  def shardings(
-    self, mesh=None, *, optimizer=None, params=None, batch=None, model_state=None
-  ) -> Shardings:
-    """NamedShardings for params, optimizer state, batch and model state, for a hand-written
-    `jax.jit` step.
-
-    Each tree is shaped like the one it lays out: `params` / `batch` (abstract is enough;
-    default: the planned trees, needed for a plan loaded from JSON), the state
-    `optimizer.init(params)` returns (default optimizer: the planned one; None without one).
-    With `constrain` or `value_and_grad` in the loss, the step compiles to the plan's program.
-
-    Example:
-      >>> sh = plan.shardings()
-      >>> step = jax.jit(train_step, in_shardings=(sh.params, sh.opt_state, sh.batch),
-      ...                out_shardings=(sh.params, sh.opt_state, NamedSharding(sh.mesh, P())),
-      ...                donate_argnums=(0, 1))
-      >>> params = jax.device_put(params, sh.params)
-    """
-    self._refuse_pipeline("shardings")
-    params, batch = self._planned_trees(params, batch)
-    optimizer = optimizer or self._optimizer
-    opt_specs = None
-    if optimizer is not None:
-      opt_specs = self._opt_state_specs(optimizers.as_transformation(optimizer), params)
-    mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
-    state_specs = None
-    if self.flat_model_state_specs is not None:
-      state_specs = self._model_state_specs(model_state)
-    return own_loop.shardings(
-      mesh, self._param_specs(params), opt_specs, self._batch_specs(batch), state_specs
-    )
-
-  def _model_state_specs(self, model_state=None):
-    """Specs shaped like `model_state` (default: the planned one; needed for a plan from JSON)."""
-    model_state = self._abstract_model_state if model_state is None else model_state
-    if model_state is None:
-      raise InvalidArgumentError(
-        "a plan with model state loaded from JSON needs the state's tree: pass model_state= "
-        "(jax.ShapeDtypeStruct leaves are enough). Got model_state = None."
-      )
-    return _specs_within_rank(model_state, self.flat_model_state_specs, "model-state specs")
-
-  def _opt_state_specs(self, optimizer, params):
-    return shardings_lib.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
-
-  def save_checkpoint(self, directory, step: int, params, opt_state) -> bool:
-    """Writes params and optimizer state as checkpoint `step` with orbax-checkpoint.
-
-    `directory` is a path or an `orbax.checkpoint.CheckpointManager`, whose options then
-    apply (`save_interval_steps`, `max_to_keep`, asynchronous saves): pass it every step and it
-    saves every N-th (see docs/multihost.md). Returns whether a checkpoint was written. A
-    pipeline plan's stage storage is refused: its parameters are not in the user's tree.
-
-    Example:
-      >>> plan.save_checkpoint("/tmp/run", 100, params, opt_state)
-    """
-    self._refuse_pipeline("save_checkpoint")
-    return checkpoint_lib.save(directory, step, {"params": params, "opt_state": opt_state})
-
-  def restore_checkpoint(self, directory, step=None, *, optimizer=None, params=None, mesh=None):
-    """`(step, params, opt_state)` of checkpoint `step` (default: the latest) in `directory`
-    (a path or an orbax CheckpointManager), each array read straight into this plan's sharding.
-
-    The checkpoint may come from another plan of the same model (another mesh, strategy or
-    device count). `params` (abstract is enough; default: the planned tree) and `optimizer`
-    (default: the planned one) shape the trees, as `shardings` does.
-
-    Example:
-      >>> plan = wapar_jax.Plan.load("plan.json")
-      >>> step, params, opt_state = plan.restore_checkpoint("/tmp/run", params=params,
-      ...                                                   optimizer=optax.adamw(1e-3))
-    """
-    self._refuse_pipeline("restore_checkpoint")
-    optimizer = self._need_optimizer(optimizer)
-    params = self._abstract_params if params is None else params
-    if params is None:
-      raise InvalidArgumentError(
-        "a plan loaded from JSON needs the parameter tree to restore into: pass params= "
-        "(jax.ShapeDtypeStruct leaves are enough). Got params=None."
-      )
-    self.check_fits(params)
-    mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
-    like = {"params": abstract(params), "opt_state": jax.eval_shape(optimizer.init, params)}
-    shardings = {
-      "params": shardings_lib.named(mesh, self._param_specs(params)),
-      "opt_state": shardings_lib.named(mesh, self._opt_state_specs(optimizer, params)),
-    }
-    step, state = checkpoint_lib.restore(directory, step, shardings, like)
-    return step, state["params"], state["opt_state"]
-
-  def constrain(self, loss_fn: Callable, mesh=None) -> Callable:
-    """`loss_fn(params, batch)` laid out as the plan's step lays it out, to differentiate in
-    one's own step: each use of a weight stored split over the data axis (FSDP) constrained to
-    its gathered layout, a scanned layer's slice inside the scan, the batch held to its split,
-    and the plan's per-layer remat.
-
-    A constraint on the whole params tree at the top of the loss is another program: it
-    gathers a scanned stack of layers at once, and pins tied weights XLA would otherwise
-    reduce once. The plan's gradient accumulation (`plan.chosen.microbatches` > 1) is not part
-    of a loss: `value_and_grad` has it. `loss_fn(params, batch)` returns the scalar loss; with
-    model state, `loss_fn(params, batch, model_state) -> (loss, new_model_state)`.
-
-    The layout is constraints for Auto mesh axes. Under Explicit axes (`jax.make_mesh`'s
-    default on jax 0.10, with `jax.set_mesh`) run the whole step in Auto mode with
-    `jax.sharding.auto_axes`, else ExplicitAxesError: with sharding in types the optimizer's
-    update alone adds all-gathers the plan has not.
-
-    Example:
-      >>> loss = plan.constrain(loss_fn)
-      >>> def train_step(params, opt_state, batch):
-      ...   value, grads = jax.value_and_grad(loss)(params, batch)
-      ...   updates, opt_state = tx.update(grads, opt_state, params)
-      ...   return optax.apply_updates(params, updates), opt_state, value
-      >>> sh = plan.shardings()
-      >>> step = jax.jit(train_step, in_shardings=(sh.params, sh.opt_state, sh.batch),
-      ...                out_shardings=(sh.params, sh.opt_state, NamedSharding(sh.mesh, P())),
-      ...                donate_argnums=(0, 1))
-      >>> # Under an Explicit mesh: the same step, run in Auto mode.
-      >>> specs = jax.tree.map(lambda s: s.spec, (sh.params, sh.opt_state))
-      >>> auto_step = jax.sharding.auto_axes(train_step, out_sharding=(*specs, P()))
-    """
-    self._refuse_pipeline("constrain")
-    mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
-    remat = self.chosen.remat
-
-    def constrained(params, batch, *model_state):
-      own_loop.refuse_explicit("constrain", params, batch)
-      fn = own_loop.constrained_loss(
-        loss_fn, mesh, self._param_specs(params), self._batch_specs(batch), remat=remat
-      )
-      return fn(params, batch, *model_state)
-
-    return constrained
-
-  def value_and_grad(self, loss_fn: Callable, mesh=None) -> Callable:
-    """`jax.value_and_grad(loss_fn)` as the plan's step computes it: `constrain`'s layout plus
-    the plan's gradient accumulation over micro-batches (gradients kept split under ZeRO).
-
-    Example:
-      >>> grads_of = plan.value_and_grad(loss_fn)  # with model state:
-      >>> # (loss, model_state), grads = grads_of(params, batch, model_state)
-      >>> def train_step(params, opt_state, batch):
-      ...   loss, grads = grads_of(params, batch)
-      ...   updates, opt_state = tx.update(grads, opt_state, params)
-      ...   return optax.apply_updates(params, updates), opt_state, loss
-    """
-    self._refuse_pipeline("value_and_grad")
-    mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
-    chosen = self.chosen
-
-    def grads_of(params, batch, *model_state):
-      own_loop.refuse_explicit("value_and_grad", params, batch)
-      grad_specs = self._opt_param_specs(params) if chosen.storage != "replicated" else None
-      fn = own_loop.constrained_grads(
-        loss_fn,
-        mesh,
-        self._param_specs(params),
-        self._batch_specs(batch),
-        grad_specs,
-        remat=chosen.remat,
-        microbatches=chosen.microbatches,
-        with_state=bool(model_state),
-        batch_axes=self._batch_axes(batch),
-      )
-      return fn(params, batch, *model_state)
-
-    return grads_of
-
-  def annotate(self, model):
-    """Puts the plan onto an NNX model as sharding metadata, in place: each `nnx.Param`'s
-    `out_sharding` (flax 0.12's name) set to its spec, so that flax's own tools read the plan.
-    Returns the model.
-
-    Example:
-      >>> model = plan.annotate(Model(nnx.Rngs(0)))
-      >>> nnx.get_partition_spec(nnx.state(model, nnx.Param))  # the plan's specs
-      >>> state = jax.device_put(nnx.state(model, nnx.Param), plan.shardings().params)
-    """
-    if not isinstance(model, nnx.Module):
-      raise InvalidArgumentError(
-        "plan.annotate takes an nnx.Module (a linen model's parameters carry no metadata: use "
-        f"plan.shardings().params). Got {type(model).__name__}."
-      )
-    return nnx_metadata.annotate(model, self._param_specs(nnx.state(model, nnx.Param)))
-
-  def _planned_trees(self, params, batch):
-    params = self._abstract_params if params is None else params
-    batch = self._abstract_batch if batch is None else batch
-    if params is None or batch is None:
-      raise InvalidArgumentError(
-        "a plan loaded from JSON needs the trees it applies to: pass params= and batch= "
-        "(jax.ShapeDtypeStruct leaves are enough). Got params or batch = None."
-      )
-    self.check_fits(params, batch)
-    return params, batch
-
-  def _refuse_pipeline(self, what: str) -> None:
-    if self.pipeline is not None:
-      raise InvalidArgumentError(
-        f"plan.{what} is for a step written by hand, and a pipeline plan's step is a schedule "
-        "over stages that holds parameters stacked by stage: run it with plan.train_step(), "
-        f"or plan without a pipeline (stages=1). Got a plan of {self.chosen.stages} stages."
-      )
-
-  def _check_mesh(self, mesh):
-    """`mesh` if it has the plan's axes and sizes, else a PlanMismatchError."""
-    if dict(mesh.shape) != dict(self.mesh_shape):
-      raise PlanMismatchError(
-        f"the mesh must have the plan's axes and sizes {dict(self.mesh_shape)}: build it with "
-        f"plan.make_mesh() (or jax.make_mesh with those). Got {dict(mesh.shape)}."
-      )
-    return mesh
-
   def verify(self, devices=None, **kwargs):
     """Compiles the train step for the plan's mesh on CPU devices; prediction vs compiled.
 
@@ -657,101 +400,13 @@ class Plan:
   # --- files ------------------------------------------------------------------------------
 
   def to_json(self) -> str:
-    def flat(specs):
-      return [{"path": list(k), "spec": _spec_to_json(s)} for k, s in specs.items()]
-
-    data = {
-      "format": "wapar_jax.plan",
-      "version": PLAN_FORMAT_VERSION,
-      "mesh_shape": dict(self.mesh_shape),
-      "strategy": self.strategy,
-      "objective": self.objective,
-      "profile": self.profile,
-      "devices_offered": self.devices_offered,
-      "model_split": list(self.model_split),
-      "predicted": dataclasses.asdict(self.predicted),
-      "chosen": self.chosen.to_dict(),
-      "candidates": [c.to_dict() for c in self.candidates],
-      "stats": dict(self.stats),
-      "memory_decision": self.memory_decision,
-      "param_specs": flat(self.flat_param_specs),
-      "opt_state_param_specs": flat(self.flat_opt_specs),
-      "batch_specs": flat(self.flat_batch_specs),
-    }
-    if self.pipeline is not None:
-      data["pipeline"] = self.pipeline.to_dict()
-    if self.flat_model_state_specs is not None:
-      data["model_state_specs"] = flat(self.flat_model_state_specs)
-    if self.flat_batch_axes:
-      data["batch_axes"] = [{"path": list(k), "axis": a} for k, a in self.flat_batch_axes.items()]
-    if self.details is not None:
-      data["details"] = self.details.to_dict()
-    return dumps_strict(data, "the plan", indent=1)
+    return dumps_strict(plan_json.to_data(self), "the plan", indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> Plan:
     """The plan `to_json` wrote, every field checked for form and sense (`plan_file.checked`);
     fields this version does not know are ignored with a warning."""
-    try:
-      data = json.loads(text)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python reads
-      raise CorruptPlanFileError(
-        f"a plan file must be JSON written by Plan.to_json. Got {type(e).__name__}: {e}"
-      ) from e
-    if not isinstance(data, dict) or data.get("format") != "wapar_jax.plan":
-      raise CorruptPlanFileError(
-        'this is not a wapar_jax plan (no "format": "wapar_jax.plan"). '
-        f"Got keys {sorted(data)[:8] if isinstance(data, dict) else type(data).__name__}."
-      )
-    version = data.get("version")
-    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
-      raise CorruptPlanFileError(
-        f"plan file version {version!r} is not supported by this wapar_jax "
-        f"(reads versions {_READABLE_VERSIONS}); plan again. Got {version!r}."
-      )
-    data = plan_file.checked(data)
-
-    def flat(entries):
-      return {tuple(e["path"]): _spec_from_json(e["spec"]) for e in entries}
-
-    def candidate(d):
-      d = {k: v for k, v in d.items() if k != "mesh_shape"}  # derived from data, model, fsdp
-      d["model_groups"] = tuple(d["model_groups"])
-      d["cross_node_axes"] = tuple(d.get("cross_node_axes", ()))
-      return Candidate(**d)
-
-    params, opt, batch = (
-      flat(data[k]) for k in ("param_specs", "opt_state_param_specs", "batch_specs")
-    )
-    state = flat(data["model_state_specs"]) if "model_state_specs" in data else None
-    return cls(
-      mesh_shape=dict(data["mesh_shape"]),
-      param_specs=nest(params),
-      batch_specs=nest(batch),
-      opt_state_param_specs=nest(opt),
-      predicted=Prediction.from_dict(data["predicted"]),
-      candidates=tuple(candidate(c) for c in data["candidates"]),
-      chosen=candidate(data["chosen"]),
-      strategy=data["strategy"],
-      objective=data["objective"],
-      profile=data["profile"],
-      devices_offered=data["devices_offered"],
-      model_split=tuple(data["model_split"]),
-      stats=dict(data["stats"]),
-      memory_decision=data.get("memory_decision", ""),
-      flat_param_specs=params,
-      flat_opt_specs=opt,
-      flat_batch_specs=batch,
-      details=(PlanDetails.from_dict(data["details"]) if "details" in data else None),
-      pipeline=(
-        pipeline_lib.StageLayout.from_dict(data["pipeline"]) if "pipeline" in data else None
-      ),
-      model_state_specs=None if state is None else nest(state),
-      flat_model_state_specs=state,
-      flat_batch_axes=(
-        {tuple(e["path"]): e["axis"] for e in data["batch_axes"]} if "batch_axes" in data else None
-      ),
-    )
+    return cls(**plan_json.fields(text))
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the plan as JSON atomically: a reader never sees half a file, and a plan with a

@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 # Logical names of the batch dim and of a scanned layer dim.
 BATCH, LAYERS = "batch", "layers"
@@ -133,3 +135,36 @@ class PlanDetails:
       if g.name == name:
         return g
     raise KeyError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """Predicted cost of one train step, per device (energy: all used devices together)."""
+
+  step_time: float  # seconds
+  compute_time: float  # seconds
+  comm_time: float  # seconds
+  flops: float  # FLOPs per device
+  comm_bytes: float  # bytes sent per device
+  peak_memory: float  # bytes per device
+  energy: float  # joules per step, all used devices
+  memory_budget: float  # bytes per device the plan had to fit in
+
+  @classmethod
+  def of(cls, c, memory_budget: float) -> Prediction:
+    """The figures of a search `Candidate`."""
+    return cls(
+      c.step_time,
+      c.compute_time,
+      c.comm_time,
+      c.flops,
+      c.comm_bytes,
+      c.peak_memory,
+      c.energy,
+      memory_budget,
+    )
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> Prediction:
+    """Reads the known fields; others (from other versions) are left out."""
+    return cls(**{f.name: float(d[f.name]) for f in dataclasses.fields(cls)})
