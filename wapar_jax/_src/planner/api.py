@@ -208,6 +208,8 @@ def plan(
   budget = device_profile.memory_bytes * (1 - memory_headroom)
   timings = {"trace_seconds": 0.0, "cost_seconds": 0.0, "search_seconds": 0.0}
   jaxpr_cache: dict = {}
+  # One cost cache for every variant: without the disk (cache=False) each would cost anew.
+  cost_cache = CostCache(persist=cache)
   # Per variant searched: how much of its sweep was priced.
   coverage: dict[tuple[str, int], search.Searched] = {}
 
@@ -228,7 +230,7 @@ def plan(
     t_traced = time.perf_counter()
     costs = step_costs(
       traced,
-      CostCache(persist=cache),
+      cost_cache,
       progress=None if progress is None else (lambda keys: progress("cost analysis", keys)),
     )
     t_costed = time.perf_counter()
@@ -304,7 +306,7 @@ def plan(
         objective=objective,
         memory_headroom=memory_headroom,
         rules=rules,
-        cache=cache,
+        cost_cache=cost_cache,
       )
     timings["pipeline_seconds"] = time.perf_counter() - t_pipe
   staged = list(found.candidates) if found is not None else []

@@ -74,7 +74,7 @@ def search_pipelines(
   objective: str,
   memory_headroom: float,
   rules,
-  cache: bool,
+  cost_cache: CostCache,
 ) -> PipelineSearch | None:
   """Pipeline candidates on `base_ranked` (the whole step's candidates with per-layer remat),
   for the loss's stack `cut` (`cuttable_stack`)."""
@@ -87,7 +87,7 @@ def search_pipelines(
     traced, _ = trace_train_step(rest_loss, rest_params, batch, optimizer)
   except Exception:  # an optimizer tied to the whole tree's structure (multi_transform labels)
     return None
-  costs = step_costs(traced, CostCache(persist=cache))
+  costs = step_costs(traced, cost_cache)
   paths = [f"rest {k}" for k in rest_leaves]
   rest_space = search.build_space(traced, costs, paths, rules=rules)
   try:
