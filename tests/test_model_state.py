@@ -253,3 +253,36 @@ def test_micro_batches_carry_the_state_from_one_to_the_next():
     rtol=1e-4,
     atol=1e-6,
   )
+
+
+def test_a_checkpoint_keeps_the_model_state_and_the_run_resumes_as_it_was(tmp_path):
+  plan = wap.plan(
+    nnx_loss,
+    nnx.eval_shape(lambda: NnxNet(nnx.Rngs(0))),
+    BATCH,
+    optimizer=TX,
+    devices=4,
+    profile="cpu",
+    strategy="dp",
+    all_devices=True,
+  )
+  _, params, state = nnx.split(NnxNet(nnx.Rngs(0)), nnx.Param, ...)
+  step, batch = plan.train_step(), plan.shard_batch(BATCH)
+  params, state = plan.shard(params), plan.shard_model_state(state)
+  opt_state = plan.init_opt_state(params)
+  losses = []
+  for i in range(4):
+    if i == 2:
+      with pytest.raises(wap.errors.InvalidArgumentError, match="model_state="):
+        plan.save_checkpoint(tmp_path / "run", i, params, opt_state)
+      plan.save_checkpoint(tmp_path / "run", i, params, opt_state, state)
+    params, opt_state, loss, state = step(params, opt_state, batch, state)
+    losses.append(float(loss))
+  # A new process would do this: restore, then take the last two steps again.
+  start, params, opt_state, state = plan.restore_checkpoint(tmp_path / "run")
+  resumed = []
+  for _ in range(start, 4):
+    params, opt_state, loss, state = step(params, opt_state, batch, state)
+    resumed.append(float(loss))
+  assert start == 2
+  np.testing.assert_allclose(resumed, losses[2:], rtol=1e-6)

@@ -207,6 +207,9 @@ def test_stages_fixes_or_forbids_the_pipeline():
     wap.plan(ex.loss_fn, ex.params, ex.batch, stages=0, **kw)
   with pytest.raises(errors.InvalidArgumentError, match="no pipeline plan"):
     wap.plan(ex.loss_fn, ex.params, ex.batch, stages=3, **kw)
+  # Every device: the stages stand on plans for fewer devices, which all_devices leaves out.
+  every = wap.plan(ex.loss_fn, ex.params, ex.batch, strategy="pp", all_devices=True, **kw)
+  assert every.num_devices == 8 and every.chosen.stages > 1
 
 
 def test_a_pipeline_must_win_by_the_margin_its_model_can_tell():

@@ -61,7 +61,7 @@ _BENCH_EPILOG = """examples:
 A row per family: the mesh it plans, its predicted step time and peak memory and whether it
 fits, and, compiled for its mesh on virtual CPU devices, the step priced from the compiled
 module and the compiled peak. Each baseline family uses all --devices devices, as it would be
-run by hand (pp the count it finds); auto picks its own (all of them with --all-devices). A
+run by hand; auto picks its own (all of them with --all-devices). A
 family with no plan says why. * marks the planner's choice (auto, and any family that plans the
 same).
 """
@@ -222,11 +222,9 @@ def _cmd_bench(args) -> int:
   workload = _workload(args)
   families = args.families or STRATEGIES
   rows = bench_lib.bench(
-    # A baseline runs on every device offered, as one written by hand would; but "pp" is left
-    # its count, as the planner builds pipelines from plans on fewer devices, which
-    # all_devices=True removes (no pipeline plan would exist).
+    # A baseline runs on every device offered, as one written by hand would.
     lambda strategy: _make_plan(
-      args, workload, strategy, args.all_devices or strategy not in ("auto", "pp"), progress=False
+      args, workload, strategy, args.all_devices or strategy != "auto", progress=False
     ),
     None
     if args.no_compile

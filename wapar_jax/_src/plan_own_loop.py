@@ -60,8 +60,9 @@ class OwnLoopMethods:
   def _opt_state_specs(self, optimizer, params):
     return shardings_lib.opt_state_specs(optimizer, abstract(params), self._opt_param_specs(params))
 
-  def save_checkpoint(self, directory, step: int, params, opt_state) -> bool:
-    """Writes params and optimizer state as checkpoint `step` with orbax-checkpoint.
+  def save_checkpoint(self, directory, step: int, params, opt_state, model_state=None) -> bool:
+    """Writes params, optimizer state (and a model's state, for a plan with one) as checkpoint
+    `step` with orbax-checkpoint.
 
     `directory` is a path or an `orbax.checkpoint.CheckpointManager`, whose options then
     apply (`save_interval_steps`, `max_to_keep`, asynchronous saves): pass it every step and it
@@ -72,11 +73,23 @@ class OwnLoopMethods:
       >>> plan.save_checkpoint("/tmp/run", 100, params, opt_state)
     """
     self._refuse_pipeline("save_checkpoint")
-    return checkpoint_lib.save(directory, step, {"params": params, "opt_state": opt_state})
+    state = {"params": params, "opt_state": opt_state}
+    if self.flat_model_state_specs is not None:
+      if model_state is None:
+        raise InvalidArgumentError(
+          "this plan's model carries state (batch statistics, PRNG keys) that the run needs to "
+          "resume as it was: pass model_state= too. Got model_state=None."
+        )
+      state["model_state"] = model_state
+    return checkpoint_lib.save(directory, step, state)
 
-  def restore_checkpoint(self, directory, step=None, *, optimizer=None, params=None, mesh=None):
+  def restore_checkpoint(
+    self, directory, step=None, *, optimizer=None, params=None, mesh=None, model_state=None
+  ):
     """`(step, params, opt_state)` of checkpoint `step` (default: the latest) in `directory`
-    (a path or an orbax CheckpointManager), each array read straight into this plan's sharding.
+    (a path or an orbax CheckpointManager), each array read straight into this plan's sharding;
+    `(step, params, opt_state, model_state)` for a plan whose model carries state
+    (`model_state`, abstract is enough, shapes it for a plan loaded from JSON).
 
     The checkpoint may come from another plan of the same model (another mesh, strategy or
     device count). `params` (abstract is enough; default: the planned tree) and `optimizer`
@@ -102,7 +115,14 @@ class OwnLoopMethods:
       "params": shardings_lib.named(mesh, self._param_specs(params)),
       "opt_state": shardings_lib.named(mesh, self._opt_state_specs(optimizer, params)),
     }
+    if self.flat_model_state_specs is not None:
+      state_specs = self._model_state_specs(model_state)
+      model_state = self._abstract_model_state if model_state is None else model_state
+      like["model_state"] = abstract(model_state)
+      shardings["model_state"] = shardings_lib.named(mesh, state_specs)
     step, state = checkpoint_lib.restore(directory, step, shardings, like)
+    if "model_state" in state:
+      return step, state["params"], state["opt_state"], state["model_state"]
     return step, state["params"], state["opt_state"]
 
   def constrain(self, loss_fn: Callable, mesh=None) -> Callable:

@@ -294,12 +294,21 @@ def plan(
     cut = pipelines.cuttable_stack(loss_fn, abstract_params, abstract_batch)
     if cut is not None:
       stack_run = results.get(pipelines.STACK_VARIANT) or run(pipelines.STACK_VARIANT)
+      bases = stack_run[3]
+      if all_devices:  # S stages stand on plans for max_devices / S devices, which it left out
+        bases = search.search(
+          stack_run[2],
+          device_profile,
+          max_devices,
+          objective=objective,
+          memory_headroom=memory_headroom,
+        )
       found = pipelines.search_pipelines(
         cut,
         abstract_params,
         abstract_batch,
         optimizer,
-        stack_run[3],
+        bases,
         profile=device_profile,
         max_devices=max_devices,
         all_devices=all_devices,
