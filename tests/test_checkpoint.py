@@ -69,6 +69,7 @@ def _single_device_losses():
   return losses
 
 
+@pytest.mark.slow
 def test_a_restart_from_a_checkpoint_continues_the_run(tmp_path):
   plan = _plan("fsdp", 8)
   assert any("data" in s for s in jax.tree.leaves(plan.param_specs, is_leaf=_is_spec))

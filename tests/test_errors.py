@@ -42,6 +42,7 @@ def mlp_plan(mlp):
   )
 
 
+@pytest.mark.slow
 def test_model_that_fits_no_plan_names_largest_tensors_and_device_count():
   ex = examples.get_example("gpt-tiny")
   tiny = dataclasses.replace(wap.load_profile("cpu"), name="tiny-memory", memory_bytes=1e5)

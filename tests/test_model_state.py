@@ -255,6 +255,7 @@ def test_micro_batches_carry_the_state_from_one_to_the_next():
   )
 
 
+@pytest.mark.slow
 def test_a_checkpoint_keeps_the_model_state_and_the_run_resumes_as_it_was(tmp_path):
   plan = wap.plan(
     nnx_loss,

@@ -79,6 +79,7 @@ def test_pipeline_gives_the_single_device_loss_and_gradients(kind, stages, repea
   assert repeats * micro + stages - 1 in trips
 
 
+@pytest.mark.slow
 def test_storage_round_trip_and_circular_chunks():
   ex, params, _ = _inputs("linen")
   layout = pipeline.stage_layout(ex.loss_fn, ex.params, ex.batch, 2, 2, 2)
@@ -125,6 +126,7 @@ def test_the_loss_without_its_layers_passes_the_carry_on():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_plan_trains_like_one_device_and_saves():
   ex, params, batch = _inputs("scan", batch_size=16)
   tx = optax.adamw(1e-2)
@@ -172,6 +174,7 @@ def test_bubble():
   assert pipeline.bubble(8, 1, 32) == pytest.approx(7 / 39)
 
 
+@pytest.mark.slow
 def test_explain_and_maxtext_know_the_stage_axis():
   ex, _, _ = _inputs("linen", batch_size=16)
   plan = wap.plan(

@@ -54,6 +54,7 @@ def test_plan_is_frozen_data_shaped_like_the_inputs(gpt_tiny, tiny_plan):
   assert {c.devices for c in plan.candidates} >= {1, 2, 4, 8}
 
 
+@pytest.mark.slow
 def test_json_round_trip_and_training_from_a_loaded_plan(gpt_tiny, tiny_plan, tmp_path):
   path = tmp_path / "plan.json"
   tiny_plan.save(path)
@@ -239,6 +240,7 @@ def test_energy_objective_never_uses_more_energy_than_time_objective(gpt_tiny):
   assert by_time.predicted.step_time <= by_energy.predicted.step_time
 
 
+@pytest.mark.slow
 def test_sharded_init_matches_unsharded_init():
   ex = examples.get_example("mlp")
   plan = wap.plan(

@@ -228,6 +228,7 @@ def test_tp_collectives_are_over_the_model_axis(verified):
   assert v.compiled.comm_bytes == pytest.approx(v.predicted.comm_bytes, rel=0.1)
 
 
+@pytest.mark.slow
 def test_scanned_layers_are_counted_per_iteration():
   # XLA's cost analysis counts a while body once; verify adds the other iterations' matmuls.
   ex = examples.get_example("gpt-tiny-scan")

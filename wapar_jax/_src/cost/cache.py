@@ -33,6 +33,7 @@ _SCHEMA = (
 # What SQLite says of a file that is not (or no longer) a database of this shape; anything else
 # (locked past the timeout, a read-only or full disk) leaves the file alone.
 _UNUSABLE = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_ERROR})
+_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 def default_path() -> Path:
@@ -170,13 +171,20 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _connect_or_set_aside(path: Path) -> sqlite3.Connection:
-  try:
-    return _connect(path)
-  except sqlite3.DatabaseError as e:
-    if e.sqlite_errorcode not in _UNUSABLE:
-      raise
-    _set_aside(path, e)
-    return _connect(path)
+  # Switching a new file to WAL takes the database's exclusive lock without waiting on the busy
+  # timeout: a planner starting beside others retries, as a writer would wait.
+  deadline = time.monotonic() + BUSY_TIMEOUT_S
+  while True:
+    try:
+      return _connect(path)
+    except sqlite3.DatabaseError as e:
+      if e.sqlite_errorcode in _BUSY and time.monotonic() < deadline:
+        time.sleep(0.02)
+        continue
+      if e.sqlite_errorcode not in _UNUSABLE:
+        raise
+      _set_aside(path, e)
+      return _connect(path)
 
 
 @contextlib.contextmanager
