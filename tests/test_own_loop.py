@@ -129,7 +129,7 @@ def test_in_and_out_shardings_alone_give_another_program():
 @pytest.mark.parametrize("name", [pytest.param("fsdp", marks=pytest.mark.slow), "dp_tp"])
 def test_own_jit_under_an_explicit_mesh_compiles_to_the_plans_program(name):
   ex, plan = _case(name)
-  planned = _plan_counts(name)  # outside the context: there the plan's own step differs too
+  planned = _plan_counts(name)
   mesh = _explicit_mesh(plan)
   with jax.set_mesh(mesh):
     sh = plan.shardings(mesh)
@@ -142,6 +142,14 @@ def test_own_jit_under_an_explicit_mesh_compiles_to_the_plans_program(name):
       donate_argnums=(0, 1),
     )
     assert _counts(jitted, ex) == planned
+
+
+def test_the_plans_own_step_under_an_explicit_mesh_is_the_planned_program():
+  # The step traces in the plan's Auto mesh whatever mesh the caller has set.
+  ex, plan = _case("dp_tp")
+  with jax.set_mesh(_explicit_mesh(plan)):
+    inside = _counts(plan.train_step(), ex)
+  assert inside == _plan_counts("dp_tp")
 
 
 def test_the_layout_under_explicit_axes_is_refused_by_name():

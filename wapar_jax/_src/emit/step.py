@@ -3,6 +3,7 @@ behind checks of its inputs (`TrainStep`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -129,7 +130,7 @@ def sharded_train_step(
     out_shardings=(p_sh, o_sh, NamedSharding(mesh, P()), *s_sh),
     donate_argnums=(0, 1, 3) if s_sh else (0, 1),
   )
-  return TrainStep(jitted, (p_sh, o_sh, b_sh, *s_sh), planned_batch, batch_axes)
+  return TrainStep(jitted, (p_sh, o_sh, b_sh, *s_sh), planned_batch, batch_axes, mesh)
 
 
 _ARGS = ("params", "opt_state", "batch", "model_state")
@@ -174,14 +175,24 @@ class TrainStep:
   Everything else (`lower`, `trace`, ...) is the jitted function's.
   """
 
-  def __init__(self, jitted, shardings, planned_batch, batch_axes=None):
+  def __init__(self, jitted, shardings, planned_batch, batch_axes=None, mesh=None):
     self._jitted = jitted
+    self._mesh = mesh
     self._shardings = shardings
     self._batch_axes = batch_axes
     self._rows = _rows(planned_batch, batch_axes)
 
   def __getattr__(self, name):
-    return getattr(self._jitted, name)
+    attribute = getattr(self._jitted, name)
+    if not callable(attribute) or self._mesh is None:
+      return attribute
+
+    @functools.wraps(attribute)
+    def in_plan_mesh(*args, **kwargs):
+      with _plan_mesh(self._mesh):
+        return attribute(*args, **kwargs)
+
+    return in_plan_mesh
 
   def __call__(self, params, opt_state, batch, *model_state):
     args = (params, opt_state, batch, *model_state)
@@ -193,7 +204,8 @@ class TrainStep:
     if rows != self._rows and len(rows) == len(self._rows):  # another structure: jax's error
       raise _other_batch_size(batch, self._rows, self._batch_axes)
     try:
-      return self._jitted(*args)
+      with _plan_mesh(self._mesh):
+        return self._jitted(*args)
     except ValueError as e:  # jax checks the layouts before it runs (or donates) anything
       misplaced = _misplaced(args, self._shardings)
       if not misplaced:
@@ -205,6 +217,13 @@ class TrainStep:
         "(host and numpy arrays are taken as they are). "
         f"Got {len(misplaced)} leaves laid out otherwise: {'; '.join(misplaced[:3])}."
       ) from e
+
+
+def _plan_mesh(mesh):
+  """The plan's own (Auto) mesh as the context the step traces in: under a user's Explicit mesh
+  (`jax.set_mesh`, `jax.make_mesh`'s default axis types) jax would trace it with shardings in
+  its types, another program (gpt-tiny DP x TP: 70 all-gathers instead of 6 all-reduces)."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _wrong_arity(given: int, expected: int) -> InvalidArgumentError:
