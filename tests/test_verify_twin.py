@@ -63,6 +63,8 @@ def test_a_bf16_plan_on_cpu_is_checked_through_its_float32_twin(bf16_verified):
   assert "memory checked through the float32 twin" in table
   assert "peak memory, float32 twin" in table
   assert "see twin" in table
+  # XLA:CPU all-reduces the bf16 gradients in f32 too: the table says so.
+  assert "XLA:CPU also communicates in f32: 1 of 1 collectives" in table
 
 
 def test_twin_fields_survive_the_child_process_round_trip(bf16_verified):
@@ -183,3 +185,17 @@ def test_a_wrapped_async_collective_is_read_like_the_others():
     "collective-permute",
     "reduce-scatter",
   ]
+
+
+def test_the_gpu_child_compiles_only(monkeypatch):
+  from wapar_jax._src.verify import run
+
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  env = run._child_env(16, "gpu")
+  assert "JAX_PLATFORMS" not in env and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert "--xla_gpu_autotune_level=0" in env["XLA_FLAGS"]
+  assert "device_count" not in env["XLA_FLAGS"]
+  cpu = run._child_env(16, "cpu")
+  assert cpu["JAX_PLATFORMS"] == "cpu"
+  assert cpu["XLA_FLAGS"] == "--xla_force_host_platform_device_count=16"

@@ -291,8 +291,16 @@ class Verification:
         f"{short} compiled on XLA:CPU computes in f32 and keeps f32 temporaries: memory "
         f"checked through the {self.twin_dtype} twin (the same step with every {short} value "
         f"{self.twin_dtype}, compiled in {self.twin_compile_seconds:.2f} s, predicted under "
-        f"XLA:CPU's rules); the {short} compile's FLOPs and collectives stand as they are."
+        f"XLA:CPU's rules); the other figures are the {short} compile's."
       )
+      upcast = sum(1 for c in self.collectives if "f32[" in c.shape)
+      if upcast:
+        # XLA:CPU normalises bf16 reductions to f32 as it does dots: the bytes are not a GPU's.
+        lines.append(
+          f"XLA:CPU also communicates in f32: {upcast} of {len(self.collectives)} collectives "
+          f"carry f32 buffers, up to 2x the bytes a {short} step sends on a GPU; their number "
+          "and groups stand."
+        )
     if self.compiler == "xla:gpu":
       lines.append(
         f"GPU XLA scheduled {self.async_collectives} collective(s) as async start / done "
