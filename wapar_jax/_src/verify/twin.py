@@ -63,15 +63,25 @@ def float32_twin(loss_fn: Callable, args: Sequence) -> tuple[Callable, tuple]:
   """(the twin of `loss_fn`, its abstract arguments) for `loss_fn(*args)`.
 
   The twin takes `args` with each bf16 / f16 leaf float32 and computes in float32 where
-  `loss_fn` computed in low precision, with the same outputs' tree.
+  `loss_fn` computed in low precision, with the same outputs' tree. It traces `loss_fn` for
+  the shapes it is called with (a micro-batch, a pipeline stage's slice of the batch).
   """
   args = tuple(abstract(a) for a in args)
-  closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(*args)
-  out_tree = jax.tree.structure(out_shape)
+  leaves, treedef = jax.tree.flatten(args)
+  dtypes = [a.dtype for a in leaves]
+  programs = {}
 
   def twin(*twin_args):
-    outs = _run(closed.jaxpr, closed.consts, jax.tree.leaves(twin_args))
-    return jax.tree.unflatten(out_tree, outs)
+    flat = jax.tree.leaves(twin_args)
+    shapes = tuple(tuple(x.shape) for x in flat)
+    if shapes not in programs:
+      planned = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+      programs[shapes] = jax.make_jaxpr(loss_fn, return_shape=True)(
+        *jax.tree.unflatten(treedef, planned)
+      )
+    closed, out_shape = programs[shapes]
+    outs = _run(closed.jaxpr, closed.consts, flat)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return twin, tuple(twin_tree(a) for a in args)
 
