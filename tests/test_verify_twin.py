@@ -202,3 +202,17 @@ def test_the_gpu_child_compiles_only(monkeypatch):
   cpu = run._child_env(16, "cpu")
   assert cpu["JAX_PLATFORMS"] == "cpu"
   assert cpu["XLA_FLAGS"] == "--xla_force_host_platform_device_count=16"
+
+
+def test_a_twin_that_cannot_be_built_leaves_the_bf16_compile_and_a_note(bf16_verified, monkeypatch):
+  from wapar_jax._src.verify import run
+
+  def fails(loss_fn, args):
+    raise NotImplementedError("no twin rule for this_primitive")
+
+  monkeypatch.setattr(run, "float32_twin", fails)
+  plan, _ = bf16_verified
+  v = plan.verify()
+  assert (v.planned_dtype, v.twin_dtype, v.twin_memory) == ("bfloat16", "", None)
+  assert any("no float32 twin: NotImplementedError: no twin rule" in n for n in v.notes)
+  assert "see twin" not in v.table()
