@@ -4,10 +4,11 @@ XLA:CPU cannot emit bf16 or f16 dots: it upcasts them and keeps their temporarie
 so a bf16 step compiled on CPU devices takes about twice the memory a GPU compile does, and
 nothing in the planner's bf16 figures can be held against it. The float32 twin is a program
 XLA:CPU compiles as it is written. Casting the parameters alone would not make it: a Flax
-module with `dtype=bfloat16` casts them back inside the loss. So the loss is traced once and
-its equations bound again on float32 values, with every low-precision dtype in their
-parameters (`convert_element_type`'s `new_dtype`, a dot's `preferred_element_type`, ...) made
-float32; calls are inlined and loops / remat rebuilt around twin bodies.
+module with `dtype=bfloat16` casts them back inside the loss. So the loss is traced (for each
+set of shapes the twin is called with) and its equations bound again on float32 values, with
+every low-precision dtype in their parameters (`convert_element_type`'s `new_dtype`, a dot's
+`preferred_element_type`, ...) made float32; calls are inlined and loops / remat rebuilt around
+twin bodies.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from wapar_jax._src.tree import abstract
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 TWIN_DTYPE = jnp.dtype(jnp.float32)
 # Calls whose sub-jaxpr computes the outputs from the same inputs: inlined. A custom rule's
-# derivative is then XLA's own of the forward computation: same shapes, same buffers.
+# derivative is then JAX's own of the forward computation: the same shapes, near enough the
+# same buffers for a memory check.
 _INLINED = {
   "jit": "jaxpr",
   "pjit": "jaxpr",
