@@ -5,6 +5,8 @@
 #      (bfloat16), with the calibrated profile and the built-in datasheet profile.
 #   2. gpu_memory.py: every suite row compiled by GPU XLA for its mesh on mock devices
 #      (plans prepared on CPU with `python benchmarks/gpu_memory.py prepare`).
+#   3. verify_gpu.py: plan.verify(compiler="gpu") of a bf16 GPT-2-small plan (memory,
+#      collectives, async schedule), after the two above.
 # Both run at once: the compiles use CPU cores 4-15 and never run kernels on the GPU (no
 # autotuning), the timed steps use the GPU and cores 0-3.
 #
@@ -41,4 +43,5 @@ on_cores 0-3 timeout $((SECONDS_EACH + 100)) python3 benchmarks/timing.py --cali
   --datasheet "${DATASHEET:-$DEFAULT_SHEET}" --max-seconds "$SECONDS_EACH" > "$OUT/timing.log" 2>&1
 [ "$OUT" = "$R" ] || cp $R/timing_gpu.json $R/timing_gpu.md $R/calibrated_gpu.json "$OUT/"
 wait
-tail -n 3 "$OUT/timing.log" "$OUT/gpu_memory.log"
+on_cores 4-15 timeout 400 python3 benchmarks/verify_gpu.py "$OUT" > "$OUT/verify_gpu.log" 2>&1
+tail -n 3 "$OUT/timing.log" "$OUT/gpu_memory.log" "$OUT/verify_gpu.log"

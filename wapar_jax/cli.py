@@ -211,7 +211,9 @@ def _cmd_plan(args) -> int:
 def _cmd_verify(args) -> int:
   _use_cpu_devices(args.devices)
   workload = _workload(args)
-  result = _make_plan(args, workload).verify(workload=workload.child, timeout=args.timeout)
+  result = _make_plan(args, workload).verify(
+    workload=workload.child, timeout=args.timeout, compiler=args.compiler
+  )
   print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
   return 0
 
@@ -401,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
   _add_plan_arguments(p)
   p.add_argument("--timeout", **_TIMEOUT)
   p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+  p.add_argument(
+    "--compiler",
+    choices=("auto", "cpu", "gpu"),
+    default="auto",
+    help="cpu: XLA:CPU on virtual CPU devices (bf16 memory checked through a float32 twin); "
+    "gpu: GPU XLA on mock GPU devices, needs one GPU; auto: gpu where jax sees one",
+  )
   p.set_defaults(run=_cmd_verify)
 
   p = sub.add_parser(

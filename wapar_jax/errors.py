@@ -85,5 +85,9 @@ class NonFiniteValueError(WaparError, ValueError):
   """A value to be written as JSON (a plan's prediction, say) is NaN or infinite."""
 
 
+class NoGpuError(WaparError, RuntimeError):
+  """A GPU compile was asked for (``verify(compiler="gpu")``) where jax sees no GPU."""
+
+
 class VerificationFailedError(WaparError, RuntimeError):
   """Compiling the plan's step for verification failed, timed out, or cannot be arranged."""

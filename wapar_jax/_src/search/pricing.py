@@ -16,7 +16,7 @@ from wapar_jax._src.memory import liveness
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, MemoryCurves, data_divisors
 from wapar_jax._src.search.candidate import DATA, GATHERING, MODEL, Candidate, strategy_label
-from wapar_jax._src.search.space import FSDP_MIN_BYTES, SearchSpace
+from wapar_jax._src.search.space import SearchSpace
 
 
 def fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.ndarray:
@@ -25,7 +25,7 @@ def fsdp_shardable(space: SearchSpace, dp: int, groups: tuple[int, ...]) -> np.n
   loop = space.traced.loop_classes
   ok = np.zeros(len(space.param_dims), dtype=bool)
   for i, dims in enumerate(space.param_dims):
-    if space.param_bytes[i] < FSDP_MIN_BYTES:
+    if space.param_bytes[i] < space.fsdp_min_bytes:
       continue
     ok[i] = any(size % dp == 0 and c not in in_groups and c not in loop for c, size in dims)
   return ok
@@ -255,7 +255,7 @@ def price(
       zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
       add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
   opt_shard = np.where(
-    space.opt_weight & (space.opt_bytes >= FSDP_MIN_BYTES) & sharded_state, split, 1
+    space.opt_weight & (space.opt_bytes >= space.fsdp_min_bytes) & sharded_state, split, 1
   )
   opt_mem = float((space.opt_bytes / opt_div / opt_shard).sum())
 

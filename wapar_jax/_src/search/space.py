@@ -99,6 +99,9 @@ class SearchSpace:
   batch_reduce_rounds: int = 0
   remat: str = "none"
   microbatches: int = 1
+  # Parameters (and optimizer-state leaves) smaller than this stay whole under FSDP. A float32
+  # twin of a bf16 plan (verify) judges its leaves at the bf16 size, as the plan did.
+  fsdp_min_bytes: float = FSDP_MIN_BYTES
 
 
 def build_space(

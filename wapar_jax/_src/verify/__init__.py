@@ -10,9 +10,14 @@ A process whose jax already runs with too few CPU devices compiles in a child pr
 with `--xla_force_host_platform_device_count=N`. The child gets the plan as JSON and rebuilds
 the workload from a built-in example's name, or from a cloudpickle of the user's functions.
 
+A bf16 / f16 plan compiled on CPU devices is also compiled as its float32 twin (XLA:CPU
+computes bf16 in f32, so only the twin's memory can be held against a prediction); with
+`compiler="gpu"` the child compiles with GPU XLA on mock GPU devices instead.
+
 Modules, each importing only those before it: `results` (what is reported), `hlo` (reading
-the HLO text), `replica_groups`, `collectives`, `kernels`, `compiled` (a compiled step read
-whole), `run` (`verify` itself) and `child` (the child process's entry point).
+the HLO text), `replica_groups`, `collectives`, `kernels`, `schedule` (async collectives in a
+GPU schedule), `compiled` (a compiled step read whole), `twin` (a low-precision step's float32
+twin), `run` (`verify` itself) and `child` (the child process's entry point).
 """
 
 from wapar_jax._src.verify.compiled import CompiledStep as CompiledStep

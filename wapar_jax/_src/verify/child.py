@@ -1,6 +1,8 @@
 """The verify child process: `python -m wapar_jax._src.verify.child PARENT_PID`.
 
-Started by `verify` with enough virtual CPU devices for the plan's mesh. It reads the plan,
+Started by `verify` with enough virtual CPU devices for the plan's mesh, or, for
+`compiler="gpu"`, on a machine with a GPU that it presents as the plan's number of mock GPU
+devices (`mock_num_gpu_processes`, set before jax starts its backends). It reads the plan,
 profile and workload (a built-in example's name, or a cloudpickle of the user's loss,
 optimizer and trees) as JSON from stdin, compiles the step and writes the `Verification` as
 JSON, the last line of stdout. It dies with its parent: a compile nobody waits for is only lost
@@ -38,6 +40,9 @@ def main(argv: Sequence[str]) -> int:
   os.dup2(2, 1)  # what the user's code prints goes to stderr, so stdout carries the result only
   request = json.load(sys.stdin)
   plan = Plan.from_json(json.dumps(request["plan"]))
+  gpu = request.get("compiler") == "gpu"
+  if gpu:  # before anything asks jax for a device, which starts the backends
+    jax.config.update("mock_num_gpu_processes", plan.num_devices)
   profile = DeviceProfile.from_dict(request["profile"])
   if "workload" in request:
     w = request["workload"]
@@ -52,7 +57,7 @@ def main(argv: Sequence[str]) -> int:
     loss_fn, optimizer, params, batch, model_state = cloudpickle.loads(
       bytes.fromhex(request["pickled"])
     )
-  devices = jax.devices("cpu")[: plan.num_devices]
+  devices = (jax.devices() if gpu else jax.devices("cpu"))[: plan.num_devices]
   result = compile_and_analyse(
     plan,
     devices,

@@ -8,6 +8,7 @@ for the one plan checked, never for every candidate of the search.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -29,12 +30,15 @@ def peak_under(
   params=None,
   batch=None,
   model_state=None,
+  fsdp_min_bytes: float | None = None,
 ) -> float | None:
   """The chosen candidate's per-device peak under `rules`; None when the traced step's
   dimension groups are not the ones the plan was made with (another model), or for a pipeline
   plan.
 
   `loss_fn` ... `batch`: as for `Plan.train_step`, needed only for a plan loaded from JSON.
+  `fsdp_min_bytes`: the size below which FSDP keeps a leaf whole, where the step priced holds
+  its leaves at another size than the plan did (a float32 twin).
   """
   if plan.pipeline is not None:  # priced from two searches (planner.pipelines), not one step
     return None
@@ -61,6 +65,8 @@ def peak_under(
     remat=c.remat,
     microbatches=c.microbatches,
   )
+  if fsdp_min_bytes is not None:
+    space = dataclasses.replace(space, fsdp_min_bytes=fsdp_min_bytes)
   if any(g >= len(space.groups) for g in c.model_groups) or tuple(
     space.groups[g].label for g in c.model_groups
   ) != tuple(plan.model_split):

@@ -132,6 +132,16 @@ class Verification:
       XLA:CPU emitted them; `compiled.comm_time` prices them as GPU / TPU XLA would combine
       them (see `target_comm_time`).
     notes: anything that limits the comparison (unknown trip counts, missing analyses).
+    compiler: "xla:cpu" (virtual CPU devices) or "xla:gpu" (mock GPU devices).
+    planned_dtype: the plan's bf16 / f16 floats ("" for a float32 plan).
+    twin_dtype, twin_memory, twin_predicted_peak, twin_compile_seconds: a low-precision plan
+      compiled on CPU devices is also compiled as its float32 twin (the same program with
+      every bf16 / f16 value float32, `twin.float32_twin`): XLA:CPU computes bf16 in float32
+      and keeps float32 temporaries, so the bf16 compile's memory says nothing of the plan's.
+      `twin_predicted_peak` is the plan's candidate priced for the twin under XLA:CPU's rules
+      (0 when it could not be priced); `twin_dtype` is "" where no twin was compiled.
+    async_collectives, overlapped_collectives: on GPU XLA, the collectives scheduled as async
+      start / done pairs, and how many of them have kernels scheduled between the two.
   """
 
   mesh_shape: Mapping[str, int]
@@ -148,6 +158,26 @@ class Verification:
   child_process: bool
   notes: tuple[str, ...] = ()
   comm_time_as_emitted: float = 0.0
+  compiler: str = "xla:cpu"
+  planned_dtype: str = ""
+  twin_dtype: str = ""
+  twin_memory: MemoryBreakdown | None = None
+  twin_predicted_peak: float = 0.0
+  twin_compile_seconds: float = 0.0
+  async_collectives: int = 0
+  overlapped_collectives: int = 0
+
+  @property
+  def twin_peak_memory(self) -> float:
+    """The float32 twin's compiled peak per device (0 without a twin)."""
+    return self.twin_memory.peak if self.twin_memory is not None else 0.0
+
+  @property
+  def twin_peak_error(self) -> float | None:
+    """(twin predicted - twin compiled) / twin compiled; None without a priced twin."""
+    if not self.twin_dtype or not self.twin_predicted_peak:
+      return None
+    return relative_error(self.twin_predicted_peak, self.twin_peak_memory)
 
   @property
   def comm_bytes_scattered(self) -> float:
@@ -230,20 +260,52 @@ class Verification:
         names[f],
         fmt[f](getattr(self.predicted, f)),
         fmt[f](getattr(self.compiled, f)),
-        percent(errs[f]),
+        "see twin" if f == "peak_memory" and self.twin_dtype else percent(errs[f]),
       ]
       for f in FIGURES
     ]
+    if self.twin_dtype:
+      predicted = self.twin_predicted_peak
+      rows.append(
+        [
+          f"peak memory, {self.twin_dtype} twin",
+          human_bytes(predicted) if predicted else "-",
+          human_bytes(self.twin_peak_memory),
+          percent(self.twin_peak_error),
+        ]
+      )
     where = "child process" if self.child_process else "this process"
+    on = {"xla:cpu": "CPU", "xla:gpu": "mock GPU"}.get(self.compiler, self.compiler)
     lines = [
       f"verify: mesh {dict(self.mesh_shape)}, strategy {self.strategy}, priced on "
-      f"{self.profile}; compiled in {self.compile_seconds:.2f} s ({where}), "
-      f"verify {self.verify_seconds:.2f} s",
+      f"{self.profile}; compiled by {self.compiler} on {on} devices in "
+      f"{self.compile_seconds:.2f} s ({where}), verify {self.verify_seconds:.2f} s",
       "",
       "per device, per step:",
       text_table(["figure", "predicted", "compiled", "error"], rows),
       "",
     ]
+    if self.twin_dtype:
+      short = {"bfloat16": "bf16", "float16": "f16"}.get(self.planned_dtype, self.planned_dtype)
+      lines.append(
+        f"{short} compiled on XLA:CPU computes in f32 and keeps f32 temporaries: memory "
+        f"checked through the {self.twin_dtype} twin (the same step with every {short} value "
+        f"{self.twin_dtype}, compiled in {self.twin_compile_seconds:.2f} s, predicted under "
+        f"XLA:CPU's rules); the other figures are the {short} compile's."
+      )
+      upcast = sum(1 for c in self.collectives if "f32[" in c.shape)
+      if upcast:
+        # XLA:CPU normalises bf16 reductions to f32 as it does dots: the bytes are not a GPU's.
+        lines.append(
+          f"XLA:CPU also communicates in f32: {upcast} of {len(self.collectives)} collectives "
+          f"carry f32 buffers, up to 2x the bytes a {short} step sends on a GPU; their number "
+          "and groups stand."
+        )
+    if self.compiler == "xla:gpu":
+      lines.append(
+        f"GPU XLA scheduled {self.async_collectives} collective(s) as async start / done "
+        f"pairs; {self.overlapped_collectives} of them with kernels between start and done."
+      )
     if self.comm_time_as_emitted:
       lines.append(
         f"comm time prices the compiled collectives as GPU / TPU XLA combines them (30 MiB "
@@ -273,6 +335,13 @@ class Verification:
       f"{human_bytes(m.output)} - aliased {human_bytes(m.alias)} + temporaries "
       f"{human_bytes(m.temp)}"
     )
+    if self.twin_memory is not None:
+      t = self.twin_memory
+      lines.append(
+        f"{self.twin_dtype} twin compiled memory: arguments {human_bytes(t.argument)} + "
+        f"outputs {human_bytes(t.output)} - aliased {human_bytes(t.alias)} + temporaries "
+        f"{human_bytes(t.temp)}"
+      )
     summary = self.collective_summary()
     if summary:
       crows = [
@@ -323,11 +392,25 @@ class Verification:
       "child_process": self.child_process,
       "notes": list(self.notes),
       "comm_time_as_emitted": self.comm_time_as_emitted,
+      "compiler": self.compiler,
+      "planned_dtype": self.planned_dtype,
+      "twin_dtype": self.twin_dtype,
+      "twin_memory": None
+      if self.twin_memory is None
+      else dict(dataclasses.asdict(self.twin_memory), peak=self.twin_memory.peak),
+      "twin_predicted_peak": self.twin_predicted_peak,
+      "twin_peak_memory": self.twin_peak_memory,
+      "twin_peak_error": self.twin_peak_error,
+      "twin_compile_seconds": self.twin_compile_seconds,
+      "async_collectives": self.async_collectives,
+      "overlapped_collectives": self.overlapped_collectives,
     }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> Verification:
+    """Reads `to_dict`'s form back; fields added since a dict was written take defaults."""
     memory = {k: v for k, v in d["memory"].items() if k != "peak"}
+    twin = d.get("twin_memory")
     return cls(
       mesh_shape=dict(d["mesh_shape"]),
       strategy=d["strategy"],
@@ -343,4 +426,14 @@ class Verification:
       child_process=d["child_process"],
       notes=tuple(d.get("notes", ())),
       comm_time_as_emitted=d.get("comm_time_as_emitted", 0.0),
+      compiler=d.get("compiler", "xla:cpu"),
+      planned_dtype=d.get("planned_dtype", ""),
+      twin_dtype=d.get("twin_dtype", ""),
+      twin_memory=None
+      if twin is None
+      else MemoryBreakdown(**{k: v for k, v in twin.items() if k != "peak"}),
+      twin_predicted_peak=d.get("twin_predicted_peak", 0.0),
+      twin_compile_seconds=d.get("twin_compile_seconds", 0.0),
+      async_collectives=d.get("async_collectives", 0),
+      overlapped_collectives=d.get("overlapped_collectives", 0),
     )
