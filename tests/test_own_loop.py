@@ -152,6 +152,25 @@ def test_the_plans_own_step_under_an_explicit_mesh_is_the_planned_program():
   assert inside == _plan_counts("dp_tp")
 
 
+def test_planning_and_verifying_under_an_explicit_mesh_trace_the_single_device_step():
+  # Before: flax's and optax's reshards under the caller's mesh were refused as a sharded loss.
+  ex, plan = _case("dp_tp")
+  with jax.set_mesh(_explicit_mesh(plan)):
+    again = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      optimizer=TX,
+      devices=8,
+      profile=PROFILE,
+      strategy="dp_tp",
+      all_devices=True,
+    )
+    verified = again.verify()
+  assert again.chosen == plan.chosen
+  assert verified.compiled.flops == pytest.approx(plan.verify().compiled.flops)
+
+
 def test_the_layout_under_explicit_axes_is_refused_by_name():
   ex, plan = _case("fsdp")
   mesh = _explicit_mesh(plan)

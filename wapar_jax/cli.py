@@ -405,10 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print the comparison as JSON")
   p.add_argument(
     "--compiler",
-    choices=("auto", "cpu", "gpu"),
-    default="auto",
+    choices=("cpu", "gpu"),
+    default="cpu",
     help="cpu: XLA:CPU on virtual CPU devices (bf16 memory checked through a float32 twin); "
-    "gpu: GPU XLA on mock GPU devices, needs one GPU; auto: gpu where jax sees one",
+    "gpu: GPU XLA on mock GPU devices, needs one GPU",
   )
   p.set_defaults(run=_cmd_verify)
 

@@ -389,8 +389,8 @@ class Plan(OwnLoopMethods):
     Runs in a child process when this one has too few CPU devices. On CPU devices the
     predicted peak is this plan priced again under XLA:CPU's buffer rules (the plan's own
     figure is under its profile's compiler's), and a bf16 / f16 plan's memory is checked
-    through its float32 twin. Keyword arguments: `compiler` ("auto", "cpu", or "gpu": GPU
-    XLA on mock GPU devices, where a GPU exists), `profile` (to price the collectives with),
+    through its float32 twin. Keyword arguments: `compiler` ("cpu", the default, or "gpu":
+    GPU XLA on mock GPU devices, where a GPU exists), `profile` (to price the collectives with),
     `workload` (how a child process rebuilds a built-in example), `loss_fn`, `optimizer`,
     `params`, `batch` (for a plan loaded from JSON), `timeout`.
 

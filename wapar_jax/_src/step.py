@@ -18,6 +18,7 @@ Two memory levers are applied here, so the planner traces and costs exactly what
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -102,6 +103,19 @@ def _layer_remat(fn: Callable, policy) -> Callable:
 
   layer.defvjp(forward, backward)
   return layer
+
+
+def without_ambient_mesh(fn: Callable) -> Callable:
+  """`fn` run with no mesh set (`jax.set_mesh(None)`), whatever mesh the caller set: the planner
+  traces single-device code, and under an Explicit mesh (`jax.make_mesh`'s default axis types)
+  flax and optax trace shardings into the types, with `reshard`s the planner refuses."""
+
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with jax.set_mesh(None):
+      return fn(*args, **kwargs)
+
+  return run
 
 
 def free_vars(eqns) -> list:

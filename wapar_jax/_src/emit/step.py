@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import batch_axes as batch_axes_lib
@@ -220,10 +220,14 @@ class TrainStep:
 
 
 def _plan_mesh(mesh):
-  """The plan's own (Auto) mesh as the context the step traces in: under a user's Explicit mesh
-  (`jax.set_mesh`, `jax.make_mesh`'s default axis types) jax would trace it with shardings in
-  its types, another program (gpt-tiny DP x TP: 70 all-gathers instead of 6 all-reduces)."""
-  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  """The plan's own (Auto) mesh as the context the step traces in, where the caller has set an
+  Explicit one (`jax.set_mesh`, `jax.make_mesh`'s default axis types): jax would trace it with
+  shardings in its types, another program (gpt-tiny DP x TP: 70 all-gathers instead of 6
+  all-reduces). Elsewhere no mesh is set: with one, optax's update adds `reshard`s."""
+  ambient = jax.sharding.get_abstract_mesh()
+  if mesh is None or ambient.empty or AxisType.Explicit not in ambient.axis_types:
+    return contextlib.nullcontext()
+  return jax.set_mesh(mesh)
 
 
 def _wrong_arity(given: int, expected: int) -> InvalidArgumentError:

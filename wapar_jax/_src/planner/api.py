@@ -21,7 +21,7 @@ from wapar_jax._src.plan import Plan, Prediction
 from wapar_jax._src.planner import details, inputs, levers, pipelines
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
-from wapar_jax._src.step import REMAT_CHOICES, has_layers
+from wapar_jax._src.step import REMAT_CHOICES, has_layers, without_ambient_mesh
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import abstract, leaf_paths, nest, path_str, specs_like
 from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError, NoFeasiblePlanError
@@ -77,6 +77,7 @@ def _cyclic_gc_paused(fn: Callable) -> Callable:
   return paused
 
 
+@without_ambient_mesh
 @_cyclic_gc_paused
 def plan(
   loss_fn: Callable,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from wapar_jax._src.compilers import XLA_CPU
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search.space import FSDP_MIN_BYTES
+from wapar_jax._src.step import without_ambient_mesh
 from wapar_jax._src.tree import abstract
 from wapar_jax._src.verify import predicted_memory
 from wapar_jax._src.verify.compiled import memory_breakdown, read_compiled
@@ -46,7 +47,7 @@ DEFAULT_TIMEOUT_S = 300.0
 # forward pass back into the original one; GPU and TPU compile with the barriers in place.
 # Keeping the pass off makes the CPU module rematerialise as the target does (same results).
 TARGET_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
-COMPILERS = ("auto", "cpu", "gpu")
+COMPILERS = ("cpu", "gpu")
 
 
 def analyse_compiled(
@@ -243,6 +244,7 @@ def _profile_of(plan, profile) -> DeviceProfile:
   return load_profile(profile)
 
 
+@without_ambient_mesh
 def verify(
   plan,
   devices: Sequence[Any] | None = None,
@@ -254,7 +256,7 @@ def verify(
   params=None,
   batch=None,
   timeout: float = DEFAULT_TIMEOUT_S,
-  compiler: str = "auto",
+  compiler: str = "cpu",
 ) -> Verification:
   """Compiles the plan's train step for its mesh and compares with the plan.
 
@@ -271,8 +273,8 @@ def verify(
     compiler: "cpu" compiles with XLA:CPU on virtual CPU devices (a bf16 / f16 plan's memory
       is then checked through its float32 twin); "gpu" with GPU XLA on the plan's number of
       mock GPU devices in a child process (memory, collectives and the async schedule as a
-      GPU compiles them; needs one GPU); "auto" (default): "gpu" where jax sees a GPU and no
-      `devices` are passed, else "cpu".
+      GPU compiles them; needs one GPU). "cpu" is the default everywhere until the GPU path
+      has run on a real GPU: it is checked against hand-written GPU modules only.
 
   Returns:
     A frozen `Verification`.
@@ -288,8 +290,6 @@ def verify(
   needed = plan.num_devices
   if compiler not in COMPILERS:
     raise InvalidArgumentError(f"compiler must be one of {COMPILERS}. Got {compiler!r}.")
-  if compiler == "auto":
-    compiler = "gpu" if devices is None and _gpus() else "cpu"
   if compiler == "gpu":
     if devices is not None:
       raise InvalidArgumentError(
