@@ -4,7 +4,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -214,10 +213,9 @@ def test_moe_dispatch_matches_per_token_experts():
   assert 0 < served.sum() <= 2 * 4
 
 
-def test_gpt_7b_builds_fast():
-  start = time.perf_counter()
+def test_gpt_7b_builds_without_materialising_a_weight():
   ex = examples.get_example("gpt-7b")
-  assert time.perf_counter() - start < 2.0
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(ex.params))
   assert ex.batch["inputs"].shape == (8, 2048)
 
 

@@ -10,15 +10,8 @@ import os
 import sys
 
 import jax
+from rich import progress as rich_progress
 from rich.console import Console
-from rich.progress import (
-  BarColumn,
-  MofNCompleteColumn,
-  Progress,
-  SpinnerColumn,
-  TextColumn,
-  TimeElapsedColumn,
-)
 
 import wapar_jax as wap
 from wapar_jax._src import bench as bench_lib
@@ -124,12 +117,12 @@ def _progress(args):
 
   def bar(phase, items):
     items = list(items)
-    with Progress(
-      SpinnerColumn(),
-      TextColumn("{task.description:<14}"),
-      BarColumn(),
-      MofNCompleteColumn(),
-      TimeElapsedColumn(),
+    with rich_progress.Progress(
+      rich_progress.SpinnerColumn(),
+      rich_progress.TextColumn("{task.description:<14}"),
+      rich_progress.BarColumn(),
+      rich_progress.MofNCompleteColumn(),
+      rich_progress.TimeElapsedColumn(),
       console=console,
     ) as progress:
       task = progress.add_task(phase, total=len(items))
