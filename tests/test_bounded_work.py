@@ -96,17 +96,17 @@ def test_sweep_points_are_the_device_count_by_divisor_scan_it_replaces(tiny_spac
 @pytest.mark.slow
 def test_planning_a_million_devices_answers_in_seconds(gpt_tiny):
   # Before: every count's divisors by scanning 1..d, 125,000 counts: over 10 minutes.
-  t0 = time.perf_counter()
+  # Counted, not timed (timings under load are noise): the work is the device counts priced,
+  # which must not grow with the devices offered. benchmarks/plan_speed.py times it.
   plan = wap.plan(
     gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=10**6, cache=False
   )
-  assert time.perf_counter() - t0 < 10
-  assert plan.stats["search_seconds"] < 3
   small = wap.plan(
     gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=1024, cache=False
   )
   assert plan.chosen == small.chosen  # batch 96 splits no further than 1024 devices reach
   assert plan.stats["device_counts_in_sweep"] < 100
+  assert plan.stats["candidates_evaluated"] < 2 * small.stats["candidates_evaluated"]
 
 
 def test_a_past_deadline_prices_until_one_candidate_fits(tiny_space):
