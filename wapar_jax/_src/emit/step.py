@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import batch_axes as batch_axes_lib
+from wapar_jax._src.emit import sequence
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.tree import path_keys, path_str
@@ -97,19 +98,24 @@ def sharded_train_step(
   grad_specs=None,
   state_specs=None,
   batch_axes=None,
+  sequence_parallel: bool = False,
 ):
   """The jitted step with in/out shardings; params and opt state are donated. `grad_specs`
   (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state.
   `planned_batch` (abstract is enough) sets the batch size the step takes. `state_specs`: the
   loss carries a model's state (`make_train_step(with_state=True)`), laid out so and donated.
   `batch_axes`: the batch dim of each batch leaf (flattened order) where one is not dim 0; the
-  step takes the batch so and runs rows first (`batch_axes.rows_first`)."""
+  step takes the batch so and runs rows first (`batch_axes.rows_first`). `sequence_parallel`:
+  the activations outside the tensor-parallel regions split on the sequence over the model
+  axis (`sequence.sequence_split`)."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   s_sh = () if state_specs is None else (named(mesh, state_specs),)
   rows_specs = batch_specs
   if batch_axes is not None:
     loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
     rows_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
+  if sequence_parallel:
+    loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, rows_specs)
   loss_fn, hook, hold = layout_levers(loss_fn, mesh, param_specs, rows_specs, grad_specs)
   step = make_train_step(
     loss_fn,

@@ -56,6 +56,9 @@ class Candidate:
   stages: int = 1
   repeats: int = 1
   stage_microbatches: int = 1
+  # Megatron-style sequence parallelism: the activations outside the tensor-parallel regions
+  # split on the sequence over the model axis (only with model > 1).
+  sequence_parallel: bool = False
 
   @property
   def mesh_shape(self) -> dict[str, int]:
@@ -84,9 +87,14 @@ def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1) -> dict[str, in
   return kept or {DATA: 1}
 
 
-def strategy_label(dp: int, tp: int, storage: str, stages: int = 1) -> str:
+def strategy_label(
+  dp: int, tp: int, storage: str, stages: int = 1, sequence_parallel: bool = False
+) -> str:
   if stages > 1:
-    return "pp" if dp * tp == 1 else f"{strategy_label(dp, tp, storage)}+pp"
+    inner = strategy_label(dp, tp, storage, sequence_parallel=sequence_parallel)
+    return "pp" if dp * tp == 1 else f"{inner}+pp"
+  if sequence_parallel:
+    return f"{strategy_label(dp, tp, storage)}+sp"
   if dp * tp == 1:
     return "single"
   if tp == 1:

@@ -124,6 +124,7 @@ def price(
   groups: tuple[int, ...],
   storage: str,
   budget: float,
+  sequence_parallel: bool = False,
 ) -> Candidate | None:
   """The candidate's predicted time, traffic, energy and per-device memory, and whether it fits
   `budget` under every rule set of the space (the target compiler's, and any bounding it).
@@ -131,6 +132,11 @@ def price(
   Hybrid sharding ("hsdp") splits the state over the data axis's devices inside a node (the
   fsdp axis) and replicates it across nodes: None where the data axis does not span nodes with
   more than one device in each (it would be plain FSDP or data parallelism).
+
+  `sequence_parallel` (`agg` aggregated with it): each all-reduce over the model axis becomes
+  a reduce-scatter leaving the tensor-parallel region and an all-gather entering the next (the
+  same ring bytes and steps), and the weight gradients summed over the split tokens outside
+  the regions are all-reduced over the model axis.
   """
   d = dp * tp
   sharded_state = storage != "replicated"
@@ -192,13 +198,17 @@ def price(
   other_bytes = float(agg.red_data[0] @ model_scale)
   other_count = _combined(other_bytes) + max(space.batch_reduce_rounds - 1, 0)
   add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span)
-  add(
-    "all-reduce",
-    float(data_scale @ agg.red_model @ model_scale),
-    float(agg.red_model_n.sum()),
-    tp,
-    model_span,
-  )
+  model_kinds = ("reduce-scatter", "all-gather") if sequence_parallel else ("all-reduce",)
+  for kind in model_kinds:
+    add(
+      kind,
+      float(data_scale @ agg.red_model @ model_scale),
+      float(agg.red_model_n.sum()),
+      tp,
+      model_span,
+    )
+  # Weight gradients summed over the split tokens: independent, combined as the data axis's.
+  add("all-reduce", agg.sequence_partials, _combined(agg.sequence_partials), tp, model_span)
   add(
     "all-gather",
     float(agg.gather_data @ model_scale),
@@ -290,7 +300,7 @@ def price(
     model=tp,
     model_groups=tuple(groups),
     storage=storage,
-    strategy=strategy_label(dp, tp, storage),
+    strategy=strategy_label(dp, tp, storage, sequence_parallel=sequence_parallel),
     step_time=step_time,
     compute_time=compute_time,
     comm_time=comm_time,
@@ -306,4 +316,5 @@ def price(
     microbatches=space.microbatches,
     cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1),
     fsdp=fsdp,
+    sequence_parallel=sequence_parallel,
   )

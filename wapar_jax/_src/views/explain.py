@@ -31,6 +31,31 @@ def _spec_str(spec: P) -> str:
   return "P(" + ", ".join(repr(e) for e in spec) + ")"
 
 
+SEQUENCE_PARALLEL_NOTE = (
+  "sequence parallel: the activations outside the tensor-parallel regions (norms, residual "
+  "adds, embedding, logits) are split on the sequence over 'model'; each region is entered by "
+  "an all-gather and left by a reduce-scatter instead of an all-reduce"
+)
+
+
+def _without_sequence_parallel(plan) -> str:
+  """How the best candidate on the same mesh without sequence parallelism compares."""
+  c = plan.chosen
+  same = [
+    x
+    for x in plan.candidates
+    if not x.sequence_parallel and (x.data, x.model, x.storage) == (c.data, c.model, c.storage)
+  ]
+  if not same:
+    return ""
+  x = same[0]
+  return (
+    f"; without it ({x.strategy}): {human_seconds(x.step_time)} per step and "
+    f"{human_bytes(x.peak_memory)} peak, against {human_seconds(c.step_time)} and "
+    f"{human_bytes(c.peak_memory)}"
+  )
+
+
 def summary(plan, max_params: int = 12) -> str:
   """The chosen mesh, parameter specs, predicted costs and the device sweep, as text."""
   p = plan.predicted
@@ -40,6 +65,8 @@ def summary(plan, max_params: int = 12) -> str:
   ]
   if plan.model_split:
     lines.append("split on 'model': " + "; ".join(plan.model_split))
+  if plan.chosen.sequence_parallel:
+    lines.append(SEQUENCE_PARALLEL_NOTE)
   lines += [
     "",
     "predicted per step, per device:",
@@ -273,6 +300,8 @@ def _sections(plan, top: int) -> list[_Section]:
   if skipped:
     why.append(skipped)
   why += _batch_note(plan, batch)
+  if c.sequence_parallel:
+    why.append(SEQUENCE_PARALLEL_NOTE + _without_sequence_parallel(plan) + ".")
   sweep = tuple(
     (
       str(x.devices),
