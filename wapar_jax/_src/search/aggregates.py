@@ -51,9 +51,12 @@ class Aggregates:
   gathered_model: np.ndarray  # [K] bool: the gathered use (SearchSpace.gathered_var) is split
   param_model: np.ndarray  # [P] bool
   opt_model: np.ndarray  # [O] bool
-  # Bytes of the weight gradients partial over the model axis under sequence parallelism
-  # (summed over the sequence-split tokens outside the regions); 0 without it.
+  # Under sequence parallelism (0 without it): bytes of the weight gradients partial over the
+  # model axis (summed over the split tokens outside the regions), and bytes and count of the
+  # all-gathers of the sequence-split activations (and cotangents) entering the regions.
   sequence_partials: float = 0.0
+  sequence_gathers: float = 0.0
+  sequence_gathers_n: float = 0.0
 
 
 def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
@@ -171,6 +174,7 @@ def aggregate(
     param_model,
     space.opt_group[:, mask].any(axis=1),
     sequence_partials,
+    *_gather_totals(space, sequence_copies),
   )
 
 
@@ -219,6 +223,15 @@ def _memory_curves(
   return MemoryCurves(
     curves, int(np.argmax(curves[liveness.DATA_WEIGHT].sum(axis=0))), grad_curves, combine_curves
   )
+
+
+def _gather_totals(space: SearchSpace, copies) -> tuple[float, float]:
+  """(bytes, count) of the all-gathers that make `_gathered_copies`, per step."""
+  if copies is None:
+    return 0.0, 0.0
+  var, first, _ = copies
+  runs = space.costs.multiplicity[first]
+  return float((space.var_bytes[var] * runs).sum()), float(runs.sum())
 
 
 def _touches(space: SearchSpace, split: np.ndarray) -> np.ndarray:

@@ -134,9 +134,10 @@ def price(
   more than one device in each (it would be plain FSDP or data parallelism).
 
   `sequence_parallel` (`agg` aggregated with it): each all-reduce over the model axis becomes
-  a reduce-scatter leaving the tensor-parallel region and an all-gather entering the next (the
-  same ring bytes and steps), and the weight gradients summed over the split tokens outside
-  the regions are all-reduced over the model axis.
+  a reduce-scatter leaving the tensor-parallel region, each sequence-split activation a region
+  reads is all-gathered once (three partial sums leave a layer's q / k / v projections, one
+  input enters them), and the weight gradients summed over the split tokens outside the
+  regions are all-reduced over the model axis.
   """
   d = dp * tp
   sharded_state = storage != "replicated"
@@ -198,15 +199,15 @@ def price(
   other_bytes = float(agg.red_data[0] @ model_scale)
   other_count = _combined(other_bytes) + max(space.batch_reduce_rounds - 1, 0)
   add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span)
-  model_kinds = ("reduce-scatter", "all-gather") if sequence_parallel else ("all-reduce",)
-  for kind in model_kinds:
-    add(
-      kind,
-      float(data_scale @ agg.red_model @ model_scale),
-      float(agg.red_model_n.sum()),
-      tp,
-      model_span,
-    )
+  add(
+    "reduce-scatter" if sequence_parallel else "all-reduce",
+    float(data_scale @ agg.red_model @ model_scale),
+    float(agg.red_model_n.sum()),
+    tp,
+    model_span,
+  )
+  # Sequence parallelism: each activation (or cotangent) entering a region, gathered once.
+  add("all-gather", agg.sequence_gathers / dp, agg.sequence_gathers_n, tp, model_span)
   # Weight gradients summed over the split tokens: independent, combined as the data axis's.
   add("all-reduce", agg.sequence_partials, _combined(agg.sequence_partials), tp, model_span)
   add(
