@@ -37,8 +37,10 @@ def _axes(entry) -> tuple:
 
 
 def sequence_specs(closed, param_specs: list, batch_specs: list, n_state: int, model: int):
-  """{top-level equation index: the PartitionSpec its output is constrained to}: split on the
-  sequence outside the tensor-parallel regions, on the model-split class inside them.
+  """{id of an equation: the PartitionSpec its output is constrained to}: split on the
+  sequence outside the tensor-parallel regions, on the model-split class inside them. The
+  equations are the loss's own and those of the scans in it (a loop over layers), at any
+  depth; those inside other calls (jnp's jitted helpers, remat) are left to XLA.
 
   `param_specs` / `batch_specs`: one spec per leaf, in the order of the loss's inputs (params,
   batch, then `n_state` model-state leaves). The batch dim keeps its batch leaves' split; the
@@ -57,11 +59,9 @@ def sequence_specs(closed, param_specs: list, batch_specs: list, n_state: int, m
   batch_classes = {classes[v][0] for v in batch_leaves}
   sequence = {c for v in batch_leaves for c in classes[v][1:]} - batch_classes - model_split
   batch_entry = next((spec[0] for spec in batch_specs if len(spec)), None)
-  top = {id(e): k for k, e in enumerate(closed.jaxpr.eqns)}
   specs = {}
   for op in traced.ops:
-    k = top.get(id(op.eqn))
-    if k is None or len(op.out_vars) != 1:  # inside a call or loop: left to XLA
+    if len(op.out_vars) != 1:
       continue
     (out,) = op.out_vars
     dims, shape = classes[out], traced.var_shape[out]
@@ -78,7 +78,7 @@ def sequence_specs(closed, param_specs: list, batch_specs: list, n_state: int, m
       continue
     entries = [batch_entry if c in batch_classes else None for c in dims]
     entries[split] = MODEL
-    specs[k] = P(*entries)
+    specs[id(op.eqn)] = P(*entries)
   return specs
 
 
@@ -93,15 +93,33 @@ def sequence_split(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs) -> C
     closed, out_tree = loss_program(loss_fn, (params, batch, *state))
     n_state = len(jax.tree.leaves(state))
     specs = sequence_specs(closed, flat_params, flat_batch, n_state, model)
-    jaxpr = closed.jaxpr
-    env = dict(zip(jaxpr.constvars, closed.consts))
-    env.update(zip(jaxpr.invars, jax.tree.leaves((params, batch, *state))))
-    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
-    for k, eqn in enumerate(jaxpr.eqns):
-      outs = gathers.rebind(eqn, [read(v) for v in eqn.invars])
-      if k in specs:
-        outs = jax.lax.with_sharding_constraint(outs, NamedSharding(mesh, specs[k]))
-      env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
-    return jax.tree.unflatten(out_tree, [read(v) for v in jaxpr.outvars])
+    args = jax.tree.leaves((params, batch, *state))
+    outs = _evaluate(closed.jaxpr, closed.consts, args, specs, mesh)
+    return jax.tree.unflatten(out_tree, outs)
 
   return split
+
+
+def _evaluate(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:
+  """Evaluates `jaxpr` with the output of each equation in `specs` constrained to its spec,
+  inside the bodies of its scans too."""
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+  for eqn in jaxpr.eqns:
+    params = eqn.params
+    if eqn.primitive.name == "scan" and _constrains(params["jaxpr"].jaxpr, specs):
+      body = params["jaxpr"]
+      body_fn = lambda *xs, body=body: _evaluate(body.jaxpr, body.consts, xs, specs, mesh)
+      params = {**params, "jaxpr": jax.make_jaxpr(body_fn)(*[v.aval for v in body.jaxpr.invars])}
+    outs = gathers.rebind(eqn, [read(v) for v in eqn.invars], params)
+    if id(eqn) in specs:
+      outs = jax.lax.with_sharding_constraint(outs, NamedSharding(mesh, specs[id(eqn)]))
+    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _constrains(jaxpr, specs: dict) -> bool:
+  return any(id(e) in specs for e in jaxpr.eqns) or any(
+    _constrains(e.params["jaxpr"].jaxpr, specs) for e in jaxpr.eqns if e.primitive.name == "scan"
+  )

@@ -154,7 +154,8 @@ def plan(
       activations outside the tensor-parallel regions (norms, residual adds; found from the
       dimension classes) split on the sequence over the model axis, entering each region by an
       all-gather and leaving it by a reduce-scatter instead of an all-reduce. False (default):
-      never; True: wherever the model degree divides the sequence; None: searched.
+      never; True: every plan with a model axis has it (where the model degree divides the
+      sequence and the heads are split); None: searched beside tensor parallelism alone.
 
   Returns:
     A frozen `Plan`.

@@ -55,6 +55,7 @@ class Aggregates:
   # model axis (summed over the split tokens outside the regions), and bytes and count of the
   # all-gathers of the sequence-split activations (and cotangents) entering the regions.
   sequence_partials: float = 0.0
+  sequence_partials_n: float = 0.0  # launches beyond the combined ones: loop iterations
   sequence_gathers: float = 0.0
   sequence_gathers_n: float = 0.0
 
@@ -127,9 +128,13 @@ def aggregate(
   red_m_sink = space.red_group_sink[:, mask].any(axis=1)
   # Sums over the split tokens outside a region (the norms' and the embeddings' weight
   # gradients), each chain counted once where it is last combined.
-  sequence_partials = 0.0
+  sequence_partials, sequence_partials_n = 0.0, 0.0
   if sequence_parallel:
-    sequence_partials = float(weighted[space.red_sequence & (out_region == 0)].sum())
+    over_tokens = space.red_sequence & (out_region == 0)
+    sequence_partials = float(weighted[over_tokens].sum())
+    # Combined into one launch, but once per iteration of a loop over layers holding them.
+    looped = mult[over_tokens & (mult > 1)]
+    sequence_partials_n = float(looped.max()) if looped.size else 0.0
   red_model = summed(red_m, out_batch, out_region, weighted)
   red_model_n = summed(red_m_sink, out_batch, out_region, mult)
 
@@ -174,6 +179,7 @@ def aggregate(
     param_model,
     space.opt_group[:, mask].any(axis=1),
     sequence_partials,
+    sequence_partials_n,
     *_gather_totals(space, sequence_copies),
   )
 

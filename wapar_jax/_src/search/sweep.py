@@ -163,8 +163,9 @@ def search(
 def sequence_choices(space: SearchSpace, tp: int, groups, wanted: bool | None) -> tuple:
   """Whether a (tp, groups) point is priced without and / or with sequence parallelism: with
   it only on a model axis that splits the sequence evenly and leaves its class free, and whose
-  regions hold the attention scores (`SearchSpace.sequence_pairs`); `wanted` True forces it
-  there, False never, None searches both."""
+  regions hold the attention scores (`SearchSpace.sequence_pairs`). `wanted` None searches
+  both, False never SP, True only SP on a model axis: a point where it is not possible is not
+  priced (a plan without a model axis still is)."""
   possible = (
     tp > 1
     and space.sequence_size % tp == 0
@@ -172,9 +173,9 @@ def sequence_choices(space: SearchSpace, tp: int, groups, wanted: bool | None) -
     and not space.sequence_groups & set(groups)
     and bool(space.sequence_pairs[:, list(groups)].any(axis=1).all())
   )
-  if not possible or wanted is False:
-    return (False,)
-  return (True,) if wanted else (False, True)
+  if wanted and tp > 1:
+    return (True,) if possible else ()
+  return (False, True) if possible and wanted is None else (False,)
 
 
 def search_until(
