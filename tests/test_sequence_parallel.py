@@ -11,6 +11,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import wapar_jax as wap
+from wapar_jax import examples
 from wapar_jax._src import compilers, verify
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.emit import sequence
@@ -222,10 +223,7 @@ def test_sequence_parallel_inside_a_scan_over_layers_matches_the_single_device_r
 
 
 def test_sequence_parallelism_needs_a_degree_dividing_the_sequence_and_the_heads_split(gpt):
-  traced, _ = trace_train_step(gpt.loss_fn, gpt.params, gpt.batch, TX)
-  costs = step_costs(traced, CostCache(persist=False))
-  paths = [path_str(k) for k in leaf_paths(gpt.params)]
-  space = build_space(traced, costs, paths, rules=compilers.REGISTRY["xla:cpu"])
+  space = _space(gpt)
   assert space.sequence_size == 32
   # The heads' group holds every attention score tensor [B, H, T, T]; the MLP's holds none.
   heads = next(g for g in range(len(space.groups)) if space.sequence_pairs[:, g].all())
@@ -239,6 +237,19 @@ def test_sequence_parallelism_needs_a_degree_dividing_the_sequence_and_the_heads
   assert sequence_choices(space, 4, (mlp,), None) == (False,)
   assert sequence_choices(space, 4, (mlp,), True) == ()  # forced: not priced there
   assert sequence_choices(space, 1, (), True) == (False,)
+
+
+def test_an_mlp_has_no_sequence_its_input_features_are_a_weight_dim():
+  space = _space(examples.get_example("mlp"))
+  assert space.sequence_size == 0 and not space.var_sequence.any()
+  assert sequence_choices(space, 2, (0,), None) == (False,)
+
+
+def _space(ex):
+  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
+  costs = step_costs(traced, CostCache(persist=False))
+  paths = [path_str(k) for k in leaf_paths(ex.params)]
+  return build_space(traced, costs, paths, rules=compilers.REGISTRY["xla:cpu"])
 
 
 def test_plan_refuses_a_sequence_parallel_that_is_not_a_choice(gpt):

@@ -7,11 +7,12 @@ tensor-parallel region is entered by an all-gather and left by a reduce-scatter 
 bytes as the all-reduce) and the activations outside the regions take 1/tp of the memory.
 
 No names are read: the loss is traced on its own, and an equation's output is split on the
-sequence when its dims hold the batch class, a sequence class (a non-batch dim of a batch leaf:
-the T of `tokens [B, T]`) and no class the plan splits on the model axis (a TP region's heads
-or MLP hidden); an output with the batch class and a model-split class (inside a region) is
-held to its split on that class. XLA then gathers each region's input and reduce-scatters its
-output, since the neighbours on both sides are constrained.
+sequence when its dims hold the batch class, a sequence class (a non-batch dim of a batch leaf
+that no weight has: the T of `tokens [B, T]`, not an MLP's input features) and no class the
+plan splits on the model axis (a TP region's heads or MLP hidden); an output with the batch
+class and a model-split class (inside a region) is held to its split on that class. XLA then
+gathers each region's input and reduce-scatters its output, since the neighbours on both sides
+are constrained.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def sequence_specs(closed, param_specs: list, batch_specs: list, n_state: int, m
   }
   batch_leaves = [v for v in traced.batch_vars if classes[v]]
   batch_classes = {classes[v][0] for v in batch_leaves}
-  sequence = {c for v in batch_leaves for c in classes[v][1:]} - batch_classes - model_split
+  weight_classes = {c for v in traced.param_vars for c in classes[v]}
+  sequence = {c for v in batch_leaves for c in classes[v][1:]} - batch_classes - weight_classes
   batch_entry = next((spec[0] for spec in batch_specs if len(spec)), None)
   specs = {}
   for op in traced.ops:

@@ -100,10 +100,9 @@ class SearchSpace:
   remat: str = "none"
   microbatches: int = 1
   # Sequence parallelism: [V] bool, the activations it splits on the sequence over the model
-  # axis (a batch class and a sequence class: a non-batch dim of a batch leaf, the T of
-  # `tokens [B, T]`); the groups holding a sequence class (SP is off where one is model-split);
-  # and the gcd of the sequence dims' sizes (0: no sequence dim), which the model degree must
-  # divide.
+  # axis (a batch class and a sequence class: a non-batch dim of a batch leaf that no weight
+  # has, the T of `tokens [B, T]`); and the gcd of the sequence dims' sizes (0: no sequence
+  # dim), which the model degree must divide.
   var_sequence: np.ndarray | None = None
   # [S, G] the groups of each tensor holding a sequence class twice (attention scores, T x T):
   # SP splits one of the two, so a query's keys would be on other devices; it is priced only
@@ -113,7 +112,6 @@ class SearchSpace:
   # last combined (a tied weight's two partial sums are added first): under sequence
   # parallelism a partial sum the model axis reduces.
   red_sequence: np.ndarray | None = None
-  sequence_groups: frozenset[int] = frozenset()
   sequence_size: int = 0
 
 
@@ -181,7 +179,10 @@ def build_space(
     for v in traced.param_vars
   }
   var_weight = np.zeros(nv, dtype=bool)
-  sequence = {c for v in traced.batch_vars for c in v_classes[v][1:]} - batch_classes
+  # A sequence: a dim of the batch that no weight has (an MLP's input features are a weight's).
+  weight_classes = {c for v in traced.param_vars for c in v_classes[v]}
+  sequence = {c for v in traced.batch_vars for c in v_classes[v][1:]}
+  sequence -= batch_classes | weight_classes
   var_sequence = np.zeros(nv, dtype=bool)
   var_sequence_pair = np.zeros(nv, dtype=bool)
   for v in range(nv):
@@ -307,7 +308,6 @@ def build_space(
     var_sequence=var_sequence,
     sequence_pairs=var_group[var_sequence_pair],
     red_sequence=red_sequence_sink,
-    sequence_groups=frozenset(class_group[c] for c in sequence if c in class_group),
     sequence_size=math.gcd(*(traced.class_size[c] for c in sequence)) if sequence else 0,
   )
 

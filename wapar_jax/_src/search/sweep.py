@@ -162,15 +162,14 @@ def search(
 
 def sequence_choices(space: SearchSpace, tp: int, groups, wanted: bool | None) -> tuple:
   """Whether a (tp, groups) point is priced without and / or with sequence parallelism: with
-  it only on a model axis that splits the sequence evenly and leaves its class free, and whose
-  regions hold the attention scores (`SearchSpace.sequence_pairs`). `wanted` None searches
-  both, False never SP, True only SP on a model axis: a point where it is not possible is not
-  priced (a plan without a model axis still is)."""
+  it only on a model axis that splits the sequence evenly and whose regions hold the attention
+  scores (`SearchSpace.sequence_pairs`). `wanted` None searches both, False never SP, True only
+  SP on a model axis: a point where it is not possible is not priced (a plan without a model
+  axis still is)."""
   possible = (
     tp > 1
     and space.sequence_size % tp == 0
     and space.sequence_size > 0
-    and not space.sequence_groups & set(groups)
     and bool(space.sequence_pairs[:, list(groups)].any(axis=1).all())
   )
   if wanted and tp > 1:
