@@ -198,6 +198,26 @@ def test_a_planned_sequence_parallel_step_matches_the_single_device_run():
 
 
 @pytest.mark.slow
+def test_sequence_parallel_with_a_data_axis_matches_the_single_device_run():
+  # dp_tp+sp: the batch dim of each constrained activation keeps the batch's split.
+  cfg = _gpt.GPTConfig(2, 256, 8, 256, 256, jnp.float32)
+  ex = _gpt.gpt_linen("sp-gpt-dp", "", cfg, 8, 128)
+  plan = wap.plan(
+    ex.loss_fn,
+    ex.params,
+    ex.batch,
+    optimizer=TX,
+    devices=8,
+    all_devices=True,
+    strategy="dp_tp",
+    sequence_parallel=True,
+    profile=PROFILE,
+  )
+  assert plan.strategy == "dp_tp+sp" and plan.chosen.data > 1 and plan.chosen.model > 1
+  _assert_three_steps_match(ex, plan)
+
+
+@pytest.mark.slow
 def test_sequence_parallel_inside_a_scan_over_layers_matches_the_single_device_run():
   # nn.scan: the layer's equations are a scan body, constrained there too.
   cfg = _gpt.GPTConfig(2, 256, 8, 256, 256, jnp.float32)
