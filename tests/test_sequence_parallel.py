@@ -2,6 +2,8 @@
 tensor-parallel regions split on the sequence over the model axis, found from dimension classes.
 Every sharded result is checked against the single-device step."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -270,6 +272,16 @@ def _space(ex):
   costs = step_costs(traced, CostCache(persist=False))
   paths = [path_str(k) for k in leaf_paths(ex.params)]
   return build_space(traced, costs, paths, rules=compilers.REGISTRY["xla:cpu"])
+
+
+def test_the_command_line_forces_it(capsys):
+  from wapar_jax.cli import main
+
+  args = ["plan", "gpt-tiny", "--devices", "4", "--all-devices", "--strategy", "tp"]
+  assert main([*args, "--sequence-parallel", "on", "--seq-len", "16", "--json"]) == 0
+  chosen = json.loads(capsys.readouterr().out)["chosen"]
+  # gpt-tiny's 4 heads split 4 ways hold its attention scores: SP is possible and forced.
+  assert chosen["sequence_parallel"] and chosen["strategy"] == "tp+sp"
 
 
 def test_plan_refuses_a_sequence_parallel_that_is_not_a_choice(gpt):
