@@ -197,6 +197,19 @@ def test_a_planned_sequence_parallel_step_matches_the_single_device_run():
   assert "sequence parallel" in plan.explain()
   assert wap.Plan.from_json(plan.to_json()).chosen == plan.chosen
   _assert_three_steps_match(ex, plan)
+  # Your own loop: plan.value_and_grad lays the loss out as the emitted step does, SP included.
+  params = ex.init_params(jax.random.key(0))
+  batch = ex.make_batch(jax.random.key(1))
+  ref_loss, ref_grads = jax.jit(loss_and_grads(ex.loss_fn))(params, batch)
+  loss, grads = jax.jit(plan.value_and_grad(ex.loss_fn))(
+    plan.shard(params), plan.shard_batch(batch)
+  )
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
+  for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-6 * scale)
+  traced = lambda p: str(jax.make_jaxpr(p.value_and_grad(ex.loss_fn))(ex.params, ex.batch))
+  assert "sharding_constraint" in traced(plan) and "sharding_constraint" not in traced(alone)
 
 
 @pytest.mark.slow

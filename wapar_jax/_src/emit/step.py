@@ -70,10 +70,21 @@ def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:
   )
 
 
-def layout_levers(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs, grad_specs=None):
+def layout_levers(
+  loss_fn: Callable,
+  mesh: Mesh,
+  param_specs,
+  batch_specs,
+  grad_specs=None,
+  sequence_parallel: bool = False,
+):
   """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
-  when weights are gathered at use, the `gathers.at_use` hook (None if no weight is), and the
-  constraint keeping accumulated gradients split (None unless `grad_specs`)."""
+  when weights are gathered at use (and its activations split on the sequence with
+  `sequence_parallel`, `sequence.sequence_split`), the `gathers.at_use` hook (None if no
+  weight is), and the constraint keeping accumulated gradients split (None unless
+  `grad_specs`)."""
+  if sequence_parallel:
+    loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, batch_specs)
   hook = _gather_hook(mesh, param_specs)
   if hook is not None:
     loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
@@ -114,9 +125,9 @@ def sharded_train_step(
   if batch_axes is not None:
     loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
     rows_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
-  if sequence_parallel:
-    loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, rows_specs)
-  loss_fn, hook, hold = layout_levers(loss_fn, mesh, param_specs, rows_specs, grad_specs)
+  loss_fn, hook, hold = layout_levers(
+    loss_fn, mesh, param_specs, rows_specs, grad_specs, sequence_parallel
+  )
   step = make_train_step(
     loss_fn,
     optimizer,
