@@ -24,10 +24,7 @@ import wapar_jax as wap
 from wapar_jax._src import bench as bench_lib
 from wapar_jax._src import calibrate, compilers, optimizers
 from wapar_jax._src import workload as workload_lib
-from wapar_jax._src.search import STRATEGIES
-
-# --sequence-parallel: plan()'s sequence_parallel.
-_SEQUENCE_PARALLEL = {"off": False, "on": True, "searched": None}
+from wapar_jax._src.search import SEQUENCE_PARALLEL, STRATEGIES
 
 _EPILOG = """examples:
   wapar plan gpt2-small --devices 8 --profile h100-sxm
@@ -108,7 +105,7 @@ def _make_plan(args, workload=None, strategy=None, all_devices=None, progress=Tr
     stages=args.stages,
     memory_rules=args.memory_rules,
     max_seconds=args.max_seconds,
-    sequence_parallel=_SEQUENCE_PARALLEL[args.sequence_parallel],
+    sequence_parallel=SEQUENCE_PARALLEL[args.sequence_parallel],
     **headroom,
   )
 
@@ -326,13 +323,7 @@ def _add_plan_arguments(p, model_nargs=None, strategy=True) -> None:
     help="whose buffer rules decide the fit: the profile's compiler (default), "
     "or a compiler's, e.g. xla:cpu so that `verify` on CPU devices checks it",
   )
-  p.add_argument(
-    "--sequence-parallel",
-    choices=tuple(_SEQUENCE_PARALLEL),
-    default="off",
-    help="Megatron-style sequence parallelism beside tensor parallelism: off (default), on "
-    "(every plan with a model axis), searched",
-  )
+  p.add_argument("--sequence-parallel", choices=tuple(SEQUENCE_PARALLEL), default="off")
   p.add_argument(
     "--remat",
     choices=("none", "layers", "layers_dots"),

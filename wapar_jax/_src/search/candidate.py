@@ -16,6 +16,9 @@ STORAGES = ("replicated", "zero1", "fsdp", "hsdp")
 # Storages that keep parameters split and gather each layer's weights where it runs.
 GATHERING = frozenset({"fsdp", "hsdp"})
 OBJECTIVES = ("time", "energy")
+# plan(sequence_parallel=) by name (the command line's --sequence-parallel): never, on every
+# plan with a model axis, searched.
+SEQUENCE_PARALLEL = {"off": False, "on": True, "searched": None}
 DATA, FSDP, MODEL, STAGE = "data", "fsdp", "model", "stage"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error (benchmarks/results/memory_levers.md).

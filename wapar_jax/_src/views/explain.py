@@ -22,6 +22,7 @@ from wapar_jax._src.fmt import table as _table
 from wapar_jax._src.plan_details import BATCH
 from wapar_jax._src.search.sweep import divisors, in_sweep
 from wapar_jax._src.tree import path_keys, path_str
+from wapar_jax._src.views import levers
 
 # Skipped device counts named in a note; the rest are counted.
 _SKIPPED_SHOWN = 8
@@ -29,31 +30,6 @@ _SKIPPED_SHOWN = 8
 
 def _spec_str(spec: P) -> str:
   return "P(" + ", ".join(repr(e) for e in spec) + ")"
-
-
-SEQUENCE_PARALLEL_NOTE = (
-  "sequence parallel: the activations outside the tensor-parallel regions (norms, residual "
-  "adds, embedding, logits) are split on the sequence over 'model'; each region is entered by "
-  "an all-gather and left by a reduce-scatter instead of an all-reduce"
-)
-
-
-def _without_sequence_parallel(plan) -> str:
-  """How the best candidate on the same mesh without sequence parallelism compares."""
-  c = plan.chosen
-  same = [
-    x
-    for x in plan.candidates
-    if not x.sequence_parallel and (x.data, x.model, x.storage) == (c.data, c.model, c.storage)
-  ]
-  if not same:
-    return ""
-  x = same[0]
-  return (
-    f"; without it ({x.strategy}): {human_seconds(x.step_time)} per step and "
-    f"{human_bytes(x.peak_memory)} peak, against {human_seconds(c.step_time)} and "
-    f"{human_bytes(c.peak_memory)}"
-  )
 
 
 def summary(plan, max_params: int = 12) -> str:
@@ -66,7 +42,7 @@ def summary(plan, max_params: int = 12) -> str:
   if plan.model_split:
     lines.append("split on 'model': " + "; ".join(plan.model_split))
   if plan.chosen.sequence_parallel:
-    lines.append(SEQUENCE_PARALLEL_NOTE)
+    lines.append(levers.SEQUENCE_PARALLEL_NOTE)
   lines += [
     "",
     "predicted per step, per device:",
@@ -301,7 +277,7 @@ def _sections(plan, top: int) -> list[_Section]:
     why.append(skipped)
   why += _batch_note(plan, batch)
   if c.sequence_parallel:
-    why.append(SEQUENCE_PARALLEL_NOTE + _without_sequence_parallel(plan) + ".")
+    why.append(levers.sequence_parallel_line(plan))
   sweep = tuple(
     (
       str(x.devices),
