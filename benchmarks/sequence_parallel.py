@@ -124,7 +124,7 @@ def _markdown(meta: dict, cases: dict) -> str:
     "heads, 4096 the MLP hidden, 1024 (with SP) the rows of the position table. With SP the "
     "search keeps only the heads as a tensor-parallel region: the MLP then runs on each "
     "device's slice of the sequence with its weight gradients all-reduced over 'model', which "
-    "prices (and compiles) cheaper than splitting it too.",
+    "the search prices cheaper than splitting the MLP too (not compiled here).",
     "",
   ]
   return "\n".join(lines)
