@@ -17,7 +17,7 @@ import wapar_jax as wap
 from wapar_jax._src import bench as bench_lib
 from wapar_jax._src import calibrate, compilers, optimizers
 from wapar_jax._src import workload as workload_lib
-from wapar_jax._src.search import STRATEGIES
+from wapar_jax._src.search import SEQUENCE_PARALLEL, STRATEGIES
 
 _EPILOG = """examples:
   wapar plan gpt2-small --devices 8 --profile h100-sxm
@@ -98,6 +98,7 @@ def _make_plan(args, workload=None, strategy=None, all_devices=None, progress=Tr
     stages=args.stages,
     memory_rules=args.memory_rules,
     max_seconds=args.max_seconds,
+    sequence_parallel=SEQUENCE_PARALLEL[args.sequence_parallel],
     **headroom,
   )
 
@@ -317,6 +318,7 @@ def _add_plan_arguments(p, model_nargs=None, strategy=True) -> None:
     help="whose buffer rules decide the fit: the profile's compiler (default), "
     "or a compiler's, e.g. xla:cpu so that `verify` on CPU devices checks it",
   )
+  p.add_argument("--sequence-parallel", choices=tuple(SEQUENCE_PARALLEL), default="off")
   p.add_argument(
     "--remat",
     choices=("none", "layers", "layers_dots"),

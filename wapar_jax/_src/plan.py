@@ -381,6 +381,7 @@ class Plan(OwnLoopMethods):
       planned_batch=batch,
       state_specs=state_specs,
       batch_axes=self._batch_axes(batch),
+      sequence_parallel=self.chosen.sequence_parallel,
     )
 
   def verify(self, devices=None, **kwargs):

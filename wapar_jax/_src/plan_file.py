@@ -162,6 +162,7 @@ CANDIDATE_RULES = {
   "stages": COUNT,
   "repeats": COUNT,
   "stage_microbatches": COUNT,
+  "sequence_parallel": FLAG,
   "mesh_shape": mapping(COUNT, "be an object of mesh axis sizes"),  # derived, written for readers
 }
 _CANDIDATE = record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"})

@@ -158,12 +158,17 @@ class OwnLoopMethods:
     """
     self._refuse_pipeline("constrain")
     mesh = self.make_mesh() if mesh is None else self._check_mesh(mesh)
-    remat = self.chosen.remat
+    chosen = self.chosen
 
     def constrained(params, batch, *model_state):
       own_loop.refuse_explicit("constrain", params, batch)
       fn = own_loop.constrained_loss(
-        loss_fn, mesh, self._param_specs(params), self._batch_specs(batch), remat=remat
+        loss_fn,
+        mesh,
+        self._param_specs(params),
+        self._batch_specs(batch),
+        remat=chosen.remat,
+        sequence_parallel=chosen.sequence_parallel,
       )
       return fn(params, batch, *model_state)
 
@@ -198,6 +203,7 @@ class OwnLoopMethods:
         microbatches=chosen.microbatches,
         with_state=bool(model_state),
         batch_axes=self._batch_axes(batch),
+        sequence_parallel=chosen.sequence_parallel,
       )
       return fn(params, batch, *model_state)
 

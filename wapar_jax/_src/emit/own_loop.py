@@ -90,12 +90,21 @@ def refuse_explicit(what: str, params, batch) -> None:
 
 
 def constrained_loss(
-  loss_fn: Callable, mesh: Mesh, param_specs, batch_specs, *, remat: str
+  loss_fn: Callable,
+  mesh: Mesh,
+  param_specs,
+  batch_specs,
+  *,
+  remat: str,
+  sequence_parallel: bool = False,
 ) -> Callable:
   """`loss_fn` laid out as the emitted step lays it out: FSDP weights constrained to their
   gathered layout at each use (a scanned layer's slice inside the scan), the batch held to its
-  split, and the plan's per-layer remat."""
-  loss_fn, hook, _ = layout_levers(loss_fn, auto_twin(mesh), param_specs, batch_specs)
+  split, the activations split on the sequence under sequence parallelism, and the plan's
+  per-layer remat."""
+  loss_fn, hook, _ = layout_levers(
+    loss_fn, auto_twin(mesh), param_specs, batch_specs, sequence_parallel=sequence_parallel
+  )
   return planned_loss(loss_fn, remat=remat, gather=hook)
 
 
@@ -110,6 +119,7 @@ def constrained_grads(
   microbatches,
   with_state: bool = False,
   batch_axes=None,
+  sequence_parallel: bool = False,
 ) -> Callable:
   """`(params, batch) -> (loss, grads)` as the emitted step computes them: `constrained_loss`
   differentiated, accumulated over the plan's micro-batches with gradients held split. With a
@@ -119,7 +129,7 @@ def constrained_grads(
     loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
     batch_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
   loss_fn, hook, hold = layout_levers(
-    loss_fn, auto_twin(mesh), param_specs, batch_specs, grad_specs
+    loss_fn, auto_twin(mesh), param_specs, batch_specs, grad_specs, sequence_parallel
   )
   grads = loss_and_grads(
     loss_fn,

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import batch_axes as batch_axes_lib
+from wapar_jax._src.emit import sequence
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.tree import path_keys, path_str
@@ -70,10 +71,21 @@ def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:
   )
 
 
-def layout_levers(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs, grad_specs=None):
+def layout_levers(
+  loss_fn: Callable,
+  mesh: Mesh,
+  param_specs,
+  batch_specs,
+  grad_specs=None,
+  sequence_parallel: bool = False,
+):
   """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
-  when weights are gathered at use, the `gathers.at_use` hook (None if no weight is), and the
-  constraint keeping accumulated gradients split (None unless `grad_specs`)."""
+  when weights are gathered at use (and its activations split on the sequence with
+  `sequence_parallel`, `sequence.sequence_split`), the `gathers.at_use` hook (None if no
+  weight is), and the constraint keeping accumulated gradients split (None unless
+  `grad_specs`)."""
+  if sequence_parallel:
+    loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, batch_specs)
   hook = _gather_hook(mesh, param_specs)
   if hook is not None:
     loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
@@ -98,20 +110,25 @@ def sharded_train_step(
   grad_specs=None,
   state_specs=None,
   batch_axes=None,
+  sequence_parallel: bool = False,
 ):
   """The jitted step with in/out shardings; params and opt state are donated. `grad_specs`
   (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state.
   `planned_batch` (abstract is enough) sets the batch size the step takes. `state_specs`: the
   loss carries a model's state (`make_train_step(with_state=True)`), laid out so and donated.
   `batch_axes`: the batch dim of each batch leaf (flattened order) where one is not dim 0; the
-  step takes the batch so and runs rows first (`batch_axes.rows_first`)."""
+  step takes the batch so and runs rows first (`batch_axes.rows_first`). `sequence_parallel`:
+  the activations outside the tensor-parallel regions split on the sequence over the model
+  axis (`sequence.sequence_split`)."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   s_sh = () if state_specs is None else (named(mesh, state_specs),)
   rows_specs = batch_specs
   if batch_axes is not None:
     loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
     rows_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
-  loss_fn, hook, hold = layout_levers(loss_fn, mesh, param_specs, rows_specs, grad_specs)
+  loss_fn, hook, hold = layout_levers(
+    loss_fn, mesh, param_specs, rows_specs, grad_specs, sequence_parallel
+  )
   step = make_train_step(
     loss_fn,
     optimizer,

@@ -100,6 +100,7 @@ def plan(
   max_seconds: float | None = None,
   model_state: Any = None,
   batch_axes: Any = 0,
+  sequence_parallel: bool | None = False,
 ) -> Plan:
   """Plans how to shard a single-device train step.
 
@@ -150,6 +151,12 @@ def plan(
     batch_axes: the batch dim of every batch leaf (an int), or a tree shaped like batch with an
       int per leaf, e.g. 1 for a time-major `(seq, batch)` batch. Every leaf must have the same
       size along it. Pipelines are searched only for batches with the batch dim first.
+    sequence_parallel: Megatron-style sequence parallelism for plans with a model axis: the
+      activations outside the tensor-parallel regions (norms, residual adds; found from the
+      dimension classes) split on the sequence over the model axis, entering each region by an
+      all-gather and leaving it by a reduce-scatter instead of an all-reduce. False (default):
+      never; True: every plan with a model axis has it (where the model degree divides the
+      sequence and the heads are split); None: searched beside tensor parallelism alone.
 
   Returns:
     A frozen `Plan`.
@@ -192,6 +199,10 @@ def plan(
     )
   if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 1):
     raise InvalidArgumentError(f"stages must be a positive int or None. Got {stages!r}.")
+  if sequence_parallel not in (True, False, None):
+    raise InvalidArgumentError(
+      f"sequence_parallel must be True, False or None (searched). Got {sequence_parallel!r}."
+    )
   max_devices, device_list = inputs.device_count(devices)
   deadline = None if max_seconds is None else t0 + inputs.positive_seconds(max_seconds)
   device_profile = load_profile(profile)
@@ -251,6 +262,7 @@ def plan(
           memory_headroom=memory_headroom,
           all_devices=all_devices,
           deadline=deadline,
+          sequence_parallel=sequence_parallel,
         )
       ranked = swept.ranked
       coverage[variant] = swept

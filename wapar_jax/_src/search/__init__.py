@@ -13,6 +13,7 @@ from wapar_jax._src.search.candidate import DATA as DATA
 from wapar_jax._src.search.candidate import DEFAULT_MEMORY_HEADROOM as DEFAULT_MEMORY_HEADROOM
 from wapar_jax._src.search.candidate import MODEL as MODEL
 from wapar_jax._src.search.candidate import OBJECTIVES as OBJECTIVES
+from wapar_jax._src.search.candidate import SEQUENCE_PARALLEL as SEQUENCE_PARALLEL
 from wapar_jax._src.search.candidate import STRATEGIES as STRATEGIES
 from wapar_jax._src.search.candidate import Candidate as Candidate
 from wapar_jax._src.search.candidate import rank_key as rank_key

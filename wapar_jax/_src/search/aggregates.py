@@ -51,6 +51,13 @@ class Aggregates:
   gathered_model: np.ndarray  # [K] bool: the gathered use (SearchSpace.gathered_var) is split
   param_model: np.ndarray  # [P] bool
   opt_model: np.ndarray  # [O] bool
+  # Under sequence parallelism (0 without it): bytes of the weight gradients partial over the
+  # model axis (summed over the split tokens outside the regions), and bytes and count of the
+  # all-gathers of the sequence-split activations (and cotangents) entering the regions.
+  sequence_partials: float = 0.0
+  sequence_partials_n: float = 0.0  # launches beyond the combined ones: loop iterations
+  sequence_gathers: float = 0.0
+  sequence_gathers_n: float = 0.0
 
 
 def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
@@ -63,12 +70,33 @@ def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
   return dp, weight, 1
 
 
-def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarray) -> Aggregates:
-  """The sums one model-split group set needs, over every op and variable of the step."""
+def aggregate(
+  space: SearchSpace,
+  groups: tuple[int, ...],
+  op_seconds: np.ndarray,
+  sequence_parallel: bool = False,
+) -> Aggregates:
+  """The sums one model-split group set needs, over every op and variable of the step.
+
+  With `sequence_parallel` the activations outside the tensor-parallel regions
+  (`SearchSpace.var_sequence` without a model-split class) are split on the model axis too, and
+  so is the work of the ops that read or make them (norms, residual adds, the untied LM head's
+  matmuls); the regions read them all-gathered, and sums over the split tokens outside the
+  regions (weight gradients) are partial over the model axis.
+  """
   mask = np.zeros(len(space.groups), dtype=bool)
   mask[list(groups)] = True
-  var_model = space.var_group[:, mask].any(axis=1)
-  op_model = space.op_group[:, mask].any(axis=1).astype(np.int64)
+  # Split by the tensor-parallel regions themselves: what the model axis reduces and gathers.
+  region_var = space.var_group[:, mask].any(axis=1)
+  region_op = space.op_group[:, mask].any(axis=1)
+  var_model, op_model = region_var, region_op
+  sequence_copies = None
+  if sequence_parallel:
+    split = space.var_sequence & ~region_var
+    var_model = region_var | split
+    op_model = region_op | _touches(space, split)
+    sequence_copies = _gathered_copies(space, split, region_op)
+  op_model = op_model.astype(np.int64)
   cat = space.op_data_cat
   compute = np.zeros((3, 2))
   flops = np.zeros((3, 2))
@@ -93,9 +121,22 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
   red_data_at_sinks = summed(space.red_batch_sink, out_weight, out_model, weighted)
   in_loop_weight = space.red_batch & (out_weight == 1) & (mult > 1)
   loop_iterations = float(mult[in_loop_weight].max()) if in_loop_weight.any() else 0.0
+  # Bytes a model-axis reduction moves: its full output (a reduce-scatter's too), so the
+  # regions' own split, not the sequence split of their outputs.
+  out_region = np.where(has_out, region_var[np.maximum(out, 0)], False).astype(np.int64)
   red_m = space.red_group[:, mask].any(axis=1)
-  red_model = summed(red_m, out_batch, out_model, weighted)
-  red_model_n = summed(space.red_group_sink[:, mask].any(axis=1), out_batch, out_model, mult)
+  red_m_sink = space.red_group_sink[:, mask].any(axis=1)
+  # Sums over the split tokens outside a region (the norms' and the embeddings' weight
+  # gradients), each chain counted once where it is last combined.
+  sequence_partials, sequence_partials_n = 0.0, 0.0
+  if sequence_parallel:
+    over_tokens = space.red_sequence & (out_region == 0)
+    sequence_partials = float(weighted[over_tokens].sum())
+    # Combined into one launch, but once per iteration of a loop over layers holding them.
+    looped = mult[over_tokens & (mult > 1)]
+    sequence_partials_n = float(looped.max()) if looped.size else 0.0
+  red_model = summed(red_m, out_batch, out_region, weighted)
+  red_model_n = summed(red_m_sink, out_batch, out_region, mult)
 
   g_op, g_var, g_batch, g_group = space.gathers
   g_bytes = space.var_bytes[g_var] * mult[g_op]
@@ -116,7 +157,9 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
   # Weight gradients, full size (the partial sums a data-axis reduction reads), while they live.
   grads = np.zeros(t.num_vars, dtype=bool)
   grads[out[space.red_batch_sink & (out_weight == 1) & has_out]] = True
-  curves = tuple(_memory_curves(space, b, data_cat, var_model, grads) for b in space.buffers)
+  curves = tuple(
+    _memory_curves(space, b, data_cat, var_model, grads, sequence_copies) for b in space.buffers
+  )
   param_model = space.param_group[:, mask].any(axis=1)
   return Aggregates(
     compute,
@@ -135,6 +178,9 @@ def aggregate(space: SearchSpace, groups: tuple[int, ...], op_seconds: np.ndarra
     var_model[space.gathered_var],
     param_model,
     space.opt_group[:, mask].any(axis=1),
+    sequence_partials,
+    sequence_partials_n,
+    *_gather_totals(space, sequence_copies),
   )
 
 
@@ -144,16 +190,19 @@ def _memory_curves(
   data_cat: np.ndarray,
   var_model: np.ndarray,
   grads: np.ndarray,
+  sequence_copies: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> MemoryCurves:
-  """Liveness of the temporaries under one compiler's rules for one group set."""
+  """Liveness of the temporaries under one compiler's rules for one group set, with the
+  gathered copies of sequence-split activations (`_gathered_copies`), if any."""
   t = space.traced
   temp, last_use, extra = buffers.kept, buffers.last_use, buffers.scratch
+  copy_var, copy_start, copy_stop = sequence_copies or (np.zeros(0, np.int64),) * 3
   curves = liveness.liveness_curves(
-    np.concatenate([t.def_pos[temp], extra.start]),
-    np.concatenate([last_use[temp], extra.stop]),
-    np.concatenate([space.var_bytes[temp], extra.nbytes]),
-    np.concatenate([data_cat[temp], data_cat[extra.like]]),
-    np.concatenate([var_model[temp], var_model[extra.like]]),
+    np.concatenate([t.def_pos[temp], extra.start, copy_start]),
+    np.concatenate([last_use[temp], extra.stop, copy_stop]),
+    np.concatenate([space.var_bytes[temp], extra.nbytes, space.var_bytes[copy_var]]),
+    np.concatenate([data_cat[temp], data_cat[extra.like], data_cat[copy_var]]),
+    np.concatenate([var_model[temp], var_model[extra.like], np.zeros(len(copy_var), bool)]),
     len(t.ops),
   )
   grad_curves = combine_curves = None
@@ -179,4 +228,42 @@ def _memory_curves(
     )
   return MemoryCurves(
     curves, int(np.argmax(curves[liveness.DATA_WEIGHT].sum(axis=0))), grad_curves, combine_curves
+  )
+
+
+def _gather_totals(space: SearchSpace, copies) -> tuple[float, float]:
+  """(bytes, count) of the all-gathers that make `_gathered_copies`, per step."""
+  if copies is None:
+    return 0.0, 0.0
+  var, first, _ = copies
+  runs = space.costs.multiplicity[first]
+  return float((space.var_bytes[var] * runs).sum()), float(runs.sum())
+
+
+def _touches(space: SearchSpace, split: np.ndarray) -> np.ndarray:
+  """[N] bool: the op reads or writes a variable of `split` (its work splits with it)."""
+  out = np.zeros(len(space.traced.ops), dtype=bool)
+  for op in space.traced.ops:
+    out[op.index] = any(v >= 0 and split[v] for v in op.in_vars + op.out_vars)
+  return out
+
+
+def _gathered_copies(space: SearchSpace, split: np.ndarray, region_op: np.ndarray):
+  """(variable, first, last region op reading it) per sequence-split activation a
+  tensor-parallel region reads: the region takes it all-gathered, and XLA keeps that full copy
+  for the region's backward pass (the weight gradient reads it again) rather than gathering it
+  twice (compiled: GPT-2 medium, TP 8)."""
+  first: dict[int, int] = {}
+  last: dict[int, int] = {}
+  for op in space.traced.ops:
+    if region_op[op.index]:
+      for v in op.in_vars:
+        if v >= 0 and split[v]:
+          first.setdefault(v, op.index)
+          last[v] = op.index
+  var = np.fromiter(first, dtype=np.int64, count=len(first))
+  return (
+    var,
+    np.array([first[v] for v in var], dtype=np.int64),
+    np.array([last[v] for v in var], dtype=np.int64),
   )

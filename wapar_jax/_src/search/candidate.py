@@ -16,6 +16,9 @@ STORAGES = ("replicated", "zero1", "fsdp", "hsdp")
 # Storages that keep parameters split and gather each layer's weights where it runs.
 GATHERING = frozenset({"fsdp", "hsdp"})
 OBJECTIVES = ("time", "energy")
+# plan(sequence_parallel=) by name (the command line's --sequence-parallel): never, on every
+# plan with a model axis, searched.
+SEQUENCE_PARALLEL = {"off": False, "on": True, "searched": None}
 DATA, FSDP, MODEL, STAGE = "data", "fsdp", "model", "stage"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error (benchmarks/results/memory_levers.md).
@@ -56,6 +59,9 @@ class Candidate:
   stages: int = 1
   repeats: int = 1
   stage_microbatches: int = 1
+  # Megatron-style sequence parallelism: the activations outside the tensor-parallel regions
+  # split on the sequence over the model axis (only with model > 1).
+  sequence_parallel: bool = False
 
   @property
   def mesh_shape(self) -> dict[str, int]:
@@ -84,9 +90,14 @@ def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1) -> dict[str, in
   return kept or {DATA: 1}
 
 
-def strategy_label(dp: int, tp: int, storage: str, stages: int = 1) -> str:
+def strategy_label(
+  dp: int, tp: int, storage: str, stages: int = 1, sequence_parallel: bool = False
+) -> str:
   if stages > 1:
-    return "pp" if dp * tp == 1 else f"{strategy_label(dp, tp, storage)}+pp"
+    inner = strategy_label(dp, tp, storage, sequence_parallel=sequence_parallel)
+    return "pp" if dp * tp == 1 else f"{inner}+pp"
+  if sequence_parallel:
+    return f"{strategy_label(dp, tp, storage)}+sp"
   if dp * tp == 1:
     return "single"
   if tp == 1:

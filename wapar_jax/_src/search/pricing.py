@@ -124,6 +124,7 @@ def price(
   groups: tuple[int, ...],
   storage: str,
   budget: float,
+  sequence_parallel: bool = False,
 ) -> Candidate | None:
   """The candidate's predicted time, traffic, energy and per-device memory, and whether it fits
   `budget` under every rule set of the space (the target compiler's, and any bounding it).
@@ -131,6 +132,12 @@ def price(
   Hybrid sharding ("hsdp") splits the state over the data axis's devices inside a node (the
   fsdp axis) and replicates it across nodes: None where the data axis does not span nodes with
   more than one device in each (it would be plain FSDP or data parallelism).
+
+  `sequence_parallel` (`agg` aggregated with it): each all-reduce over the model axis becomes
+  a reduce-scatter leaving the tensor-parallel region, each sequence-split activation a region
+  reads is all-gathered once (three partial sums leave a layer's q / k / v projections, one
+  input enters them), and the weight gradients summed over the split tokens outside the
+  regions are all-reduced over the model axis.
   """
   d = dp * tp
   sharded_state = storage != "replicated"
@@ -193,12 +200,17 @@ def price(
   other_count = _combined(other_bytes) + max(space.batch_reduce_rounds - 1, 0)
   add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span)
   add(
-    "all-reduce",
+    "reduce-scatter" if sequence_parallel else "all-reduce",
     float(data_scale @ agg.red_model @ model_scale),
     float(agg.red_model_n.sum()),
     tp,
     model_span,
   )
+  # Sequence parallelism: each activation (or cotangent) entering a region, gathered once.
+  add("all-gather", agg.sequence_gathers / dp, agg.sequence_gathers_n, tp, model_span)
+  # Weight gradients summed over the split tokens: independent, combined as the data axis's.
+  partials_n = _combined(agg.sequence_partials) + agg.sequence_partials_n
+  add("all-reduce", agg.sequence_partials, partials_n, tp, model_span)
   add(
     "all-gather",
     float(agg.gather_data @ model_scale),
@@ -290,7 +302,7 @@ def price(
     model=tp,
     model_groups=tuple(groups),
     storage=storage,
-    strategy=strategy_label(dp, tp, storage),
+    strategy=strategy_label(dp, tp, storage, sequence_parallel=sequence_parallel),
     step_time=step_time,
     compute_time=compute_time,
     comm_time=comm_time,
@@ -306,4 +318,5 @@ def price(
     microbatches=space.microbatches,
     cross_node_axes=tuple(a for a in (DATA, MODEL) if spans[a][1] > 1),
     fsdp=fsdp,
+    sequence_parallel=sequence_parallel,
   )

@@ -102,6 +102,20 @@ class SearchSpace:
   # Parameters (and optimizer-state leaves) smaller than this stay whole under FSDP. A float32
   # twin of a bf16 plan (verify) judges its leaves at the bf16 size, as the plan did.
   fsdp_min_bytes: float = FSDP_MIN_BYTES
+  # Sequence parallelism: [V] bool, the activations it splits on the sequence over the model
+  # axis (a batch class and a sequence class: a non-batch dim of a batch leaf that no weight
+  # has, the T of `tokens [B, T]`); and the gcd of the sequence dims' sizes (0: no sequence
+  # dim), which the model degree must divide.
+  var_sequence: np.ndarray | None = None
+  # [S, G] the groups of each tensor holding a sequence class twice (attention scores, T x T):
+  # SP splits one of the two, so a query's keys would be on other devices; it is priced only
+  # where each such tensor is inside a region (split on its heads), as Megatron-SP leaves it.
+  sequence_pairs: np.ndarray | None = None
+  # [N] bool: where a sum over a sequence class (a weight gradient summed over the tokens) is
+  # last combined (a tied weight's two partial sums are added first): under sequence
+  # parallelism a partial sum the model axis reduces.
+  red_sequence: np.ndarray | None = None
+  sequence_size: int = 0
 
 
 def build_space(
@@ -168,6 +182,12 @@ def build_space(
     for v in traced.param_vars
   }
   var_weight = np.zeros(nv, dtype=bool)
+  # A sequence: a dim of the batch that no weight has (an MLP's input features are a weight's).
+  weight_classes = {c for v in traced.param_vars for c in v_classes[v]}
+  sequence = {c for v in traced.batch_vars for c in v_classes[v][1:]}
+  sequence -= batch_classes | weight_classes
+  var_sequence = np.zeros(nv, dtype=bool)
+  var_sequence_pair = np.zeros(nv, dtype=bool)
   for v in range(nv):
     cls = v_classes[v]
     gs = [class_group[c] for c in cls if c in class_group]
@@ -177,6 +197,8 @@ def build_space(
     for a, b in itertools.combinations(set(gs), 2):
       conflicts[a, b] = conflicts[b, a] = True
     var_batch[v] = any(c in batch_classes for c in cls)
+    var_sequence[v] = var_batch[v] and any(c in sequence for c in cls)
+    var_sequence_pair[v] = var_batch[v] and sum(c in sequence for c in cls) > 1
     var_weight[v] = bool(cls) and not var_batch[v] and tuple(sorted(cls)) in param_signatures
 
   ops = traced.ops
@@ -187,6 +209,7 @@ def build_space(
   op_out_bytes = np.zeros(n)
   red_batch = np.zeros(n, dtype=bool)
   red_group = np.zeros((n, num_groups), dtype=bool)
+  red_sequence = np.zeros(n, dtype=bool)
   g_op, g_var, g_batch, g_group = [], [], [], []
   for op in ops:
     vs = [v for v in op.in_vars + op.out_vars if v >= 0]
@@ -215,6 +238,8 @@ def build_space(
         red_batch[op.index] = True
       elif c in class_group:
         red_group[op.index, class_group[c]] = True
+      if c in sequence:
+        red_sequence[op.index] = True
     for k, d in op.gather_dims:
       v = op.in_vars[k]
       c = v_classes[v][d]
@@ -226,6 +251,8 @@ def build_space(
 
   red_batch_sink, red_group_sink = red_batch.copy(), red_group.copy()
   _reduce_at_sinks(ops, red_batch_sink, red_group_sink)
+  red_sequence_sink = red_sequence.copy()
+  _reduce_at_sinks(ops, red_sequence_sink, np.zeros((n, 0), dtype=bool))
   outputs = set(traced.output_vars) - {traced.loss_var}
   not_temporary = list(
     traced.param_vars + traced.opt_state_vars + traced.batch_vars + traced.state_vars
@@ -281,6 +308,10 @@ def build_space(
     batch_reduce_rounds=_reduction_rounds(ops, red_batch_sink),
     remat=remat,
     microbatches=microbatches,
+    var_sequence=var_sequence,
+    sequence_pairs=var_group[var_sequence_pair],
+    red_sequence=red_sequence_sink,
+    sequence_size=math.gcd(*(traced.class_size[c] for c in sequence)) if sequence else 0,
   )
 
 

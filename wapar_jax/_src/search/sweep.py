@@ -144,6 +144,7 @@ def search(
   objective: str = "time",
   memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
   all_devices: bool = False,
+  sequence_parallel: bool | None = False,
 ) -> list[Candidate]:
   """All candidates, fitting ones first, each part ordered by the objective (`search_until`
   with no deadline)."""
@@ -155,7 +156,25 @@ def search(
     objective=objective,
     memory_headroom=memory_headroom,
     all_devices=all_devices,
+    sequence_parallel=sequence_parallel,
   ).ranked
+
+
+def sequence_choices(space: SearchSpace, tp: int, groups, wanted: bool | None) -> tuple:
+  """Whether a (tp, groups) point is priced without and / or with sequence parallelism: with
+  it only on a model axis that splits the sequence evenly and whose regions hold the attention
+  scores (`SearchSpace.sequence_pairs`). `wanted` None searches both, False never SP, True only
+  SP on a model axis: a point where it is not possible is not priced (a plan without a model
+  axis still is)."""
+  possible = (
+    tp > 1
+    and space.sequence_size % tp == 0
+    and space.sequence_size > 0
+    and bool(space.sequence_pairs[:, list(groups)].any(axis=1).all())
+  )
+  if wanted and tp > 1:
+    return (True,) if possible else ()
+  return (False, True) if possible and wanted is None else (False,)
 
 
 def search_until(
@@ -168,11 +187,12 @@ def search_until(
   memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
   all_devices: bool = False,
   deadline: float | None = None,
+  sequence_parallel: bool | None = False,
 ) -> Searched:
   """The candidates of every point of the sweep priced before `deadline` (a
   `time.perf_counter()` value; None: no limit), fitting ones first, each part ordered by the
   objective. Past the deadline the search stops at the next device count once a candidate
-  fits; until one does it goes on.
+  fits; until one does it goes on. `sequence_parallel`: see `sequence_choices`.
 
   Evaluation is exact enumeration: each (dp, tp, storage) of a group set costs O(1) plus one
   max over the memory curves (`aggregate`), so thousands of candidates for a 7B model cost
@@ -186,7 +206,7 @@ def search_until(
     raise InvalidArgumentError(f"memory_headroom must be in [0, 1). Got {memory_headroom!r}.")
   budget = profile.memory_bytes * (1 - memory_headroom)
   op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
-  aggregates: dict[tuple[int, ...], Aggregates] = {}
+  aggregates: dict[tuple[tuple[int, ...], bool], Aggregates] = {}
   sets_of = functools.cache(lambda tp: group_sets(space, tp))
   points = sweep_points(space, max_devices, all_devices)
   found = []
@@ -205,11 +225,13 @@ def search_until(
             continue
           if space.remat in _FSDP_ONLY_REMAT and storage not in GATHERING:
             continue  # the same program as without remat: nothing is gathered
-          if groups not in aggregates:
-            aggregates[groups] = aggregate(space, groups, op_seconds)
-          c = price(space, aggregates[groups], profile, dp, tp, groups, storage, budget)
-          if c is not None:
-            found.append(c)
+          for sp in sequence_choices(space, tp, groups, sequence_parallel):
+            if (groups, sp) not in aggregates:
+              aggregates[groups, sp] = aggregate(space, groups, op_seconds, sp)
+            agg = aggregates[groups, sp]
+            c = price(space, agg, profile, dp, tp, groups, storage, budget, sp)
+            if c is not None:
+              found.append(c)
   if not found and strategy == "hsdp":
     raise InvalidArgumentError(
       f"no 'hsdp' plan exists for up to {max_devices} devices: hybrid sharding splits the state "

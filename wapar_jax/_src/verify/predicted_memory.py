@@ -72,7 +72,8 @@ def peak_under(
   ) != tuple(plan.model_split):
     return None
   # Memory does not depend on the ops' times: price with none.
-  sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)))
+  sp = c.sequence_parallel
+  sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)), sp)
   return price(
-    space, sums, profile, c.data, c.model, c.model_groups, c.storage, budget=math.inf
+    space, sums, profile, c.data, c.model, c.model_groups, c.storage, math.inf, sp
   ).peak_memory

@@ -22,6 +22,7 @@ from wapar_jax._src.fmt import table as _table
 from wapar_jax._src.plan_details import BATCH
 from wapar_jax._src.search.sweep import divisors, in_sweep
 from wapar_jax._src.tree import path_keys, path_str
+from wapar_jax._src.views import levers
 
 # Skipped device counts named in a note; the rest are counted.
 _SKIPPED_SHOWN = 8
@@ -40,6 +41,8 @@ def summary(plan, max_params: int = 12) -> str:
   ]
   if plan.model_split:
     lines.append("split on 'model': " + "; ".join(plan.model_split))
+  if plan.chosen.sequence_parallel:
+    lines.append(levers.SEQUENCE_PARALLEL_NOTE)
   lines += [
     "",
     "predicted per step, per device:",
@@ -273,6 +276,8 @@ def _sections(plan, top: int) -> list[_Section]:
   if skipped:
     why.append(skipped)
   why += _batch_note(plan, batch)
+  if c.sequence_parallel:
+    why.append(levers.sequence_parallel_line(plan))
   sweep = tuple(
     (
       str(x.devices),
