@@ -22,7 +22,7 @@ TX = optax.adamw(1e-3)
 @pytest.mark.parametrize(
   "name, remat, microbatches",
   [
-    ("gpt-tiny", "layers", 1),
+    pytest.param("gpt-tiny", "layers", 1, marks=pytest.mark.slow),
     # Each lever once more, each on another way of writing the layers.
     pytest.param("gpt-tiny-scan", "layers_dots", 2, marks=pytest.mark.slow),
     pytest.param("gpt-tiny-nnx", "none", 4, marks=pytest.mark.slow),

@@ -152,6 +152,7 @@ def test_the_plans_own_step_under_an_explicit_mesh_is_the_planned_program():
   assert inside == _plan_counts("dp_tp")
 
 
+@pytest.mark.slow
 def test_planning_and_verifying_under_an_explicit_mesh_trace_the_single_device_step():
   # Before: flax's and optax's reshards under the caller's mesh were refused as a sharded loss.
   ex, plan = _case("dp_tp")

@@ -161,6 +161,7 @@ def test_three_steps_of_the_emitted_megatron_sp_step_match_plain_jax_jit(gpt):
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_lowers_the_compiled_peak_with_gathers_into_the_regions(gpt):
   mesh = _mesh()
   tp = _compiled(_step(gpt, mesh, False), gpt, {"model": TP})

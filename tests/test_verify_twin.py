@@ -51,6 +51,7 @@ def bf16_verified():
   return plan, plan.verify()
 
 
+@pytest.mark.slow  # the bf16 plan's verify: two compiles
 def test_a_bf16_plan_on_cpu_is_checked_through_its_float32_twin(bf16_verified):
   plan, v = bf16_verified
   assert (v.compiler, v.planned_dtype, v.twin_dtype) == ("xla:cpu", "bfloat16", "float32")
@@ -70,6 +71,7 @@ def test_a_bf16_plan_on_cpu_is_checked_through_its_float32_twin(bf16_verified):
   assert "XLA:CPU also communicates in f32: 1 of 1 collectives" in table
 
 
+@pytest.mark.slow  # the bf16 plan's verify: two compiles
 def test_twin_fields_survive_the_child_process_round_trip(bf16_verified):
   _, v = bf16_verified
   back = Verification.from_dict(json.loads(json.dumps(v.to_dict())))
@@ -77,6 +79,7 @@ def test_twin_fields_survive_the_child_process_round_trip(bf16_verified):
   assert back.to_dict()["twin_peak_error"] == pytest.approx(v.twin_peak_error)
 
 
+@pytest.mark.slow  # the bf16 plan's verify: two compiles
 def test_a_dict_written_before_the_twin_reads_with_defaults(bf16_verified):
   _, v = bf16_verified
   new = {
@@ -114,8 +117,8 @@ def test_a_float32_plan_has_no_twin():
 # --- compiler="gpu" ----------------------------------------------------------------------------
 
 
-def test_gpu_compiler_without_a_gpu_is_a_named_error(bf16_verified):
-  plan, _ = bf16_verified
+def test_gpu_compiler_without_a_gpu_is_a_named_error():
+  _, plan = _plan("bfloat16")
   with pytest.raises(errors.NoGpuError, match="compiler='cpu'"):
     plan.verify(compiler="gpu")
   with pytest.raises(errors.InvalidArgumentError, match="devices=None"):
@@ -204,6 +207,7 @@ def test_the_gpu_child_compiles_only(monkeypatch):
   assert cpu["XLA_FLAGS"] == "--xla_force_host_platform_device_count=16"
 
 
+@pytest.mark.slow  # the bf16 plan's verify: two compiles
 def test_a_twin_that_cannot_be_built_leaves_the_bf16_compile_and_a_note(bf16_verified, monkeypatch):
   from wapar_jax._src.verify import run
 
