@@ -101,6 +101,7 @@ def test_emitted_step_costs_what_the_hand_written_one_does(strategy):
   assert emitted.figures.compute_time <= hand.figures.compute_time * 1.01
 
 
+@pytest.mark.slow
 def test_fsdp_weights_are_gathered_not_the_activations():
   # Without a constraint XLA may split the work on the weights' data split instead of
   # gathering them: the emitted step holds parameters to their gathered layout.

@@ -87,6 +87,7 @@ def _custom_primitive():
   return prim
 
 
+@pytest.mark.slow
 def test_unknown_primitive_is_planned_conservatively_with_a_warning(mlp):
   prim = _custom_primitive()
 

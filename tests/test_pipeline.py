@@ -200,6 +200,7 @@ def test_explain_and_maxtext_know_the_stage_axis():
   assert config["num_pipeline_repeats"] == plan.pipeline.repeats
 
 
+@pytest.mark.slow
 def test_stages_fixes_or_forbids_the_pipeline():
   ex, _, _ = _inputs("scan", batch_size=16)
   kw = dict(optimizer=optax.sgd(0.1), devices=8, profile="titanxp-pcie")

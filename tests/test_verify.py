@@ -183,6 +183,7 @@ def verified():
   return ex, out
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 @pytest.mark.parametrize("strategy", ["dp", "fsdp", "tp"])
 def test_compiled_flops_match_prediction(verified, strategy):
   _, results = verified
@@ -194,6 +195,7 @@ def test_compiled_flops_match_prediction(verified, strategy):
   assert v.memory.peak > 0 and v.compiled.peak_memory == v.memory.peak
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 def test_dp_all_reduces_the_gradients_over_all_eight(verified):
   ex, results = verified
   _, v = results["dp"]
@@ -206,6 +208,7 @@ def test_dp_all_reduces_the_gradients_over_all_eight(verified):
   assert sum(c.nbytes for c in reduces) == pytest.approx(grad_bytes + wte, rel=0.01)
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 def test_fsdp_gathers_parameters_over_data(verified):
   _, results = verified
   _, v = results["fsdp"]
@@ -219,6 +222,7 @@ def test_fsdp_gathers_parameters_over_data(verified):
   assert dp.comm_bytes_scattered == dp.compiled.comm_bytes
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 def test_tp_collectives_are_over_the_model_axis(verified):
   _, results = verified
   _, v = results["tp"]
@@ -247,6 +251,7 @@ def test_scanned_layers_are_counted_per_iteration():
   assert v.compiled.flops == pytest.approx(plan.predicted.flops, rel=0.03)
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 def test_table_and_json_round_trip(verified):
   _, results = verified
   _, v = results["dp"]
@@ -265,6 +270,7 @@ def test_table_and_json_round_trip(verified):
   assert wap.Verification.from_dict(d) == v
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 def test_too_few_devices_passed_is_a_named_error(verified):
   _, results = verified
   plan, _ = results["dp"]
@@ -335,6 +341,7 @@ def test_kernel_seconds_is_the_roofline_of_the_compiled_kernels():
   assert kernels.kernel_seconds(module, mult, profile) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.slow  # the `verified` fixture plans and compiles three steps
 def test_compiled_step_time_is_compute_plus_comm(verified):
   _, results = verified
   for _, v in results.values():
@@ -402,6 +409,7 @@ def test_cpu_expanded_max_pool_gradients_are_noted():
   assert not any("max-pool gradient" in n for n in read(plain))
 
 
+@pytest.mark.slow
 def test_a_gpu_plan_is_checked_on_cpu_against_its_xla_cpu_memory_figure():
   # GPU XLA keeps fewer values for the backward pass than XLA:CPU: the plan fits with the
   # former, the CPU compile is compared with the latter.
