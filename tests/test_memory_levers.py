@@ -26,7 +26,6 @@ TX = optax.adamw(1e-3)
     # Each lever once more, each on another way of writing the layers.
     pytest.param("gpt-tiny-scan", "layers_dots", 2, marks=pytest.mark.slow),
     pytest.param("gpt-tiny-nnx", "none", 4, marks=pytest.mark.slow),
-    pytest.param("gpt-tiny-nnx", "layers", 1, marks=pytest.mark.slow),
   ],
 )
 def test_levers_keep_loss_and_gradients(name, remat, microbatches):
