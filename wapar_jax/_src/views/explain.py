@@ -230,7 +230,7 @@ def _batch_note(plan, batch: int) -> list[str]:
   """Why the batch narrowed the plan, when it does not split over every device offered: a data
   axis must divide it, so other device counts need a model axis (or do not exist)."""
   offered = plan.devices_offered
-  fits = [k for k in range(1, offered + 1) if batch % k == 0]
+  fits = [k for k in divisors(batch) if k <= offered]
   if fits[-1] == offered:
     return []
   chosen = plan.mesh_shape.get("data", 1) * plan.mesh_shape.get("fsdp", 1)
