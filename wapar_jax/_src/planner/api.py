@@ -407,17 +407,12 @@ def plan(
   # Replicated: batch statistics and keys are small, and every device reads all of them.
   flat_s = {k: P() for k in leaf_paths(abstract_state)} if abstract_state is not None else {}
   # An NNX State's specs as plain nested dicts, as a plan loaded from JSON has them.
-  like = lambda tree: (
-    (lambda flat, what: nest(flat))
-    if nnx_model
-    else (lambda flat, what: specs_like(tree, flat, what))
-  )
-  like_params = like(abstract_params)
+  like = lambda tree, flat, what: nest(flat) if nnx_model else specs_like(tree, flat, what)
   return Plan(
     mesh_shape=best.mesh_shape,
-    param_specs=like_params(flat_p, "parameter specs"),
+    param_specs=like(abstract_params, flat_p, "parameter specs"),
     batch_specs=specs_like(abstract_batch, flat_b, "batch specs"),
-    opt_state_param_specs=like_params(flat_o, "optimizer-state specs"),
+    opt_state_param_specs=like(abstract_params, flat_o, "optimizer-state specs"),
     predicted=Prediction.of(best, budget),
     candidates=_kept(ranked),
     chosen=best,
@@ -443,7 +438,7 @@ def plan(
     flat_opt_specs=flat_o,
     flat_batch_specs=flat_b,
     model_state_specs=(
-      None if abstract_state is None else like(abstract_state)(flat_s, "model-state specs")
+      None if abstract_state is None else like(abstract_state, flat_s, "model-state specs")
     ),
     flat_model_state_specs=flat_s if abstract_state is not None else None,
     _loss_fn=loss_fn,
