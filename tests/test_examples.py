@@ -122,8 +122,8 @@ def test_handwritten_variant_is_the_same_model(name):
   )
   assert n_head == 4 and _signature(ex.params) == _signature(plain.params)
   params, batch = plain.init_params(jax.random.key(0)), plain.make_batch(jax.random.key(1))
-  want = jax.value_and_grad(plain.loss_fn)(params, batch)
-  got = jax.value_and_grad(ex.loss_fn)(params, batch)
+  want = jax.jit(jax.value_and_grad(plain.loss_fn))(params, batch)
+  got = jax.jit(jax.value_and_grad(ex.loss_fn))(params, batch)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)

@@ -141,7 +141,7 @@ def test_three_planner_processes_keep_what_one_after_another_keep(tmp_path):
     "ex = examples.get_example(sys.argv[1])\n"
     "wap.plan(ex.loss_fn, ex.params, ex.batch, optimizer=optax.adamw(1e-3), devices=8)\n"
   )
-  models = ("gpt-tiny", "cnn", "bert-tiny")
+  models = ("gpt-tiny", "cnn", "mlp")
 
   def plan_all(directory, together):
     env = dict(os.environ, WAPAR_CACHE_DIR=str(directory), JAX_PLATFORMS="cpu")
