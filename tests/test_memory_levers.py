@@ -13,7 +13,8 @@ import pytest
 
 import wapar_jax as wap
 from wapar_jax import examples
-from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM
+from wapar_jax._src.planner import levers
+from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
 from wapar_jax._src.step import loss_and_grads, make_train_step, repeated_blocks
 
 TX = optax.adamw(1e-3)
@@ -183,3 +184,66 @@ def test_a_gpu_profile_fits_a_rematerialised_plan_to_the_larger_compiler_peak():
       assert gpu.peak_memory < cpu.peak_memory
     else:
       assert gpu.peak_memory == cpu.peak_memory
+
+
+def _memory(param, opt, act):
+  return Candidate(
+    8,
+    8,
+    1,
+    (),
+    "fsdp",
+    "fsdp",
+    1.0,
+    1.0,
+    0.0,
+    1.0,
+    0.0,
+    param + opt + act,
+    0.0,
+    False,
+    param,
+    opt,
+    act,
+  )
+
+
+def test_a_lever_is_ruled_out_only_by_a_policy_keeping_no_more_and_fewer_micro_batches():
+  # 10 of parameters and state and 80 of activations on the best point: 4 micro-batches could
+  # bring that to 10 + 20, 8 to 10 + 10.
+  searched = {
+    ("none", 1): [_memory(4, 6, 80), _memory(2, 4, 200)],
+    ("layers", 1): [_memory(4, 6, 20)],
+  }
+  assert levers.cannot_fit(("none", 4), {("none", 1): searched[("none", 1)]}, budget=25)
+  assert not levers.cannot_fit(("none", 8), {("none", 1): searched[("none", 1)]}, budget=25)
+  # Per-layer remat bounds every policy: with 2 micro-batches it would need 10 + 10.
+  assert levers.cannot_fit(("layers_dots", 1), searched, budget=25)
+  assert not levers.cannot_fit(("layers_dots", 2), searched, budget=25)
+  # Nothing bounds a policy from one that keeps more, nor from more micro-batches.
+  assert not levers.cannot_fit(("layers", 1), {("none", 1): searched[("none", 1)]}, budget=25)
+  assert not levers.cannot_fit(("none", 2), {("none", 4): [_memory(4, 6, 80)]}, budget=25)
+
+
+@pytest.mark.slow
+def test_levers_sure_to_fit_nowhere_are_not_traced_and_the_plan_is_the_same(monkeypatch):
+  # A device that holds the data-parallel step only with per-layer remat and 8 micro-batches:
+  # accumulation alone, or remat with fewer micro-batches, cannot fit at any mesh.
+  ex = examples.get_example("gpt-tiny", batch_size=64, seq_len=64)
+  cpu = wap.load_profile("cpu")
+  kwargs = dict(optimizer=TX, devices=2, strategy="dp", all_devices=True)
+  roomy = wap.plan(
+    ex.loss_fn, ex.params, ex.batch, profile=cpu, remat="layers", microbatches=8, **kwargs
+  )
+  tight = dataclasses.replace(
+    cpu,
+    name="tight",
+    memory_bytes=1.02 * roomy.predicted.peak_memory / (1 - DEFAULT_MEMORY_HEADROOM),
+  )
+  pruned = wap.plan(ex.loss_fn, ex.params, ex.batch, profile=tight, **kwargs)
+  monkeypatch.setattr(levers, "cannot_fit", lambda *args: False)
+  every = wap.plan(ex.loss_fn, ex.params, ex.batch, profile=tight, **kwargs)
+  assert pruned.stats["variants_ruled_out"] > 0 and every.stats["variants_ruled_out"] == 0
+  assert pruned.stats["variants_searched"] < every.stats["variants_searched"]
+  assert pruned.chosen == every.chosen and pruned.param_specs == every.param_specs
+  assert (pruned.chosen.remat, pruned.chosen.microbatches) != ("none", 1)

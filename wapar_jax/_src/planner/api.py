@@ -339,6 +339,7 @@ def plan(
   # The levers are searched as without pipelines, in their own order (the stack's variant is
   # kept aside until its turn): a pipeline is chosen only by a margin over the best plan
   # without one (`pipelines.ranked_with_margin`), which must be found first.
+  ruled_out = 0  # memory levers not traced: sure to fit nowhere (`levers.cannot_fit`)
   for variant in levers.memory_variants(
     results[first][3],
     remat,
@@ -348,6 +349,12 @@ def plan(
     search.batch_size_of(results[first][2]),
   ):
     if variant in results:
+      continue
+    searched = {v: r[3] for v, r in results.items()}
+    if stack_run is not None:
+      searched.setdefault(pipelines.STACK_VARIANT, stack_run[3])
+    if levers.cannot_fit(variant, searched, budget):
+      ruled_out += 1
       continue
     if stop():
       skipped.append("the remaining memory levers (remat, gradient accumulation)")
@@ -426,6 +433,7 @@ def plan(
       "total_seconds": time.perf_counter() - t0,
       "ops": len(traced.ops),
       "variants_searched": len(results),
+      "variants_ruled_out": ruled_out,
       "unique_ops": costs.unique_ops,
       "lowered_ops": costs.lowered_ops,
       "candidates_evaluated": len(ranked),

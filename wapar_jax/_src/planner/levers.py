@@ -8,7 +8,7 @@ unconstrained optimum.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from wapar_jax._src.fmt import human_bytes, human_seconds
 from wapar_jax._src.profiles import DeviceProfile
@@ -59,6 +59,34 @@ def memory_variants(ranked, remat, microbatches, objective, layers_exist, batch_
       if not has_layers_cache[0]:
         continue
     yield choice, k
+
+
+# Rematerialisation policies whose activations are no larger than each policy's: per-layer remat
+# keeps only each layer's input, and recomputes its gathers too, so it bounds every policy.
+_ACTIVATION_FLOORS = {
+  "none": ("none", "layers"),
+  "weights": ("layers",),
+  "layers_dots": ("layers",),
+  "layers": ("layers",),
+}
+
+
+def cannot_fit(variant, searched: Mapping[tuple[str, int], Sequence[Candidate]], budget) -> bool:
+  """Whether a variant not yet traced is sure to have no fitting candidate, from one searched
+  already: its activations are at least those of a policy that keeps no more (`_ACTIVATION_FLOORS`)
+  with k' micro-batches, times k' / k (accumulation divides what scales with the batch and adds
+  an accumulator), while parameters and optimizer state do not change; and its candidates are a
+  subset of that variant's (the micro-batch must still divide by the data degree)."""
+  remat, k = variant
+  for (floor, k_floor), ranked in searched.items():
+    if floor not in _ACTIVATION_FLOORS[remat] or k % k_floor or not ranked:
+      continue
+    lowest = min(
+      c.param_memory + c.opt_state_memory + c.activation_memory * k_floor / k for c in ranked
+    )
+    if lowest > budget:
+      return True
+  return False
 
 
 def speed_variants(traced, remat, microbatches, searched):
