@@ -41,6 +41,10 @@ CASES = {
   "gpt-1.3b@4xtitanxp": ("gpt-1.3b", "titanxp-pcie", 4, 8, 1024),
   "gpt2-small@2x8xh100": ("gpt2-small", "h100-sxm", 16, 64, 1024),
   "gpt2-medium@8xa100-pcie": ("gpt2-medium", "a100-40g-pcie", 8, 32, 1024),
+  "gpt2-small@8xa100-pcie": ("gpt2-small", "a100-40g-pcie", 8, 32, 1024),
+  "gpt2-large@8xa100-pcie": ("gpt2-large", "a100-40g-pcie", 8, 16, 1024),
+  "vit-b16@8xa100-pcie": ("vit-b16", "a100-40g-pcie", 8, 256, None),
+  "gpt-7b@2x8xh100": ("gpt-7b", "h100-sxm", 16, 32, 2048),
 }
 RUNS = {"no pipeline": {"stages": 1}, "pipeline": {"strategy": "pp"}, "plan": {}}
 

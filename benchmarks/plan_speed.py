@@ -46,6 +46,17 @@ CASES = [
     {"seconds": 30.0},
   ),
   ("gpt-7b", ["--devices", "8", "--profile", "h100-sxm"], {"seconds": 60.0, "rss_gib": 4.0}),
+  # The pipeline issue's cases: memory levers and pipelines both searched; a 65B model in 64.
+  (
+    "gpt-7b",
+    ["--devices", "8", "--profile", "a100-40g-pcie", "--batch-size", "64", "--seq-len", "2048"],
+    {"seconds": 30.0, "rss_gib": 4.0},
+  ),
+  (
+    "gpt-65b-scan",
+    ["--devices", "64", "--profile", "h100-sxm", "--dtype", "bfloat16"],
+    {"seconds": 60.0, "rss_gib": 4.0},
+  ),
   (
     "gpt-7b",
     ["--devices", "8", "--profile", "h100-sxm", "--dtype", "bfloat16"],
