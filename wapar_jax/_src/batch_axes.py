@@ -125,3 +125,21 @@ def specs_rows_first(batch_specs, axes: Sequence[int]):
   """`spec_rows_first` over a tree of specs (flattened order matching `axes`)."""
   flat, treedef = jax.tree.flatten(batch_specs, is_leaf=lambda x: isinstance(x, P))
   return treedef.unflatten([spec_rows_first(s, a) for s, a in zip(flat, axes)])
+
+
+def rows_first_program(loss_fn: Callable, batch_specs, axes: Sequence[int] | None):
+  """(loss, batch specs, wrap) for a program that runs rows first: the loss and specs in that
+  layout, and `wrap(fn, position)` giving a function built from them the batch as the user
+  lays it out (argument `position` moved rows first). Unchanged where `axes` is None."""
+  if axes is None:
+    return loss_fn, batch_specs, lambda fn, position: fn
+
+  def wrap(fn: Callable, position: int) -> Callable:
+    def given(*args):
+      args = list(args)
+      args[position] = rows_first(args[position], axes)
+      return fn(*args)
+
+    return given
+
+  return loss_on_rows_first(loss_fn, axes), specs_rows_first(batch_specs, axes), wrap

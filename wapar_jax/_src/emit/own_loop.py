@@ -125,9 +125,9 @@ def constrained_grads(
   differentiated, accumulated over the plan's micro-batches with gradients held split. With a
   model's state, `(params, batch, state) -> ((loss, state), grads)`; with `batch_axes` (batch
   dims other than dim 0), run rows first as the emitted step runs."""
-  if batch_axes is not None:
-    loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
-    batch_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
+  loss_fn, batch_specs, taking_given = batch_axes_lib.rows_first_program(
+    loss_fn, batch_specs, batch_axes
+  )
   loss_fn, hook, hold = layout_levers(
     loss_fn, auto_twin(mesh), param_specs, batch_specs, grad_specs, sequence_parallel
   )
@@ -139,8 +139,4 @@ def constrained_grads(
     hold_grads=hold,
     with_state=with_state,
   )
-  if batch_axes is None:
-    return grads
-  return lambda params, batch, *state: grads(
-    params, batch_axes_lib.rows_first(batch, batch_axes), *state
-  )
+  return taking_given(grads, position=1)

@@ -122,10 +122,9 @@ def sharded_train_step(
   axis (`sequence.sequence_split`)."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   s_sh = () if state_specs is None else (named(mesh, state_specs),)
-  rows_specs = batch_specs
-  if batch_axes is not None:
-    loss_fn = batch_axes_lib.loss_on_rows_first(loss_fn, batch_axes)
-    rows_specs = batch_axes_lib.specs_rows_first(batch_specs, batch_axes)
+  loss_fn, rows_specs, taking_given = batch_axes_lib.rows_first_program(
+    loss_fn, batch_specs, batch_axes
+  )
   loss_fn, hook, hold = layout_levers(
     loss_fn, mesh, param_specs, rows_specs, grad_specs, sequence_parallel
   )
@@ -138,11 +137,8 @@ def sharded_train_step(
     hold_grads=hold,
     with_state=state_specs is not None,
   )
-  if batch_axes is not None:
-    rows_step = step
-    step = lambda p, o, b, *s: rows_step(p, o, batch_axes_lib.rows_first(b, batch_axes), *s)
   jitted = jax.jit(
-    step,
+    taking_given(step, position=2),
     in_shardings=(p_sh, o_sh, b_sh, *s_sh),
     out_shardings=(p_sh, o_sh, NamedSharding(mesh, P()), *s_sh),
     donate_argnums=(0, 1, 3) if s_sh else (0, 1),
