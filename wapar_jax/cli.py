@@ -318,7 +318,7 @@ def _add_plan_arguments(p, model_nargs=None, strategy=True) -> None:
     help="whose buffer rules decide the fit: the profile's compiler (default), "
     "or a compiler's, e.g. xla:cpu so that `verify` on CPU devices checks it",
   )
-  p.add_argument("--sequence-parallel", choices=tuple(SEQUENCE_PARALLEL), default="off")
+  p.add_argument("--sequence-parallel", choices=tuple(SEQUENCE_PARALLEL), default="searched")
   p.add_argument(
     "--remat",
     choices=("none", "layers", "layers_dots"),

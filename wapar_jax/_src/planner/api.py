@@ -100,7 +100,7 @@ def plan(
   max_seconds: float | None = None,
   model_state: Any = None,
   batch_axes: Any = 0,
-  sequence_parallel: bool | None = False,
+  sequence_parallel: bool | None = None,
 ) -> Plan:
   """Plans how to shard a single-device train step.
 
@@ -154,9 +154,9 @@ def plan(
     sequence_parallel: Megatron-style sequence parallelism for plans with a model axis: the
       activations outside the tensor-parallel regions (norms, residual adds; found from the
       dimension classes) split on the sequence over the model axis, entering each region by an
-      all-gather and leaving it by a reduce-scatter instead of an all-reduce. False (default):
-      never; True: every plan with a model axis has it (where the model degree divides the
-      sequence and the heads are split); None: searched beside tensor parallelism alone.
+      all-gather and leaving it by a reduce-scatter instead of an all-reduce. None (default):
+      searched beside tensor parallelism alone; False: never; True: every plan with a model
+      axis has it (where the model degree divides the sequence and the heads are split).
 
   Returns:
     A frozen `Plan`.
