@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import batch_axes as batch_axes_lib
-from wapar_jax._src.emit import sequence
+from wapar_jax._src.emit import experts, sequence
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.tree import path_keys, path_str
@@ -81,11 +81,14 @@ def layout_levers(
 ):
   """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
   when weights are gathered at use (and its activations split on the sequence with
-  `sequence_parallel`, `sequence.sequence_split`), the `gathers.at_use` hook (None if no
-  weight is), and the constraint keeping accumulated gradients split (None unless
-  `grad_specs`)."""
+  `sequence_parallel`, `sequence.sequence_split`; on the experts where the mesh has an expert
+  axis, `experts.expert_split`), the `gathers.at_use` hook (None if no weight is), and the
+  constraint keeping accumulated gradients split (None unless `grad_specs`)."""
   if sequence_parallel:
     loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, batch_specs)
+  if experts.EXPERT in mesh.shape:
+    count = lambda specs: len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+    loss_fn = experts.expert_split(loss_fn, mesh, count(param_specs), count(batch_specs))
   hook = _gather_hook(mesh, param_specs)
   if hook is not None:
     loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)

@@ -1,0 +1,69 @@
+"""Expert parallelism (EP) in the emitted step: expert-side activations split on the experts.
+
+The expert weights `[E, ...]` are stored split on E over the mesh's `expert` axis (their
+specs); the tokens are split over the data and expert axes together. Inside the loss, each
+expert-side tensor (`trace.experts.expert_side`: `expert_in [B, E, C, D]`, the hidden and the
+output, and by transposition their cotangents) is constrained to E on the expert axis and its
+batch on the data axis, so XLA's partitioner moves tokens to their experts' devices by an
+all-to-all and back, rather than gathering the expert weights (weight specs alone leave XLA to
+choose: it all-gathers the combine's `[B, T, D]` input in the backward pass as well).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from wapar_jax._src.emit.sequence import evaluate_constrained
+from wapar_jax._src.step import loss_program
+from wapar_jax._src.trace.builder import trace_jaxpr
+from wapar_jax._src.trace.experts import expert_side, find_experts
+
+EXPERT, DATA = "expert", "data"
+
+
+def expert_specs(
+  closed, n_params: int, n_batch: int, n_state: int, data_entry, token_entry
+) -> dict:
+  """{id of an equation: the spec its output is constrained to}: E on the expert axis, the
+  batch on `data_entry` (None: not split), for every expert-side output of the loss (and of
+  the scans in it)."""
+  traced = trace_jaxpr(closed, n_params, 0, n_batch, loss_output=0, num_state=n_state)
+  experts = find_experts(traced)
+  side = expert_side(traced, experts)
+  classes = traced.var_classes
+  batch = {classes[v][0] for v in traced.batch_vars if classes[v]}
+  specs = {}
+  for op in traced.ops:
+    if len(op.out_vars) != 1 or not batch & set(classes[op.out_vars[0]]):
+      continue
+    out = op.out_vars[0]
+    if side[out]:
+      entries = [EXPERT if c in experts.classes else None for c in classes[out]]
+      lead = next(d for d, c in enumerate(classes[out]) if c in batch)
+      entries[lead] = data_entry
+    else:
+      entries = [None] * len(classes[out])
+      entries[next(d for d, c in enumerate(classes[out]) if c in batch)] = token_entry
+    specs[id(op.eqn)] = P(*entries)
+  return specs
+
+
+def expert_split(loss_fn: Callable, mesh: Mesh, n_params: int, n_batch: int) -> Callable:
+  """`loss_fn(params, batch, *state)` with its expert-side activations split on the experts
+  over the mesh's expert axis (see the module doc)."""
+  data_entry = DATA if mesh.shape.get(DATA, 1) > 1 else None
+  token_entry = (DATA, EXPERT) if data_entry else EXPERT
+
+  def split(params, batch, *state):
+    closed, out_tree = loss_program(loss_fn, (params, batch, *state))
+    n_state = len(jax.tree.leaves(state))
+    specs = expert_specs(closed, n_params, n_batch, n_state, data_entry, token_entry)
+    args = jax.tree.leaves((params, batch, *state))
+    outs = evaluate_constrained(closed.jaxpr, closed.consts, args, specs, mesh)
+    return jax.tree.unflatten(out_tree, outs)
+
+  return split
