@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import yaml
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -20,6 +21,7 @@ from wapar_jax._src.step import loss_and_grads, make_train_step
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.trace.experts import find_experts
 from wapar_jax._src.tree import abstract
+from wapar_jax._src.views import export
 from wapar_jax.examples import _moe
 
 TX = optax.adamw(1e-3)
@@ -120,8 +122,12 @@ def test_a_planned_expert_parallel_step_matches_the_single_device_run(moe):
   ep = plan.chosen.expert
   assert ep > 1 and plan.mesh_shape["expert"] == ep and plan.strategy.startswith("ep")
   assert plan.param_specs["block_0"]["moe"]["w_in"] == P("expert", None, None)
-  assert "expert" in plan.explain()
-  assert wap.Plan.from_json(plan.to_json()).chosen == plan.chosen
+  assert "expert parallel" in plan.explain() and plan.details.experts == (8, 10, 32)
+  loaded = wap.Plan.from_json(plan.to_json())
+  assert (loaded.chosen, loaded.details) == (plan.chosen, plan.details)
+  config = yaml.safe_load(plan.to_maxtext_yaml())
+  assert config["ici_expert_parallelism"] * config["dcn_expert_parallelism"] == ep
+  assert export.rules_reproduce(plan)[0] == export.rules_reproduce(plan)[1]
   params = moe.init_params(jax.random.key(0))
   batch = moe.make_batch(jax.random.key(1))
   ref_step = jax.jit(make_train_step(moe.loss_fn, TX))

@@ -215,6 +215,7 @@ DETAILS_RULES = {
   "compute_bound_seconds": FIGURE,
   "memory_bound_seconds": FIGURE,
   "unknown_primitives": list_of(TEXT),
+  "experts": list_of(COUNT),
 }
 _SPECS = list_of(
   record(
@@ -244,7 +245,7 @@ PLAN_RULES = {
   "batch_specs": _SPECS,
   "model_state_specs": _SPECS,
   "batch_axes": list_of(record({"path": list_of(KEY), "axis": INDEX})),
-  "details": record(DETAILS_RULES, frozenset({"unknown_primitives"})),
+  "details": record(DETAILS_RULES, frozenset({"unknown_primitives", "experts"})),
   "pipeline": record(
     {
       "layers": COUNT,
