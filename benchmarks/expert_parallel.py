@@ -221,10 +221,6 @@ def _planned(ex, devices: int, strategy: str) -> dict:
   )
   planned = time.perf_counter() - t0
   v = plan.verify()
-  same = [x for x in plan.candidates if x.devices == plan.chosen.devices]
-  best = {}
-  for x in same:  # the best candidate of each family on the chosen device count
-    best.setdefault(x.strategy, x.step_time)
   return {
     "name": f"planner, strategy={strategy!r}",
     "strategy": plan.strategy,
@@ -237,8 +233,30 @@ def _planned(ex, devices: int, strategy: str) -> dict:
     "compiled": {f: getattr(v.compiled, f) for f in FIGURES},
     "compiled_comm_bytes_as_gpu": v.comm_bytes_scattered,
     "collectives": _kinds(v.collectives),
-    "predicted_by_family": best,
   }
+
+
+def _family_predictions(ex, devices: int) -> dict:
+  """The planner's best plan of each family on all the devices: strategy and predicted step."""
+  out = {}
+  for family in ("zero1", "fsdp", "tp", "dp_tp", "ep"):
+    try:
+      plan = wap.plan(
+        ex.loss_fn,
+        ex.params,
+        ex.batch,
+        optimizer=TX,
+        devices=devices,
+        all_devices=True,
+        strategy=family,
+        profile=PROFILE,
+        memory_rules="xla:cpu",
+      )
+    except wap.WaparError as e:  # no plan of the family on all the devices: said so
+      out[family] = {"strategy": f"none ({type(e).__name__})", "step_time": float("nan")}
+      continue
+    out[family] = {"strategy": plan.strategy, "step_time": plan.predicted.step_time}
+  return out
 
 
 def run_case(name: str) -> dict:
@@ -253,7 +271,13 @@ def run_case(name: str) -> dict:
   for row in _baselines(ex, devices, profile):
     print(name, row["name"], json.dumps(row["compiled"]), flush=True)
     rows.append(row)
-  return {"model": model, "batch_size": batch_size, "devices": devices, "rows": rows}
+  return {
+    "model": model,
+    "batch_size": batch_size,
+    "devices": devices,
+    "rows": rows,
+    "predicted_by_family": _family_predictions(ex, devices),
+  }
 
 
 def _err(p: float, c: float) -> str:
@@ -318,6 +342,16 @@ def markdown(cases: dict) -> str:
         f"{1 - t / best['compiled']['step_time']:+.1%} faster. Planner's choice: "
         f"{rows[0]['strategy']}. Routing read from the program (E, C, T): "
         f"{rows[0]['experts_read']}.",
+      ]
+    if "predicted_by_family" in case:
+      lines += [
+        "",
+        "The planner's best plan of each family on all the devices, predicted step: "
+        + ", ".join(
+          f"{f} -> {x['strategy']} {x['step_time'] * ms:.2f} ms"
+          for f, x in case["predicted_by_family"].items()
+        )
+        + ".",
       ]
     lines += ["", "Compiled collectives (instructions, runs, buffer bytes over the runs):", ""]
     lines += ["| plan | kind | ops | runs | buffers |", "|---|---|---|---|---|"]

@@ -154,3 +154,9 @@ def test_expert_degrees_divide_the_experts_and_the_batch_devices(moe):
   degrees = {(c.data, c.expert) for c in plan.candidates if c.devices > 1}
   assert degrees == {(d, e) for d in (2, 4, 8) for e in (2, 4, 8) if e <= d}
   assert all(math.prod(c.mesh_shape.values()) == c.devices for c in plan.candidates)
+
+
+def test_strategy_ep_needs_a_mixture_of_experts():
+  dense = examples.get_example("gpt-tiny")
+  with pytest.raises(wap.errors.InvalidArgumentError, match="has none"):
+    wap.plan(dense.loss_fn, dense.params, dense.batch, optimizer=TX, devices=8, strategy="ep")

@@ -214,6 +214,12 @@ def search_until(
     raise InvalidArgumentError(f"objective must be one of {OBJECTIVES}. Got {objective!r}.")
   if not 0 <= memory_headroom < 1:
     raise InvalidArgumentError(f"memory_headroom must be in [0, 1). Got {memory_headroom!r}.")
+  if strategy == "ep" and not space.experts.classes:
+    raise InvalidArgumentError(
+      "strategy 'ep' splits the experts of mixture-of-experts layers, and this step has none: "
+      "no dot_general batches a weight over a dim it shares with the batch's activations (the "
+      "e of GShard's 'becd,edf->becf'). Use another strategy. Got strategy='ep'."
+    )
   budget = profile.memory_bytes * (1 - memory_headroom)
   op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
   aggregates: dict[tuple[tuple[int, ...], bool], Aggregates] = {}
