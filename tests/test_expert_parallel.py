@@ -17,6 +17,7 @@ from wapar_jax import examples
 from wapar_jax._src import verify
 from wapar_jax._src.emit.shardings import opt_state_specs
 from wapar_jax._src.emit.step import sharded_train_step
+from wapar_jax._src.search import sweep
 from wapar_jax._src.step import loss_and_grads, make_train_step
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.trace.experts import find_experts
@@ -145,6 +146,39 @@ def test_a_planned_expert_parallel_step_matches_the_single_device_run(moe):
     p, o, loss = step(p, o, plan.shard_batch(batch))
     ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_with_expert_parallelism_gathers_each_devices_experts_over_data_only(moe):
+  with pytest.MonkeyPatch.context() as mp:  # "auto" picks it where memory binds, not here
+    mp.setattr(sweep, "EXPERT_STORAGES", frozenset({"fsdp"}))
+    plan = wap.plan(
+      moe.loss_fn,
+      moe.params,
+      moe.batch,
+      optimizer=TX,
+      devices=8,
+      all_devices=True,
+      strategy="ep",
+      profile=PROFILE,
+    )
+  ep = plan.chosen.expert
+  assert plan.strategy == "ep+fsdp" and plan.mesh_shape == {"data": 8 // ep, "expert": ep}
+  assert plan.param_specs["wte"]["embedding"] == P(("data", "expert"), None)
+  params = moe.init_params(jax.random.key(0))
+  batch = moe.make_batch(jax.random.key(1))
+  ref_step = jax.jit(make_train_step(moe.loss_fn, TX))
+  step = plan.train_step()
+  p = plan.shard(params)
+  o, ref_p, ref_o = plan.init_opt_state(p), params, TX.init(params)
+  for _ in range(3):
+    p, o, loss = step(p, o, plan.shard_batch(batch))
+    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+  found = _compiled(step, moe, plan.mesh_shape).collectives
+  w_in = 8 * 64 * 256 * 4
+  gathered = [c for c in found if c.kind == "all-gather" and c.nbytes >= w_in / ep]
+  assert gathered and all(c.nbytes == w_in / ep for c in gathered)  # this device's experts
 
 
 def test_expert_degrees_divide_the_experts_and_the_batch_devices(moe):

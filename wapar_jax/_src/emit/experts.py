@@ -56,7 +56,7 @@ def expert_split(loss_fn: Callable, mesh: Mesh, n_params: int, n_batch: int) -> 
   """`loss_fn(params, batch, *state)` with its expert-side activations split on the experts
   over the mesh's expert axis (see the module doc)."""
   data_entry = DATA if mesh.shape.get(DATA, 1) > 1 else None
-  token_entry = (DATA, EXPERT) if data_entry else EXPERT
+  token_entry = (DATA, EXPERT) if DATA in mesh.shape else EXPERT
 
   def split(params, batch, *state):
     closed, out_tree = loss_program(loss_fn, (params, batch, *state))

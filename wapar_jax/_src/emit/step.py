@@ -29,7 +29,10 @@ def _compute_spec(spec: P) -> P:
 
   def drop(entry):
     if isinstance(entry, tuple):
-      kept = tuple(a for a in entry if a not in _STORAGE_AXES)
+      # Beside data, the expert axis is the rest of the batch's devices storing a weight split
+      # (FSDP with expert parallelism); alone, it splits the experts (a compute layout).
+      storage = _STORAGE_AXES | ({experts.EXPERT} if experts.DATA in entry else set())
+      kept = tuple(a for a in entry if a not in storage)
       return kept if len(kept) > 1 else (kept[0] if kept else None)
     return None if entry in _STORAGE_AXES else entry
 

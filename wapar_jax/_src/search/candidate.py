@@ -88,9 +88,11 @@ def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1, expert: int = 1
   """Axes of size 1 are dropped, except that one device still has a (data=1) mesh. The fsdp
   axis takes `fsdp` of the dp data-parallel devices, between data and model, and so does the
   expert axis (inside a node first: its all-to-alls have no two-level algorithm); a pipeline's
-  stage axis is outermost (across nodes first: stages send only activations)."""
+  stage axis is outermost (across nodes first: stages send only activations). With an expert
+  axis the data axis stays, of size 1 too: the batch's devices are (data, expert) in every
+  spec, and a weight stored over them is told from the experts' own split by it."""
   shape = {STAGE: stages, DATA: dp // fsdp // expert, EXPERT: expert, FSDP: fsdp, MODEL: tp}
-  kept = {k: v for k, v in shape.items() if v > 1}
+  kept = {k: v for k, v in shape.items() if v > 1 or (k == DATA and expert > 1)}
   return kept or {DATA: 1}
 
 

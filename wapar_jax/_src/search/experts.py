@@ -36,9 +36,10 @@ from wapar_jax._src.search.pricing import axis_spans, fsdp_dim
 from wapar_jax._src.search.space import SearchSpace
 from wapar_jax._src.trace.experts import expert_side
 
-# Storages an EP candidate takes for the weights outside the experts: ZeRO-1 splits their state
-# over all the batch's devices; gathering storages are not emitted with an expert axis yet.
-EXPERT_STORAGES = frozenset({"replicated", "zero1"})
+# Storages an EP candidate takes: ZeRO-1 and FSDP split the other weights' state (and, FSDP,
+# the weights) over all the batch's devices and the experts' over the data axis's rest; hybrid
+# sharding would need a third axis of the batch's devices.
+EXPERT_STORAGES = frozenset({"replicated", "zero1", "fsdp"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ExpertTerms:
   param_bytes: float  # of the expert weights
   grad_bytes: float  # their gradients' reductions over the batch, per step (unsharded)
   grad_bytes_at_sinks: float  # the same, each chain of partial sums counted once
+  gathered_bytes: float  # FSDP's gathers of the expert weights at their uses, per step
   switch_bytes: float  # the all-to-alls' tensors per step (unsharded)
   switches: float  # all-to-alls per step
 
@@ -74,6 +76,8 @@ def expert_terms(space: SearchSpace) -> ExpertTerms | None:
       runs.update((v, mult) for v in op.out_vars if side[v])
     if any(token[v] for v in op.out_vars):
       runs.update((v, mult) for v in ins if side[v])
+  runs_of = np.maximum(space.gathered_runs, 0)
+  gathered = weight[space.gathered_var] * space.var_bytes[space.gathered_var] * runs_of
   switched = np.fromiter(runs, dtype=np.int64, count=len(runs))
   times = np.fromiter(runs.values(), dtype=float, count=len(runs))
   return ExpertTerms(
@@ -83,6 +87,7 @@ def expert_terms(space: SearchSpace) -> ExpertTerms | None:
     ),
     grad_bytes=float(weighted[space.red_batch & grads].sum()),
     grad_bytes_at_sinks=float(weighted[space.red_batch_sink & grads].sum()),
+    gathered_bytes=float(gathered.sum()),
     switch_bytes=float((space.var_bytes[switched] * times).sum()),
     switches=float(times.sum()),
   )
@@ -90,18 +95,20 @@ def expert_terms(space: SearchSpace) -> ExpertTerms | None:
 
 def expert_space(space: SearchSpace, terms: ExpertTerms, ep: int, storage: str) -> SearchSpace:
   """`space` with every expert weight, gradient and update 1/ep as big, as each device holds
-  them, and their optimizer state too unless ZeRO-1 splits it over all the batch's devices
-  already: priced as data parallelism, its memory follows every buffer rule of the compiler."""
+  them (FSDP: as it gathers them), and their stored weights and optimizer state too where
+  ZeRO-1 / FSDP does not split those over all the batch's devices already: priced as data
+  parallelism, its memory follows every buffer rule of the compiler."""
   traced = space.traced
   scale = np.where(terms.weight, 1.0 / ep, 1.0)
   var_bytes = space.var_bytes * scale
   out_bytes = np.array([sum(var_bytes[v] for v in op.out_vars) for op in traced.ops])
   opt_scale = scale[list(traced.opt_state_vars)] if storage == "replicated" else 1.0
+  param_scale = scale[list(traced.param_vars)] if storage != "fsdp" else 1.0
   return dataclasses.replace(
     space,
     var_bytes=var_bytes,
     op_out_bytes=out_bytes,
-    param_bytes=space.param_bytes * scale[list(traced.param_vars)],
+    param_bytes=space.param_bytes * param_scale,
     opt_bytes=space.opt_bytes * opt_scale,
   )
 
@@ -124,7 +131,7 @@ def expert_spans(dp: int, ep: int, devices_per_node: int) -> dict[str, tuple[int
 
 
 def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep: int) -> Candidate:
-  """`base`, the data-parallel candidate (tp = 1, replicated or ZeRO-1) of `expert_space`,
+  """`base`, the data-parallel candidate (tp = 1, replicated, ZeRO-1 or FSDP) of `expert_space`,
   with the experts' gradient reductions and gathers moved onto the data axis and the
   all-to-alls added on the expert axis."""
   dp = base.data
@@ -145,7 +152,7 @@ def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep
     sent += sign * (bytes_in + bytes_out)
 
   zero1 = base.storage == "zero1"
-  kind = "reduce-scatter" if zero1 else "all-reduce"
+  kind = "all-reduce" if base.storage == "replicated" else "reduce-scatter"
   grads = (terms.grad_bytes_at_sinks if zero1 else terms.grad_bytes) / ep
   # The experts' gradients leave the base's combined reduction over all dp devices (bytes
   # only: it still runs for the other weights) for one of their own over the data axis.
@@ -155,6 +162,9 @@ def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep
     shard = terms.param_bytes / ep
     collective("all-gather", shard, 0, dp, base_span, sign=-1.0)
     collective("all-gather", shard, math.ceil(shard / COMBINE_BYTES), rest, spans[DATA])
+  if base.storage == "fsdp":  # each use gathers the device's experts over the data axis only
+    collective("all-gather", terms.gathered_bytes / ep, 0, dp, base_span, sign=-1.0)
+    collective("all-gather", terms.gathered_bytes / ep, 0, rest, spans[DATA])
   collective("all-to-all", terms.switch_bytes / dp, terms.switches, ep, spans[EXPERT])
   step_time = base.compute_time + time
   return dataclasses.replace(
@@ -173,9 +183,9 @@ def expert_candidate_specs(space: SearchSpace, c: Candidate) -> tuple[list, list
   """PartitionSpecs of an EP candidate's params, their optimizer state and the batch: each
   expert weight split on its experts dim over the expert axis; under ZeRO-1 the state of the
   other weights split over the batch's devices (data and expert), the experts' over the data
-  axis's rest."""
+  axis's rest; under FSDP the weights themselves too."""
   ep, rest = c.expert, c.data // c.expert
-  token = (DATA, EXPERT) if rest > 1 else EXPERT
+  token = (DATA, EXPERT)
   experts, loop = space.experts.classes, space.traced.loop_classes
   param_specs, opt_specs = [], []
   for i, dims in enumerate(space.param_dims):
@@ -183,14 +193,14 @@ def expert_candidate_specs(space: SearchSpace, c: Candidate) -> tuple[list, list
     d = next((d for d, (cl, n) in enumerate(dims) if cl in experts and n % ep == 0), None)
     if d is not None:
       entries[d] = EXPERT
-    param_specs.append(P(*entries))
     stored = list(entries)
-    if c.storage == "zero1" and space.param_bytes[i] >= space.fsdp_min_bytes:
+    if c.storage != "replicated" and space.param_bytes[i] >= space.fsdp_min_bytes:
       split, axis = (rest, DATA) if d is not None else (c.data, token)
       if split > 1:
         k = fsdp_dim(dims, split, [e is not None for e in entries], loop)
         if k is not None:
           stored[k] = axis
+    param_specs.append(P(*stored) if c.storage == "fsdp" else P(*entries))
     opt_specs.append(P(*stored))
   batch_specs = []
   for v in space.traced.batch_vars:
