@@ -1,7 +1,8 @@
 """Expert parallelism (EP) against FSDP, ZeRO-1 and TP on mixture-of-experts models, by XLA.
 
 For each case (a MoE of the zoo, a batch, 8 or 2 x 8 h100-sxm devices) the planner plans the
-step twice, as it chooses (`strategy="auto"`) and as the best EP plan (`strategy="ep"`); each is
+step as it chooses (`strategy="auto"`), as the best EP plan (`strategy="ep"`, where auto chose
+none) and as the best EP plan with FSDP storage (`ep+fsdp`); each is
 compiled for its mesh on virtual CPU devices (`plan.verify()`), prediction beside compiled
 truth. The baselines are written by hand with `jax.jit` + `jax.sharding` as a researcher writes
 them, on all of the case's devices, compiled and read back (`verify.read_compiled`):
@@ -28,6 +29,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,6 +44,7 @@ import wapar_jax as wap  # noqa: E402
 from wapar_jax import examples  # noqa: E402
 from wapar_jax._src import verify  # noqa: E402
 from wapar_jax._src.cost.collectives import hierarchical_collective_traffic  # noqa: E402
+from wapar_jax._src.search import sweep  # noqa: E402
 from wapar_jax._src.tree import abstract  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -207,22 +210,26 @@ def _baselines(ex, devices: int, profile) -> list[dict]:
   return rows
 
 
-def _planned(ex, devices: int, strategy: str) -> dict:
+def _planned(ex, devices: int, strategy: str, storages=None) -> dict:
+  """The planner's plan, verified; `storages`: the EP storages searched (default all)."""
   t0 = time.perf_counter()
-  plan = wap.plan(
-    ex.loss_fn,
-    ex.params,
-    ex.batch,
-    optimizer=TX,
-    devices=devices,
-    strategy=strategy,
-    profile=PROFILE,
-    memory_rules="xla:cpu",
-  )
+  with contextlib.ExitStack() as stack:
+    if storages is not None:  # no public lever picks EP's storage: the search's set, narrowed
+      stack.enter_context(_storages(storages))
+    plan = wap.plan(
+      ex.loss_fn,
+      ex.params,
+      ex.batch,
+      optimizer=TX,
+      devices=devices,
+      strategy=strategy,
+      profile=PROFILE,
+      memory_rules="xla:cpu",
+    )
   planned = time.perf_counter() - t0
   v = plan.verify()
   return {
-    "name": f"planner, strategy={strategy!r}",
+    "name": f"planner, strategy={strategy!r}" + (f", {'/'.join(storages)}" if storages else ""),
     "strategy": plan.strategy,
     "mesh": dict(plan.mesh_shape),
     "expert": plan.chosen.expert,
@@ -234,6 +241,16 @@ def _planned(ex, devices: int, strategy: str) -> dict:
     "compiled_comm_bytes_as_gpu": v.comm_bytes_scattered,
     "collectives": _kinds(v.collectives),
   }
+
+
+@contextlib.contextmanager
+def _storages(storages):
+  saved = sweep.EXPERT_STORAGES
+  sweep.EXPERT_STORAGES = frozenset(storages)
+  try:
+    yield
+  finally:
+    sweep.EXPERT_STORAGES = saved
 
 
 def _family_predictions(ex, devices: int) -> dict:
@@ -266,6 +283,7 @@ def run_case(name: str) -> dict:
   rows = [_planned(ex, devices, "auto")]
   if rows[0]["expert"] == 1:
     rows.append(_planned(ex, devices, "ep"))
+  rows.append(_planned(ex, devices, "ep", storages=("fsdp",)))
   for row in rows:
     print(name, row["name"], row["strategy"], json.dumps(row["compiled"]), flush=True)
   for row in _baselines(ex, devices, profile):
@@ -330,6 +348,7 @@ def markdown(cases: dict) -> str:
       else:
         cells += ["-"] * 7
       lines.append("| " + " | ".join(cells) + " |")
+    # The planner's EP plan: its choice where that is EP, else its best EP plan.
     ep = [r for r in rows if r.get("expert", 1) > 1]
     others = [r for r in rows if "by hand" in r["name"] and not r["name"].startswith("ep")]
     if ep and others:
