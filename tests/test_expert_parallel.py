@@ -14,14 +14,16 @@ from jax.sharding import PartitionSpec as P
 
 import wapar_jax as wap
 from wapar_jax import examples
-from wapar_jax._src import verify
+from wapar_jax._src import compilers, verify
+from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.emit.shardings import opt_state_specs
 from wapar_jax._src.emit.step import sharded_train_step
-from wapar_jax._src.search import sweep
+from wapar_jax._src.search import build_space, sweep
+from wapar_jax._src.search.experts import expert_terms
 from wapar_jax._src.step import loss_and_grads, make_train_step
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.trace.experts import find_experts
-from wapar_jax._src.tree import abstract
+from wapar_jax._src.tree import abstract, leaf_paths, path_str
 from wapar_jax._src.views import export
 from wapar_jax.examples import _moe
 
@@ -78,6 +80,18 @@ def _emitted(moe, mesh_shape):
     planned_batch=moe.batch,
   )
   return step, mesh, specs
+
+
+def test_four_all_to_alls_per_layer_are_priced_on_the_expert_side_tensors(moe):
+  traced, _ = trace_train_step(moe.loss_fn, moe.params, moe.batch, TX)
+  paths = [path_str(k) for k in leaf_paths(moe.params)]
+  space = build_space(traced, step_costs(traced, CostCache()), paths, rules=compilers.XLA_GPU)
+  terms = expert_terms(space)
+  # dispatch and combine, forward and backward, of expert_in / expert_out [B, E, C, D] each
+  assert terms.switches == 4 * CFG.n_layer
+  assert terms.switch_bytes == 4 * CFG.n_layer * 8 * 8 * 10 * 64 * 4
+  # w_in, w_out and the router, whose E dim is the experts class too
+  assert terms.param_bytes == CFG.n_layer * (2 * 8 * 64 * 256 + 64 * 8) * 4
 
 
 @pytest.mark.parametrize(
