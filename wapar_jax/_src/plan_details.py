@@ -81,7 +81,8 @@ class PlanDetails:
     compute_bound_seconds / memory_bound_seconds: the compute time split by roofline term.
     unknown_primitives: primitives the planner had no sharding rule for (costed conservatively).
     experts: the mixture-of-experts routing read from the program (`trace.experts`): experts
-      per layer E, slots per expert and routing group C, tokens per group T; () without one.
+      per layer E, slots per expert and routing group C, tokens per group T and experts per
+      token k (T, k: 0 where not found); () without one.
   """
 
   groups: tuple[DimGroup, ...]

@@ -166,7 +166,7 @@ def build(
 
 def _experts(space) -> tuple[int, ...]:
   e = space.experts
-  return (e.size, e.capacity, e.tokens) if e.classes else ()
+  return (e.size, e.capacity, e.tokens, e.top_k) if e.classes else ()
 
 
 def _natural(path: str):

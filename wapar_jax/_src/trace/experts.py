@@ -5,7 +5,8 @@ activation: the weight carries no batch class, the activation does, and the dot'
 pairs them. That dim's class is the experts class (size E). The activation's free dim that is
 not the batch is the capacity C (slots per expert and routing group), and the matmul that made
 the activation (`btec,btd->becd`, the dispatch) contracted the group's tokens T, so C * E / T
-is the slots per token: the capacity factor times top-k, read from the program.
+is the slots per token; the router's `top_k` over the experts dim gives k, and C * E / (k * T)
+the capacity factor, all read from the program.
 
 The expert-side tensors (`expert_in`, `hidden`, `expert_out` and their cotangents) are those
 with the batch, the experts class, the slots and none of the token classes: under expert
@@ -32,6 +33,7 @@ class Experts:
     tokens: tokens per routing group T (0 where no dispatch matmul is found).
     token_classes: the classes of the group's tokens (the dispatch matmul's contraction).
     capacity_classes: the classes of the slots (C).
+    top_k: experts per token, the k of the router's `top_k` over the experts (0: none found).
   """
 
   classes: frozenset[int] = frozenset()
@@ -40,11 +42,17 @@ class Experts:
   tokens: int = 0
   token_classes: frozenset[int] = frozenset()
   capacity_classes: frozenset[int] = frozenset()
+  top_k: int = 0
 
   @property
   def slots_per_token(self) -> float:
     """C * E / T: the capacity factor times top-k (0 where T is unknown)."""
     return self.capacity * self.size / self.tokens if self.tokens else 0.0
+
+  @property
+  def capacity_factor(self) -> float:
+    """C * E / (k * T) (0 where T or k is unknown)."""
+    return self.slots_per_token / self.top_k if self.top_k else 0.0
 
 
 def find_experts(traced: TracedStep) -> Experts:
@@ -81,6 +89,11 @@ def find_experts(traced: TracedStep) -> Experts:
     return Experts()
   size = math.gcd(*(traced.class_size[c] for c in found))
   token_classes -= found | batch
+  top_k = [
+    op.eqn.params["k"]
+    for op in traced.ops
+    if op.primitive == "top_k" and op.in_vars[0] >= 0 and classes[op.in_vars[0]][-1] in found
+  ]
   return Experts(
     frozenset(found),
     size,
@@ -88,6 +101,7 @@ def find_experts(traced: TracedStep) -> Experts:
     math.gcd(*tokens) if tokens else 0,
     frozenset(token_classes),
     frozenset(slot_classes - found - batch),
+    max(top_k, default=0),
   )
 
 

@@ -44,10 +44,11 @@ def expert_parallel_line(plan) -> str:
     "'data' only"
   )
   if experts:
-    e, capacity, tokens = experts
+    e, capacity, tokens, k = experts
     line += f"; {e} experts of {capacity} slots per routing group"
-    if tokens:
-      line += f" of {tokens} tokens (C x E / T = {capacity * e / tokens:.3g}: capacity x top-k)"
+    if tokens and k:
+      line += f" of {tokens} tokens, top-{k}: capacity factor C x E / (k x T) = "
+      line += f"{capacity * e / (k * tokens):.3g}"
   same = [x for x in plan.candidates if x.expert == 1 and x.devices == c.devices and x.model == 1]
   if not same:
     return line + "."
