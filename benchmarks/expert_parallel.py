@@ -359,7 +359,7 @@ def markdown(cases: dict) -> str:
         f"EP ({ep[0]['strategy']}, {ep[0]['mesh']}) compiled {t * ms:.2f} ms against the best "
         f"of ZeRO-1 / FSDP / TP, {best['name']}, {best['compiled']['step_time'] * ms:.2f} ms: "
         f"{1 - t / best['compiled']['step_time']:+.1%} faster. Planner's choice: "
-        f"{rows[0]['strategy']}. Routing read from the program (E, C, T): "
+        f"{rows[0]['strategy']}. Routing read from the program (E, C, T, k): "
         f"{rows[0]['experts_read']}.",
       ]
     if "predicted_by_family" in case:
