@@ -80,6 +80,9 @@ class PlanDetails:
       "activations" (temporaries, and FSDP's gathered weights).
     compute_bound_seconds / memory_bound_seconds: the compute time split by roofline term.
     unknown_primitives: primitives the planner had no sharding rule for (costed conservatively).
+    experts: the mixture-of-experts routing read from the program (`trace.experts`): experts
+      per layer E, slots per expert and routing group C, tokens per group T and experts per
+      token k (T, k: 0 where not found); () without one.
   """
 
   groups: tuple[DimGroup, ...]
@@ -90,6 +93,7 @@ class PlanDetails:
   compute_bound_seconds: float
   memory_bound_seconds: float
   unknown_primitives: tuple[str, ...] = ()
+  experts: tuple[int, ...] = ()
 
   @property
   def batch_size(self) -> int:
@@ -128,6 +132,7 @@ class PlanDetails:
       compute_bound_seconds=float(d["compute_bound_seconds"]),
       memory_bound_seconds=float(d["memory_bound_seconds"]),
       unknown_primitives=tuple(d.get("unknown_primitives", ())),
+      experts=tuple(int(n) for n in d.get("experts", ())),
     )
 
   def group(self, name: str) -> DimGroup:

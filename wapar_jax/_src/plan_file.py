@@ -163,6 +163,7 @@ CANDIDATE_RULES = {
   "repeats": COUNT,
   "stage_microbatches": COUNT,
   "sequence_parallel": FLAG,
+  "expert": COUNT,
   "mesh_shape": mapping(COUNT, "be an object of mesh axis sizes"),  # derived, written for readers
 }
 _CANDIDATE = record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"})
@@ -214,6 +215,7 @@ DETAILS_RULES = {
   "compute_bound_seconds": FIGURE,
   "memory_bound_seconds": FIGURE,
   "unknown_primitives": list_of(TEXT),
+  "experts": list_of(COUNT),
 }
 _SPECS = list_of(
   record(
@@ -243,7 +245,7 @@ PLAN_RULES = {
   "batch_specs": _SPECS,
   "model_state_specs": _SPECS,
   "batch_axes": list_of(record({"path": list_of(KEY), "axis": INDEX})),
-  "details": record(DETAILS_RULES, frozenset({"unknown_primitives"})),
+  "details": record(DETAILS_RULES, frozenset({"unknown_primitives", "experts"})),
   "pipeline": record(
     {
       "layers": COUNT,
@@ -288,7 +290,7 @@ def _check_candidates(data: dict) -> None:
     (f"candidates[{i}]", c) for i, c in enumerate(data["candidates"])
   ]
   for where, c in everyone:
-    fsdp, stages = c.get("fsdp", 1), c.get("stages", 1)
+    fsdp, stages, expert = c.get("fsdp", 1), c.get("stages", 1), c.get("expert", 1)
     if c["devices"] != c["data"] * c["model"] * stages:
       staged = f" x {where}.stages" if stages > 1 else ""
       _refuse(
@@ -299,15 +301,17 @@ def _check_candidates(data: dict) -> None:
       )
     if c["data"] % fsdp:
       _refuse(f"{where}.fsdp", f"divide {where}.data = {c['data']}", fsdp)
+    if c["data"] % expert:
+      _refuse(f"{where}.expert", f"divide {where}.data = {c['data']}", expert)
     if c["devices"] > data["devices_offered"]:
       _refuse(
         f"{where}.devices", f"be at most devices_offered = {data['devices_offered']}", c["devices"]
       )
-    own_mesh = mesh_shape(c["data"], c["model"], fsdp, stages)
+    own_mesh = mesh_shape(c["data"], c["model"], fsdp, stages, expert)
     if "mesh_shape" in c and c["mesh_shape"] != own_mesh:
       _refuse(
         f"{where}.mesh_shape",
-        f"be the mesh of its data, model, fsdp and stage degrees, {own_mesh}",
+        f"be the mesh of its data, model, fsdp, stage and expert degrees, {own_mesh}",
         c["mesh_shape"],
       )
   if math.prod(mesh.values()) != chosen["devices"]:
@@ -318,7 +322,11 @@ def _check_candidates(data: dict) -> None:
       mesh,
     )
   expected = mesh_shape(
-    chosen["data"], chosen["model"], chosen.get("fsdp", 1), chosen.get("stages", 1)
+    chosen["data"],
+    chosen["model"],
+    chosen.get("fsdp", 1),
+    chosen.get("stages", 1),
+    chosen.get("expert", 1),
   )
   if mesh != expected:
     _refuse("mesh_shape", f"be the chosen candidate's mesh {expected}", mesh)

@@ -116,6 +116,18 @@ _EXAMPLES = {
     1024,
     8,
   ),
+  # moe-gpt with twice the experts, batch 16 (splits over 2 x 8 devices): 0.98B parameters,
+  # the same ~0.17B active per token.
+  "moe-gpt-16e": _moe_entry(
+    "mixture-of-experts GPT: 12 layers, d 768, 16 experts top-2, 0.98B",
+    12,
+    768,
+    12,
+    50304,
+    16,
+    1024,
+    16,
+  ),
   "bert-tiny": _bert_entry("BERT-style encoder with masked-LM loss, 2 layers, d 64", **_TINY),
   "bert-large": _bert_entry(
     "BERT-large, masked-LM: 24 layers, d 1024, 335M", 24, 1024, 16, 30522, 512, 8

@@ -96,13 +96,13 @@ def sequence_split(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs) -> C
     n_state = len(jax.tree.leaves(state))
     specs = sequence_specs(closed, flat_params, flat_batch, n_state, model)
     args = jax.tree.leaves((params, batch, *state))
-    outs = _evaluate(closed.jaxpr, closed.consts, args, specs, mesh)
+    outs = evaluate_constrained(closed.jaxpr, closed.consts, args, specs, mesh)
     return jax.tree.unflatten(out_tree, outs)
 
   return split
 
 
-def _evaluate(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:
+def evaluate_constrained(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:
   """Evaluates `jaxpr` with the output of each equation in `specs` constrained to its spec,
   inside the bodies of its scans too."""
   env = dict(zip(jaxpr.constvars, consts))
@@ -110,9 +110,11 @@ def _evaluate(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:
   read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
   for eqn in jaxpr.eqns:
     params = eqn.params
-    if eqn.primitive.name == "scan" and _constrains(params["jaxpr"].jaxpr, specs):
+    if eqn.primitive.name == "scan" and constrains(params["jaxpr"].jaxpr, specs):
       body = params["jaxpr"]
-      body_fn = lambda *xs, body=body: _evaluate(body.jaxpr, body.consts, xs, specs, mesh)
+      body_fn = lambda *xs, body=body: evaluate_constrained(
+        body.jaxpr, body.consts, xs, specs, mesh
+      )
       params = {**params, "jaxpr": jax.make_jaxpr(body_fn)(*[v.aval for v in body.jaxpr.invars])}
     outs = gathers.rebind(eqn, [read(v) for v in eqn.invars], params)
     if id(eqn) in specs:
@@ -121,7 +123,7 @@ def _evaluate(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-def _constrains(jaxpr, specs: dict) -> bool:
+def constrains(jaxpr, specs: dict) -> bool:
   return any(id(e) in specs for e in jaxpr.eqns) or any(
-    _constrains(e.params["jaxpr"].jaxpr, specs) for e in jaxpr.eqns if e.primitive.name == "scan"
+    constrains(e.params["jaxpr"].jaxpr, specs) for e in jaxpr.eqns if e.primitive.name == "scan"
   )

@@ -120,8 +120,10 @@ def plan(
       `DeviceProfile`.
     objective: "time" (step time) or "energy" (joules per step over the devices used).
     strategy: "auto", or one family for baselines: "dp", "zero1", "fsdp", "hsdp", "tp",
-      "dp_tp", or "pp" (a pipeline of the loss's layers over a stage axis, with any of the
-      data / tensor families inside each stage).
+      "dp_tp", "pp" (a pipeline of the loss's layers over a stage axis, with any of the
+      data / tensor families inside each stage), or "ep" (expert parallelism: the experts of
+      the step's mixture-of-experts layers split over an `expert` axis of the batch's devices,
+      tokens moved by all-to-all; "auto" searches it too).
     memory_headroom: fraction of device memory kept free: fragmentation, runtime buffers and the
       memory model's error (its accuracy is in benchmarks/results/suite.md).
     all_devices: only consider using every device offered.

@@ -160,7 +160,13 @@ def build(
     compute_bound,
     memory_bound,
     tuple(traced.unknown_primitives),
+    _experts(space),
   )
+
+
+def _experts(space) -> tuple[int, ...]:
+  e = space.experts
+  return (e.size, e.capacity, e.tokens, e.top_k) if e.classes else ()
 
 
 def _natural(path: str):

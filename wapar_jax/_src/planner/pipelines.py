@@ -104,7 +104,9 @@ def search_pipelines(
   batch_rows = jax.tree.leaves(batch)[0].shape[0]
   found = []
   for base in base_ranked:
-    if base.storage not in pricing.PIPELINE_STORAGES or base.stages > 1:
+    # The pipeline's stage function has no expert axis: its stages run expert-parallel plans'
+    # data-parallel twins, which the search priced too.
+    if base.storage not in pricing.PIPELINE_STORAGES or base.stages > 1 or base.expert > 1:
       continue
     here = rest.get(_rest_key(base))
     if here is None:

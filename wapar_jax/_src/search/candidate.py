@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp", "pp")
+STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp", "pp", "ep")
 STORAGES = ("replicated", "zero1", "fsdp", "hsdp")
 # Storages that keep parameters split and gather each layer's weights where it runs.
 GATHERING = frozenset({"fsdp", "hsdp"})
@@ -19,7 +19,7 @@ OBJECTIVES = ("time", "energy")
 # plan(sequence_parallel=) by name (the command line's --sequence-parallel): never, on every
 # plan with a model axis, searched.
 SEQUENCE_PARALLEL = {"off": False, "on": True, "searched": None}
-DATA, FSDP, MODEL, STAGE = "data", "fsdp", "model", "stage"
+DATA, FSDP, MODEL, STAGE, EXPERT = "data", "fsdp", "model", "stage", "expert"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error (benchmarks/results/memory_levers.md).
 DEFAULT_MEMORY_HEADROOM = 0.15
@@ -62,10 +62,13 @@ class Candidate:
   # Megatron-style sequence parallelism: the activations outside the tensor-parallel regions
   # split on the sequence over the model axis (only with model > 1).
   sequence_parallel: bool = False
+  # Expert parallelism: the `expert` of the data axis's devices (inside them) split the experts
+  # of every mixture-of-experts layer; tokens reach their experts by all-to-all.
+  expert: int = 1
 
   @property
   def mesh_shape(self) -> dict[str, int]:
-    return mesh_shape(self.data, self.model, self.fsdp, self.stages)
+    return mesh_shape(self.data, self.model, self.fsdp, self.stages, self.expert)
 
   @property
   def bubble(self) -> float:
@@ -81,18 +84,28 @@ class Candidate:
     return d
 
 
-def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1) -> dict[str, int]:
+def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1, expert: int = 1) -> dict[str, int]:
   """Axes of size 1 are dropped, except that one device still has a (data=1) mesh. The fsdp
-  axis takes `fsdp` of the dp data-parallel devices, between data and model; a pipeline's stage
-  axis is outermost (across nodes first: stages send only activations)."""
-  shape = {STAGE: stages, DATA: dp // fsdp, FSDP: fsdp, MODEL: tp}
-  kept = {k: v for k, v in shape.items() if v > 1}
+  axis takes `fsdp` of the dp data-parallel devices, between data and model, and so does the
+  expert axis (inside a node first: its all-to-alls have no two-level algorithm); a pipeline's
+  stage axis is outermost (across nodes first: stages send only activations). With an expert
+  axis the data axis stays, of size 1 too: the batch's devices are (data, expert) in every
+  spec, and a weight stored over them is told from the experts' own split by it."""
+  shape = {STAGE: stages, DATA: dp // fsdp // expert, EXPERT: expert, FSDP: fsdp, MODEL: tp}
+  kept = {k: v for k, v in shape.items() if v > 1 or (k == DATA and expert > 1)}
   return kept or {DATA: 1}
 
 
 def strategy_label(
-  dp: int, tp: int, storage: str, stages: int = 1, sequence_parallel: bool = False
+  dp: int,
+  tp: int,
+  storage: str,
+  stages: int = 1,
+  sequence_parallel: bool = False,
+  expert: int = 1,
 ) -> str:
+  if expert > 1:
+    return "ep" if storage == "replicated" else f"ep+{storage}"
   if stages > 1:
     inner = strategy_label(dp, tp, storage, sequence_parallel=sequence_parallel)
     return "pp" if dp * tp == 1 else f"{inner}+pp"

@@ -21,6 +21,7 @@ from wapar_jax._src.cost.xla import StepCosts
 from wapar_jax._src.memory import buffers as buffers_lib
 from wapar_jax._src.memory import liveness
 from wapar_jax._src.trace import TracedStep
+from wapar_jax._src.trace.experts import Experts, find_experts
 from wapar_jax.errors import InvalidArgumentError
 
 # Model-split group sets are enumerated exhaustively over at most this many groups (the largest).
@@ -116,6 +117,8 @@ class SearchSpace:
   # parallelism a partial sum the model axis reduces.
   red_sequence: np.ndarray | None = None
   sequence_size: int = 0
+  # The mixture-of-experts layers' experts classes, which expert parallelism splits.
+  experts: Experts = Experts()
 
 
 def build_space(
@@ -312,6 +315,7 @@ def build_space(
     sequence_pairs=var_group[var_sequence_pair],
     red_sequence=red_sequence_sink,
     sequence_size=math.gcd(*(traced.class_size[c] for c in sequence)) if sequence else 0,
+    experts=find_experts(traced),
   )
 
 

@@ -19,6 +19,13 @@ from wapar_jax._src.search.candidate import (
   Candidate,
   rank_key,
 )
+from wapar_jax._src.search.experts import (
+  EXPERT_STORAGES,
+  expert_degrees,
+  expert_space,
+  expert_terms,
+  price_expert,
+)
 from wapar_jax._src.search.pricing import price
 from wapar_jax._src.search.space import SearchSpace, group_sets
 from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError
@@ -39,9 +46,12 @@ _DEGREE = {"one": lambda n: n == 1, "many": lambda n: n > 1, "any": lambda n: Tr
 
 
 def _allowed(strategy: str, dp: int, tp: int, storage: str) -> bool:
-  """Whether a (dp, tp, storage) point belongs to `strategy`; one device belongs to all."""
+  """Whether a (dp, tp, storage) point belongs to `strategy`; one device belongs to all. An
+  "ep" search prices its data-parallel points only as the base of its EP candidates."""
   if strategy == "auto" or dp * tp == 1:
     return True
+  if strategy not in _FAMILIES:
+    return False
   data, model, storages = _FAMILIES[strategy]
   return _DEGREE[data](dp) and _DEGREE[model](tp) and storage in storages
 
@@ -204,6 +214,12 @@ def search_until(
     raise InvalidArgumentError(f"objective must be one of {OBJECTIVES}. Got {objective!r}.")
   if not 0 <= memory_headroom < 1:
     raise InvalidArgumentError(f"memory_headroom must be in [0, 1). Got {memory_headroom!r}.")
+  if strategy == "ep" and not space.experts.classes:
+    raise InvalidArgumentError(
+      "strategy 'ep' splits the experts of mixture-of-experts layers, and this step has none: "
+      "no dot_general batches a weight over a dim it shares with the batch's activations (the "
+      "e of GShard's 'becd,edf->becf'). Use another strategy. Got strategy='ep'."
+    )
   budget = profile.memory_bytes * (1 - memory_headroom)
   op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
   aggregates: dict[tuple[tuple[int, ...], bool], Aggregates] = {}
@@ -211,6 +227,7 @@ def search_until(
   points = sweep_points(space, max_devices, all_devices)
   found = []
   priced = 0
+  terms = expert_terms(space) if strategy in ("auto", "ep") else None
   for d, degrees in points:
     if deadline is not None and time.perf_counter() > deadline and any(c.fits for c in found):
       break
@@ -221,6 +238,10 @@ def search_until(
         if tp > 1 and not groups:
           continue
         for storage in STORAGES if dp > 1 else ("replicated",):
+          if terms is not None and tp == 1 and storage in EXPERT_STORAGES:
+            found += _expert_points(
+              space, terms, aggregates, op_seconds, profile, dp, storage, budget
+            )
           if not _allowed(strategy, dp, tp, storage):
             continue
           if space.remat in _FSDP_ONLY_REMAT and storage not in GATHERING:
@@ -251,6 +272,22 @@ def search_until(
   # Ascending device counts first, as the points were once swept, so that ties keep their order.
   found.sort(key=lambda c: c.devices)
   return Searched(sorted(found, key=rank_key(objective)), len(points), priced)
+
+
+def _expert_points(space, terms, aggregates, op_seconds, profile, dp, storage, budget) -> list:
+  """The EP candidates of a data-parallel point: one per expert degree (`search.experts`)."""
+  if space.remat in _FSDP_ONLY_REMAT:
+    return []
+  found = []
+  for ep in expert_degrees(space, dp):
+    key = ("expert", ep, storage == "replicated")
+    if key not in aggregates:  # the space, with the expert weights 1/ep as big, and its sums
+      scaled = expert_space(space, terms, ep, storage)
+      aggregates[key] = scaled, aggregate(scaled, (), op_seconds, False)
+    scaled, agg = aggregates[key]
+    base = price(scaled, agg, profile, dp, 1, (), storage, budget)
+    found.append(price_expert(terms, base, profile, ep))
+  return found
 
 
 def batch_size_of(space: SearchSpace) -> int:

@@ -17,6 +17,7 @@ from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search import aggregate, build_space, price
+from wapar_jax._src.search.experts import expert_space, expert_terms
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import abstract, leaf_paths, path_str
 
@@ -74,6 +75,9 @@ def peak_under(
   # Memory does not depend on the ops' times: price with none.
   sp = c.sequence_parallel
   sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)), sp)
+  if c.expert > 1:  # memory is the data-parallel step's with the experts split (search.experts)
+    space = expert_space(space, expert_terms(space), c.expert, c.storage)
+    sums = aggregate(space, (), np.zeros(len(traced.ops)), False)
   return price(
     space, sums, profile, c.data, c.model, c.model_groups, c.storage, math.inf, sp
   ).peak_memory

@@ -278,6 +278,8 @@ def _sections(plan, top: int) -> list[_Section]:
   why += _batch_note(plan, batch)
   if c.sequence_parallel:
     why.append(levers.sequence_parallel_line(plan))
+  if c.expert > 1:
+    why.append(levers.expert_parallel_line(plan))
   sweep = tuple(
     (
       str(x.devices),

@@ -38,7 +38,13 @@ from wapar_jax._src.tree import nest, path_keys, path_str
 from wapar_jax.errors import InvalidArgumentError
 
 # The plan's mesh axes under MaxText's names, in the plan's mesh order.
-_MAXTEXT_AXES = {"stage": "stage", "data": "data", "fsdp": "fsdp", "model": "tensor"}
+_MAXTEXT_AXES = {
+  "stage": "stage",
+  "data": "data",
+  "expert": "expert",
+  "fsdp": "fsdp",
+  "model": "tensor",
+}
 # MaxText names the stage axis's parallelism (`ici_pipeline_parallelism`) `pipeline`.
 _PARALLELISM_KEYS = {**_MAXTEXT_AXES, "stage": "pipeline"}
 # Which specs a name set covers: the parameters, their optimizer state, the batch.

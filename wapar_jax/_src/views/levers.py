@@ -1,4 +1,5 @@
-"""What a plan's levers do, in words, for `explain` and `summary`: sequence parallelism."""
+"""What a plan's levers do, in words, for `explain` and `summary`: sequence and expert
+parallelism."""
 
 from __future__ import annotations
 
@@ -26,5 +27,34 @@ def sequence_parallel_line(plan) -> str:
   return (
     f"{SEQUENCE_PARALLEL_NOTE}; without it ({x.strategy}): {human_seconds(x.step_time)} per "
     f"step and {human_bytes(x.peak_memory)} peak, against {human_seconds(c.step_time)} and "
+    f"{human_bytes(c.peak_memory)}."
+  )
+
+
+def expert_parallel_line(plan) -> str:
+  """What the expert axis does, the routing it read from the program, and how the best
+  candidate on the same devices without it compares."""
+  c = plan.chosen
+  experts = plan.details.experts if plan.details is not None else ()
+  line = (
+    f"expert parallel: the experts of every MoE layer split {c.expert} ways over 'expert' "
+    f"(the batch's devices reused, {c.data // c.expert} x {c.expert} = data x expert), "
+    "tokens sent to their experts' devices and back by all-to-all (dispatch and combine, "
+    "forward and backward: 4 per layer and step); the experts' gradients are reduced over "
+    "'data' only"
+  )
+  if experts:
+    e, capacity, tokens, k = experts
+    line += f"; {e} experts of {capacity} slots per routing group"
+    if tokens and k:
+      line += f" of {tokens} tokens, top-{k}: capacity factor C x E / (k x T) = "
+      line += f"{capacity * e / (k * tokens):.3g}"
+  same = [x for x in plan.candidates if x.expert == 1 and x.devices == c.devices and x.model == 1]
+  if not same:
+    return line + "."
+  x = same[0]
+  return (
+    f"{line}; without it ({x.strategy}): {human_seconds(x.step_time)} per step and "
+    f"{human_bytes(x.peak_memory)} peak, against {human_seconds(c.step_time)} and "
     f"{human_bytes(c.peak_memory)}."
   )
