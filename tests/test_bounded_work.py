@@ -19,7 +19,7 @@ import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src.compilers import XLA_GPU
 from wapar_jax._src.cost.xla import CostCache, step_costs
-from wapar_jax._src.planner import api
+from wapar_jax._src.planner import notices
 from wapar_jax._src.search import space as space_lib
 from wapar_jax._src.search import sweep
 from wapar_jax._src.step import make_train_step
@@ -141,8 +141,8 @@ def test_max_seconds_must_be_a_positive_number(gpt_tiny, bad):
 
 
 def test_large_problems_are_warned_of_before_the_long_part(gpt_tiny, monkeypatch):
-  monkeypatch.setattr(api, "LARGE_PARAM_LEAVES", 10)
-  monkeypatch.setattr(api, "LARGE_SEARCH_CANDIDATES", 10)
+  monkeypatch.setattr(notices, "LARGE_PARAM_LEAVES", 10)
+  monkeypatch.setattr(notices, "LARGE_SEARCH_CANDIDATES", 10)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     wap.plan(gpt_tiny.loss_fn, gpt_tiny.params, gpt_tiny.batch, optimizer=TX, devices=64)

@@ -18,7 +18,7 @@ from wapar_jax._src import compilers, optimizers, search
 from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.plan import Plan, Prediction
-from wapar_jax._src.planner import details, inputs, levers, pipelines
+from wapar_jax._src.planner import details, inputs, levers, notices, pipelines
 from wapar_jax._src.profiles import DeviceProfile, load_profile
 from wapar_jax._src.search import DEFAULT_MEMORY_HEADROOM, Candidate
 from wapar_jax._src.step import REMAT_CHOICES, has_layers, without_ambient_mesh
@@ -28,10 +28,6 @@ from wapar_jax.errors import IndivisibleBatchError, InvalidArgumentError, NoFeas
 
 # Candidates kept on the Plan besides the best one per device count.
 KEPT_CANDIDATES = 20
-# Problems this large are warned about before the long part starts: parameter leaves (the trace
-# is leaf by leaf) and candidates the search would price.
-LARGE_PARAM_LEAVES = 5_000
-LARGE_SEARCH_CANDIDATES = 100_000
 
 
 def _compiler_rules(memory_rules: str, profile: DeviceProfile) -> CompilerRules:
@@ -216,7 +212,7 @@ def plan(
   # Planned rows first: the search, micro-batches and pipelines read the batch dim as dim 0.
   rows_batch = batch_axes_lib.rows_first(abstract_batch, axes) if moved else abstract_batch
   rows_loss = batch_axes_lib.loss_on_rows_first(loss_fn, axes) if moved else loss_fn
-  _warn_if_many_leaves(len(jax.tree.leaves(abstract_params)))
+  notices.many_leaves(len(jax.tree.leaves(abstract_params)))
   phase = (lambda name, items: items) if progress is None else progress
   param_paths = [path_str(k) for k in leaf_paths(abstract_params)]
   budget = device_profile.memory_bytes * (1 - memory_headroom)
@@ -252,7 +248,7 @@ def plan(
       traced, costs, param_paths, rules=rules, remat=remat_choice, microbatches=k
     )
     if deadline is None and variant == first:
-      _warn_if_large_search(space, max_devices, all_devices)
+      notices.large_search(space, max_devices, all_devices)
     try:
       for _ in phase("search", [space]):
         swept = search.search_until(
@@ -373,7 +369,7 @@ def plan(
     results.setdefault(pipelines.STACK_VARIANT, stack_run)
   cut = {v: s for v, s in coverage.items() if s.cut_short}
   if cut or skipped:
-    _warn_cut_short(max_seconds, time.perf_counter() - t0, cut, skipped)
+    notices.cut_short(max_seconds, time.perf_counter() - t0, cut, skipped)
   ranked = [c for r in results.values() for c in r[3]] + staged
   if stages is not None:
     ranked = [c for c in ranked if c.stages == stages]
@@ -463,42 +459,4 @@ def plan(
     ),
     flat_batch_axes=dict(zip(b_keys, axes)) if moved else None,
     pipeline=stage_layout,
-  )
-
-
-def _warn_if_many_leaves(leaves: int) -> None:
-  if leaves >= LARGE_PARAM_LEAVES:
-    warnings.warn(
-      f"params has {leaves} leaves: JAX traces the loss, its gradient and the optimizer update "
-      "leaf by leaf, so planning takes about 2 ms a leaf here before the search starts "
-      "(max_seconds bounds the search, not the trace). Stack the parameters of repeated "
-      "layers (nn.scan, nnx.vmap) or concatenate small ones to plan in seconds.",
-      stacklevel=3,
-    )
-
-
-def _warn_if_large_search(space, max_devices: int, all_devices: bool) -> None:
-  candidates = search.sweep_size(space, max_devices, all_devices)
-  if candidates >= LARGE_SEARCH_CANDIDATES:
-    warnings.warn(
-      f"the search for up to {max_devices} devices prices about {candidates} candidates "
-      "(device counts x model degrees x model-split group sets x state storages), about a "
-      "millisecond each. Pass max_seconds= to plan() (--max-seconds) to bound it.",
-      stacklevel=4,
-    )
-
-
-def _warn_cut_short(max_seconds, elapsed: float, cut: dict, skipped: list[str]) -> None:
-  """Says that max_seconds cut the search short, and how much of it ran."""
-  parts = [
-    f"priced {s.counts_priced} of {s.counts} device counts of the step with remat {v[0]} and "
-    f"{v[1]} micro-batch(es) (powers of two first)"
-    for v, s in cut.items()
-  ]
-  parts += [f"skipped {what}" for what in skipped]
-  warnings.warn(
-    f"planning was cut short by max_seconds={max_seconds} after {elapsed:.1f} s: the search "
-    f"{'; '.join(parts)}. The plan is the best found so far; raise max_seconds, or leave it "
-    "None, for the full search.",
-    stacklevel=3,
   )
