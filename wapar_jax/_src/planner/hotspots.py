@@ -6,7 +6,7 @@ import numpy as np
 
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.plan_details import Hotspot
-from wapar_jax._src.search.aggregates import data_divisors
+from wapar_jax._src.search.aggregates import data_divisors, model_split
 
 # Equations kept on a plan, costliest first (after merging repeats of one source line).
 TOP_HOTSPOTS = 20
@@ -14,11 +14,7 @@ TOP_HOTSPOTS = 20
 
 def op_divisors(space, c) -> np.ndarray:
   """How many ways the chosen candidate splits each equation's work (as `pricing.price` does)."""
-  mask = np.zeros(len(space.groups), dtype=bool)
-  mask[list(c.model_groups)] = True
-  on_model = (
-    space.op_group[:, mask].any(axis=1) if mask.any() else np.zeros(len(space.op_group), bool)
-  )
+  on_model = model_split(space, c.model_groups, c.sequence_parallel)[3]
   data_div = np.array(data_divisors(c.data, c.storage, c.fsdp), dtype=float)
   return data_div[space.op_data_cat] * np.where(on_model, c.model, 1)
 

@@ -70,6 +70,21 @@ def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
   return dp, weight, 1
 
 
+def model_split(space: SearchSpace, groups, sequence_parallel: bool):
+  """([V] region vars, [N] region ops, [V] vars split on the model axis, [N] ops whose work it
+  splits): the tensor-parallel regions of `groups`, and with `sequence_parallel` the
+  activations outside them split on the sequence and the work that reads or makes them."""
+  mask = np.zeros(len(space.groups), dtype=bool)
+  mask[list(groups)] = True
+  # Split by the tensor-parallel regions themselves: what the model axis reduces and gathers.
+  region_var = space.var_group[:, mask].any(axis=1)
+  region_op = space.op_group[:, mask].any(axis=1)
+  if not sequence_parallel:
+    return region_var, region_op, region_var, region_op
+  split = space.var_sequence & ~region_var
+  return region_var, region_op, region_var | split, region_op | _touches(space, split)
+
+
 def aggregate(
   space: SearchSpace,
   groups: tuple[int, ...],
@@ -86,16 +101,10 @@ def aggregate(
   """
   mask = np.zeros(len(space.groups), dtype=bool)
   mask[list(groups)] = True
-  # Split by the tensor-parallel regions themselves: what the model axis reduces and gathers.
-  region_var = space.var_group[:, mask].any(axis=1)
-  region_op = space.op_group[:, mask].any(axis=1)
-  var_model, op_model = region_var, region_op
+  region_var, region_op, var_model, op_model = model_split(space, groups, sequence_parallel)
   sequence_copies = None
   if sequence_parallel:
-    split = space.var_sequence & ~region_var
-    var_model = region_var | split
-    op_model = region_op | _touches(space, split)
-    sequence_copies = _gathered_copies(space, split, region_op)
+    sequence_copies = _gathered_copies(space, var_model & ~region_var, region_op)
   op_model = op_model.astype(np.int64)
   cat = space.op_data_cat
   compute = np.zeros((3, 2))
