@@ -155,6 +155,8 @@ class StageLayout:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["layer_params"] = [list(p) for p in self.layer_params]
+    if not self.gather_once:  # the search never sets it: searched plans' files stay as they were
+      del d["gather_once"]
     return d
 
   @classmethod

@@ -80,7 +80,7 @@ def search_pipelines(
   for the loss's stack `cut` (`cuttable_stack`)."""
   rest_loss, stack, rest_leaves = cut
   carry_bytes = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in stack.carry))
-  shape = pricing.StackShape(stack.length, carry_bytes)
+  shape = pricing.StackShape(stack.length, carry_bytes, len(stack.params))
   leaves = jax.tree.leaves(params)
   rest_params = [leaves[k] for k in rest_leaves]
   try:
