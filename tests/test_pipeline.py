@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import dataclasses
 import re
 
 import jax
@@ -16,6 +17,7 @@ import wapar_jax as wap
 from wapar_jax import errors, examples
 from wapar_jax._src import layers
 from wapar_jax._src.emit import pipeline
+from wapar_jax._src.verify import hlo
 from wapar_jax.examples import _gpt
 from wapar_jax.examples._common import class_loss
 
@@ -77,6 +79,83 @@ def test_pipeline_gives_the_single_device_loss_and_gradients(kind, stages, repea
   assert len(re.findall(r"collective-permute(?:-start)?\(", hlo)) >= 2
   trips = {int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo)}
   assert repeats * micro + stages - 1 in trips
+
+
+def _fsdp_specs(layout, params, data):
+  """Storage specs of FSDP inside a stage: each layer weight split over the data axis on its
+  largest dim that divides, as the search splits it."""
+  specs = []
+  for x in layout.storage_shapes(params)["stages"]:
+    dims = x.shape[3:]
+    free = [d for d in range(len(dims)) if dims[d] % data == 0]
+    entries = [None] * len(dims)
+    if free:
+      entries[max(free, key=lambda d: dims[d])] = "data"
+    specs.append(P("stage", None, None, *entries))
+  return specs
+
+
+def _fsdp_train(kind, stages, repeats, micro, data, once, steps=3, lr=0.1):
+  """Three SGD steps of the pipeline with FSDP inside its stages, loss and gradients held
+  against one device's at every step; the compiled module's text."""
+  ex, params, batch = _inputs(kind)
+  layout = pipeline.stage_layout(ex.loss_fn, ex.params, ex.batch, stages, repeats, micro)
+  layout = dataclasses.replace(layout, gather_once=once)
+  mesh = Mesh(np.array(jax.devices()[: stages * data]).reshape(stages, data), ("stage", "data"))
+  stage_specs = _fsdp_specs(layout, params, data)
+  loss_fn = pipeline.pipelined_loss(
+    ex.loss_fn, ex.params, ex.batch, layout, mesh, stage_specs=stage_specs
+  )
+  specs = {"stages": stage_specs, "rest": [P()] * len(layout.rest)}
+  named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  storage = jax.device_put(layout.to_storage(params), named)
+  rows = jax.device_put(batch, NamedSharding(mesh, P(("data", "stage"))))
+  step = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, named))
+  compiled = step.lower(storage, rows).compile()
+  reference = jax.jit(jax.value_and_grad(ex.loss_fn))
+  sgd = jax.jit(lambda p, g: jax.tree.map(lambda x, y: x - lr * y, p, g))
+  treedef = jax.tree.structure(params)
+  for _ in range(steps):
+    loss, grads = compiled(storage, rows)
+    want_loss, want_grads = reference(params, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    _close(layout.from_storage(grads, treedef), want_grads)
+    storage, params = sgd(storage, grads), sgd(params, want_grads)
+  return compiled.as_text()
+
+
+def _gathers_in_loops(text) -> tuple[int, int]:
+  """(all-gathers inside loops, all-gathers outside) of a compiled module."""
+  module = hlo.parse_hlo(text)
+  runs, _, _ = hlo.multiplicities(module)
+  ops = [
+    runs[i.computation] > 1
+    for body in module.computations.values()
+    for i in body
+    if i.opcode in ("all-gather", "all-gather-start")
+  ]
+  return sum(ops), len(ops) - sum(ops)
+
+
+def test_fsdp_in_stages_gathers_each_iteration_like_one_device():
+  """Circular, 2 stages x 2 data: every iteration gathers its chunk's weights (its repeat's)."""
+  text = _fsdp_train("scan", 2, 2, 2, 2, once=False)
+  inside, _ = _gathers_in_loops(text)
+  assert inside >= 12  # the scan GPT's 12 weight leaves per layer, in the forward loop alone
+
+
+@pytest.mark.slow
+def test_fsdp_in_stages_of_an_nnx_gpt_gives_the_single_device_loss_and_gradients():
+  """GPipe on an NNX list of blocks."""
+  _fsdp_train("nnx", 2, 1, 2, 2, once=False)
+
+
+@pytest.mark.slow
+def test_fsdp_gathered_once_gathers_outside_the_loops():
+  """MaxText's pipeline_fsdp_ag_once: the weights gathered before the loops, not in them."""
+  text = _fsdp_train("scan", 2, 1, 2, 2, once=True)
+  inside, outside = _gathers_in_loops(text)
+  assert inside == 0 and outside >= 12
 
 
 @pytest.mark.slow
