@@ -23,8 +23,10 @@ FSDP inside a stage (storage "fsdp"): the stage's layer weights, gradients and o
 split over its data axis too (1 / (S * dp) per device). Each iteration all-gathers its chunk's
 weights and, in the backward pass, gathers them again (the chunk is rematerialised) and
 reduce-scatters their gradient, on the data axis's link; with one repeat the forward pass's
-gathers run once (`emit.pipeline`). Memory: the split state, one gathered chunk and its
-gradient before the reduce-scatter.
+gathers run once (`emit.pipeline`). Memory: the split state and one gathered chunk. Not with a
+model axis: XLA replicates a weight over the model axis before the manual all-gather over data,
+so each iteration gathers it over the model axis too (compiled: gpt2-medium on 2 stages x 2
+data x 2 model, 2.5 GiB of model-axis gathers and twice the predicted step).
 """
 
 from __future__ import annotations
@@ -39,9 +41,16 @@ from wapar_jax._src.search.candidate import DATA, Candidate, strategy_label
 from wapar_jax._src.search.pricing import axis_spans
 
 # Storages a stage's layers can use. The gather-once form of FSDP (`StageLayout.gather_once`)
-# is not searched: compiled, it sends what ZeRO-1 sends and peaks where ZeRO-1 does
-# (benchmarks/results/pipeline.md), so it never beats the ZeRO-1 candidate.
+# is not searched: compiled, it peaks where ZeRO-1 does and sends more (gpt-1.3b, 4 stages x 2
+# data, 2 repeats: 5.36 vs 5.38 GiB, 3.6 vs 2.8 GiB; benchmarks/results/pipeline.md).
 PIPELINE_STORAGES = frozenset({"replicated", "zero1", "fsdp"})
+# The storage of the candidate a storage's layer internals are read from (`layer_internals`):
+# FSDP's activations also hold gathered weights and full-size gradient shadows, which a stage's
+# are priced apart (compiled, gpt-1.3b on 4 stages x 2: read from FSDP's own, its peak came
+# out twice the compiled one).
+INTERNALS_FROM = {"fsdp": "replicated"}
+# Storages a stage can use only without a model axis (see above).
+WITHOUT_MODEL_AXIS = frozenset({"fsdp"})
 # Repeats (circular schedules) and micro-batches per stage searched.
 REPEATS = (1, 2, 4)
 MICROBATCHES_PER_STAGE = (1, 2, 4, 8)
@@ -101,6 +110,14 @@ def _weight_collectives(
   return seconds, sent
 
 
+def layer_internals(base: Candidate, rest_here: Candidate, stack: StackShape) -> float:
+  """One layer's activations inside it (whole batch, per device of `base`'s mesh): base's
+  activations beyond the rest's, less every layer's gradient and input (per-layer remat)."""
+  stack_params = max(base.param_memory - rest_here.param_memory, 0.0)
+  stack_act = max(base.activation_memory - rest_here.activation_memory, 0.0)
+  return max(stack_act - stack_params - stack.carry_bytes / base.data * stack.layers, 0.0)
+
+
 def price_pipeline(
   base: Candidate,
   rest_here: Candidate,
@@ -111,8 +128,10 @@ def price_pipeline(
   repeats: int,
   microbatches: int,
   budget: float,
+  internals: float,
 ) -> Candidate:
-  """The pipeline of `stages` x `repeats` chunks and `microbatches` on `base`'s inner mesh."""
+  """The pipeline of `stages` x `repeats` chunks and `microbatches` on `base`'s inner mesh;
+  `internals`: one layer's activations inside it (`layer_internals`)."""
   s, r, m = stages, repeats, microbatches
   dp, tp = base.data, base.model
   iterations = r * m + s - 1
@@ -176,23 +195,22 @@ def price_pipeline(
 
   param_memory = rest_wide.param_memory + (base.param_memory - rest_here.param_memory) / s
   opt_memory = rest_wide.opt_state_memory + (base.opt_state_memory - rest_here.opt_state_memory) / s
-  # base's activations beyond the rest's: every layer's gradient, each layer's input (per-layer
-  # remat) and one layer's internals at a time.
-  stack_act = max(base.activation_memory - rest_here.activation_memory, 0.0)
-  layer_internals = max(stack_act - stack_params - stack.layers * rows_bytes, 0.0)
   per_chunk = stack.layers // (s * r)
   buffers = (3 if r > 1 else 2) * rows_bytes  # micro-batched input, outputs (, circulated)
   stage_params = stack_params / s
   # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
   # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
   gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
-  if fsdp:  # a gathered chunk and its whole gradient, before it is reduce-scattered
-    gradients += 2 * gathered / (s * r)
+  if fsdp:
+    # The split accumulator and one gathered chunk: the chunk's gradient is reduce-scattered
+    # leaf by leaf as the backward pass makes it, into the accumulator in place (compiled:
+    # gpt-1.3b 4 stages x 2, 2 repeats, and gpt2-medium 4 x 2, one, within 2% so).
+    gradients = stage_params + gathered / (s * r)
   backward = (
     gradients
     + iterations * act  # each iteration's chunk input, kept for the backward pass
     + buffers
-    + per_chunk * layer_internals / m  # one chunk's layers recomputed for one micro-batch
+    + per_chunk * internals / m  # one chunk's layers recomputed for one micro-batch
   )
   # After the loop: the gradient, and under ZeRO-1 the updated parameters gathered.
   update = stage_params * (2 if base.storage == "zero1" else 1)
