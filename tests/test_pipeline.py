@@ -145,17 +145,56 @@ def test_fsdp_in_stages_gathers_each_iteration_like_one_device():
 
 
 @pytest.mark.slow
-def test_fsdp_in_stages_of_an_nnx_gpt_gives_the_single_device_loss_and_gradients():
-  """GPipe on an NNX list of blocks."""
-  _fsdp_train("nnx", 2, 1, 2, 2, once=False)
+def test_fsdp_gathered_once_gathers_outside_the_loops():
+  """MaxText's pipeline_fsdp_ag_once, GPipe on an NNX list of blocks: the weights gathered
+  before the loops, not in them."""
+  text = _fsdp_train("nnx", 2, 1, 2, 2, once=True)
+  inside, outside = _gathers_in_loops(text)
+  assert inside == 0 and outside >= 12
 
 
 @pytest.mark.slow
-def test_fsdp_gathered_once_gathers_outside_the_loops():
-  """MaxText's pipeline_fsdp_ag_once: the weights gathered before the loops, not in them."""
-  text = _fsdp_train("scan", 2, 1, 2, 2, once=True)
-  inside, outside = _gathers_in_loops(text)
-  assert inside == 0 and outside >= 12
+def test_fsdp_pipeline_plan_trains_like_one_device_and_exports(monkeypatch):
+  """A planned pipeline with FSDP stages (the search held to that storage): its specs, step,
+  explanation, plan file and MaxText config."""
+  from wapar_jax._src.search import pipeline as priced
+
+  monkeypatch.setattr(priced, "PIPELINE_STORAGES", frozenset({"fsdp"}))
+  ex, params, batch = _inputs("scan", batch_size=16)
+  tx = optax.adamw(1e-2)
+  plan = wap.plan(
+    ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=4, profile="titanxp-pcie", stages=2
+  )
+  assert plan.strategy == "fsdp+pp" and plan.mesh_shape == {"stage": 2, "data": 2}
+  stored, rows = plan.shard(params), plan.shard_batch(batch)
+  assert any("data" in str(x.sharding.spec) for x in stored["stages"])
+  opt, step = plan.init_opt_state(stored), plan.train_step()
+  want_p, want_o = params, tx.init(params)
+
+  @jax.jit
+  def reference(p, o, b):
+    loss, grads = jax.value_and_grad(ex.loss_fn)(p, b)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  for _ in range(3):
+    stored, opt, loss = step(stored, opt, rows)
+    want_p, want_o, want_loss = reference(want_p, want_o, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(plan.user_params(stored)), jax.tree.leaves(want_p)):
+    np.testing.assert_allclose(g, w, atol=1e-3)
+  assert "each iteration gathers its chunk's" in plan.explain()
+  assert "gather_once" not in plan.to_json()  # a searched plan's file is as before
+  import yaml
+
+  config = yaml.safe_load(plan.to_maxtext_yaml())
+  assert config["mesh_axes"] == ["stage", "fsdp"] and config["ici_fsdp_parallelism"] == 2
+  assert config["ici_data_parallelism"] * config["dcn_data_parallelism"] == 1
+  assert config["pipeline_fsdp_ag_once"] is False
+  once = dataclasses.replace(plan, pipeline=dataclasses.replace(plan.pipeline, gather_once=True))
+  again = wap.Plan.from_json(once.to_json())
+  assert again.pipeline.gather_once and "gathered once" in again.explain()
+  assert yaml.safe_load(again.to_maxtext_yaml())["pipeline_fsdp_ag_once"] is True
 
 
 @pytest.mark.slow
