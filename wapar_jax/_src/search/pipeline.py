@@ -198,14 +198,15 @@ def price_pipeline(
   per_chunk = stack.layers // (s * r)
   buffers = (3 if r > 1 else 2) * rows_bytes  # micro-batched input, outputs (, circulated)
   stage_params = stack_params / s
-  # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
-  # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
-  gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
   if fsdp:
     # The split accumulator and one gathered chunk: the chunk's gradient is reduce-scattered
     # leaf by leaf as the backward pass makes it, into the accumulator in place (compiled:
     # gpt-1.3b 4 stages x 2, 2 repeats, and gpt2-medium 4 x 2, one, within 2% so).
     gradients = stage_params + gathered / (s * r)
+  else:
+    # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
+    # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
+    gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
   backward = (
     gradients
     + iterations * act  # each iteration's chunk input, kept for the backward pass
