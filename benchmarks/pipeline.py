@@ -48,7 +48,10 @@ CASES = {
   "gpt2-medium@8xa100-pcie": ("gpt2-medium", "a100-40g-pcie", 8, 32, 1024),
   # A small batch: the stages' state, not their activations, is most of a device's memory.
   "gpt-1.3b@8xtitanxp-stages": ("gpt-1.3b", "titanxp-pcie", 8, 8, 256),
+  # Devices of 3 GiB (CASE_MEMORY_GIB): of the pipelines, only FSDP stages fit by the model.
+  "gpt-1.3b@2x8xh100-3gib": ("gpt-1.3b", "h100-sxm", 16, 16, 512),
 }
+CASE_MEMORY_GIB = {"gpt-1.3b@2x8xh100-3gib": 3.0}
 RUNS = {"no pipeline": {"stages": 1}, "pipeline": {"strategy": "pp"}, "plan": {}}
 # Pipelines of 4 stages with the stages' storage held to one: (storage, gathered once).
 STAGE_STORAGES = {
@@ -74,7 +77,7 @@ def _plan_held(name: str, **kwargs):
   return dataclasses.replace(plan, pipeline=layout)
 
 
-def _run(name: str, ex, profile: str, devices: int, kwargs: dict) -> dict:
+def _run(name: str, ex, profile, devices: int, kwargs: dict) -> dict:
   tx = optax.adamw(1e-3)
   t0 = time.perf_counter()
   try:
@@ -113,7 +116,10 @@ def _run(name: str, ex, profile: str, devices: int, kwargs: dict) -> dict:
 
 
 def run_case(key: str) -> dict:
-  model, profile, devices, batch, seq = CASES[key]
+  model, name, devices, batch, seq = CASES[key]
+  profile = wap.load_profile(name)
+  if key in CASE_MEMORY_GIB:
+    profile = dataclasses.replace(profile, memory_bytes=CASE_MEMORY_GIB[key] * 2**30)
   ex = examples.get_example(model, batch_size=batch, seq_len=seq)
   rows = [_run(name, ex, profile, devices, kw) for name, kw in CASE_RUNS.get(key, RUNS).items()]
   ok = [r for r in rows if "error" not in r and r["run"] != "plan"]
