@@ -415,6 +415,9 @@ def pipeline_train_step(
     opt_state_specs,
     batch_specs,
     planned_batch=batch,
+    # The stages' weights are gathered in the pipeline's loop (`pipelined_loss`); constrained
+    # at their use, the shard_map's input, XLA would gather each whole stage before it too.
+    gathered_specs={**stored_specs, "stages": [P(STAGE)] * len(stored_specs["stages"])},
   )
 
 
