@@ -41,8 +41,8 @@ from wapar_jax._src.search.candidate import DATA, Candidate, strategy_label
 from wapar_jax._src.search.pricing import axis_spans
 
 # Storages a stage's layers can use. The gather-once form of FSDP (`StageLayout.gather_once`)
-# is not searched: compiled, it peaks where ZeRO-1 does and sends more (gpt-1.3b, 4 stages x 2
-# data, 2 repeats: 5.36 vs 5.38 GiB, 3.6 vs 2.8 GiB; benchmarks/results/pipeline.md).
+# is not searched: compiled, it peaks where ZeRO-1 does and steps slower (gpt-1.3b, 4 stages x 2
+# data, 2 repeats: 5.34 vs 5.38 GiB, 1.19 vs 0.96 s; benchmarks/results/pipeline.md).
 PIPELINE_STORAGES = frozenset({"replicated", "zero1", "fsdp"})
 # The storage of the candidate a storage's layer internals are read from (`layer_internals`):
 # FSDP's activations also hold gathered weights and full-size gradient shadows, which a stage's
@@ -200,8 +200,7 @@ def price_pipeline(
   stage_params = stack_params / s
   if fsdp:
     # The split accumulator and one gathered chunk: the chunk's gradient is reduce-scattered
-    # leaf by leaf as the backward pass makes it, into the accumulator in place (compiled:
-    # gpt-1.3b 4 stages x 2, 2 repeats, and gpt2-medium 4 x 2, one, within 2% so).
+    # leaf by leaf as the backward pass makes it, into the accumulator in place.
     gradients = stage_params + gathered / (s * r)
   else:
     # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
