@@ -2,10 +2,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -16,6 +16,7 @@ import wapar_jax as wap
 from wapar_jax import errors, examples
 from wapar_jax._src import layers
 from wapar_jax._src.emit import pipeline
+from wapar_jax._src.verify import hlo
 from wapar_jax.examples import _gpt
 from wapar_jax.examples._common import class_loss
 
@@ -25,6 +26,8 @@ _BUILD = {
   "scan": lambda b: _gpt.gpt_linen("scan4", "", _CFG, b, 32, scan_layers=True),
   "linen": lambda b: _gpt.gpt_linen("linen4", "", _CFG, b, 32),
   "nnx": lambda b: _gpt.gpt_nnx("nnx4", "", _CFG, b, 32),
+  # The fast tier's: two layers, narrow, short rows (a quarter of the compile).
+  "scan2": lambda b: _gpt.gpt_linen("scan2", "", _gpt.GPTConfig(2, 32, 2, 64, 16), b, 16, True),
 }
 
 
@@ -35,7 +38,7 @@ def _inputs(kind, batch_size=8):
 
 def _close(got, want, rtol=1e-4):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    scale = float(jnp.max(jnp.abs(w)))
+    scale = float(np.max(np.abs(np.asarray(w))))  # numpy: no compile per leaf shape
     np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale + 1e-9)
 
 
@@ -77,6 +80,131 @@ def test_pipeline_gives_the_single_device_loss_and_gradients(kind, stages, repea
   assert len(re.findall(r"collective-permute(?:-start)?\(", hlo)) >= 2
   trips = {int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo)}
   assert repeats * micro + stages - 1 in trips
+
+
+def _fsdp_specs(layout, params, data):
+  """Storage specs of FSDP inside a stage: each layer weight split over the data axis on its
+  largest dim that divides, as the search splits it."""
+  specs = []
+  for x in layout.storage_shapes(params)["stages"]:
+    dims = x.shape[3:]
+    free = [d for d in range(len(dims)) if dims[d] % data == 0]
+    entries = [None] * len(dims)
+    if free:
+      entries[max(free, key=lambda d: dims[d])] = "data"
+    specs.append(P("stage", None, None, *entries))
+  return specs
+
+
+def _fsdp_train(kind, stages, repeats, micro, data, once, steps=3, lr=0.1):
+  """Three SGD steps of the pipeline with FSDP inside its stages, loss and gradients held
+  against one device's at every step; the compiled module's text."""
+  ex, params, batch = _inputs(kind)
+  layout = pipeline.stage_layout(ex.loss_fn, ex.params, ex.batch, stages, repeats, micro)
+  layout = dataclasses.replace(layout, gather_once=once)
+  mesh = Mesh(np.array(jax.devices()[: stages * data]).reshape(stages, data), ("stage", "data"))
+  stage_specs = _fsdp_specs(layout, params, data)
+  loss_fn = pipeline.pipelined_loss(
+    ex.loss_fn, ex.params, ex.batch, layout, mesh, stage_specs=stage_specs
+  )
+  specs = {"stages": stage_specs, "rest": [P()] * len(layout.rest)}
+  named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  # Jitted whole: eagerly, each op on the sharded leaves would compile on its own.
+  storage = jax.jit(layout.to_storage, out_shardings=named)(params)
+  from_storage = jax.jit(lambda g: layout.from_storage(g, jax.tree.structure(params)))
+  rows = jax.device_put(batch, NamedSharding(mesh, P(("data", "stage"))))
+  step = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, named))
+  compiled = step.lower(storage, rows).compile()
+  reference = jax.jit(jax.value_and_grad(ex.loss_fn))
+  sgd = jax.jit(lambda p, g: jax.tree.map(lambda x, y: x - lr * y, p, g))
+  for _ in range(steps):
+    loss, grads = compiled(storage, rows)
+    want_loss, want_grads = reference(params, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    _close(from_storage(grads), want_grads)
+    storage, params = sgd(storage, grads), sgd(params, want_grads)
+  return compiled.as_text()
+
+
+def _gathers_in_loops(text) -> tuple[int, int]:
+  """(all-gathers inside loops, all-gathers outside) of a compiled module."""
+  module = hlo.parse_hlo(text)
+  runs, _, _ = hlo.multiplicities(module)
+  ops = [
+    runs[i.computation] > 1
+    for body in module.computations.values()
+    for i in body
+    if i.opcode in ("all-gather", "all-gather-start")
+  ]
+  return sum(ops), len(ops) - sum(ops)
+
+
+def test_fsdp_in_stages_gathers_each_iteration_like_one_device():
+  """GPipe, 2 stages x 2 data: the backward pass's iterations gather the chunk's weights."""
+  text = _fsdp_train("scan2", 2, 1, 2, 2, once=False)
+  inside, _ = _gathers_in_loops(text)
+  assert inside >= 12  # the scan GPT's 12 weight leaves per layer
+
+
+@pytest.mark.slow
+def test_fsdp_in_circular_stages_gathers_each_iteration_like_one_device():
+  """Circular: the forward pass's iterations gather their repeat's chunk too."""
+  text = _fsdp_train("scan", 2, 2, 2, 2, once=False)
+  inside, _ = _gathers_in_loops(text)
+  assert inside >= 24
+
+
+@pytest.mark.slow
+def test_fsdp_gathered_once_gathers_outside_the_loops():
+  """MaxText's pipeline_fsdp_ag_once, GPipe on an NNX list of blocks: the weights gathered
+  before the loops, not in them."""
+  text = _fsdp_train("nnx", 2, 1, 2, 2, once=True)
+  inside, outside = _gathers_in_loops(text)
+  assert inside == 0 and outside >= 12
+
+
+@pytest.mark.slow
+def test_fsdp_pipeline_plan_trains_like_one_device_and_exports(monkeypatch):
+  """A planned pipeline with FSDP stages (the search held to that storage): its specs, step,
+  explanation, plan file and MaxText config."""
+  from wapar_jax._src.search import pipeline as priced
+
+  monkeypatch.setattr(priced, "PIPELINE_STORAGES", frozenset({"fsdp"}))
+  ex, params, batch = _inputs("scan", batch_size=16)
+  tx = optax.adamw(1e-2)
+  plan = wap.plan(
+    ex.loss_fn, ex.params, ex.batch, optimizer=tx, devices=4, profile="titanxp-pcie", stages=2
+  )
+  assert plan.strategy == "fsdp+pp" and plan.mesh_shape == {"stage": 2, "data": 2}
+  stored, rows = plan.shard(params), plan.shard_batch(batch)
+  assert any("data" in str(x.sharding.spec) for x in stored["stages"])
+  opt, step = plan.init_opt_state(stored), plan.train_step()
+  want_p, want_o = params, tx.init(params)
+
+  @jax.jit
+  def reference(p, o, b):
+    loss, grads = jax.value_and_grad(ex.loss_fn)(p, b)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  for _ in range(3):
+    stored, opt, loss = step(stored, opt, rows)
+    want_p, want_o, want_loss = reference(want_p, want_o, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(plan.user_params(stored)), jax.tree.leaves(want_p)):
+    np.testing.assert_allclose(g, w, atol=1e-3)
+  assert "each iteration gathers its chunk's" in plan.explain()
+  assert "gather_once" not in plan.to_json()  # a searched plan's file is as before
+  import yaml
+
+  config = yaml.safe_load(plan.to_maxtext_yaml())
+  assert config["mesh_axes"] == ["stage", "fsdp"] and config["ici_fsdp_parallelism"] == 2
+  assert config["ici_data_parallelism"] * config["dcn_data_parallelism"] == 1
+  assert config["pipeline_fsdp_ag_once"] is False
+  once = dataclasses.replace(plan, pipeline=dataclasses.replace(plan.pipeline, gather_once=True))
+  again = wap.Plan.from_json(once.to_json())
+  assert again.pipeline.gather_once and "gathered once" in again.explain()
+  assert yaml.safe_load(again.to_maxtext_yaml())["pipeline_fsdp_ag_once"] is True
 
 
 @pytest.mark.slow

@@ -255,7 +255,10 @@ PLAN_RULES = {
       "stages": COUNT,
       "repeats": COUNT,
       "microbatches": COUNT,
-    }
+      "gather_once": FLAG,
+    },
+    # Written only where set (never by the search): a searched plan's file is as before.
+    frozenset({"gather_once"}),
   ),
 }
 # Absent from version-1 files; "pipeline" only in a pipeline plan's, "model_state_specs" only in

@@ -24,6 +24,15 @@ Storage (`StageLayout`): the stack's parameters live as one array per layer para
 [S, R, layers per chunk, ...], split over the stage axis on dim 0. The user's tree (per-layer
 leaves of a Python loop, or a scan's stacked leaves in layer order) is moved in and out of it by
 `to_storage` / `from_storage`; in a step the layers never move between devices.
+
+FSDP inside a stage (MaxText's): a layer parameter's spec may also split it over the stage's
+data axis. Each pipeline iteration then all-gathers its chunk's weights where it runs them and
+reduce-scatters their gradients back (MaxText's default: memory of one gathered chunk), or,
+with `gather_once`, the stage's weights are gathered once before the loop and their gradient
+reduce-scattered once after it (MaxText's `pipeline_fsdp_ag_once`: ZeRO-1's traffic). With one
+repeat the chunk is loop-invariant and JAX's scan partial evaluation computes the forward pass's
+gathers once before its loop; the backward pass, rematerialising the chunk, gathers in every
+iteration (compiled: scan GPT, 2 stages x 2 data).
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ class StageLayout:
       stacked leaf, or one per layer in layer order).
     n_params: parameter leaves of the loss.
     stages, repeats, microbatches: the schedule.
+    gather_once: layer weights split over the data axis are gathered once per step, before the
+      loop, not by each iteration for its chunk.
   """
 
   layers: int
@@ -69,6 +80,7 @@ class StageLayout:
   stages: int
   repeats: int
   microbatches: int
+  gather_once: bool = False
 
   @property
   def per_chunk(self) -> int:
@@ -143,12 +155,14 @@ class StageLayout:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["layer_params"] = [list(p) for p in self.layer_params]
+    if not self.gather_once:  # the search never sets it: searched plans' files stay as they were
+      del d["gather_once"]
     return d
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> StageLayout:
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: d[k] for k in fields}
+    values = {k: d[k] for k in fields if k in d}  # gather_once is absent from older files
     values["layer_params"] = tuple(tuple(int(i) for i in p) for p in d["layer_params"])
     return cls(**values)
 
@@ -248,6 +262,27 @@ def _put(buffers, values, k, where):
   ]
 
 
+def _manual(spec: P, axes) -> P:
+  """`spec` with only the mesh axes in `axes` kept (what a `shard_map` manual over them takes)."""
+  kept = []
+  for e in spec:
+    names = tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a in axes)
+    kept.append(names if len(names) > 1 else names[0] if names else None)
+  return P(*kept)
+
+
+def _gathered(xs, specs, lead: int):
+  """Each of `xs` all-gathered along the dims its storage spec splits over the rows' axes;
+  `lead`: the storage dims (stage, repeat, layer) `xs` no longer has."""
+  out = []
+  for x, spec in zip(xs, specs):
+    for d, e in enumerate(tuple(spec)[3:], start=3 - lead):
+      if e is not None:
+        x = lax.all_gather(x, e, axis=d, tiled=True)
+    out.append(x)
+  return out
+
+
 def pipelined_loss(
   loss_fn: Callable,
   params,
@@ -255,13 +290,18 @@ def pipelined_loss(
   layout: StageLayout,
   mesh: Mesh,
   *,
+  stage_specs=None,
   rows_axes: tuple[str, ...] = ("data",),
   remat: bool = True,
 ) -> Callable:
   """`(storage, batch) -> loss`: `loss_fn` (planned for abstract `params` and `batch`) with its
   layer stack run as a pipeline over the mesh's stage axis; every other equation as written,
-  data-parallel over `rows_axes` and the stage axis."""
+  data-parallel over `rows_axes` and the stage axis. `stage_specs`: the storage specs of the
+  layers' parameters (default: split over stages only); those that split a weight over the
+  rows' axes too make it FSDP inside the stage."""
   rows = tuple(a for a in rows_axes if a in mesh.axis_names)
+  split = [_manual(spec, rows) for spec in (stage_specs or [P(STAGE)] * len(layout.layer_params))]
+  in_stage = [P(STAGE, *tuple(spec)[1:]) for spec in split]
   row_devices = math.prod(mesh.shape[a] for a in rows)
   _, traced = _trace(loss_fn, params, batch, layout.microbatches * row_devices)
   stack = traced.stack
@@ -277,6 +317,8 @@ def pipelined_loss(
     Indexed inside the checkpoint, so the backward pass keeps the stage's parameters once
     (loop-invariant), not one slice per iteration."""
     params = _index(local, r) if r_count > 1 else [x[0] for x in local]
+    if not layout.gather_once:  # gathered here, and rematerialised in the backward pass
+      params = _gathered(params, split, 2)
 
     def one(c, p):
       return tuple(layer(*consts, *c, *p)), None
@@ -292,6 +334,8 @@ def pipelined_loss(
     """Manual over the stage axis: `stacked` leaves are this stage's [1, R, c, ...]."""
     s = lax.axis_index(STAGE)
     local = [x[0] for x in stacked]
+    if layout.gather_once:  # the stage's weights whole for the loop, their gradient split after
+      local = _gathered(local, split, 1)
     shift = [(k, (k + 1) % s_count) for k in range(s_count)]
 
     def iteration(state, t):
@@ -327,7 +371,7 @@ def pipelined_loss(
   run = jax.shard_map(
     stage_loop,
     mesh=mesh,
-    in_specs=(P(STAGE), P(), by_rows, by_rows),
+    in_specs=(in_stage, P(), by_rows, by_rows),
     out_specs=P(STAGE, None, rows or None),
     axis_names={STAGE, *rows},
     # The layer's equations are bound as traced, without the casts to per-stage values that
@@ -359,17 +403,21 @@ def pipeline_train_step(
   """The jitted step of a pipeline plan: the loss's layers run by stage, the parameters stored
   by stage (`param_specs` / `opt_specs`: the user's leaves' specs, flat), everything else as
   the other families' steps."""
-  loss = pipelined_loss(loss_fn, params, batch, layout, mesh)
+  stored_specs = layout.stored_specs(param_specs)
+  loss = pipelined_loss(loss_fn, params, batch, layout, mesh, stage_specs=stored_specs["stages"])
   stored = layout.storage_shapes(params)
   opt_state_specs = shardings_lib.opt_state_specs(optimizer, stored, layout.stored_specs(opt_specs))
   return step_lib.sharded_train_step(
     loss,
     optimizer,
     mesh,
-    layout.stored_specs(param_specs),
+    stored_specs,
     opt_state_specs,
     batch_specs,
     planned_batch=batch,
+    # The stages' weights are gathered in the pipeline's loop (`pipelined_loss`); constrained
+    # at their use, the shard_map's input, XLA would gather each whole stage before it too.
+    gathered_specs={**stored_specs, "stages": [P(STAGE)] * len(stored_specs["stages"])},
   )
 
 

@@ -81,18 +81,20 @@ def layout_levers(
   batch_specs,
   grad_specs=None,
   sequence_parallel: bool = False,
+  gathered_specs=None,
 ):
   """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
   when weights are gathered at use (and its activations split on the sequence with
   `sequence_parallel`, `sequence.sequence_split`; on the experts where the mesh has an expert
   axis, `experts.expert_split`), the `gathers.at_use` hook (None if no weight is), and the
-  constraint keeping accumulated gradients split (None unless `grad_specs`)."""
+  constraint keeping accumulated gradients split (None unless `grad_specs`). `gathered_specs`:
+  the specs the hook reads (default `param_specs`)."""
   if sequence_parallel:
     loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, batch_specs)
   if experts.EXPERT in mesh.shape:
     count = lambda specs: len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
     loss_fn = experts.expert_split(loss_fn, mesh, count(param_specs), count(batch_specs))
-  hook = _gather_hook(mesh, param_specs)
+  hook = _gather_hook(mesh, param_specs if gathered_specs is None else gathered_specs)
   if hook is not None:
     loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)
   hold = None
@@ -117,6 +119,7 @@ def sharded_train_step(
   state_specs=None,
   batch_axes=None,
   sequence_parallel: bool = False,
+  gathered_specs=None,
 ):
   """The jitted step with in/out shardings; params and opt state are donated. `grad_specs`
   (per parameter) keeps accumulated gradients split, as ZeRO stores the optimizer state.
@@ -125,14 +128,15 @@ def sharded_train_step(
   `batch_axes`: the batch dim of each batch leaf (flattened order) where one is not dim 0; the
   step takes the batch so and runs rows first (`batch_axes.rows_first`). `sequence_parallel`:
   the activations outside the tensor-parallel regions split on the sequence over the model
-  axis (`sequence.sequence_split`)."""
+  axis (`sequence.sequence_split`). `gathered_specs`: the specs whose split parameters are
+  gathered where used (default `param_specs`; a pipeline gathers its stages' in its loop)."""
   p_sh, o_sh, b_sh = named(mesh, param_specs), named(mesh, opt_specs), named(mesh, batch_specs)
   s_sh = () if state_specs is None else (named(mesh, state_specs),)
   loss_fn, rows_specs, taking_given = batch_axes_lib.rows_first_program(
     loss_fn, batch_specs, batch_axes
   )
   loss_fn, hook, hold = layout_levers(
-    loss_fn, mesh, param_specs, rows_specs, grad_specs, sequence_parallel
+    loss_fn, mesh, param_specs, rows_specs, grad_specs, sequence_parallel, gathered_specs
   )
   step = make_train_step(
     loss_fn,

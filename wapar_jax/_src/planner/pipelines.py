@@ -80,7 +80,7 @@ def search_pipelines(
   for the loss's stack `cut` (`cuttable_stack`)."""
   rest_loss, stack, rest_leaves = cut
   carry_bytes = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in stack.carry))
-  shape = pricing.StackShape(stack.length, carry_bytes)
+  shape = pricing.StackShape(stack.length, carry_bytes, len(stack.params))
   leaves = jax.tree.leaves(params)
   rest_params = [leaves[k] for k in rest_leaves]
   try:
@@ -103,14 +103,20 @@ def search_pipelines(
   budget = profile.memory_bytes * (1 - memory_headroom)
   batch_rows = jax.tree.leaves(batch)[0].shape[0]
   found = []
+  siblings = {(c.data, c.model, c.model_groups, c.storage): c for c in base_ranked}
   for base in base_ranked:
     # The pipeline's stage function has no expert axis: its stages run expert-parallel plans'
     # data-parallel twins, which the search priced too.
     if base.storage not in pricing.PIPELINE_STORAGES or base.stages > 1 or base.expert > 1:
       continue
+    if base.model > 1 and base.storage in pricing.WITHOUT_MODEL_AXIS:
+      continue
     here = rest.get(_rest_key(base))
     if here is None:
       continue
+    source = pricing.INTERNALS_FROM.get(base.storage, base.storage)
+    like = siblings.get((base.data, base.model, base.model_groups, source), base)
+    internals = pricing.layer_internals(like, rest.get(_rest_key(like), here), shape)
     for s in range(2, stack.length + 1):
       d = base.devices * s
       if d > max_devices or (all_devices and d != max_devices):
@@ -119,7 +125,9 @@ def search_pipelines(
       if wide is None:
         continue
       for r, m in pricing.schedules(stack.length, s, batch_rows // base.data):
-        found.append(pricing.price_pipeline(base, here, wide, shape, profile, s, r, m, budget))
+        found.append(
+          pricing.price_pipeline(base, here, wide, shape, profile, s, r, m, budget, internals)
+        )
   return PipelineSearch(stack, shape, rest_leaves, rest_space, rest, tuple(found))
 
 

@@ -18,20 +18,39 @@ device: the rest's state and activations at data x stage, 1/S of the stack's sta
 gradient, every iteration's chunk input (GPipe keeps them for the backward pass), the
 micro-batch buffers, and one chunk's layers' activations for one micro-batch while it is
 recomputed.
+
+FSDP inside a stage (storage "fsdp"): the stage's layer weights, gradients and optimizer state
+split over its data axis too (1 / (S * dp) per device). Each iteration all-gathers its chunk's
+weights and, in the backward pass, gathers them again (the chunk is rematerialised) and
+reduce-scatters their gradient, on the data axis's link; with one repeat the forward pass's
+gathers run once (`emit.pipeline`). Memory: the split state and one gathered chunk. Not with a
+model axis: XLA replicates a weight over the model axis before the manual all-gather over data,
+so each iteration gathers it over the model axis too (compiled: gpt2-medium on 2 stages x 2
+data x 2 model, 2.5 GiB of model-axis gathers and twice the predicted step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from wapar_jax._src.cost.collectives import collective_traffic, hierarchical_collective_time
 from wapar_jax._src.emit.mesh import hybrid_shapes
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.search.candidate import Candidate, strategy_label
+from wapar_jax._src.search.candidate import DATA, Candidate, strategy_label
+from wapar_jax._src.search.pricing import axis_spans
 
-# Storages a stage's layers can use: FSDP would gather every layer's weights once per pipeline
-# iteration.
-PIPELINE_STORAGES = frozenset({"replicated", "zero1"})
+# Storages a stage's layers can use. The gather-once form of FSDP (`StageLayout.gather_once`)
+# is not searched: compiled, it peaks where ZeRO-1 does and steps slower (gpt-1.3b, 4 stages x 2
+# data, 2 repeats: 5.34 vs 5.38 GiB, 1.19 vs 0.96 s; benchmarks/results/pipeline.md).
+PIPELINE_STORAGES = frozenset({"replicated", "zero1", "fsdp"})
+# The storage of the candidate a storage's layer internals are read from (`layer_internals`):
+# FSDP's activations also hold gathered weights and full-size gradient shadows, which a stage's
+# are priced apart (compiled, gpt-1.3b on 4 stages x 2: read from FSDP's own, its peak came
+# out twice the compiled one).
+INTERNALS_FROM = {"fsdp": "replicated"}
+# Storages a stage can use only without a model axis (see above).
+WITHOUT_MODEL_AXIS = frozenset({"fsdp"})
 # Repeats (circular schedules) and micro-batches per stage searched.
 REPEATS = (1, 2, 4)
 MICROBATCHES_PER_STAGE = (1, 2, 4, 8)
@@ -44,6 +63,7 @@ class StackShape:
 
   layers: int
   carry_bytes: float
+  layer_leaves: int = 1  # parameter leaves per layer: collectives per gather of a chunk
 
 
 def stage_span(stages: int, inner: int, devices_per_node: int) -> tuple[int, int]:
@@ -67,6 +87,37 @@ def schedules(layers: int, stages: int, rows: int):
         yield r, m
 
 
+def _weight_collectives(
+  stack_bytes: float, chunks: int, gathers: float, scatters: float, leaves: int, span, profile
+) -> tuple[float, float]:
+  """(seconds, bytes sent) of FSDP's weight collectives on the data axis: `gathers`
+  all-gathers and `scatters` reduce-scatters of one of `chunks` equal chunks of the stack's
+  gathered weights (`stack_bytes` per device), one collective per parameter leaf."""
+  chunk, n = stack_bytes / chunks, span[0] * span[1]
+  seconds = sent = 0.0
+  for kind, count in (("all-gather", gathers), ("reduce-scatter", scatters)):
+    each = hierarchical_collective_time(
+      kind,
+      chunk / leaves,
+      *span,
+      profile.intra_node.bandwidth,
+      profile.intra_node.latency,
+      profile.inter_node.bandwidth,
+      profile.inter_node.latency,
+    )
+    seconds += count * leaves * each
+    sent += count * collective_traffic(kind, chunk, n)
+  return seconds, sent
+
+
+def layer_internals(base: Candidate, rest_here: Candidate, stack: StackShape) -> float:
+  """One layer's activations inside it (whole batch, per device of `base`'s mesh): base's
+  activations beyond the rest's, less every layer's gradient and input (per-layer remat)."""
+  stack_params = max(base.param_memory - rest_here.param_memory, 0.0)
+  stack_act = max(base.activation_memory - rest_here.activation_memory, 0.0)
+  return max(stack_act - stack_params - stack.carry_bytes / base.data * stack.layers, 0.0)
+
+
 def price_pipeline(
   base: Candidate,
   rest_here: Candidate,
@@ -77,8 +128,10 @@ def price_pipeline(
   repeats: int,
   microbatches: int,
   budget: float,
+  internals: float,
 ) -> Candidate:
-  """The pipeline of `stages` x `repeats` chunks and `microbatches` on `base`'s inner mesh."""
+  """The pipeline of `stages` x `repeats` chunks and `microbatches` on `base`'s inner mesh;
+  `internals`: one layer's activations inside it (`layer_internals`)."""
   s, r, m = stages, repeats, microbatches
   dp, tp = base.data, base.model
   iterations = r * m + s - 1
@@ -90,9 +143,27 @@ def price_pipeline(
   # Tensor-parallel collectives run with the layers (through the bubble too); with tp == 1 the
   # stack's communication is its gradient reduction, which a stage does once for its layers.
   comm_share = through if tp > 1 else 1.0
+  fsdp = base.storage == "fsdp"
+  stack_params = max(base.param_memory - rest_here.param_memory, 0.0)
+  gathered = stack_params * dp if fsdp else stack_params  # the stack's weights, whole
+  data_span = axis_spans(dp, tp, profile.devices_per_node)[DATA]
+  weights = functools.partial(
+    _weight_collectives, gathered, leaves=stack.layer_leaves, span=data_span, profile=profile
+  )
+  if fsdp:
+    # base's own weight collectives (per layer: gathered, gathered again by the remat, gradient
+    # reduce-scattered) are the pipeline's to price, per iteration below.
+    own_time, own_bytes = weights(stack.layers, 2 * stack.layers, stack.layers)
+    stack_comm = max(stack_comm - own_time, 0.0)
+    stack_bytes = max(stack_bytes - own_bytes, 0.0)
   compute_time = rest_wide.compute_time + stack_compute / s * through
   comm_time = rest_wide.comm_time + stack_comm / s * comm_share
   comm_bytes = rest_wide.comm_bytes + stack_bytes / s * comm_share
+  if fsdp:
+    forward = iterations if r > 1 else 1  # one repeat: the forward pass gathers once
+    t, sent = weights(s * r, forward + iterations, iterations)
+    comm_time += t
+    comm_bytes += sent
 
   span_in, span_out = stage_span(s, dp * tp, profile.devices_per_node)
   link = profile.inter_node if span_out > 1 else profile.intra_node
@@ -124,22 +195,22 @@ def price_pipeline(
 
   param_memory = rest_wide.param_memory + (base.param_memory - rest_here.param_memory) / s
   opt_memory = rest_wide.opt_state_memory + (base.opt_state_memory - rest_here.opt_state_memory) / s
-  # base's activations beyond the rest's: every layer's gradient, each layer's input (per-layer
-  # remat) and one layer's internals at a time.
-  stack_params = max(base.param_memory - rest_here.param_memory, 0.0)
-  stack_act = max(base.activation_memory - rest_here.activation_memory, 0.0)
-  layer_internals = max(stack_act - stack_params - stack.layers * rows_bytes, 0.0)
   per_chunk = stack.layers // (s * r)
   buffers = (3 if r > 1 else 2) * rows_bytes  # micro-batched input, outputs (, circulated)
   stage_params = stack_params / s
-  # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
-  # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
-  gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
+  if fsdp:
+    # The split accumulator and one gathered chunk: the chunk's gradient is reduce-scattered
+    # leaf by leaf as the backward pass makes it, into the accumulator in place.
+    gradients = stage_params + gathered / (s * r)
+  else:
+    # The stage's gradient accumulator, the chunk's gradient of an iteration and, in a circular
+    # schedule, that chunk's gradient placed into a stage-sized buffer before it is added.
+    gradients = stage_params * (1 + 1 / r + (1 if r > 1 else 0))
   backward = (
     gradients
     + iterations * act  # each iteration's chunk input, kept for the backward pass
     + buffers
-    + per_chunk * layer_internals / m  # one chunk's layers recomputed for one micro-batch
+    + per_chunk * internals / m  # one chunk's layers recomputed for one micro-batch
   )
   # After the loop: the gradient, and under ZeRO-1 the updated parameters gathered.
   update = stage_params * (2 if base.storage == "zero1" else 1)

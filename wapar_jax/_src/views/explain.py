@@ -433,6 +433,13 @@ def _sections(plan, top: int) -> list[_Section]:
   return sections
 
 
+# Where a stage keeps its layers' weights, by (storage, StageLayout.gather_once).
+_STAGE_WEIGHTS = {
+  ("fsdp", False): "split over its data axis (FSDP): each iteration gathers its chunk's",
+  ("fsdp", True): "split over its data axis (FSDP), gathered once before the loop",
+}
+
+
 def _pipeline_section(plan) -> _Section:
   """Which layers each stage holds, the schedule's bubble, and the step per stage."""
   layout, c = plan.pipeline, plan.chosen
@@ -444,6 +451,8 @@ def _pipeline_section(plan) -> _Section:
     f"{_pct(c.bubble, 1.0)} of the step.",
     "every stage computes each iteration, the bubble's too (a scan of fixed length); the "
     "embedding, head and loss run data-parallel over the data and stage axes.",
+    "a stage's layer weights: "
+    + _STAGE_WEIGHTS.get((c.storage, layout.gather_once), "whole on each of its devices"),
     f"per device: {human_bytes(c.param_memory)} parameters, {human_bytes(c.opt_state_memory)} "
     f"optimizer state, {human_bytes(c.activation_memory)} activations and gradients; step "
     f"{human_seconds(c.step_time)} ({human_seconds(c.compute_time)} compute).",

@@ -34,6 +34,7 @@ import yaml
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.plan_details import BATCH, LAYERS
+from wapar_jax._src.search.candidate import GATHERING
 from wapar_jax._src.tree import nest, path_keys, path_str
 from wapar_jax.errors import InvalidArgumentError
 
@@ -45,8 +46,18 @@ _MAXTEXT_AXES = {
   "fsdp": "fsdp",
   "model": "tensor",
 }
+# A pipeline whose stages keep their weights split over the data axis: MaxText's pipeline
+# shards stage weights over its fsdp axis (which splits the batch too), so that is the data
+# axis's name there.
+_PIPELINE_FSDP_AXES = {**_MAXTEXT_AXES, "data": "fsdp"}
 # MaxText names the stage axis's parallelism (`ici_pipeline_parallelism`) `pipeline`.
-_PARALLELISM_KEYS = {**_MAXTEXT_AXES, "stage": "pipeline"}
+_PARALLELISM_KEYS = {
+  "stage": "pipeline",
+  "data": "data",
+  "expert": "expert",
+  "fsdp": "fsdp",
+  "tensor": "tensor",
+}
 # Which specs a name set covers: the parameters, their optimizer state, the batch.
 _KINDS = ("params", "opt_state", "batch")
 
@@ -199,7 +210,8 @@ def to_maxtext_yaml(plan) -> str:
   details = _details(plan)
   names = _names(plan)
   counts = {kind: rules_reproduce(plan, kind=kind)[:2] for kind in _KINDS}
-  rename = lambda a: _MAXTEXT_AXES.get(a, a)  # noqa: E731
+  axes_named = _axes_named(plan)
+  rename = lambda a: axes_named.get(a, a)  # noqa: E731
   axes = [rename(a) for a in plan.mesh_shape]
   batch_axes = [rename(a) for a in _flat(dict(names.rules).get(BATCH))]
   zero1 = plan.chosen.storage == "zero1"
@@ -226,7 +238,7 @@ def to_maxtext_yaml(plan) -> str:
   body = {
     "mesh_axes": _Flow(axes),
     "data_sharding": _Flow([_Flow(batch_axes)]),  # [[]]: the batch is replicated (TP only)
-    **_parallelism(plan),
+    **_parallelism(plan, axes_named),
     **_pipeline_keys(plan),
     **({"shard_optimizer_over_data": True} if zero1 else {}),
     "logical_axis_rules": [
@@ -237,14 +249,25 @@ def to_maxtext_yaml(plan) -> str:
   return "".join(f"# {line}\n" for entry in header for line in entry.split("\n")) + text
 
 
+def _stage_fsdp(plan) -> bool:
+  return plan.pipeline is not None and plan.chosen.storage in GATHERING
+
+
+def _axes_named(plan) -> dict[str, str]:
+  return _PIPELINE_FSDP_AXES if _stage_fsdp(plan) else _MAXTEXT_AXES
+
+
 def _pipeline_keys(plan) -> dict[str, int]:
   """MaxText's pipeline settings of a pipeline plan (its layers per stage follow from them)."""
   if plan.pipeline is None:
     return {}
-  return {
+  keys = {
     "num_pipeline_microbatches": plan.pipeline.microbatches,
     "num_pipeline_repeats": plan.pipeline.repeats,
   }
+  if _stage_fsdp(plan):
+    keys["pipeline_fsdp_ag_once"] = plan.pipeline.gather_once
+  return keys
 
 
 def _flat(entry) -> list[str]:
@@ -253,16 +276,18 @@ def _flat(entry) -> list[str]:
   return list(entry) if isinstance(entry, tuple) else [entry]
 
 
-def _parallelism(plan) -> dict[str, int]:
+def _parallelism(plan, axes_named) -> dict[str, int]:
   """MaxText's `dcn_*` (across nodes / slices) and `ici_*` (inside) sizes of every axis it knows
   the plan's by (1 where the plan has none), laid out as the plan's mesh is: the axes the search
   found crossing nodes take the nodes, outermost first."""
-  shape = {a: plan.mesh_shape.get(a, 1) for a in _PARALLELISM_KEYS}
+  sizes = {axes_named[a]: n for a, n in plan.mesh_shape.items()}
+  shape = {a: sizes.get(a, 1) for a in _PARALLELISM_KEYS}
+  crossing = {axes_named[a] for a in plan.chosen.cross_node_axes}
   nodes = plan.stats.get("nodes", 1) if plan.stats else 1
   dcn = dict.fromkeys(shape, 1)
   left = int(nodes)
   for a in shape:
-    if a in plan.chosen.cross_node_axes:
+    if a in crossing:
       dcn[a] = math.gcd(shape[a], left)
       left //= dcn[a]
   out = {f"dcn_{_PARALLELISM_KEYS[a]}_parallelism": dcn[a] for a in shape}
