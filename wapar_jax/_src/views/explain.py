@@ -7,7 +7,6 @@ disagree.
 
 from __future__ import annotations
 
-import dataclasses
 import html as html_lib
 import math
 import os
@@ -23,6 +22,7 @@ from wapar_jax._src.plan_details import BATCH
 from wapar_jax._src.search.sweep import divisors, in_sweep
 from wapar_jax._src.tree import path_keys, path_str
 from wapar_jax._src.views import levers
+from wapar_jax._src.views.sections import Section, pipeline_section
 
 # Skipped device counts named in a note; the rest are counted.
 _SKIPPED_SHOWN = 8
@@ -102,14 +102,6 @@ def _size(shape) -> int:
 
 
 # --- explain -------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Section:
-  title: str
-  notes: tuple[str, ...] = ()
-  header: tuple[str, ...] = ()
-  rows: tuple[tuple[str, ...], ...] = ()
 
 
 def _short_source(source: str) -> str:
@@ -241,7 +233,7 @@ def _batch_note(plan, batch: int) -> list[str]:
   ]
 
 
-def _sections(plan, top: int) -> list[_Section]:
+def _sections(plan, top: int) -> list[Section]:
   p, c, d = plan.predicted, plan.chosen, plan.details
   batch = d.batch_size
   per_count = {}
@@ -295,7 +287,7 @@ def _sections(plan, top: int) -> list[_Section]:
     for _, x in sorted(per_count.items())
   )
   sections = [
-    _Section(
+    Section(
       f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} "
       f"{plan.profile} devices, strategy {plan.strategy}",
       tuple(why) + ("best plan per device count, margin to the chosen one:",),
@@ -321,13 +313,13 @@ def _sections(plan, top: int) -> list[_Section]:
     notes += (
       f"the step runs with remat={remat!r} and {micro} micro-batch(es) of gradient accumulation.",
     )
-  sections.append(_Section("predicted step, per device", notes))
+  sections.append(Section("predicted step, per device", notes))
   if plan.pipeline is not None:
-    sections.append(_pipeline_section(plan))
+    sections.append(pipeline_section(plan))
   total = sum(v for _, v in d.memory) or 1.0
   dominant = max(d.memory, key=lambda kv: kv[1])
   sections.append(
-    _Section(
+    Section(
       "memory per device",
       (
         f"peak {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget; "
@@ -350,7 +342,7 @@ def _sections(plan, top: int) -> list[_Section]:
     for pat, n, shape, dtype, spec, b in groups[: top * 2]
   )
   sections.append(
-    _Section(
+    Section(
       f"parameter groups (largest {len(rows)} of {len(groups)})",
       (),
       ("parameters", "shape", "dtype", "spec", "per device", "all, per device"),
@@ -358,7 +350,7 @@ def _sections(plan, top: int) -> list[_Section]:
     )
   )
   sections.append(
-    _Section(
+    Section(
       "logical axes (dimension groups found in the program)",
       (("split on 'model': " + "; ".join(plan.model_split)),) if plan.model_split else (),
       ("name", "size", "mesh axes", "occurs in"),
@@ -380,7 +372,7 @@ def _sections(plan, top: int) -> list[_Section]:
       seen.add(key)
       alternatives.append(x)
   sections.append(
-    _Section(
+    Section(
       "top alternatives",
       (),
       ("devices", "mesh", "strategy", "step", "compute", "comm", "memory", "fits", "margin"),
@@ -402,7 +394,7 @@ def _sections(plan, top: int) -> list[_Section]:
   )
   hot = d.hotspots[:top]
   sections.append(
-    _Section(
+    Section(
       "largest costs by equation (per device, all repeats)",
       (
         f"the top {len(hot)} account for {_pct(sum(h.seconds for h in hot), p.compute_time)} of "
@@ -425,43 +417,12 @@ def _sections(plan, top: int) -> list[_Section]:
   )
   if d.unknown_primitives:
     sections.append(
-      _Section(
+      Section(
         "warnings",
         (f"no sharding rule for {', '.join(d.unknown_primitives)}: costed conservatively.",),
       )
     )
   return sections
-
-
-# Where a stage keeps its layers' weights, by (storage, StageLayout.gather_once).
-_STAGE_WEIGHTS = {
-  ("fsdp", False): "split over its data axis (FSDP): each iteration gathers its chunk's",
-  ("fsdp", True): "split over its data axis (FSDP), gathered once before the loop",
-}
-
-
-def _pipeline_section(plan) -> _Section:
-  """Which layers each stage holds, the schedule's bubble, and the step per stage."""
-  layout, c = plan.pipeline, plan.chosen
-  kind = "GPipe" if layout.repeats == 1 else f"circular, {layout.repeats} repeats"
-  notes = (
-    f"{layout.layers} layers in {layout.stages} stages x {layout.repeats} chunks of "
-    f"{layout.per_chunk} ({kind}); {layout.microbatches} micro-batches; "
-    f"{layout.repeats * layout.microbatches + layout.stages - 1} pipeline iterations, bubble "
-    f"{_pct(c.bubble, 1.0)} of the step.",
-    "every stage computes each iteration, the bubble's too (a scan of fixed length); the "
-    "embedding, head and loss run data-parallel over the data and stage axes.",
-    "a stage's layer weights: "
-    + _STAGE_WEIGHTS.get((c.storage, layout.gather_once), "whole on each of its devices"),
-    f"per device: {human_bytes(c.param_memory)} parameters, {human_bytes(c.opt_state_memory)} "
-    f"optimizer state, {human_bytes(c.activation_memory)} activations and gradients; step "
-    f"{human_seconds(c.step_time)} ({human_seconds(c.compute_time)} compute).",
-  )
-  rows = tuple(
-    (str(s), "; ".join(f"{chunk[0]}-{chunk[-1]}" for chunk in layout.chunk_layers(s)))
-    for s in range(layout.stages)
-  )
-  return _Section("pipeline", notes, ("stage", "layers (per repeat)"), rows)
 
 
 def explain(plan, top: int = 10) -> str:
