@@ -184,6 +184,7 @@ def test_moe_experts_are_stacked():
   assert moe["router"].shape == (768, 8)
 
 
+@pytest.mark.slow
 def test_moe_dispatch_matches_per_token_experts():
   cfg = _moe.MoEConfig(1, 16, 2, 32, 8, n_experts=4, capacity_factor=2.0)
   layer = _moe.MoEMLP(cfg)

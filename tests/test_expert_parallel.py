@@ -107,23 +107,6 @@ def test_the_emitted_step_moves_tokens_by_all_to_all_not_expert_weights(moe, mes
   assert not [c for c in big if c.kind == "all-gather"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh_shape", [{"expert": 8}, {"data": 2, "expert": 4}])
-def test_three_emitted_steps_match_the_single_device_run(moe, mesh_shape):
-  step, mesh, specs = _emitted(moe, mesh_shape)
-  params = moe.init_params(jax.random.key(0))
-  batch = moe.make_batch(jax.random.key(1))
-  ref_step = jax.jit(make_train_step(moe.loss_fn, TX))
-  # A copy: the step donates its inputs, and a replicated leaf may alias the array put.
-  p = jax.device_put(params, jax.tree.map(lambda s: jax.NamedSharding(mesh, s), specs))
-  p = jax.tree.map(lambda x: x.copy(), p)
-  o, ref_p, ref_o = TX.init(p), params, TX.init(params)
-  for _ in range(3):
-    p, o, loss = step(p, o, batch)
-    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
-
-
 @pytest.fixture(scope="module")
 def planned(moe):
   return wap.plan(
@@ -138,7 +121,7 @@ def planned(moe):
   )
 
 
-def test_a_planned_expert_parallel_step_matches_the_single_device_run(moe, planned):
+def test_a_planned_expert_parallel_step_is_explained_saved_and_exported(moe, planned):
   plan = planned
   ep = plan.chosen.expert
   assert ep > 1 and plan.mesh_shape["expert"] == ep and plan.strategy.startswith("ep")
@@ -149,16 +132,10 @@ def test_a_planned_expert_parallel_step_matches_the_single_device_run(moe, plann
   config = yaml.safe_load(plan.to_maxtext_yaml())
   assert config["ici_expert_parallelism"] * config["dcn_expert_parallelism"] == ep
   assert export.rules_reproduce(plan)[0] == export.rules_reproduce(plan)[1]
-  params = moe.init_params(jax.random.key(0))
-  batch = moe.make_batch(jax.random.key(1))
-  ref_step = jax.jit(make_train_step(moe.loss_fn, TX))
-  step = plan.train_step()
-  p = plan.shard(params)
-  o, ref_p, ref_o = plan.init_opt_state(p), params, TX.init(params)
-  for _ in range(3):
-    p, o, loss = step(p, o, plan.shard_batch(batch))
-    ref_p, ref_o, ref_loss = ref_step(ref_p, ref_o, batch)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-4)
+
+
+# The planned step's numerics are the next test's: the loss and gradients at each of three steps
+# of `plan.train_step`, against the single device's.
 
 
 @pytest.mark.slow

@@ -145,6 +145,7 @@ def test_own_jit_under_an_explicit_mesh_compiles_to_the_plans_program():
     assert _counts(jitted, ex) == planned
 
 
+@pytest.mark.slow
 def test_the_plans_own_step_under_an_explicit_mesh_is_the_planned_program():
   # The step traces in the plan's Auto mesh whatever mesh the caller has set.
   ex, plan = _case("dp_tp")

@@ -61,8 +61,7 @@ def _pipelined_grads(ex, params, batch, stages, repeats, micro, data):
 @pytest.mark.parametrize(
   "kind, stages, repeats, micro, data",
   [
-    pytest.param("scan", 2, 1, 2, 2, marks=pytest.mark.slow),
-    pytest.param("scan", 2, 2, 2, 2, marks=pytest.mark.slow),
+    # The scan GPT's GPipe and circular schedules with a data axis are the FSDP-stage tests'.
     pytest.param("linen", 4, 1, 4, 2, marks=pytest.mark.slow),
     pytest.param("nnx", 2, 2, 4, 1, marks=pytest.mark.slow),
   ],
@@ -139,6 +138,7 @@ def _gathers_in_loops(text) -> tuple[int, int]:
   return sum(ops), len(ops) - sum(ops)
 
 
+@pytest.mark.slow
 def test_fsdp_in_stages_gathers_each_iteration_like_one_device():
   """GPipe, 2 stages x 2 data: the backward pass's iterations gather the chunk's weights."""
   text = _fsdp_train("scan2", 2, 1, 2, 2, once=False)
@@ -241,6 +241,7 @@ def test_stage_layout_refuses_what_a_pipeline_cannot_cut():
     pipeline.stage_layout(mlp.loss_fn, mlp.params, mlp.batch, 2)
 
 
+@pytest.mark.slow
 def test_the_loss_without_its_layers_passes_the_carry_on():
   ex, params, batch = _inputs("linen")
   rest_loss, stack, rest = layers.without_stack(ex.loss_fn, ex.params, ex.batch)

@@ -68,6 +68,7 @@ def test_fsdp_gathers_a_scanned_layer_slice_inside_the_loop():
     assert np.allclose(slices, space.param_bytes[i] / n_layer)
 
 
+@pytest.mark.slow
 def test_regathering_weights_trades_collectives_for_memory():
   # remat "weights": the backward pass gathers each layer's slice again instead of keeping the
   # forward pass's copies (a stack of every layer's gathered weights): more bytes sent, a

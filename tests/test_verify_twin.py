@@ -30,6 +30,7 @@ def _plan(dtype, strategy="dp"):
   return ex, plan
 
 
+@pytest.mark.slow
 def test_the_twin_is_the_same_program_in_float32():
   # gpt-tiny's Flax modules compute in their own dtype: a cast of the parameters alone would
   # leave the twin in bf16.
