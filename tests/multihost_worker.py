@@ -38,8 +38,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   heartbeat = args.heartbeat_timeout or max(10, args.init_timeout)
 
-  # Virtual CPU devices must be requested before jax starts.
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+  # Virtual CPU devices must be requested before jax starts; kernels compiled unoptimised, as
+  # in the test process (tests/conftest.py).
+  os.environ["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={args.local_devices} "
+    "--xla_backend_optimization_level=0"
+  )
   import jax
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -147,9 +147,10 @@ def _check_matches_single_device(mlp, name, tx, strategy, rtol=1e-5):
   for (got_p, got_loss), (ref_p, ref_loss) in zip(got, ref):
     np.testing.assert_allclose(got_loss, ref_loss, rtol=rtol)
     # Adam divides by the gradient's own size: a parameter moves by about the learning rate
-    # (1e-2) whatever its gradient, so params are compared to a small fraction of it.
+    # (1e-2) whatever its gradient, so params are compared to a small fraction of it (a
+    # gradient near zero, summed in another order, moves by 2e-5 of it).
     for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(ref_p)):
-      np.testing.assert_allclose(a, np.asarray(b), rtol=rtol, atol=1e-5)
+      np.testing.assert_allclose(a, np.asarray(b), rtol=rtol, atol=1e-4)
   first, other = MOVES.get(name, ([True] * STEPS, [True] * STEPS))
   assert (_moved(params, got, "Dense_0"), _moved(params, got, "Dense_1")) == (first, other)
   if strategy != "dp":  # the state really is split: the case a wrong spec tree breaks

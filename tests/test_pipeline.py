@@ -26,6 +26,8 @@ _BUILD = {
   "scan": lambda b: _gpt.gpt_linen("scan4", "", _CFG, b, 32, scan_layers=True),
   "linen": lambda b: _gpt.gpt_linen("linen4", "", _CFG, b, 32),
   "nnx": lambda b: _gpt.gpt_nnx("nnx4", "", _CFG, b, 32),
+  # Eight layers: 4 stages x 2 repeats.
+  "linen8": lambda b: _gpt.gpt_linen("linen8", "", dataclasses.replace(_CFG, n_layer=8), b, 32),
   # The fast tier's: two layers, narrow, short rows (a quarter of the compile).
   "scan2": lambda b: _gpt.gpt_linen("scan2", "", _gpt.GPTConfig(2, 32, 2, 64, 16), b, 16, True),
 }
@@ -61,8 +63,9 @@ def _pipelined_grads(ex, params, batch, stages, repeats, micro, data):
 @pytest.mark.parametrize(
   "kind, stages, repeats, micro, data",
   [
-    # The scan GPT's GPipe and circular schedules with a data axis are the FSDP-stage tests'.
-    pytest.param("linen", 4, 1, 4, 2, marks=pytest.mark.slow),
+    # PP = 4 circular with a data axis; the scan GPT's PP = 2 GPipe and circular schedules with
+    # a data axis are the FSDP-stage tests'.
+    pytest.param("linen8", 4, 2, 4, 2, marks=pytest.mark.slow),
     pytest.param("nnx", 2, 2, 4, 1, marks=pytest.mark.slow),
   ],
 )
