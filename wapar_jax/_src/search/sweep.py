@@ -223,6 +223,7 @@ def search_until(
   budget = profile.memory_bytes * (1 - memory_headroom)
   op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
   aggregates: dict[tuple[tuple[int, ...], bool], Aggregates] = {}
+  expert_spaces: dict[tuple[int, str], tuple[SearchSpace, Aggregates]] = {}
   sets_of = functools.cache(lambda tp: group_sets(space, tp))
   points = sweep_points(space, max_devices, all_devices)
   found = []
@@ -240,7 +241,7 @@ def search_until(
         for storage in STORAGES if dp > 1 else ("replicated",):
           if terms is not None and tp == 1 and storage in EXPERT_STORAGES:
             found += _expert_points(
-              space, terms, aggregates, op_seconds, profile, dp, storage, budget
+              space, terms, expert_spaces, op_seconds, profile, dp, storage, budget
             )
           if not _allowed(strategy, dp, tp, storage):
             continue
@@ -274,17 +275,18 @@ def search_until(
   return Searched(sorted(found, key=rank_key(objective)), len(points), priced)
 
 
-def _expert_points(space, terms, aggregates, op_seconds, profile, dp, storage, budget) -> list:
-  """The EP candidates of a data-parallel point: one per expert degree (`search.experts`)."""
+def _expert_points(space, terms, spaces, op_seconds, profile, dp, storage, budget) -> list:
+  """The EP candidates of a data-parallel point: one per expert degree (`search.experts`).
+  `spaces`: per (degree, storage), the space with the expert weights 1/ep as big and its sums
+  (the storage decides which of the weights and state are scaled, `expert_space`)."""
   if space.remat in _FSDP_ONLY_REMAT:
     return []
   found = []
   for ep in expert_degrees(space, dp):
-    key = ("expert", ep, storage == "replicated")
-    if key not in aggregates:  # the space, with the expert weights 1/ep as big, and its sums
+    if (ep, storage) not in spaces:
       scaled = expert_space(space, terms, ep, storage)
-      aggregates[key] = scaled, aggregate(scaled, (), op_seconds, False)
-    scaled, agg = aggregates[key]
+      spaces[ep, storage] = scaled, aggregate(scaled, (), op_seconds, False)
+    scaled, agg = spaces[ep, storage]
     base = price(scaled, agg, profile, dp, 1, (), storage, budget)
     found.append(price_expert(terms, base, profile, ep))
   return found
