@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src.emit.sequence import evaluate_constrained
-from wapar_jax._src.step import loss_program
+from wapar_jax._src.emit.sequence import constrained
 from wapar_jax._src.trace.builder import trace_jaxpr
 from wapar_jax._src.trace.experts import expert_side, find_experts
 
@@ -40,7 +38,7 @@ def expert_specs(
   experts = find_experts(traced)
   side = expert_side(traced, experts)
   classes = traced.var_classes
-  batch = {classes[v][0] for v in traced.batch_vars if classes[v]}
+  batch = traced.batch_classes
   specs = {}
   for op in traced.ops:
     if len(op.out_vars) != 1 or not batch & set(classes[op.out_vars[0]]):
@@ -62,13 +60,10 @@ def expert_split(loss_fn: Callable, mesh: Mesh, n_params: int, n_batch: int) -> 
   over the mesh's expert axis (see the module doc)."""
   data_entry = DATA if mesh.shape.get(DATA, 1) > 1 else None
   token_entry = (DATA, EXPERT) if DATA in mesh.shape else EXPERT
-
-  def split(params, batch, *state):
-    closed, out_tree = loss_program(loss_fn, (params, batch, *state))
-    n_state = len(jax.tree.leaves(state))
-    specs = expert_specs(closed, n_params, n_batch, n_state, data_entry, token_entry)
-    args = jax.tree.leaves((params, batch, *state))
-    outs = evaluate_constrained(closed.jaxpr, closed.consts, args, specs, mesh)
-    return jax.tree.unflatten(out_tree, outs)
-
-  return split
+  return constrained(
+    loss_fn,
+    mesh,
+    lambda closed, n_state: expert_specs(
+      closed, n_params, n_batch, n_state, data_entry, token_entry
+    ),
+  )

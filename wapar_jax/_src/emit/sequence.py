@@ -57,7 +57,7 @@ def sequence_specs(closed, param_specs: list, batch_specs: list, n_state: int, m
     if MODEL in _axes(entry)
   }
   batch_leaves = [v for v in traced.batch_vars if classes[v]]
-  batch_classes = {classes[v][0] for v in batch_leaves}
+  batch_classes = traced.batch_classes
   weight_classes = {c for v in traced.param_vars for c in classes[v]}
   sequence = {c for v in batch_leaves for c in classes[v][1:]} - batch_classes - weight_classes
   batch_entry = next((spec[0] for spec in batch_specs if len(spec)), None)
@@ -90,16 +90,25 @@ def sequence_split(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs) -> C
   flat_params = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
   flat_batch = jax.tree.leaves(batch_specs, is_leaf=lambda x: isinstance(x, P))
   model = mesh.shape[MODEL]
+  return constrained(
+    loss_fn,
+    mesh,
+    lambda closed, n_state: sequence_specs(closed, flat_params, flat_batch, n_state, model),
+  )
 
-  def split(params, batch, *state):
+
+def constrained(loss_fn: Callable, mesh: Mesh, specs_of: Callable) -> Callable:
+  """`loss_fn(params, batch, *state)` traced on its own and evaluated with the outputs that
+  `specs_of(closed loss, model-state leaves)` names ({id of an equation: spec}) constrained."""
+
+  def run(params, batch, *state):
     closed, out_tree = loss_program(loss_fn, (params, batch, *state))
-    n_state = len(jax.tree.leaves(state))
-    specs = sequence_specs(closed, flat_params, flat_batch, n_state, model)
+    specs = specs_of(closed, len(jax.tree.leaves(state)))
     args = jax.tree.leaves((params, batch, *state))
     outs = evaluate_constrained(closed.jaxpr, closed.consts, args, specs, mesh)
     return jax.tree.unflatten(out_tree, outs)
 
-  return split
+  return run
 
 
 def evaluate_constrained(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:

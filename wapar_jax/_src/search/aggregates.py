@@ -70,12 +70,17 @@ def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
   return dp, weight, 1
 
 
+def _group_mask(space: SearchSpace, groups) -> np.ndarray:
+  mask = np.zeros(len(space.groups), dtype=bool)
+  mask[list(groups)] = True
+  return mask
+
+
 def model_split(space: SearchSpace, groups, sequence_parallel: bool):
   """([V] region vars, [N] region ops, [V] vars split on the model axis, [N] ops whose work it
   splits): the tensor-parallel regions of `groups`, and with `sequence_parallel` the
   activations outside them split on the sequence and the work that reads or makes them."""
-  mask = np.zeros(len(space.groups), dtype=bool)
-  mask[list(groups)] = True
+  mask = _group_mask(space, groups)
   # Split by the tensor-parallel regions themselves: what the model axis reduces and gathers.
   region_var = space.var_group[:, mask].any(axis=1)
   region_op = space.op_group[:, mask].any(axis=1)
@@ -99,8 +104,7 @@ def aggregate(
   matmuls); the regions read them all-gathered, and sums over the split tokens outside the
   regions (weight gradients) are partial over the model axis.
   """
-  mask = np.zeros(len(space.groups), dtype=bool)
-  mask[list(groups)] = True
+  mask = _group_mask(space, groups)
   region_var, region_op, var_model, op_model = model_split(space, groups, sequence_parallel)
   sequence_copies = None
   if sequence_parallel:

@@ -58,7 +58,7 @@ class Experts:
 def find_experts(traced: TracedStep) -> Experts:
   """The experts classes of `traced` (see the module doc)."""
   classes = traced.var_classes
-  batch = {classes[v][0] for v in traced.batch_vars if classes[v]}
+  batch = traced.batch_classes
   has_batch = lambda v: v >= 0 and any(c in batch for c in classes[v])
   producer = {v: op for op in traced.ops for v in op.out_vars}
   found, capacities, tokens, token_classes, slot_classes = set(), [], [], set(), set()
@@ -109,7 +109,7 @@ def expert_side(traced: TracedStep, experts: Experts) -> list[bool]:
   """Per variable: an expert-side tensor (the batch, an experts class and the slots, no token
   class): not the routing's per-expert statistics `[B, E]`, nor the dispatch mask."""
   classes = traced.var_classes
-  batch = {classes[v][0] for v in traced.batch_vars if classes[v]}
+  batch = traced.batch_classes
   return [
     bool(set(cls) & experts.classes)
     and bool(set(cls) & batch)

@@ -76,6 +76,11 @@ class TracedStep:
   def num_vars(self) -> int:
     return len(self.var_shape)
 
+  @property
+  def batch_classes(self) -> frozenset[int]:
+    """The classes of the batch leaves' leading dims (the batch)."""
+    return frozenset(self.var_classes[v][0] for v in self.batch_vars if self.var_classes[v])
+
   def var_bytes(self) -> np.ndarray:
     """Bytes of every variable (unsharded), as float64."""
     return np.array(

@@ -74,10 +74,9 @@ def peak_under(
     return None
   # Memory does not depend on the ops' times: price with none.
   sp = c.sequence_parallel
-  sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)), sp)
   if c.expert > 1:  # memory is the data-parallel step's with the experts split (search.experts)
     space = expert_space(space, expert_terms(space), c.expert, c.storage)
-    sums = aggregate(space, (), np.zeros(len(traced.ops)), False)
+  sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)), sp)
   return price(
     space, sums, profile, c.data, c.model, c.model_groups, c.storage, math.inf, sp
   ).peak_memory

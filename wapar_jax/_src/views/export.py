@@ -50,14 +50,9 @@ _MAXTEXT_AXES = {
 # shards stage weights over its fsdp axis (which splits the batch too), so that is the data
 # axis's name there.
 _PIPELINE_FSDP_AXES = {**_MAXTEXT_AXES, "data": "fsdp"}
-# MaxText names the stage axis's parallelism (`ici_pipeline_parallelism`) `pipeline`.
-_PARALLELISM_KEYS = {
-  "stage": "pipeline",
-  "data": "data",
-  "expert": "expert",
-  "fsdp": "fsdp",
-  "tensor": "tensor",
-}
+# MaxText's name of each axis's parallelism (`ici_<name>_parallelism`): its own, but the stage
+# axis's is `pipeline`.
+_PARALLELISM_KEYS = {a: "pipeline" if a == "stage" else a for a in _MAXTEXT_AXES.values()}
 # Which specs a name set covers: the parameters, their optimizer state, the batch.
 _KINDS = ("params", "opt_state", "batch")
 

@@ -21,14 +21,7 @@ def sequence_parallel_line(plan) -> str:
     for x in plan.candidates
     if not x.sequence_parallel and (x.data, x.model, x.storage) == (c.data, c.model, c.storage)
   ]
-  if not same:
-    return SEQUENCE_PARALLEL_NOTE + "."
-  x = same[0]
-  return (
-    f"{SEQUENCE_PARALLEL_NOTE}; without it ({x.strategy}): {human_seconds(x.step_time)} per "
-    f"step and {human_bytes(x.peak_memory)} peak, against {human_seconds(c.step_time)} and "
-    f"{human_bytes(c.peak_memory)}."
-  )
+  return _against(SEQUENCE_PARALLEL_NOTE, c, same)
 
 
 def expert_parallel_line(plan) -> str:
@@ -50,11 +43,16 @@ def expert_parallel_line(plan) -> str:
       line += f" of {tokens} tokens, top-{k}: capacity factor C x E / (k x T) = "
       line += f"{capacity * e / (k * tokens):.3g}"
   same = [x for x in plan.candidates if x.expert == 1 and x.devices == c.devices and x.model == 1]
-  if not same:
+  return _against(line, c, same)
+
+
+def _against(line: str, chosen, without) -> str:
+  """`line`, then the best of `without` (the chosen plan's devices without the lever), if any."""
+  if not without:
     return line + "."
-  x = same[0]
+  x = without[0]
   return (
     f"{line}; without it ({x.strategy}): {human_seconds(x.step_time)} per step and "
-    f"{human_bytes(x.peak_memory)} peak, against {human_seconds(c.step_time)} and "
-    f"{human_bytes(c.peak_memory)}."
+    f"{human_bytes(x.peak_memory)} peak, against {human_seconds(chosen.step_time)} and "
+    f"{human_bytes(chosen.peak_memory)}."
   )
