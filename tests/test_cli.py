@@ -147,7 +147,7 @@ def test_bench_table_without_compiles(capsys):
   argv = ["bench", "gpt-tiny", "--devices", "8", "--profile", "h100-sxm", "--no-compile"]
   assert main([*argv, "--progress"]) == 0
   out, err = capsys.readouterr()
-  assert "9/9" in err and "cost analysis" not in err  # one bar over the families, none per plan
+  assert "10/10" in err and "cost analysis" not in err  # one bar over the families, none per plan
   assert "predicted step  compiled step" in out and "auto *" in out
   assert "  hsdp: InvalidArgumentError: no 'hsdp' plan exists" in out
   assert "  ep: InvalidArgumentError: strategy 'ep' splits the experts" in out  # a dense model

@@ -164,6 +164,7 @@ CANDIDATE_RULES = {
   "stage_microbatches": COUNT,
   "sequence_parallel": FLAG,
   "expert": COUNT,
+  "context": COUNT,
   "mesh_shape": mapping(COUNT, "be an object of mesh axis sizes"),  # derived, written for readers
 }
 _CANDIDATE = record(CANDIDATE_RULES, _with_default(Candidate) | {"mesh_shape"})
@@ -294,6 +295,7 @@ def _check_candidates(data: dict) -> None:
   ]
   for where, c in everyone:
     fsdp, stages, expert = c.get("fsdp", 1), c.get("stages", 1), c.get("expert", 1)
+    context = c.get("context", 1)
     if c["devices"] != c["data"] * c["model"] * stages:
       staged = f" x {where}.stages" if stages > 1 else ""
       _refuse(
@@ -306,15 +308,17 @@ def _check_candidates(data: dict) -> None:
       _refuse(f"{where}.fsdp", f"divide {where}.data = {c['data']}", fsdp)
     if c["data"] % expert:
       _refuse(f"{where}.expert", f"divide {where}.data = {c['data']}", expert)
+    if c["data"] % (context * expert):
+      _refuse(f"{where}.context", f"divide {where}.data / {where}.expert", context)
     if c["devices"] > data["devices_offered"]:
       _refuse(
         f"{where}.devices", f"be at most devices_offered = {data['devices_offered']}", c["devices"]
       )
-    own_mesh = mesh_shape(c["data"], c["model"], fsdp, stages, expert)
+    own_mesh = mesh_shape(c["data"], c["model"], fsdp, stages, expert, context)
     if "mesh_shape" in c and c["mesh_shape"] != own_mesh:
       _refuse(
         f"{where}.mesh_shape",
-        f"be the mesh of its data, model, fsdp, stage and expert degrees, {own_mesh}",
+        f"be the mesh of its data, model, fsdp, stage, expert and context degrees, {own_mesh}",
         c["mesh_shape"],
       )
   if math.prod(mesh.values()) != chosen["devices"]:
@@ -330,6 +334,7 @@ def _check_candidates(data: dict) -> None:
     chosen.get("fsdp", 1),
     chosen.get("stages", 1),
     chosen.get("expert", 1),
+    chosen.get("context", 1),
   )
   if mesh != expected:
     _refuse("mesh_shape", f"be the chosen candidate's mesh {expected}", mesh)

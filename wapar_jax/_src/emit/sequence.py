@@ -97,42 +97,65 @@ def sequence_split(loss_fn: Callable, mesh: Mesh, param_specs, batch_specs) -> C
   )
 
 
-def constrained(loss_fn: Callable, mesh: Mesh, specs_of: Callable) -> Callable:
+def constrained(loss_fn: Callable, mesh: Mesh, specs_of: Callable, into_calls: bool = False):
   """`loss_fn(params, batch, *state)` traced on its own and evaluated with the outputs that
-  `specs_of(closed loss, model-state leaves)` names ({id of an equation: spec}) constrained."""
+  `specs_of(closed loss, model-state leaves)` names ({id of an equation: spec}; a key
+  (id of an equation, operand position) constrains that operand where the equation reads it)
+  constrained. `into_calls`: inside jitted helpers too (jnp's einsum), inlined."""
 
   def run(params, batch, *state):
     closed, out_tree = loss_program(loss_fn, (params, batch, *state))
     specs = specs_of(closed, len(jax.tree.leaves(state)))
     args = jax.tree.leaves((params, batch, *state))
-    outs = evaluate_constrained(closed.jaxpr, closed.consts, args, specs, mesh)
+    outs = evaluate_constrained(closed.jaxpr, closed.consts, args, specs, mesh, into_calls)
     return jax.tree.unflatten(out_tree, outs)
 
   return run
 
 
-def evaluate_constrained(jaxpr, consts, args, specs: dict, mesh: Mesh) -> list:
-  """Evaluates `jaxpr` with the output of each equation in `specs` constrained to its spec,
-  inside the bodies of its scans too."""
+_CALLS = frozenset({"pjit", "jit"})
+
+
+def evaluate_constrained(
+  jaxpr, consts, args, specs: dict, mesh: Mesh, into_calls: bool = False
+) -> list:
+  """Evaluates `jaxpr` with the output (or operand) of each equation in `specs` constrained to
+  its spec, inside the bodies of its scans too (and of its jitted calls, `into_calls`)."""
   env = dict(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+  hold = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   for eqn in jaxpr.eqns:
     params = eqn.params
-    if eqn.primitive.name == "scan" and constrains(params["jaxpr"].jaxpr, specs):
+    name = eqn.primitive.name
+    ins = [read(v) for v in eqn.invars]
+    ins = [hold(x, specs[id(eqn), i]) if (id(eqn), i) in specs else x for i, x in enumerate(ins)]
+    if into_calls and name in _CALLS and constrains(params["jaxpr"].jaxpr, specs, into_calls):
+      body = params["jaxpr"]
+      outs = evaluate_constrained(body.jaxpr, body.consts, ins, specs, mesh, into_calls)
+      env.update(zip(eqn.outvars, outs))
+      continue
+    if name == "scan" and constrains(params["jaxpr"].jaxpr, specs, into_calls):
       body = params["jaxpr"]
       body_fn = lambda *xs, body=body: evaluate_constrained(
-        body.jaxpr, body.consts, xs, specs, mesh
+        body.jaxpr, body.consts, xs, specs, mesh, into_calls
       )
       params = {**params, "jaxpr": jax.make_jaxpr(body_fn)(*[v.aval for v in body.jaxpr.invars])}
-    outs = gathers.rebind(eqn, [read(v) for v in eqn.invars], params)
+    outs = gathers.rebind(eqn, ins, params)
     if id(eqn) in specs:
-      outs = jax.lax.with_sharding_constraint(outs, NamedSharding(mesh, specs[id(eqn)]))
+      outs = hold(outs, specs[id(eqn)])
     env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
   return [read(v) for v in jaxpr.outvars]
 
 
-def constrains(jaxpr, specs: dict) -> bool:
-  return any(id(e) in specs for e in jaxpr.eqns) or any(
-    constrains(e.params["jaxpr"].jaxpr, specs) for e in jaxpr.eqns if e.primitive.name == "scan"
+def constrains(jaxpr, specs: dict, into_calls: bool = False) -> bool:
+  """Whether `specs` names an equation of `jaxpr` (or of a scan or, `into_calls`, a jitted
+  call in it) or one of its operands."""
+  inner = ("scan", *_CALLS) if into_calls else ("scan",)
+  return any(
+    id(e) in specs or any((id(e), i) in specs for i in range(len(e.invars))) for e in jaxpr.eqns
+  ) or any(
+    constrains(e.params["jaxpr"].jaxpr, specs, into_calls)
+    for e in jaxpr.eqns
+    if e.primitive.name in inner
   )

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src import batch_axes as batch_axes_lib
-from wapar_jax._src.emit import experts, sequence
+from wapar_jax._src.emit import context, experts, sequence
 from wapar_jax._src.emit.shardings import named
 from wapar_jax._src.step import make_train_step
 from wapar_jax._src.tree import path_keys, path_str
@@ -22,6 +22,8 @@ from wapar_jax.errors import DonatedInputError, InvalidArgumentError, PlanMismat
 
 # Mesh axes that store state split, never compute on it: a weight is gathered over them.
 _STORAGE_AXES = frozenset({"data", "fsdp"})
+# Axes that split the batch's devices beside data.
+_BATCH_AXES = frozenset({experts.EXPERT, context.CONTEXT})
 
 
 def _compute_spec(spec: P) -> P:
@@ -29,9 +31,9 @@ def _compute_spec(spec: P) -> P:
 
   def drop(entry):
     if isinstance(entry, tuple):
-      # Beside data, the expert axis is the rest of the batch's devices storing a weight split
-      # (FSDP with expert parallelism); alone, it splits the experts (a compute layout).
-      storage = _STORAGE_AXES | ({experts.EXPERT} if experts.DATA in entry else set())
+      # Beside data, the expert (context) axis is the rest of the batch's devices storing a
+      # weight split (FSDP with expert or context parallelism); alone, it splits the experts.
+      storage = _STORAGE_AXES | (_BATCH_AXES if experts.DATA in entry else set())
       kept = tuple(a for a in entry if a not in storage)
       return kept if len(kept) > 1 else (kept[0] if kept else None)
     return None if entry in _STORAGE_AXES else entry
@@ -86,14 +88,17 @@ def layout_levers(
   """(loss, gather hook, gradient hold) of the emitted step: the loss with its batch pinned
   when weights are gathered at use (and its activations split on the sequence with
   `sequence_parallel`, `sequence.sequence_split`; on the experts where the mesh has an expert
-  axis, `experts.expert_split`), the `gathers.at_use` hook (None if no weight is), and the
+  axis, `experts.expert_split`; on the sequence where it has a context axis,
+  `context.context_split`), the `gathers.at_use` hook (None if no weight is), and the
   constraint keeping accumulated gradients split (None unless `grad_specs`). `gathered_specs`:
   the specs the hook reads (default `param_specs`)."""
   if sequence_parallel:
     loss_fn = sequence.sequence_split(loss_fn, mesh, param_specs, batch_specs)
+  count = lambda specs: len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))  # noqa: E731
   if experts.EXPERT in mesh.shape:
-    count = lambda specs: len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
     loss_fn = experts.expert_split(loss_fn, mesh, count(param_specs), count(batch_specs))
+  if context.CONTEXT in mesh.shape:
+    loss_fn = context.context_split(loss_fn, mesh, count(param_specs), count(batch_specs))
   hook = _gather_hook(mesh, param_specs if gathered_specs is None else gathered_specs)
   if hook is not None:
     loss_fn = _batch_pinned(loss_fn, mesh, batch_specs)

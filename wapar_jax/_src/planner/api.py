@@ -119,7 +119,10 @@ def plan(
       "dp_tp", "pp" (a pipeline of the loss's layers over a stage axis, with any of the
       data / tensor families inside each stage), or "ep" (expert parallelism: the experts of
       the step's mixture-of-experts layers split over an `expert` axis of the batch's devices,
-      tokens moved by all-to-all; "auto" searches it too).
+      tokens moved by all-to-all; "auto" searches it too), or "cp" (context parallelism: every
+      activation split on its sequence over a `context` axis of the batch's devices, attention's
+      keys and values gathered over it, so a micro-batch splits beyond its rows; "auto"
+      searches it too).
     memory_headroom: fraction of device memory kept free: fragmentation, runtime buffers and the
       memory model's error (its accuracy is in benchmarks/results/suite.md).
     all_devices: only consider using every device offered.

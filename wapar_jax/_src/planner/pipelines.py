@@ -98,16 +98,27 @@ def search_pipelines(
     return None
   rest: dict = {}
   for c in ranked:
+    if c.context > 1:  # its data degree counts the context axis's devices too
+      continue
     if _rest_key(c) not in rest or c.step_time < rest[_rest_key(c)].step_time:
       rest[_rest_key(c)] = c
   budget = profile.memory_bytes * (1 - memory_headroom)
   batch_rows = jax.tree.leaves(batch)[0].shape[0]
   found = []
-  siblings = {(c.data, c.model, c.model_groups, c.storage): c for c in base_ranked}
+  siblings = {
+    (c.data, c.model, c.model_groups, c.storage): c
+    for c in base_ranked
+    if c.expert == 1 and c.context == 1
+  }
   for base in base_ranked:
-    # The pipeline's stage function has no expert axis: its stages run expert-parallel plans'
+    # The pipeline's stage function has no expert or context axis: its stages run those plans'
     # data-parallel twins, which the search priced too.
-    if base.storage not in pricing.PIPELINE_STORAGES or base.stages > 1 or base.expert > 1:
+    if (
+      base.storage not in pricing.PIPELINE_STORAGES
+      or base.stages > 1
+      or base.expert > 1
+      or base.context > 1
+    ):
       continue
     if base.model > 1 and base.storage in pricing.WITHOUT_MODEL_AXIS:
       continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp", "pp", "ep")
+STRATEGIES = ("auto", "dp", "zero1", "fsdp", "hsdp", "tp", "dp_tp", "pp", "ep", "cp")
 STORAGES = ("replicated", "zero1", "fsdp", "hsdp")
 # Storages that keep parameters split and gather each layer's weights where it runs.
 GATHERING = frozenset({"fsdp", "hsdp"})
@@ -20,6 +20,7 @@ OBJECTIVES = ("time", "energy")
 # plan with a model axis, searched.
 SEQUENCE_PARALLEL = {"off": False, "on": True, "searched": None}
 DATA, FSDP, MODEL, STAGE, EXPERT = "data", "fsdp", "model", "stage", "expert"
+CONTEXT = "context"
 # Fraction of device memory a plan leaves free: fragmentation and runtime buffers (~10%), and
 # the memory model's error (benchmarks/results/memory_levers.md).
 DEFAULT_MEMORY_HEADROOM = 0.15
@@ -65,10 +66,13 @@ class Candidate:
   # Expert parallelism: the `expert` of the data axis's devices (inside them) split the experts
   # of every mixture-of-experts layer; tokens reach their experts by all-to-all.
   expert: int = 1
+  # Context parallelism: the `context` of the data axis's devices (inside them) split every
+  # activation on its sequence; attention gathers the keys and values over them.
+  context: int = 1
 
   @property
   def mesh_shape(self) -> dict[str, int]:
-    return mesh_shape(self.data, self.model, self.fsdp, self.stages, self.expert)
+    return mesh_shape(self.data, self.model, self.fsdp, self.stages, self.expert, self.context)
 
   @property
   def bubble(self) -> float:
@@ -84,15 +88,25 @@ class Candidate:
     return d
 
 
-def mesh_shape(dp: int, tp: int, fsdp: int = 1, stages: int = 1, expert: int = 1) -> dict[str, int]:
+def mesh_shape(
+  dp: int, tp: int, fsdp: int = 1, stages: int = 1, expert: int = 1, context: int = 1
+) -> dict[str, int]:
   """Axes of size 1 are dropped, except that one device still has a (data=1) mesh. The fsdp
   axis takes `fsdp` of the dp data-parallel devices, between data and model, and so does the
   expert axis (inside a node first: its all-to-alls have no two-level algorithm); a pipeline's
   stage axis is outermost (across nodes first: stages send only activations). With an expert
   axis the data axis stays, of size 1 too: the batch's devices are (data, expert) in every
-  spec, and a weight stored over them is told from the experts' own split by it."""
-  shape = {STAGE: stages, DATA: dp // fsdp // expert, EXPERT: expert, FSDP: fsdp, MODEL: tp}
-  kept = {k: v for k, v in shape.items() if v > 1 or (k == DATA and expert > 1)}
+  spec, and a weight stored over them is told from the experts' own split by it. The context
+  axis sits where the expert axis does, and keeps the data axis so too."""
+  shape = {
+    STAGE: stages,
+    DATA: dp // fsdp // expert // context,
+    CONTEXT: context,
+    EXPERT: expert,
+    FSDP: fsdp,
+    MODEL: tp,
+  }
+  kept = {k: v for k, v in shape.items() if v > 1 or (k == DATA and expert * context > 1)}
   return kept or {DATA: 1}
 
 
@@ -103,9 +117,12 @@ def strategy_label(
   stages: int = 1,
   sequence_parallel: bool = False,
   expert: int = 1,
+  context: int = 1,
 ) -> str:
   if expert > 1:
     return "ep" if storage == "replicated" else f"ep+{storage}"
+  if context > 1:
+    return "cp" if storage == "replicated" else f"cp+{storage}"
   if stages > 1:
     inner = strategy_label(dp, tp, storage, sequence_parallel=sequence_parallel)
     return "pp" if dp * tp == 1 else f"{inner}+pp"

@@ -32,7 +32,7 @@ from wapar_jax._src.cost.collectives import (
 )
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.candidate import DATA, EXPERT, Candidate, strategy_label
-from wapar_jax._src.search.pricing import axis_spans, fsdp_dim
+from wapar_jax._src.search.pricing import axis_spans, fsdp_dim, inner_axis_spans
 from wapar_jax._src.search.space import SearchSpace
 from wapar_jax._src.trace.experts import expert_side
 
@@ -121,13 +121,9 @@ def expert_degrees(space: SearchSpace, dp: int) -> list[int]:
 
 def expert_spans(dp: int, ep: int, devices_per_node: int) -> dict[str, tuple[int, int]]:
   """(devices inside one node, nodes spanned) of the data and expert axes of a dp-way batch
-  split whose inner `ep` devices are the expert axis (`pricing.axis_spans`'s layout)."""
-  data = axis_spans(dp, 1, devices_per_node)[DATA]
-  inner, nodes = data
-  e_in = math.gcd(ep, inner)
-  if e_in in (ep, inner):
-    return {EXPERT: (e_in, ep // e_in), DATA: (inner // e_in, nodes * e_in // ep)}
-  return {EXPERT: (1, ep), DATA: (1, dp // ep)}
+  split whose inner `ep` devices are the expert axis."""
+  experts, data = inner_axis_spans(dp, ep, devices_per_node)
+  return {EXPERT: experts, DATA: data}
 
 
 def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep: int) -> Candidate:

@@ -115,6 +115,17 @@ def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, 
   return {DATA: (1, dp), MODEL: (1, tp)}
 
 
+def inner_axis_spans(dp: int, k: int, devices_per_node: int):
+  """((devices inside one node, nodes spanned) of the inner `k` devices of a dp-way batch split
+  (an expert or context axis), the same of the data axis's rest), in `axis_spans`'s layout:
+  inside a node first."""
+  inner, nodes = axis_spans(dp, 1, devices_per_node)[DATA]
+  k_in = math.gcd(k, inner)
+  if k_in in (k, inner):
+    return (k_in, k // k_in), (inner // k_in, nodes * k_in // k)
+  return (1, k), (1, dp // k)
+
+
 def price(
   space: SearchSpace,
   agg: Aggregates,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.search.candidate import DATA, FSDP, GATHERING, MODEL, Candidate
+from wapar_jax._src.search.context import context_candidate_specs
 from wapar_jax._src.search.experts import expert_candidate_specs
 from wapar_jax._src.search.pricing import fsdp_dim, fsdp_shardable
 from wapar_jax._src.search.space import SearchSpace
@@ -15,6 +18,8 @@ def specs_for(space: SearchSpace, c: Candidate) -> tuple[list[P], list[P], list[
   flattened order of the traced step's arguments."""
   if c.expert > 1:
     return expert_candidate_specs(space, c)
+  if c.context > 1:
+    return context_candidate_specs(space, c, specs_for(space, dataclasses.replace(c, context=1)))
   traced = space.traced
   model_classes = {cl for g in c.model_groups for cl in space.groups[g].classes}
   # Hybrid sharding splits the state over the fsdp axis only; the batch over data and fsdp.

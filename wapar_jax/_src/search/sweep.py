@@ -19,6 +19,13 @@ from wapar_jax._src.search.candidate import (
   Candidate,
   rank_key,
 )
+from wapar_jax._src.search.context import (
+  CONTEXT_STORAGES,
+  context_points,
+  context_space,
+  context_terms,
+  price_context,
+)
 from wapar_jax._src.search.experts import (
   EXPERT_STORAGES,
   expert_degrees,
@@ -214,6 +221,12 @@ def search_until(
     raise InvalidArgumentError(f"objective must be one of {OBJECTIVES}. Got {objective!r}.")
   if not 0 <= memory_headroom < 1:
     raise InvalidArgumentError(f"memory_headroom must be in [0, 1). Got {memory_headroom!r}.")
+  if strategy == "cp" and not space.attention.gathered:
+    raise InvalidArgumentError(
+      "strategy 'cp' splits attention's queries over a context axis, and this step has none: "
+      "no tensor holds a sequence dim of the batch twice (the scores [B, H, T, T] of q . k). "
+      "Use another strategy. Got strategy='cp'."
+    )
   if strategy == "ep" and not space.experts.classes:
     raise InvalidArgumentError(
       "strategy 'ep' splits the experts of mixture-of-experts layers, and this step has none: "
@@ -254,6 +267,8 @@ def search_until(
             c = price(space, agg, profile, dp, tp, groups, storage, budget, sp)
             if c is not None:
               found.append(c)
+  if strategy in ("auto", "cp"):
+    found += _context_points(space, op_seconds, profile, max_devices, all_devices, budget)
   if not found and strategy == "hsdp":
     raise InvalidArgumentError(
       f"no 'hsdp' plan exists for up to {max_devices} devices: hybrid sharding splits the state "
@@ -289,6 +304,34 @@ def _expert_points(space, terms, spaces, op_seconds, profile, dp, storage, budge
     scaled, agg = spaces[ep, storage]
     base = price(scaled, agg, profile, dp, 1, (), storage, budget)
     found.append(price_expert(terms, base, profile, ep))
+  return found
+
+
+def _context_points(space, op_seconds, profile, max_devices, all_devices, budget) -> list:
+  """The CP candidates of every device count of the sweep that splits as data x context, data
+  dividing the micro-batch and context the sequence (`search.context`): counts beyond the
+  micro-batch's rows too."""
+  terms = context_terms(space)
+  if terms is None or space.remat in _FSDP_ONLY_REMAT:
+    return []
+  counts = {
+    data * cp
+    for data in divisors(space.batch_size)
+    for cp in divisors(space.attention.size)[1:]
+    if in_sweep(data * cp, max_devices, all_devices)
+  }
+  spaces: dict[int, tuple[SearchSpace, Aggregates]] = {}
+  found = []
+  for d in sorted(counts):
+    for _, cp in context_points(space, d):
+      if cp not in spaces:
+        scaled = context_space(space, terms, cp)
+        spaces[cp] = scaled, aggregate(scaled, (), op_seconds, False)
+      scaled, agg = spaces[cp]
+      for storage in sorted(CONTEXT_STORAGES):
+        base = price(scaled, agg, profile, d, 1, (), storage, budget)
+        if base is not None:
+          found.append(price_context(terms, base, profile, cp))
   return found
 
 

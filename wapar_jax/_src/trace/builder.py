@@ -136,6 +136,7 @@ class _Builder:
     # Values a scan stacks into its outputs, and stacks a later scan slices again: XLA copies
     # each slice into / out of the stack in a kernel of its own. (op index, bytes moved per run).
     self.loop_copies: list[tuple[int, float]] = []
+    self.stacks: list[tuple[int, int]] = []
     self.stacked: set[int] = set()
     # The researcher's line of the call or loop being walked (`source_line`'s `outer`).
     self.outer_source = UNKNOWN
@@ -271,6 +272,7 @@ class _Builder:
         self.union_vars(inner, vid, 0, 1 if k >= n_consts + n_carry else 0)
         if k >= n_consts + n_carry:
           self.loop_dims.append(self.dim(vid, 0))
+          self.stacks.append((vid, inner))
           if vid in self.owner:
             self.owner[inner] = self.owner[vid]
           if vid in self.gathered:
@@ -294,6 +296,7 @@ class _Builder:
           # first fills with zeros (written once over: a slice's worth per iteration).
           self.loop_copies.append((self.def_pos[inner], 3 * self.nbytes(inner)))
           self.stacked.add(ovid)
+          self.stacks.append((ovid, inner))
         if inner in self.gathered:  # the layers' gathered copies, kept for the backward pass
           self.gathered[ovid] = (self.gathered[inner][0], 0.0)
       self.last_use[inner] = max(self.last_use[inner], end)
@@ -467,4 +470,5 @@ def trace_jaxpr(
     unknown_primitives=tuple(sorted(b.unknown)),
     gathered=tuple((v, i, runs) for v, (i, runs) in sorted(b.gathered.items())),
     loop_copies=tuple(b.loop_copies),
+    stacks=tuple(b.stacks),
   )

@@ -71,6 +71,9 @@ class TracedStep:
   loop_copies: tuple[tuple[int, float], ...] = ()
   # A model's state (batch statistics, PRNG keys) the step reads and returns updated.
   state_vars: tuple[int, ...] = ()
+  # (stacked variable, one iteration's variable) per scan input sliced by the loop and per
+  # output it stacks: the same values, a layer at a time.
+  stacks: tuple[tuple[int, int], ...] = ()
 
   @property
   def num_vars(self) -> int:

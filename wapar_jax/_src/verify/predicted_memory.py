@@ -17,6 +17,7 @@ from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search import aggregate, build_space, price
+from wapar_jax._src.search.context import context_space, context_terms
 from wapar_jax._src.search.experts import expert_space, expert_terms
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax._src.tree import abstract, leaf_paths, path_str
@@ -76,6 +77,8 @@ def peak_under(
   sp = c.sequence_parallel
   if c.expert > 1:  # memory is the data-parallel step's with the experts split (search.experts)
     space = expert_space(space, expert_terms(space), c.expert, c.storage)
+  if c.context > 1:  # the data-parallel step's over all devices, keys and values whole
+    space = context_space(space, context_terms(space), c.context)
   sums = aggregate(space, c.model_groups, np.zeros(len(traced.ops)), sp)
   return price(
     space, sums, profile, c.data, c.model, c.model_groups, c.storage, math.inf, sp

@@ -272,6 +272,8 @@ def _sections(plan, top: int) -> list[Section]:
     why.append(levers.sequence_parallel_line(plan))
   if c.expert > 1:
     why.append(levers.expert_parallel_line(plan))
+  if c.context > 1:
+    why.append(levers.context_parallel_line(plan))
   sweep = tuple(
     (
       str(x.devices),

@@ -42,6 +42,7 @@ from wapar_jax.errors import InvalidArgumentError
 _MAXTEXT_AXES = {
   "stage": "stage",
   "data": "data",
+  "context": "context",
   "expert": "expert",
   "fsdp": "fsdp",
   "model": "tensor",

@@ -1,5 +1,5 @@
-"""What a plan's levers do, in words, for `explain` and `summary`: sequence and expert
-parallelism."""
+"""What a plan's levers do, in words, for `explain` and `summary`: sequence, expert and
+context parallelism."""
 
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ def expert_parallel_line(plan) -> str:
       line += f" of {tokens} tokens, top-{k}: capacity factor C x E / (k x T) = "
       line += f"{capacity * e / (k * tokens):.3g}"
   same = [x for x in plan.candidates if x.expert == 1 and x.devices == c.devices and x.model == 1]
+  return _against(line, c, same)
+
+
+def context_parallel_line(plan) -> str:
+  """What the context axis does, and how the best candidate on the same devices without it
+  compares."""
+  c = plan.chosen
+  line = (
+    f"context parallel: every activation split on its sequence {c.context} ways over "
+    f"'context' (the batch's devices reused, {c.data // c.context} x {c.context} = data x "
+    "context, so a micro-batch splits beyond its rows); attention gathers each layer's keys "
+    "and values over 'context' and reduce-scatters their gradients, and each device computes "
+    "its queries' rows of the scores, masked ones too (no causal imbalance)"
+  )
+  same = [x for x in plan.candidates if x.context == 1 and x.devices == c.devices]
   return _against(line, c, same)
 
 
