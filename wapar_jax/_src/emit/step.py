@@ -62,9 +62,30 @@ def _gather_hook(mesh: Mesh, param_specs):
     if not split[i]:
       return value
     spec = P(*tuple(compute[i])[dropped:])
+    if context.CONTEXT in mesh.shape:
+      return _gathered(value, mesh, spec, P(*tuple(specs[i])[dropped:]))
     return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
 
   return hook
+
+
+def _gathered(value, mesh: Mesh, compute: P, stored: P):
+  """`value` constrained to its compute layout, its cotangent to its stored split: with the
+  tokens split over data and context, a gradient constrained whole is all-reduced over
+  context and then over data (compiled: 2.3x the bytes of one reduce-scatter over both)."""
+
+  @jax.custom_vjp
+  def gather(x):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, compute))
+
+  def forward(x):
+    return gather(x), None
+
+  def backward(_, g):
+    return (jax.lax.with_sharding_constraint(g, NamedSharding(mesh, stored)),)
+
+  gather.defvjp(forward, backward)
+  return gather(value)
 
 
 def _batch_pinned(loss_fn: Callable, mesh: Mesh, batch_specs) -> Callable:

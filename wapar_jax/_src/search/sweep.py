@@ -331,7 +331,7 @@ def _context_points(space, op_seconds, profile, max_devices, all_devices, budget
       for storage in sorted(CONTEXT_STORAGES):
         base = price(scaled, agg, profile, d, 1, (), storage, budget)
         if base is not None:
-          found.append(price_context(terms, base, profile, cp))
+          found.append(price_context(terms, base, agg, profile, cp))
   return found
 
 
