@@ -58,6 +58,11 @@ class Aggregates:
   sequence_partials_n: float = 0.0  # launches beyond the combined ones: loop iterations
   sequence_gathers: float = 0.0
   sequence_gathers_n: float = 0.0
+  # Under sequence parallelism: bytes (unsharded) and count of the region tensors a gather reads
+  # for a tensor outside the regions (a loss's logits, split on the vocabulary, at the labels),
+  # which XLA moves to the sequence split by all-to-all, forward and backward.
+  sequence_reshards: float = 0.0
+  sequence_reshards_n: float = 0.0
 
 
 def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
@@ -194,7 +199,23 @@ def aggregate(
     sequence_partials,
     sequence_partials_n,
     *_gather_totals(space, sequence_copies),
+    *(_reshards(space, region_var) if sequence_parallel else (0.0, 0.0)),
   )
+
+
+def _reshards(space: SearchSpace, region_var: np.ndarray) -> tuple[float, float]:
+  """(bytes, count) per step of the all-to-alls that move a region tensor a gather reads out of
+  a region (compiled: moe-gpt's logits at its labels, data 4 x model 2, 2 x 393 MiB a step)."""
+  nbytes, count = 0.0, 0.0
+  for op in space.traced.ops:
+    if op.primitive != "gather" or op.in_vars[0] < 0 or not region_var[op.in_vars[0]]:
+      continue
+    if region_var[op.out_vars[0]] or not space.var_sequence[op.out_vars[0]]:
+      continue
+    runs = float(space.costs.multiplicity[op.index])
+    nbytes += 2 * runs * space.var_bytes[op.in_vars[0]]
+    count += 2 * runs
+  return nbytes, count
 
 
 def _memory_curves(

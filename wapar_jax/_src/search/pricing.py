@@ -219,6 +219,7 @@ def price(
   )
   # Sequence parallelism: each activation (or cotangent) entering a region, gathered once.
   add("all-gather", agg.sequence_gathers / dp, agg.sequence_gathers_n, tp, model_span)
+  add("all-to-all", agg.sequence_reshards / dp / tp, agg.sequence_reshards_n, tp, model_span)
   # Weight gradients summed over the split tokens: independent, combined as the data axis's.
   partials_n = _combined(agg.sequence_partials) + agg.sequence_partials_n
   add("all-reduce", agg.sequence_partials, partials_n, tp, model_span)
