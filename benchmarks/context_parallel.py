@@ -45,6 +45,9 @@ CASES = {
   "mid": {"example": "gpt2-medium", "batch_size": 2, "seq_len": 8192},
 }
 TX = optax.adamw(1e-4)
+# The families the planner is asked for beside "auto" on the long case (no context axis).
+PLANNED = ("fsdp", "dp_tp", "tp")
+BY_HAND = ("dp", "fsdp", "tp", "tp+sp")
 
 
 def _planned(case: dict, strategy: str, storages=None) -> dict:
@@ -137,21 +140,25 @@ def _by_hand(case: dict, family: str) -> dict:
 def run(name: str) -> list[dict]:
   case = CASES[name]
   if name == "long":
-    jobs = [lambda: _planned(case, "auto")]
-    jobs += [lambda s=s: _planned(case, s) for s in ("fsdp", "dp_tp", "tp")]
-    jobs += [lambda f=f: _by_hand(case, f) for f in ("dp", "fsdp", "tp", "tp+sp")]
+    jobs = [("planner, strategy 'auto'", lambda: _planned(case, "auto"))]
+    jobs += [(f"planner, strategy {s!r}", lambda s=s: _planned(case, s)) for s in PLANNED]
+    jobs += [(f"by hand: {f}", lambda f=f: _by_hand(case, f)) for f in BY_HAND]
   else:
-    jobs = [lambda s=s: _planned(case, "cp", (s,)) for s in ("zero1", "fsdp")]
-    jobs.append(lambda: _planned(case, "auto"))
+    jobs = [(f"cp ({s})", lambda s=s: _planned(case, "cp", (s,))) for s in ("zero1", "fsdp")]
+    jobs.append(("planner, strategy 'auto'", lambda: _planned(case, "auto")))
   rows = []
-  for job in jobs:
+  for label, job in jobs:
     try:
       row = job()
     except Exception as e:  # a family with no plan here says why, as `wapar bench` does
-      row = {"row": "?", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+      row = {"row": label, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     rows.append(row)
-    print(name, json.dumps({k: v for k, v in row.items() if k in ("row", "strategy", "error")}),
-          json.dumps(row.get("compiled", {})), flush=True)
+    print(
+      name,
+      json.dumps({k: v for k, v in row.items() if k in ("row", "strategy", "error")}),
+      json.dumps(row.get("compiled", {})),
+      flush=True,
+    )
   return rows
 
 

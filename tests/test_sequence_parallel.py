@@ -20,6 +20,7 @@ from wapar_jax._src.emit import sequence
 from wapar_jax._src.emit.shardings import opt_state_specs
 from wapar_jax._src.emit.step import sharded_train_step
 from wapar_jax._src.search import build_space
+from wapar_jax._src.search.aggregates import aggregate
 from wapar_jax._src.search.sweep import sequence_choices
 from wapar_jax._src.step import loss_and_grads, make_train_step
 from wapar_jax._src.trace import trace_train_step
@@ -301,3 +302,16 @@ def test_the_command_line_forces_it(capsys):
 def test_plan_refuses_a_sequence_parallel_that_is_not_a_choice(gpt):
   with pytest.raises(wap.errors.InvalidArgumentError, match="sequence_parallel"):
     wap.plan(gpt.loss_fn, gpt.params, gpt.batch, optimizer=TX, sequence_parallel="yes")
+
+
+def test_logits_split_on_the_vocabulary_are_resharded_where_the_labels_gather_them(gpt):
+  space = _space(gpt)
+  vocab = next(g.index for g in space.groups if g.size == CFG.vocab)
+  heads = next(g for g in range(len(space.groups)) if space.sequence_pairs[:, g].all())
+  op_seconds = np.zeros(len(space.traced.ops))
+  # The logits [B, T, V] at the labels, forward, and their cotangent's scatter-add, backward.
+  logits = 8 * 32 * CFG.vocab * 4
+  with_vocab = aggregate(space, (heads, vocab), op_seconds, sequence_parallel=True)
+  assert (with_vocab.sequence_reshards, with_vocab.sequence_reshards_n) == (2 * logits, 2)
+  assert aggregate(space, (heads,), op_seconds, sequence_parallel=True).sequence_reshards == 0
+  assert aggregate(space, (heads, vocab), op_seconds).sequence_reshards == 0

@@ -208,12 +208,17 @@ def _reshards(space: SearchSpace, region_var: np.ndarray) -> tuple[float, float]
   a region (compiled: moe-gpt's logits at its labels, data 4 x model 2, 2 x 393 MiB a step)."""
   nbytes, count = 0.0, 0.0
   for op in space.traced.ops:
-    if op.primitive != "gather" or op.in_vars[0] < 0 or not region_var[op.in_vars[0]]:
+    if op.primitive != "gather":
+      continue
+    source = op.in_vars[0]
+    if source < 0 or not region_var[source]:
+      continue
+    if not space.var_batch[source]:  # an embedding table's lookup: masked and reduced
       continue
     if region_var[op.out_vars[0]] or not space.var_sequence[op.out_vars[0]]:
       continue
     runs = float(space.costs.multiplicity[op.index])
-    nbytes += 2 * runs * space.var_bytes[op.in_vars[0]]
+    nbytes += 2 * runs * space.var_bytes[source]
     count += 2 * runs
   return nbytes, count
 

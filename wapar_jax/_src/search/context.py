@@ -30,8 +30,8 @@ from wapar_jax._src.cost.collectives import (
   hierarchical_collective_traffic,
 )
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.search.candidate import CONTEXT, DATA, Candidate, strategy_label
 from wapar_jax._src.search.aggregates import Aggregates
+from wapar_jax._src.search.candidate import CONTEXT, DATA, Candidate, strategy_label
 from wapar_jax._src.search.pricing import axis_spans, inner_axis_spans
 from wapar_jax._src.search.space import SearchSpace
 
