@@ -25,14 +25,10 @@ import dataclasses
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from wapar_jax._src.cost.collectives import (
-  hierarchical_collective_steps,
-  hierarchical_collective_traffic,
-)
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates
 from wapar_jax._src.search.candidate import CONTEXT, DATA, Candidate, strategy_label
-from wapar_jax._src.search.pricing import axis_spans, inner_axis_spans
+from wapar_jax._src.search.pricing import CommTally, axis_spans, inner_axis_spans
 from wapar_jax._src.search.space import SearchSpace
 
 # Storages a CP candidate takes, over all of the batch's devices (data and context). Not
@@ -103,29 +99,19 @@ def price_context(
   data = dp // cp
   spans = inner_axis_spans(dp, cp, profile.devices_per_node)
   base_span = axis_spans(dp, 1, profile.devices_per_node)[DATA]
-  inner, outer = profile.intra_node, profile.inter_node
-  time, sent = base.comm_time, base.comm_bytes
-
-  def collective(kind, nbytes, count, span, sign=1.0):
-    nonlocal time, sent
-    steps_in, steps_out = hierarchical_collective_steps(kind, *span)
-    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, *span)
-    time += sign * (bytes_in / inner.bandwidth + bytes_out / outer.bandwidth)
-    time += (steps_in * inner.latency + steps_out * outer.latency) * count
-    sent += sign * (bytes_in + bytes_out)
-
+  tally = CommTally(profile, base.comm_time, base.comm_bytes)
   if base.storage == "fsdp":
     added_first = float(agg.red_data[1].sum() - agg.red_data_at_sinks[1].sum())
-    collective("reduce-scatter", added_first, 0, base_span, sign=-1.0)
-  collective("all-gather", terms.gathered_bytes / data, terms.gathers, spans[0])
-  collective("reduce-scatter", terms.scattered_bytes / data, terms.scatters, spans[0])
-  step_time = base.compute_time + time
+    tally.add("reduce-scatter", added_first, 0, dp, base_span, sign=-1.0)
+  tally.add("all-gather", terms.gathered_bytes / data, terms.gathers, cp, spans[0])
+  tally.add("reduce-scatter", terms.scattered_bytes / data, terms.scatters, cp, spans[0])
+  step_time = base.compute_time + tally.time
   return dataclasses.replace(
     base,
     strategy=strategy_label(dp, 1, base.storage, context=cp),
     step_time=step_time,
-    comm_time=time,
-    comm_bytes=sent,
+    comm_time=tally.time,
+    comm_bytes=tally.sent,
     energy=profile.step_energy(base.devices, step_time, base.compute_time),
     cross_node_axes=tuple(a for a, span in ((DATA, spans[1]), (CONTEXT, spans[0])) if span[1] > 1),
     context=cp,

@@ -27,12 +27,10 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.cost.collectives import (
   COMBINE_BYTES,
-  hierarchical_collective_steps,
-  hierarchical_collective_traffic,
 )
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.candidate import DATA, EXPERT, Candidate, strategy_label
-from wapar_jax._src.search.pricing import axis_spans, fsdp_dim, inner_axis_spans
+from wapar_jax._src.search.pricing import CommTally, axis_spans, fsdp_dim, inner_axis_spans
 from wapar_jax._src.search.space import SearchSpace
 from wapar_jax._src.trace.experts import expert_side
 
@@ -134,18 +132,8 @@ def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep
   rest = dp // ep
   spans = expert_spans(dp, ep, profile.devices_per_node)
   base_span = axis_spans(dp, 1, profile.devices_per_node)[DATA]
-  inner, outer = profile.intra_node, profile.inter_node
-  time, sent = base.comm_time, base.comm_bytes
-
-  def collective(kind, nbytes, count, n, span, sign=1.0):
-    nonlocal time, sent
-    if n <= 1 or nbytes <= 0:
-      return
-    steps_in, steps_out = hierarchical_collective_steps(kind, *span)
-    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, *span)
-    time += sign * (bytes_in / inner.bandwidth + bytes_out / outer.bandwidth)
-    time += (steps_in * inner.latency + steps_out * outer.latency) * count
-    sent += sign * (bytes_in + bytes_out)
+  tally = CommTally(profile, base.comm_time, base.comm_bytes)
+  collective = tally.add
 
   zero1 = base.storage == "zero1"
   kind = "all-reduce" if base.storage == "replicated" else "reduce-scatter"
@@ -162,13 +150,13 @@ def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep
     collective("all-gather", terms.gathered_bytes / ep, 0, dp, base_span, sign=-1.0)
     collective("all-gather", terms.gathered_bytes / ep, 0, rest, spans[DATA])
   collective("all-to-all", terms.switch_bytes / dp, terms.switches, ep, spans[EXPERT])
-  step_time = base.compute_time + time
+  step_time = base.compute_time + tally.time
   return dataclasses.replace(
     base,
     strategy=strategy_label(dp, 1, base.storage, expert=ep),
     step_time=step_time,
-    comm_time=time,
-    comm_bytes=sent,
+    comm_time=tally.time,
+    comm_bytes=tally.sent,
     energy=profile.step_energy(base.devices, step_time, base.compute_time),
     cross_node_axes=tuple(a for a in (DATA, EXPERT) if spans[a][1] > 1),
     expert=ep,

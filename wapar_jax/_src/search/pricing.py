@@ -115,6 +115,26 @@ def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, 
   return {DATA: (1, dp), MODEL: (1, tp)}
 
 
+class CommTally:
+  """A candidate's communication time and bytes sent, as a family's own collectives are added
+  to (or moved out of) its twin's: each priced as a ring, two-level where it spans nodes."""
+
+  def __init__(self, profile: DeviceProfile, time: float, sent: float):
+    self.profile, self.time, self.sent = profile, time, sent
+
+  def add(self, kind: str, nbytes: float, count: float, n: int, span, sign: float = 1.0):
+    """`count` collectives of `kind` over `n` devices laid out as `span` (devices in a node,
+    nodes) moving `nbytes` per device in all; `sign` -1 takes their bytes away."""
+    if n <= 1 or nbytes <= 0:
+      return
+    inner, outer = self.profile.intra_node, self.profile.inter_node
+    steps_in, steps_out = hierarchical_collective_steps(kind, *span)
+    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, *span)
+    self.time += sign * (bytes_in / inner.bandwidth + bytes_out / outer.bandwidth)
+    self.time += (steps_in * inner.latency + steps_out * outer.latency) * count
+    self.sent += sign * (bytes_in + bytes_out)
+
+
 def inner_axis_spans(dp: int, k: int, devices_per_node: int):
   """((devices inside one node, nodes spanned) of the inner `k` devices of a dp-way batch split
   (an expert or context axis), the same of the data axis's rest), in `axis_spans`'s layout:
