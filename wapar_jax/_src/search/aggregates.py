@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from wapar_jax._src.memory import liveness
+from wapar_jax._src.search.overlap import StepWindows, step_windows
 from wapar_jax._src.search.space import CompilerBuffers, SearchSpace
 
 
@@ -58,6 +59,8 @@ class Aggregates:
   sequence_partials_n: float = 0.0  # launches beyond the combined ones: loop iterations
   sequence_gathers: float = 0.0
   sequence_gathers_n: float = 0.0
+  # Where each class of collective can hide behind independent compute (`search.overlap`).
+  windows: StepWindows | None = None
 
 
 def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
@@ -194,6 +197,7 @@ def aggregate(
     sequence_partials,
     sequence_partials_n,
     *_gather_totals(space, sequence_copies),
+    step_windows(space, op_seconds, op_model, red_m_sink),
   )
 
 

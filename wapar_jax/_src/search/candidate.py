@@ -65,6 +65,15 @@ class Candidate:
   # Expert parallelism: the `expert` of the data axis's devices (inside them) split the experts
   # of every mixture-of-experts layer; tokens reach their experts by all-to-all.
   expert: int = 1
+  # The part of comm_time not hidden behind independent compute (`cost.overlap`): step_time is
+  # compute_time + exposed_comm_time. None where it was not modelled (a plan written before
+  # the overlap model): then all of comm_time is exposed.
+  exposed_comm_time: float | None = None
+
+  @property
+  def exposed_comm(self) -> float:
+    """Seconds of communication on the critical path (all of it where not modelled)."""
+    return self.comm_time if self.exposed_comm_time is None else self.exposed_comm_time
 
   @property
   def mesh_shape(self) -> dict[str, int]:

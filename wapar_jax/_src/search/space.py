@@ -20,6 +20,7 @@ from wapar_jax._src.compilers import CompilerRules, Scratch
 from wapar_jax._src.cost.xla import StepCosts
 from wapar_jax._src.memory import buffers as buffers_lib
 from wapar_jax._src.memory import liveness
+from wapar_jax._src.search.overlap import first_uses
 from wapar_jax._src.trace import TracedStep
 from wapar_jax._src.trace.experts import Experts, find_experts
 from wapar_jax.errors import InvalidArgumentError
@@ -119,6 +120,9 @@ class SearchSpace:
   sequence_size: int = 0
   # The mixture-of-experts layers' experts classes, which expert parallelism splits.
   experts: Experts = Experts()
+  # [V] the first op reading each variable (`search.overlap.first_uses`): where a collective
+  # of it must have finished.
+  first_use: np.ndarray | None = None
 
 
 def build_space(
@@ -316,6 +320,7 @@ def build_space(
     red_sequence=red_sequence_sink,
     sequence_size=math.gcd(*(traced.class_size[c] for c in sequence)) if sequence else 0,
     experts=find_experts(traced),
+    first_use=first_uses(traced),
   )
 
 
