@@ -35,7 +35,7 @@ def test_gradient_reduction_hides_behind_the_rest_of_the_backward_pass():
   w = windows(np.array([2, 3]), np.array([4, 4]), np.array([1.0, 1.0]), BACKWARD)
   assert len(w.starts) == 1  # both read by the update: one bundle, one stream
   assert w.compute[:, 0].tolist() == [1.0, 0.0]
-  assert w.share.tolist() == [1.0, 0.5]
+  assert w.through.tolist() == [0.5, 1.0]
   # 0.6 s each: both must finish within op 3 (1 s x 0.8), the second alone within nothing.
   assert exposed(w, 1.2, np.ones(1), 0.8) == pytest.approx(max(1.2 - 0.8, 0.6))
   # Small enough to hide but for the one made last.
@@ -78,8 +78,9 @@ def test_compiled_module_hides_a_reduction_behind_the_kernels_before_its_reader(
   profile = wap.load_profile("h100-sxm")
   found = collectives(_HLO, {"data": 2}, profile, module, mult)
   placed = collective_windows(module, module.entry)
-  made, read, _ = placed["ar"]
+  made, read, _, update = placed["ar"]
   assert (made.tolist(), read.tolist()) == ([2], [6])  # after %g, read by %upd
+  assert not update.any()  # %upd reads no step argument
   kernel = instruction_seconds(module, module.entry, profile)
   window = kernel[4] + kernel[5]  # %k1, %k2: independent of the all-reduce
   comm = target_comm_time(found, profile)

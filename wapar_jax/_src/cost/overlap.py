@@ -9,12 +9,15 @@ order gives any window in O(1). Why not networkx's ancestor / descendant sets: p
 they cost O(V + E) and would also count ops the scheduler keeps on the far side of the
 producer (it moves collectives, not the compute around them), for hundreds of candidates.
 
-Collectives of a class share one stream. Those whose windows overlap form a *bundle* (a
-step's weight-gradient reductions, all read by the optimizer update): the stream runs them in
-the order they are made, so the k-th and every later one of the bundle must fit in the compute
-from the k-th's producer to the earliest consumer among them. Bundles that do not overlap (the
-tensor-parallel all-reduces of successive layers, FSDP's gathers one use ahead) add up. The
-hidden time is the window's compute times the profile's `overlap_efficiency`.
+Collectives of a class share one stream and run in the order they are made (first in, first
+out). Those whose windows overlap form a *bundle* (a step's weight-gradient reductions, all
+read by the optimizer update): without compute waiting, the i-th of a bundle finishes at
+max over k <= i of (start of k's window + the stream time of k..i), and it is late by what that
+exceeds its reader; the bundle's exposure is its latest collective's lateness. Bundles that do
+not overlap (the tensor-parallel all-reduces of successive layers, FSDP's gathers one use
+ahead) add up. A collective's time hides behind its window's compute times the profile's
+`overlap_efficiency`; both sides are prefix sums, so a bundle is priced with one running
+minimum.
 """
 
 from __future__ import annotations
@@ -26,27 +29,37 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Windows:
-  """The collectives of one class, grouped in bundles, each with its window of compute.
+  """The collectives of one class in the order they are made, grouped in bundles.
 
   Attributes:
-    share: [K] the bytes of this and the later collectives of its bundle, over the class's bytes.
-    compute: [K, B] seconds of compute per bucket of work in the collective's window, up to
-      the earliest consumer of its bundle's later collectives; the caller scales the buckets
-      (the planner: by how a candidate splits each kind of work).
-    starts: [bundles] the first row of each bundle.
+    through: [K] bytes of the bundle's collectives up to and including this one, over the
+      class's bytes (`before`: excluding it).
+    opened: [K, B] seconds of compute per bucket of work before the collective's window opens
+      (its producer done); `due`: before its first reader. The caller scales the buckets (the
+      planner: by how a candidate splits each kind of work).
+    bundle: [K] the bundle of each collective; starts: [bundles] its first row.
   """
 
-  share: np.ndarray
-  compute: np.ndarray
+  through: np.ndarray
+  before: np.ndarray
+  opened: np.ndarray
+  due: np.ndarray
+  bundle: np.ndarray
   starts: np.ndarray
 
   @property
   def empty(self) -> bool:
-    return len(self.share) == 0
+    return len(self.through) == 0
+
+  @property
+  def compute(self) -> np.ndarray:
+    """[K, B] the compute inside each collective's own window."""
+    return np.maximum(self.due - self.opened, 0.0)
 
 
 def no_windows(buckets: int = 1) -> Windows:
-  return Windows(np.zeros(0), np.zeros((0, buckets)), np.zeros(0, dtype=np.int64))
+  none = np.zeros(0)
+  return Windows(none, none, np.zeros((0, buckets)), np.zeros((0, buckets)), none, none)
 
 
 def windows(
@@ -69,15 +82,24 @@ def windows(
   new = np.ones(len(producer), dtype=bool)
   new[1:] = producer[1:] >= reach[:-1]
   starts = np.flatnonzero(new)
-  total = weight.sum()
-  share = np.empty_like(weight)
-  deadline = np.empty_like(consumer)
-  for b, s in enumerate(starts):  # suffix sums and minima inside each bundle
-    e = starts[b + 1] if b + 1 < len(starts) else len(weight)
-    share[s:e] = np.cumsum(weight[s:e][::-1])[::-1] / total
-    deadline[s:e] = np.minimum.accumulate(consumer[s:e][::-1])[::-1]
-  compute = np.maximum(prefix[deadline] - prefix[producer + 1], 0.0)
-  return Windows(share, compute, starts)
+  bundle = np.cumsum(new) - 1
+  total = np.cumsum(weight)
+  base = np.concatenate([[0.0], total])[starts][bundle]  # bytes of the earlier bundles
+  through = (total - base) / total[-1]
+  before = through - weight / total[-1]
+  return Windows(
+    through,
+    before,
+    prefix[producer + 1],
+    prefix[np.minimum(consumer, len(prefix) - 1)],
+    bundle,
+    starts,
+  )
+
+
+# Larger than any stream time or compute of a step (seconds): offsets each bundle's values so
+# that one running minimum over all bundles never reaches into an earlier one.
+_APART = 1e4
 
 
 def exposed(w: Windows, total: float, scale: np.ndarray, efficiency: float) -> float:
@@ -88,5 +110,10 @@ def exposed(w: Windows, total: float, scale: np.ndarray, efficiency: float) -> f
     return 0.0
   if w.empty or efficiency <= 0:
     return total
-  late = total * w.share - efficiency * (w.compute @ scale)
+  # Collective i of a bundle is late by max over k <= i of
+  # (stream time of k..i) - efficiency * (compute from k's producer to i's reader).
+  finish = total * w.through - efficiency * (w.due @ scale)
+  offset = _APART * w.bundle
+  start = np.minimum.accumulate(total * w.before - efficiency * (w.opened @ scale) - offset)
+  late = finish - (start + offset)
   return float(np.maximum(np.maximum.reduceat(late, w.starts), 0.0).sum())

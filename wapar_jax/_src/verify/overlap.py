@@ -10,6 +10,13 @@ collective. XLA:CPU combines a step's gradient all-reduces into one tuple instru
 operand is placed on its own (producer, first reader), as GPU XLA's combiner keeps
 independent ones apart up to its size threshold. A loop body's windows are per iteration and
 its collectives' exposure counts once per trip.
+
+Each (computation, kind, mesh axes) is one stream, as the planner's classes are, and so are
+the reductions first read by a kernel that also reads a step argument (the optimizer update
+of a parameter: a weight gradient) apart from the rest (the loss, batch-norm statistics); an
+all-gather is started no earlier than the previous all-gather's reader, one use ahead, as
+the planner prices FSDP (XLA bounds its prefetch by memory, and the CPU module's order says
+nothing of that bound).
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ def _tuple_index(instr) -> int | None:
 
 
 def collective_windows(module: HloModule, comp: str) -> dict[str, tuple]:
-  """Per collective instruction of `comp`: (producer positions, first-reader positions, bytes)
-  per operand, positions in the computation's printed order (-1: a parameter)."""
+  """Per collective instruction of `comp`: (producer positions, first-reader positions, bytes,
+  whether the reader also reads a step argument) per operand, positions in the computation's
+  printed order (-1: a parameter)."""
   instrs = module.computations[comp]
   pos = {i.name: k for k, i in enumerate(instrs)}
   types = {i.name: i.type for i in instrs}
   types.update(module.params.get(comp, {}))
+  arguments = {i.name for i in instrs if i.opcode == "parameter"}
   readers: dict[str, list[int]] = collections.defaultdict(list)
   for k, instr in enumerate(instrs):
     for name in dict.fromkeys(operand_names(instr)):
@@ -76,7 +85,15 @@ def collective_windows(module: HloModule, comp: str) -> dict[str, tuple]:
     sizes = [type_bytes(types.get(o, "")) for o in operands]
     if not tuple_result:
       made, reads, sizes = [max(made, default=-1)], reads[:1], [sum(sizes)]
-    found[instr.name] = (np.array(made), np.array(reads), np.array(sizes, dtype=float))
+    updates = [
+      r < len(instrs) and any(a in arguments for a in operand_names(instrs[r])) for r in reads
+    ]
+    found[instr.name] = (
+      np.array(made),
+      np.array(reads),
+      np.array(sizes, dtype=float),
+      np.array(updates, dtype=bool),
+    )
   return found
 
 
@@ -112,8 +129,21 @@ def exposed_comm_time(
     if not parts:
       total += seconds
       continue
-    made, reads, sizes = (np.concatenate(x) for x in zip(*parts))
-    w = windows(made, reads, sizes, prefixes[comp])
-    # Per run of the computation: its windows are one iteration's kernels.
-    total += count * exposed(w, seconds / count, np.ones(1), profile.overlap_efficiency)
+    made, reads, sizes, updates = (np.concatenate(x) for x in zip(*parts))
+    if members[0].kind == "all-gather":
+      made = np.maximum(made, _one_use_ahead(reads))
+    for stream in (updates, ~updates):
+      if not stream.any():
+        continue
+      w = windows(made[stream], reads[stream], sizes[stream], prefixes[comp])
+      share = seconds * sizes[stream].sum() / sizes.sum()
+      # Per run of the computation: its windows are one iteration's kernels.
+      total += count * exposed(w, share / count, np.ones(1), profile.overlap_efficiency)
   return total
+
+
+def _one_use_ahead(reads: np.ndarray) -> np.ndarray:
+  """Per all-gather, the previous all-gather's reader (-1 for the first): where it may start."""
+  uses = np.unique(reads)
+  ahead = np.searchsorted(uses, reads, side="left") - 1
+  return np.where(ahead >= 0, uses[np.maximum(ahead, 0)], -1)
