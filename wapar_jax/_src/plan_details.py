@@ -154,6 +154,14 @@ class Prediction:
   peak_memory: float  # bytes per device
   energy: float  # joules per step, all used devices
   memory_budget: float  # bytes per device the plan had to fit in
+  # seconds of comm_time not hidden behind compute: step_time = compute_time + this (None in a
+  # plan written before the overlap model, whose step_time is compute_time + comm_time)
+  exposed_comm_time: float | None = None
+
+  @property
+  def exposed_comm(self) -> float:
+    """Seconds of communication on the critical path (all of it where not modelled)."""
+    return self.comm_time if self.exposed_comm_time is None else self.exposed_comm_time
 
   @classmethod
   def of(cls, c, memory_budget: float) -> Prediction:
@@ -167,9 +175,13 @@ class Prediction:
       c.peak_memory,
       c.energy,
       memory_budget,
+      c.exposed_comm_time,
     )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> Prediction:
-    """Reads the known fields; others (from other versions) are left out."""
-    return cls(**{f.name: float(d[f.name]) for f in dataclasses.fields(cls)})
+    """Reads the known fields; others (from other versions) are left out, and a figure added
+    since the file was written takes its default."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: None if d[k] is None else float(d[k]) for k in known if k in d}
+    return cls(**values)

@@ -68,6 +68,9 @@ def _one_of(choices) -> Rule:
 COUNT = _leaf("be a positive integer", lambda v: _is_int(v) and v >= 1)
 INDEX = _leaf("be a non-negative integer", lambda v: _is_int(v) and v >= 0)
 FIGURE = _leaf("be a finite number >= 0", lambda v: _is_real(v) and v >= 0)
+FIGURE_OR_NULL = _leaf(
+  "be a finite number >= 0 or null", lambda v: v is None or (_is_real(v) and v >= 0)
+)
 NUMBER = _leaf("be a finite number", _is_real)
 TEXT = _leaf("be a string", lambda v: isinstance(v, str))
 TEXT_OR_NULL = _leaf("be a string or null", lambda v: v is None or isinstance(v, str))
@@ -147,6 +150,8 @@ CANDIDATE_RULES = {
   "step_time": FIGURE,
   "compute_time": FIGURE,
   "comm_time": FIGURE,
+  # Absent (or null) in files written before the overlap model: all of comm_time exposed.
+  "exposed_comm_time": FIGURE_OR_NULL,
   "flops": FIGURE,
   "comm_bytes": FIGURE,
   "peak_memory": FIGURE,
@@ -179,6 +184,7 @@ _FIGURES = (
   "energy",
 )
 PREDICTION_RULES = dict.fromkeys((*_FIGURES, "memory_budget"), FIGURE)
+PREDICTION_RULES["exposed_comm_time"] = FIGURE_OR_NULL
 LEAF_RULES = {
   "path": list_of(KEY),
   "shape": list_of(INDEX),
@@ -236,7 +242,7 @@ PLAN_RULES = {
   "profile": TEXT,
   "devices_offered": COUNT,
   "model_split": list_of(TEXT),
-  "predicted": record(PREDICTION_RULES),
+  "predicted": record(PREDICTION_RULES, frozenset({"exposed_comm_time"})),
   "chosen": _CANDIDATE,
   "candidates": list_of(_CANDIDATE),
   "stats": mapping(NUMBER, "be an object of figures"),

@@ -26,6 +26,9 @@ from wapar_jax.errors import InvalidArgumentError, InvalidProfileError, UnknownP
 
 KINDS = ("gpu", "tpu", "cpu")
 REQUIRED_DTYPES = ("float32", "bfloat16")
+# An assumption until a lent GPU measures it (`benchmarks/gpu_check.sh`): NCCL's kernels take
+# a few of the GPU's SMs and part of its memory bandwidth from the compute they run beside.
+DEFAULT_OVERLAP_EFFICIENCY = 0.8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,9 @@ class DeviceProfile:
       GEMM dims m, n, k have geometric mean g runs at peak * g / (g + matmul_half_size).
       `wapar calibrate` fits it; 0 (the datasheet profiles) means every matmul reaches
       `compute_efficiency` of peak.
+    overlap_efficiency: the fraction of a collective's window of independent compute that
+      hides it (`cost.overlap`): the compute slows while a collective shares its memory
+      bandwidth and cores. 0 runs every collective on the critical path, as XLA:CPU does.
     sources: where the figures come from (URLs, datasheet names); never empty.
     notes: which figures are estimates, and why.
   """
@@ -88,6 +94,7 @@ class DeviceProfile:
   notes: str = ""
   kernel_overhead: float = 0.0
   matmul_half_size: float = 0.0
+  overlap_efficiency: float = DEFAULT_OVERLAP_EFFICIENCY
 
   def __post_init__(self):
     _raise_if_any(_value_problems(self.__dict__), self.name)
@@ -217,6 +224,7 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
     check(name, fraction, "a number in (0, 1]")
   check("kernel_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
   check("matmul_half_size", lambda x: _is_number(x) and x >= 0, "a number >= 0")
+  check("overlap_efficiency", lambda x: _is_number(x) and 0 <= x <= 1, "a number in [0, 1]")
   check(
     "sources",
     lambda x: (

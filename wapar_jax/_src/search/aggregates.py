@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from wapar_jax._src.memory import liveness
+from wapar_jax._src.search.overlap import StepWindows, step_windows
 from wapar_jax._src.search.space import CompilerBuffers, SearchSpace
 
 
@@ -63,6 +64,8 @@ class Aggregates:
   # which XLA moves to the sequence split by all-to-all, forward and backward.
   sequence_reshards: float = 0.0
   sequence_reshards_n: float = 0.0
+  # Where each class of collective can hide behind independent compute (`search.overlap`).
+  windows: StepWindows | None = None
 
 
 def data_divisors(dp: int, storage: str, fsdp: int = 1) -> tuple[int, int, int]:
@@ -200,6 +203,7 @@ def aggregate(
     sequence_partials_n,
     *_gather_totals(space, sequence_copies),
     *(_reshards(space, region_var) if sequence_parallel else (0.0, 0.0)),
+    step_windows(space, op_seconds, op_model, red_m_sink),
   )
 
 

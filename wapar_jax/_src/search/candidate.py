@@ -69,6 +69,15 @@ class Candidate:
   # Context parallelism: the `context` of the data axis's devices (inside them) split every
   # activation on its sequence; attention gathers the keys and values over them.
   context: int = 1
+  # The part of comm_time not hidden behind independent compute (`cost.overlap`): step_time is
+  # compute_time + exposed_comm_time. None where it was not modelled (a plan written before
+  # the overlap model): then all of comm_time is exposed.
+  exposed_comm_time: float | None = None
+
+  @property
+  def exposed_comm(self) -> float:
+    """Seconds of communication on the critical path (all of it where not modelled)."""
+    return self.comm_time if self.exposed_comm_time is None else self.exposed_comm_time
 
   @property
   def mesh_shape(self) -> dict[str, int]:

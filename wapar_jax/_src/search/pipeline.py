@@ -216,7 +216,12 @@ def price_pipeline(
   update = stage_params * (2 if base.storage == "zero1" else 1)
   activations = rest_wide.activation_memory + max(backward, update)
   peak = param_memory + opt_memory + activations
-  step_time = compute_time + comm_time
+  # Hidden as in the pipeline's parts: the rest of the step as rest_wide hides it, the stack's
+  # share of base's; the stage-to-stage sends and the gathers over stages stay exposed.
+  hidden = lambda c: c.comm_time - c.exposed_comm
+  stack_hidden = max(hidden(base) - hidden(rest_here), 0.0) / s * comm_share
+  exposed = max(comm_time - hidden(rest_wide) - stack_hidden, 0.0)
+  step_time = compute_time + exposed
   d = base.devices * s
   energy = profile.step_energy(d, step_time, compute_time)
   return dataclasses.replace(
@@ -226,6 +231,7 @@ def price_pipeline(
     step_time=step_time,
     compute_time=compute_time,
     comm_time=comm_time,
+    exposed_comm_time=exposed,
     flops=rest_wide.flops + stack_flops / s * through,
     comm_bytes=comm_bytes,
     peak_memory=peak,

@@ -16,6 +16,7 @@ from wapar_jax._src.memory import liveness
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, MemoryCurves, data_divisors
 from wapar_jax._src.search.candidate import DATA, GATHERING, MODEL, Candidate, strategy_label
+from wapar_jax._src.search.overlap import BATCH, FSDP_GATHERS, GRADIENTS, MODEL_REDUCTIONS
 from wapar_jax._src.search.space import SearchSpace
 
 
@@ -194,7 +195,9 @@ def price(
   comm_time = 0.0
   comm_bytes = 0.0
 
-  def add(kind, nbytes, count, n, span):
+  hideable: dict[str, float] = {}  # seconds per class of collective that can overlap
+
+  def add(kind, nbytes, count, n, span, hides=None):
     # Two-level (reduce-scatter in node, across nodes on 1/n_inner, all-gather in node) once
     # the axis spans nodes; a plain ring on the fast link while it stays in one.
     nonlocal comm_time, comm_bytes
@@ -203,9 +206,12 @@ def price(
     n_inner, n_outer = span
     steps_in, steps_out = hierarchical_collective_steps(kind, n_inner, n_outer)
     bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, n_inner, n_outer)
-    comm_time += (steps_in * inner.latency + steps_out * outer.latency) * count
-    comm_time += bytes_in / inner.bandwidth + bytes_out / outer.bandwidth
+    seconds = (steps_in * inner.latency + steps_out * outer.latency) * count
+    seconds += bytes_in / inner.bandwidth + bytes_out / outer.bandwidth
+    comm_time += seconds
     comm_bytes += bytes_in + bytes_out
+    if hides is not None:
+      hideable[hides] = hideable.get(hides, 0.0) + seconds
 
   # Partial sums over the data axis: weight gradients (reduce-scattered when state is sharded).
   # Reducing into a split gradient of a weight used unconstrained (ZeRO-1), XLA first adds its
@@ -221,21 +227,22 @@ def price(
     # and slices (compiled: gpt2-small on 2 x 8 devices), not a reduce-scatter in the node and
     # an all-reduce of the shards across nodes.
     # So it reduces each partial sum of a weight as it is made, as into a replicated one.
-    add("all-reduce", float(agg.red_data[1] @ model_scale), grad_count, dp, data_span)
+    add("all-reduce", float(agg.red_data[1] @ model_scale), grad_count, dp, data_span, GRADIENTS)
   else:
-    add(weight_kind, grad_bytes, grad_count, dp, data_span)
+    add(weight_kind, grad_bytes, grad_count, dp, data_span, GRADIENTS)
   # Other partial sums over the batch (the loss, norms): independent ones go out as one tuple
   # all-reduce; dependent ones (batch-norm statistics, layer after layer) one round after
   # another.
   other_bytes = float(agg.red_data[0] @ model_scale)
   other_count = _combined(other_bytes) + max(space.batch_reduce_rounds - 1, 0)
-  add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span)
+  add("all-reduce", other_bytes, other_count + agg.loop_iterations, dp, data_span, BATCH)
   add(
     "reduce-scatter" if sequence_parallel else "all-reduce",
     float(data_scale @ agg.red_model @ model_scale),
     float(agg.red_model_n.sum()),
     tp,
     model_span,
+    MODEL_REDUCTIONS,
   )
   # Sequence parallelism: each activation (or cotangent) entering a region, gathered once.
   add("all-gather", agg.sequence_gathers / dp, agg.sequence_gathers_n, tp, model_span)
@@ -281,6 +288,7 @@ def price(
       float(runs[marked].sum()),
       split,
       state_span,
+      FSDP_GATHERS,
     )
     param_mem = float((per_param / np.where(shardable, split, 1)).sum())
     held = split_uses & (runs >= 0)
@@ -326,7 +334,12 @@ def price(
   state = param_mem + opt_mem + space.batch_bytes / dp + space.model_state_bytes
   peak = state + max(temporaries(m, b.rules) for m, b in zip(agg.memory, space.buffers))
 
-  step_time = compute_time + comm_time
+  exposed_comm = comm_time - sum(hideable.values())
+  if agg.windows is not None:
+    exposed_comm += agg.windows.exposed(hideable, 1.0 / div, profile.overlap_efficiency)
+  else:
+    exposed_comm = comm_time
+  step_time = compute_time + exposed_comm
   energy = profile.step_energy(d, step_time, compute_time)
   return Candidate(
     devices=d,
@@ -338,6 +351,7 @@ def price(
     step_time=step_time,
     compute_time=compute_time,
     comm_time=comm_time,
+    exposed_comm_time=exposed_comm,
     flops=flops,
     comm_bytes=comm_bytes,
     peak_memory=peak,

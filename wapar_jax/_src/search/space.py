@@ -20,6 +20,7 @@ from wapar_jax._src.compilers import CompilerRules, Scratch
 from wapar_jax._src.cost.xla import StepCosts
 from wapar_jax._src.memory import buffers as buffers_lib
 from wapar_jax._src.memory import liveness
+from wapar_jax._src.search.overlap import first_uses
 from wapar_jax._src.trace import TracedStep
 from wapar_jax._src.trace.context import Attention, find_attention
 from wapar_jax._src.trace.experts import Experts, find_experts
@@ -122,6 +123,9 @@ class SearchSpace:
   experts: Experts = Experts()
   # The attention context parallelism splits on the sequence.
   attention: Attention = Attention()
+  # [V] the first op reading each variable (`search.overlap.first_uses`): where a collective
+  # of it must have finished.
+  first_use: np.ndarray | None = None
 
 
 def build_space(
@@ -320,6 +324,7 @@ def build_space(
     sequence_size=math.gcd(*(traced.class_size[c] for c in sequence)) if sequence else 0,
     experts=find_experts(traced),
     attention=find_attention(traced),
+    first_use=first_uses(traced),
   )
 
 

@@ -14,6 +14,7 @@ from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.verify.collectives import collectives, target_comm_time
 from wapar_jax._src.verify.hlo import HloModule, multiplicities, parse_hlo
 from wapar_jax._src.verify.kernels import kernel_seconds, loop_flops_added
+from wapar_jax._src.verify.overlap import exposed_comm_time
 from wapar_jax._src.verify.results import Collective, Figures, MemoryBreakdown
 
 
@@ -59,7 +60,9 @@ class CompiledStep:
 
   Attributes:
     figures: FLOPs (loop trip counts applied), bytes sent, comm / compute / step time, peak.
-      comm time is the collectives as the profile's XLA would run them (`target_comm_time`).
+      comm time is the collectives as the profile's XLA would run them (`target_comm_time`);
+      step time is compute + the part of it the module's own dataflow leaves exposed
+      (`verify.overlap`).
     xla_flops, loop_flops_added: see `Verification`.
     memory: the parts of the compiled peak memory.
     collectives: every collective instruction, in program order.
@@ -102,13 +105,15 @@ def read_compiled(compiled, mesh_shape: Mapping[str, int], profile: DeviceProfil
   notes += mem_notes + _cpu_only_buffers(module)
   comm_time = target_comm_time(found, profile)
   compute_time = kernel_seconds(module, mult, profile)
+  exposed = exposed_comm_time(module, mult, found, profile)
   figures = Figures(
     xla_flops + added,
     sum(c.sent_bytes for c in found),
     comm_time,
     memory.peak,
     compute_time,
-    compute_time + comm_time,
+    compute_time + exposed,
+    exposed,
   )
   return CompiledStep(
     figures, xla_flops, added, memory, found, tuple(notes), sum(c.time for c in found)

@@ -188,48 +188,57 @@ def kernel_seconds(module: HloModule, mult: Mapping[str, float], profile: Device
   Every kernel also pays the profile's `kernel_overhead`. This is the planner's roofline applied
   to what XLA actually emitted: its kernels, its fusion boundaries, its recomputation.
   """
-  bandwidth = profile.memory_bandwidth * profile.memory_efficiency
   total = 0.0
-  for comp in _kernel_computations(module):
+  for comp in kernel_computations(module):
     count = mult.get(comp, 0.0)
-    if not count:
-      continue
-    types = value_types(module, comp)
-    seconds = 0.0
-    for instr in module.computations[comp]:
-      base = instr.opcode[: -len("-start")] if instr.opcode.endswith("-start") else instr.opcode
-      if (
-        instr.opcode in _NOT_KERNELS
-        or base in COLLECTIVE_OPCODES
-        or instr.opcode.endswith("-done")
-        or instr.opcode.endswith("-update")
-      ):
-        continue
-      operands = list(dict.fromkeys(operand_names(instr)))
-      out_bytes = type_bytes(instr.type)
-      in_bytes = [type_bytes(types.get(o, "")) for o in operands]
-      if instr.opcode in ("dot", "convolution"):
-        flops = _dot_flops(instr, types)
-        operand = types.get(operands[0], "") if operands else ""
-        dtype = SHAPE.search(operand).group(1) if SHAPE.search(operand) else None
-      else:
-        callees = re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest)
-        flops, dtype = _fused_dots(module, callees[0]) if callees else (0.0, None)
-        if callees:
-          in_bytes = _operand_reads(module, callees[0], in_bytes)
-        elif instr.opcode in ("slice", "dynamic-slice") and in_bytes:
-          in_bytes = [min(in_bytes[0], out_bytes)] + in_bytes[1:]
-        in_place = instr.opcode in ("dynamic-update-slice", "scatter") or (
-          callees and _in_place_root(module, callees[0])
-        )
-        if in_place and in_bytes:
-          # The buffer (first operand) is updated where it lies: only the update moves.
-          out_bytes = sum(in_bytes[1:])
-          in_bytes = in_bytes[1:]
-      peak = (
-        profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * profile.compute_efficiency
-      )
-      seconds += max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
-      seconds += profile.kernel_overhead
-    total += count * seconds
+    if count:
+      total += count * sum(instruction_seconds(module, comp, profile))
   return total
+
+
+def kernel_computations(module: HloModule) -> set[str]:
+  """Computations whose instructions run as kernels (see `_kernel_computations`)."""
+  return _kernel_computations(module)
+
+
+def instruction_seconds(module: HloModule, comp: str, profile: DeviceProfile) -> list[float]:
+  """Per instruction of `comp`, in order, its kernel's roofline seconds for one run (0 for an
+  instruction that launches no kernel: collectives, tuples, parameters, ...)."""
+  bandwidth = profile.memory_bandwidth * profile.memory_efficiency
+  types = value_types(module, comp)
+  out = []
+  for instr in module.computations[comp]:
+    base = instr.opcode[: -len("-start")] if instr.opcode.endswith("-start") else instr.opcode
+    if (
+      instr.opcode in _NOT_KERNELS
+      or base in COLLECTIVE_OPCODES
+      or instr.opcode.endswith("-done")
+      or instr.opcode.endswith("-update")
+    ):
+      out.append(0.0)
+      continue
+    operands = list(dict.fromkeys(operand_names(instr)))
+    out_bytes = type_bytes(instr.type)
+    in_bytes = [type_bytes(types.get(o, "")) for o in operands]
+    if instr.opcode in ("dot", "convolution"):
+      flops = _dot_flops(instr, types)
+      operand = types.get(operands[0], "") if operands else ""
+      dtype = SHAPE.search(operand).group(1) if SHAPE.search(operand) else None
+    else:
+      callees = re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest)
+      flops, dtype = _fused_dots(module, callees[0]) if callees else (0.0, None)
+      if callees:
+        in_bytes = _operand_reads(module, callees[0], in_bytes)
+      elif instr.opcode in ("slice", "dynamic-slice") and in_bytes:
+        in_bytes = [min(in_bytes[0], out_bytes)] + in_bytes[1:]
+      in_place = instr.opcode in ("dynamic-update-slice", "scatter") or (
+        callees and _in_place_root(module, callees[0])
+      )
+      if in_place and in_bytes:
+        # The buffer (first operand) is updated where it lies: only the update moves.
+        out_bytes = sum(in_bytes[1:])
+        in_bytes = in_bytes[1:]
+    peak = profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * profile.compute_efficiency
+    seconds = max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
+    out.append(seconds + profile.kernel_overhead)
+  return out

@@ -77,7 +77,10 @@ class Figures:
 
   `compute_time` is a roofline over kernels: the planner's over jaxpr equations when predicted,
   over the compiled module's kernels (fusions, dots, copies) when compiled, on the same profile.
-  `step_time` = compute_time + comm_time, as the planner adds them.
+  `step_time` = compute_time + exposed_comm_time: the collectives not hidden behind
+  independent compute, by the plan's graph when predicted and by the compiled module's
+  dataflow when compiled (`verify.overlap`). None where not known (figures written before the
+  overlap model): then step_time = compute_time + comm_time.
   """
 
   flops: float
@@ -86,6 +89,7 @@ class Figures:
   peak_memory: float
   compute_time: float = 0.0
   step_time: float = 0.0
+  exposed_comm_time: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

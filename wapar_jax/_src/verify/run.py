@@ -74,7 +74,9 @@ def analyse_compiled(
       f"{peak / 2**30:.2f} GiB; the plan's figure, under the buffer rules of "
       f"{plan.profile}'s compiler, is {p.peak_memory / 2**30:.2f} GiB."
     )
-  predicted = Figures(p.flops, p.comm_bytes, p.comm_time, peak, p.compute_time, p.step_time)
+  predicted = Figures(
+    p.flops, p.comm_bytes, p.comm_time, peak, p.compute_time, p.step_time, p.exposed_comm_time
+  )
   return Verification(
     mesh_shape=dict(plan.mesh_shape),
     strategy=plan.strategy,

@@ -47,7 +47,8 @@ def summary(plan, max_params: int = 12) -> str:
     "",
     "predicted per step, per device:",
     f"  step time      {human_seconds(p.step_time)}  (compute {human_seconds(p.compute_time)}, "
-    f"communication {human_seconds(p.comm_time)})",
+    f"communication {human_seconds(p.comm_time)}, {human_seconds(p.exposed_comm)} of it "
+    "exposed: not hidden behind independent compute)",
     f"  FLOPs          {p.flops:.4g}",
     f"  communicated   {human_bytes(p.comm_bytes)}",
     f"  peak memory    {human_bytes(p.peak_memory)} of {human_bytes(p.memory_budget)} budget"
@@ -80,6 +81,7 @@ def summary(plan, max_params: int = 12) -> str:
       human_seconds(c.step_time),
       human_seconds(c.compute_time),
       human_seconds(c.comm_time),
+      human_seconds(c.exposed_comm),
       human_bytes(c.peak_memory),
       f"{c.energy:.3g} J",
       "yes" if c.fits else "NO",
@@ -88,7 +90,9 @@ def summary(plan, max_params: int = 12) -> str:
   ]
   lines.append(
     _table(
-      ["devices", "mesh", "strategy", "step", "compute", "comm", "memory", "energy", "fits"], rows
+      ["devices", "mesh", "strategy", "step", "compute", "comm", "exposed", "memory", "energy"]
+      + ["fits"],
+      rows,
     )
   )
   return "\n".join(lines)
@@ -252,8 +256,8 @@ def _sections(plan, top: int) -> list[Section]:
     why.append(
       f"more devices do not pay: the best with more ({nxt.devices}, {nxt.strategy}) is "
       f"{_margin(nxt, c, plan.objective)} ({human_seconds(nxt.compute_time)} compute + "
-      f"{human_seconds(nxt.comm_time)} communication vs {human_seconds(c.compute_time)} + "
-      f"{human_seconds(c.comm_time)})."
+      f"{human_seconds(nxt.exposed_comm)} exposed communication vs "
+      f"{human_seconds(c.compute_time)} + {human_seconds(c.exposed_comm)})."
     )
   if fewer:
     prev = min(fewer, key=value)
@@ -281,6 +285,7 @@ def _sections(plan, top: int) -> list[Section]:
       x.strategy,
       human_seconds(x.step_time),
       human_seconds(x.comm_time),
+      human_seconds(x.exposed_comm),
       f"{x.energy / batch:.3g} J",
       human_bytes(x.peak_memory),
       "yes" if x.fits else "NO",
@@ -293,15 +298,18 @@ def _sections(plan, top: int) -> list[Section]:
       f"mesh {dict(plan.mesh_shape)}: {plan.num_devices} of {plan.devices_offered} "
       f"{plan.profile} devices, strategy {plan.strategy}",
       tuple(why) + ("best plan per device count, margin to the chosen one:",),
-      ("devices", "mesh", "strategy", "step", "comm", "energy/sample", "memory", "fits", "margin"),
+      ("devices", "mesh", "strategy", "step", "comm", "exposed", "energy/sample", "memory")
+      + ("fits", "margin"),
       sweep,
     ),
   ]
   split = d.compute_bound_seconds + d.memory_bound_seconds
   notes = (
     f"step {human_seconds(p.step_time)} = compute {human_seconds(p.compute_time)} "
-    f"({_pct(p.compute_time, p.step_time)}) + communication {human_seconds(p.comm_time)} "
-    f"({_pct(p.comm_time, p.step_time)}), {human_bytes(p.comm_bytes)} sent per device.",
+    f"({_pct(p.compute_time, p.step_time)}) + exposed communication "
+    f"{human_seconds(p.exposed_comm)} ({_pct(p.exposed_comm, p.step_time)}); "
+    f"{human_seconds(p.comm_time - p.exposed_comm)} of the {human_seconds(p.comm_time)} of "
+    f"collectives hide behind independent compute; {human_bytes(p.comm_bytes)} sent per device.",
     f"compute: {human_seconds(d.compute_bound_seconds)} limited by FLOP/s "
     f"({_pct(d.compute_bound_seconds, split)}), {human_seconds(d.memory_bound_seconds)} by "
     f"memory bandwidth ({_pct(d.memory_bound_seconds, split)}); {p.flops:.4g} FLOPs per device.",
@@ -377,7 +385,8 @@ def _sections(plan, top: int) -> list[Section]:
     Section(
       "top alternatives",
       (),
-      ("devices", "mesh", "strategy", "step", "compute", "comm", "memory", "fits", "margin"),
+      ("devices", "mesh", "strategy", "step", "compute", "comm", "exposed", "memory", "fits")
+      + ("margin",),
       tuple(
         (
           str(x.devices),
@@ -386,6 +395,7 @@ def _sections(plan, top: int) -> list[Section]:
           human_seconds(x.step_time),
           human_seconds(x.compute_time),
           human_seconds(x.comm_time),
+          human_seconds(x.exposed_comm),
           human_bytes(x.peak_memory),
           "yes" if x.fits else "NO",
           _margin(x, c, plan.objective),

@@ -147,9 +147,12 @@ def plot_breakdown(plan, max_candidates: int = 12):
   ax = fig.add_subplot()
   x = np.arange(len(cands))
   compute = np.array([c.compute_time for c in cands]) * 1e3
-  comm = np.array([c.comm_time for c in cands]) * 1e3
+  comm = np.array([c.exposed_comm for c in cands]) * 1e3
+  hidden = np.array([c.comm_time - c.exposed_comm for c in cands]) * 1e3
   ax.bar(x, compute, label="compute", color="tab:blue")
-  ax.bar(x, comm, bottom=compute, label="communication", color="tab:red")
+  ax.bar(x, comm, bottom=compute, label="exposed communication", color="tab:red")
+  # Hidden behind independent compute: drawn apart from the step, on top of it.
+  ax.bar(x, hidden, bottom=compute + comm, label="hidden communication", color="mistyrose")
   ax.set_xticks(x, _candidate_labels(cands), fontsize="x-small", rotation=60)
   ax.set_ylabel("time per step (ms)")
   ax.set_title("predicted step per candidate (best first)")
