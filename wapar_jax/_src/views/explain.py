@@ -227,7 +227,7 @@ def _batch_note(plan, batch: int) -> list[str]:
   axis must divide it, so other device counts need a model axis (or do not exist)."""
   offered = plan.devices_offered
   fits = [k for k in divisors(batch) if k <= offered]
-  if fits[-1] == offered:
+  if fits[-1] == offered or plan.chosen.context > 1:  # a context axis splits beyond the rows
     return []
   chosen = plan.mesh_shape.get("data", 1) * plan.mesh_shape.get("fsdp", 1)
   return [
