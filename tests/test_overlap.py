@@ -107,18 +107,18 @@ def dp_plan():
   )
 
 
-def test_plan_step_is_compute_plus_exposed_communication(dp_plan):
+def test_the_exposed_communication_is_reported_beside_the_ranked_step(dp_plan):
   c = dp_plan.chosen
   assert 0 < c.exposed_comm_time < c.comm_time  # gradients hide behind the backward pass
-  assert c.step_time == pytest.approx(c.compute_time + c.exposed_comm_time)
+  assert c.step_time == pytest.approx(c.compute_time + c.comm_time)  # `step_seconds`
   assert dp_plan.predicted.exposed_comm_time == c.exposed_comm_time
 
 
 def test_explain_reports_the_exposed_communication(dp_plan):
   p = dp_plan.predicted
   text = dp_plan.explain()
-  assert "exposed communication" in text
-  assert f"{human_seconds(p.comm_time - p.exposed_comm_time)} of the" in text
+  assert f"leaving {human_seconds(p.exposed_comm_time)} exposed" in text
+  assert f"{human_seconds(p.comm_time - p.exposed_comm_time)} of the collectives" in text
   assert "exposed" in dp_plan.summary()
 
 

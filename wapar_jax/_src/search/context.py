@@ -27,7 +27,13 @@ from jax.sharding import PartitionSpec as P
 
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates
-from wapar_jax._src.search.candidate import CONTEXT, DATA, Candidate, strategy_label
+from wapar_jax._src.search.candidate import (
+  CONTEXT,
+  DATA,
+  Candidate,
+  step_seconds,
+  strategy_label,
+)
 from wapar_jax._src.search.pricing import CommTally, axis_spans, inner_axis_spans
 from wapar_jax._src.search.space import SearchSpace
 
@@ -108,7 +114,7 @@ def price_context(
   # What base hides stays hidden; the keys' and values' gathers are read by the scores just
   # after they are made, and their gradients' reductions by the layer below: exposed.
   exposed = max(tally.time - (base.comm_time - base.exposed_comm), 0.0)
-  step_time = base.compute_time + exposed
+  step_time = step_seconds(base.compute_time, tally.time, exposed)
   return dataclasses.replace(
     base,
     strategy=strategy_label(dp, 1, base.storage, context=cp),

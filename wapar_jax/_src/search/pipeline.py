@@ -37,7 +37,7 @@ import functools
 from wapar_jax._src.cost.collectives import collective_traffic, hierarchical_collective_time
 from wapar_jax._src.emit.mesh import hybrid_shapes
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.search.candidate import DATA, Candidate, strategy_label
+from wapar_jax._src.search.candidate import DATA, Candidate, step_seconds, strategy_label
 from wapar_jax._src.search.pricing import axis_spans
 
 # Storages a stage's layers can use. The gather-once form of FSDP (`StageLayout.gather_once`)
@@ -221,7 +221,7 @@ def price_pipeline(
   hidden = lambda c: c.comm_time - c.exposed_comm
   stack_hidden = max(hidden(base) - hidden(rest_here), 0.0) / s * comm_share
   exposed = max(comm_time - hidden(rest_wide) - stack_hidden, 0.0)
-  step_time = compute_time + exposed
+  step_time = step_seconds(compute_time, comm_time, exposed)
   d = base.devices * s
   energy = profile.step_energy(d, step_time, compute_time)
   return dataclasses.replace(

@@ -15,7 +15,14 @@ from wapar_jax._src.cost.collectives import (
 from wapar_jax._src.memory import liveness
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.search.aggregates import Aggregates, MemoryCurves, data_divisors
-from wapar_jax._src.search.candidate import DATA, GATHERING, MODEL, Candidate, strategy_label
+from wapar_jax._src.search.candidate import (
+  DATA,
+  GATHERING,
+  MODEL,
+  Candidate,
+  step_seconds,
+  strategy_label,
+)
 from wapar_jax._src.search.overlap import BATCH, FSDP_GATHERS, GRADIENTS, MODEL_REDUCTIONS
 from wapar_jax._src.search.space import SearchSpace
 
@@ -339,7 +346,7 @@ def price(
     exposed_comm += agg.windows.exposed(hideable, 1.0 / div, profile.overlap_efficiency)
   else:
     exposed_comm = comm_time
-  step_time = compute_time + exposed_comm
+  step_time = step_seconds(compute_time, comm_time, exposed_comm)
   energy = profile.step_energy(d, step_time, compute_time)
   return Candidate(
     devices=d,

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from wapar_jax._src.compat import analysis_dict
 from wapar_jax._src.profiles import DeviceProfile
+from wapar_jax._src.search.candidate import step_seconds
 from wapar_jax._src.verify.collectives import collectives, target_comm_time
 from wapar_jax._src.verify.hlo import HloModule, multiplicities, parse_hlo
 from wapar_jax._src.verify.kernels import kernel_seconds, loop_flops_added
@@ -61,8 +62,8 @@ class CompiledStep:
   Attributes:
     figures: FLOPs (loop trip counts applied), bytes sent, comm / compute / step time, peak.
       comm time is the collectives as the profile's XLA would run them (`target_comm_time`);
-      step time is compute + the part of it the module's own dataflow leaves exposed
-      (`verify.overlap`).
+      the exposed part of it is what the module's own dataflow leaves on the critical path
+      (`verify.overlap`); step time as the search ranks (`search.candidate.step_seconds`).
     xla_flops, loop_flops_added: see `Verification`.
     memory: the parts of the compiled peak memory.
     collectives: every collective instruction, in program order.
@@ -112,7 +113,7 @@ def read_compiled(compiled, mesh_shape: Mapping[str, int], profile: DeviceProfil
     comm_time,
     memory.peak,
     compute_time,
-    compute_time + exposed,
+    step_seconds(compute_time, comm_time, exposed),
     exposed,
   )
   return CompiledStep(

@@ -77,10 +77,10 @@ class Figures:
 
   `compute_time` is a roofline over kernels: the planner's over jaxpr equations when predicted,
   over the compiled module's kernels (fusions, dots, copies) when compiled, on the same profile.
-  `step_time` = compute_time + exposed_comm_time: the collectives not hidden behind
-  independent compute, by the plan's graph when predicted and by the compiled module's
-  dataflow when compiled (`verify.overlap`). None where not known (figures written before the
-  overlap model): then step_time = compute_time + comm_time.
+  `step_time` as the search ranks (`search.candidate.step_seconds`: compute + comm);
+  `exposed_comm_time` the collectives not hidden behind independent compute, by the plan's
+  graph when predicted and by the compiled module's dataflow when compiled
+  (`verify.overlap`). None where not known (figures written before the overlap model).
   """
 
   flops: float

@@ -256,8 +256,8 @@ def _sections(plan, top: int) -> list[Section]:
     why.append(
       f"more devices do not pay: the best with more ({nxt.devices}, {nxt.strategy}) is "
       f"{_margin(nxt, c, plan.objective)} ({human_seconds(nxt.compute_time)} compute + "
-      f"{human_seconds(nxt.exposed_comm)} exposed communication vs "
-      f"{human_seconds(c.compute_time)} + {human_seconds(c.exposed_comm)})."
+      f"{human_seconds(nxt.comm_time)} communication vs {human_seconds(c.compute_time)} + "
+      f"{human_seconds(c.comm_time)})."
     )
   if fewer:
     prev = min(fewer, key=value)
@@ -306,10 +306,11 @@ def _sections(plan, top: int) -> list[Section]:
   split = d.compute_bound_seconds + d.memory_bound_seconds
   notes = (
     f"step {human_seconds(p.step_time)} = compute {human_seconds(p.compute_time)} "
-    f"({_pct(p.compute_time, p.step_time)}) + exposed communication "
-    f"{human_seconds(p.exposed_comm)} ({_pct(p.exposed_comm, p.step_time)}); "
-    f"{human_seconds(p.comm_time - p.exposed_comm)} of the {human_seconds(p.comm_time)} of "
-    f"collectives hide behind independent compute; {human_bytes(p.comm_bytes)} sent per device.",
+    f"({_pct(p.compute_time, p.step_time)}) + communication {human_seconds(p.comm_time)} "
+    f"({_pct(p.comm_time, p.step_time)}), {human_bytes(p.comm_bytes)} sent per device; by the "
+    f"overlap model {human_seconds(p.comm_time - p.exposed_comm)} of the collectives could "
+    f"hide behind independent compute, leaving {human_seconds(p.exposed_comm)} exposed (not "
+    "ranked by: `search.candidate.step_seconds`).",
     f"compute: {human_seconds(d.compute_bound_seconds)} limited by FLOP/s "
     f"({_pct(d.compute_bound_seconds, split)}), {human_seconds(d.memory_bound_seconds)} by "
     f"memory bandwidth ({_pct(d.memory_bound_seconds, split)}); {p.flops:.4g} FLOPs per device.",
