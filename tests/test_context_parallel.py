@@ -12,7 +12,7 @@ import wapar_jax as wap
 from wapar_jax import examples
 from wapar_jax._src import compilers, verify
 from wapar_jax._src.cost.xla import CostCache, step_costs
-from wapar_jax._src.search import build_space
+from wapar_jax._src.search import build_space, sweep
 from wapar_jax._src.search.context import context_terms
 from wapar_jax._src.step import loss_and_grads, make_train_step
 from wapar_jax._src.trace import trace_train_step
@@ -81,6 +81,9 @@ def test_context_candidates_split_a_micro_batch_beyond_its_rows():
   cp = [c for c in plan.candidates if c.context > 1]
   layouts = {(c.devices, c.data // c.context, c.context) for c in cp}
   assert layouts == {(d, d // k, k) for d in (2, 4, 8) for k in (2, 4, 8) if k <= d and d // k <= B}
+  # "auto" only where the rows do not split over every device: elsewhere DP is cheaper.
+  auto = sweep.search(_space(_example()), PROFILE, 8)
+  assert {c.devices for c in auto if c.context > 1} == {4, 8}
   assert all(c.mesh_shape == {"data": c.data // c.context, "context": c.context} for c in cp)
   with pytest.raises(wap.errors.InvalidArgumentError, match="has none"):
     mlp = examples.get_example("mlp")
@@ -119,8 +122,6 @@ def test_a_planned_context_parallel_step_matches_the_single_device_over_three_st
   name, storage, monkeypatch
 ):
   ex = _example(name)
-  from wapar_jax._src.search import sweep
-
   monkeypatch.setattr(sweep, "CONTEXT_STORAGES", frozenset({storage}))
   plan = _plan(ex)
   assert plan.strategy == f"cp+{storage}" and plan.mesh_shape["context"] > 1

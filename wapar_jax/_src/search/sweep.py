@@ -268,7 +268,9 @@ def search_until(
             if c is not None:
               found.append(c)
   if strategy in ("auto", "cp"):
-    found += _context_points(space, op_seconds, profile, max_devices, all_devices, budget)
+    found += _context_points(
+      space, op_seconds, profile, max_devices, all_devices, budget, only_beyond=strategy == "auto"
+    )
   if not found and strategy == "hsdp":
     raise InvalidArgumentError(
       f"no 'hsdp' plan exists for up to {max_devices} devices: hybrid sharding splits the state "
@@ -307,10 +309,14 @@ def _expert_points(space, terms, spaces, op_seconds, profile, dp, storage, budge
   return found
 
 
-def _context_points(space, op_seconds, profile, max_devices, all_devices, budget) -> list:
+def _context_points(
+  space, op_seconds, profile, max_devices, all_devices, budget, only_beyond: bool
+) -> list:
   """The CP candidates of every device count of the sweep that splits as data x context, data
-  dividing the micro-batch and context the sequence (`search.context`): counts beyond the
-  micro-batch's rows too."""
+  dividing the micro-batch and context the sequence (`search.context`); with `only_beyond` (as
+  "auto" searches) only where the micro-batch's rows do not split over them all: elsewhere the
+  data-parallel twin on the same devices runs the same work with less communication and no
+  more memory."""
   terms = context_terms(space)
   if terms is None or space.remat in _FSDP_ONLY_REMAT:
     return []
@@ -319,6 +325,7 @@ def _context_points(space, op_seconds, profile, max_devices, all_devices, budget
     for data in divisors(space.batch_size)
     for cp in divisors(space.attention.size)[1:]
     if in_sweep(data * cp, max_devices, all_devices)
+    and (space.batch_size % (data * cp) or not only_beyond)
   }
   spaces: dict[int, tuple[SearchSpace, Aggregates]] = {}
   found = []
