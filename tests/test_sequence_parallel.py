@@ -114,14 +114,15 @@ def test_the_residual_stream_is_split_on_the_sequence_and_the_regions_on_their_o
   split = sequence.sequence_specs(closed, specs, batch_specs, 0, TP)
   eqns = {id(e): e for e in closed.jaxpr.eqns}
   constrained = {(eqns[k].outvars[0].aval.shape, s) for k, s in split.items() if k in eqns}
-  # Split on dim 1 (T = 32; the attention scores [B, H, T, T] are split on H = 8 there).
+  # Split on dim 1 (T = 32).
   on_sequence = {shape for shape, s in constrained if shape[1] == 32 and s[1] == "model"}
   # The residual stream [B, T, D] (adds, norms, the embedding) and the logits [B, T, V].
   assert {(8, 32, 128), (8, 32, 256)} <= on_sequence
   # Inside the regions (the MLP hidden [B, T, 4D], heads [B, T, H, Dh]): their own split.
   assert ((8, 32, 512), P(None, None, "model")) in constrained
   assert ((8, 32, 8, 16), P(None, None, "model", None)) in constrained
-  assert ((8, 8, 32, 32), P(None, "model", None, None)) in constrained
+  # The attention scores [B, H, T, T] are left to XLA, which splits them on the heads.
+  assert not any(shape == (8, 8, 32, 32) for shape, _ in constrained)
   assert not any(512 in shape or len(shape) == 4 for shape in on_sequence)
 
 
