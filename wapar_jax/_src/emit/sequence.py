@@ -56,10 +56,8 @@ def sequence_specs(closed, param_specs: list, batch_specs: list, n_state: int, m
     for d, entry in enumerate(spec)
     if MODEL in _axes(entry)
   }
-  batch_leaves = [v for v in traced.batch_vars if classes[v]]
   batch_classes = traced.batch_classes
-  weight_classes = {c for v in traced.param_vars for c in classes[v]}
-  sequence = {c for v in batch_leaves for c in classes[v][1:]} - batch_classes - weight_classes
+  sequence = traced.sequence_classes
   batch_entry = next((spec[0] for spec in batch_specs if len(spec)), None)
   specs = {}
   for op in traced.ops:

@@ -31,7 +31,6 @@ from wapar_jax._src.search.candidate import (
   CONTEXT,
   DATA,
   Candidate,
-  step_seconds,
   strategy_label,
 )
 from wapar_jax._src.search.pricing import CommTally, axis_spans, inner_axis_spans
@@ -111,18 +110,11 @@ def price_context(
     tally.add("reduce-scatter", added_first, 0, dp, base_span, sign=-1.0)
   tally.add("all-gather", terms.gathered_bytes / data, terms.gathers, cp, spans[0])
   tally.add("reduce-scatter", terms.scattered_bytes / data, terms.scatters, cp, spans[0])
-  # What base hides stays hidden; the keys' and values' gathers are read by the scores just
-  # after they are made, and their gradients' reductions by the layer below: exposed.
-  exposed = max(tally.time - (base.comm_time - base.exposed_comm), 0.0)
-  step_time = step_seconds(base.compute_time, tally.time, exposed)
-  return dataclasses.replace(
+  # The keys' and values' gathers are read by the scores just after they are made, and their
+  # gradients' reductions by the layer below: exposed.
+  return tally.onto(
     base,
     strategy=strategy_label(dp, 1, base.storage, context=cp),
-    step_time=step_time,
-    comm_time=tally.time,
-    exposed_comm_time=exposed,
-    comm_bytes=tally.sent,
-    energy=profile.step_energy(base.devices, step_time, base.compute_time),
     cross_node_axes=tuple(a for a, span in ((DATA, spans[1]), (CONTEXT, spans[0])) if span[1] > 1),
     context=cp,
   )

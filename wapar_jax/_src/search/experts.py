@@ -29,7 +29,7 @@ from wapar_jax._src.cost.collectives import (
   COMBINE_BYTES,
 )
 from wapar_jax._src.profiles import DeviceProfile
-from wapar_jax._src.search.candidate import DATA, EXPERT, Candidate, step_seconds, strategy_label
+from wapar_jax._src.search.candidate import DATA, EXPERT, Candidate, strategy_label
 from wapar_jax._src.search.pricing import CommTally, axis_spans, fsdp_dim, inner_axis_spans
 from wapar_jax._src.search.space import SearchSpace
 from wapar_jax._src.trace.experts import expert_side
@@ -150,18 +150,11 @@ def price_expert(terms: ExpertTerms, base: Candidate, profile: DeviceProfile, ep
     collective("all-gather", terms.gathered_bytes / ep, 0, dp, base_span, sign=-1.0)
     collective("all-gather", terms.gathered_bytes / ep, 0, rest, spans[DATA])
   collective("all-to-all", terms.switch_bytes / dp, terms.switches, ep, spans[EXPERT])
-  # What base hides stays hidden (the reductions moved onto the data axis keep their windows);
-  # the all-to-alls sit between the router and the experts, on the critical path.
-  exposed = max(tally.time - (base.comm_time - base.exposed_comm), 0.0)
-  step_time = step_seconds(base.compute_time, tally.time, exposed)
-  return dataclasses.replace(
+  # The reductions moved onto the data axis keep base's windows; the all-to-alls sit between
+  # the router and the experts, on the critical path.
+  return tally.onto(
     base,
     strategy=strategy_label(dp, 1, base.storage, expert=ep),
-    step_time=step_time,
-    comm_time=tally.time,
-    exposed_comm_time=exposed,
-    comm_bytes=tally.sent,
-    energy=profile.step_energy(base.devices, step_time, base.compute_time),
     cross_node_axes=tuple(a for a in (DATA, EXPERT) if spans[a][1] > 1),
     expert=ep,
   )

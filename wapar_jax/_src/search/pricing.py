@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -141,6 +142,21 @@ class CommTally:
     self.time += sign * (bytes_in / inner.bandwidth + bytes_out / outer.bandwidth)
     self.time += (steps_in * inner.latency + steps_out * outer.latency) * count
     self.sent += sign * (bytes_in + bytes_out)
+
+  def onto(self, base: Candidate, **changes) -> Candidate:
+    """`base` with this communication (and `changes`): what base hides stays hidden, what the
+    family added is exposed."""
+    exposed = max(self.time - (base.comm_time - base.exposed_comm), 0.0)
+    step_time = step_seconds(base.compute_time, self.time, exposed)
+    return dataclasses.replace(
+      base,
+      step_time=step_time,
+      comm_time=self.time,
+      exposed_comm_time=exposed,
+      comm_bytes=self.sent,
+      energy=self.profile.step_energy(base.devices, step_time, base.compute_time),
+      **changes,
+    )
 
 
 def inner_axis_spans(dp: int, k: int, devices_per_node: int):

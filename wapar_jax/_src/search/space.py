@@ -126,6 +126,9 @@ class SearchSpace:
   # [V] the first op reading each variable (`search.overlap.first_uses`): where a collective
   # of it must have finished.
   first_use: np.ndarray | None = None
+  # [K, 3] (op, operand, output) of each gather reading a variable (sequence parallelism
+  # prices the reshard of a region tensor gathered out of its region).
+  gather_reads: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
 
 def build_space(
@@ -192,10 +195,7 @@ def build_space(
     for v in traced.param_vars
   }
   var_weight = np.zeros(nv, dtype=bool)
-  # A sequence: a dim of the batch that no weight has (an MLP's input features are a weight's).
-  weight_classes = {c for v in traced.param_vars for c in v_classes[v]}
-  sequence = {c for v in traced.batch_vars for c in v_classes[v][1:]}
-  sequence -= batch_classes | weight_classes
+  sequence = traced.sequence_classes
   var_sequence = np.zeros(nv, dtype=bool)
   var_sequence_pair = np.zeros(nv, dtype=bool)
   for v in range(nv):
@@ -325,6 +325,14 @@ def build_space(
     experts=find_experts(traced),
     attention=find_attention(traced),
     first_use=first_uses(traced),
+    gather_reads=np.array(
+      [
+        (op.index, op.in_vars[0], op.out_vars[0])
+        for op in traced.ops
+        if op.primitive == "gather" and op.in_vars[0] >= 0
+      ],
+      dtype=np.int64,
+    ).reshape(-1, 3),
   )
 
 

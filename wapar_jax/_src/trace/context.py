@@ -49,14 +49,6 @@ class Attention:
     return self.gathered | self.reused | self.scattered
 
 
-def sequence_classes(traced: TracedStep) -> frozenset[int]:
-  """Non-batch dims of the batch leaves that no weight has."""
-  classes = traced.var_classes
-  weight = {c for v in traced.param_vars for c in classes[v]}
-  seq = {c for v in traced.batch_vars for c in classes[v][1:]}
-  return frozenset(seq - traced.batch_classes - weight)
-
-
 def _dot_dims(eqn, lhs_rank: int, rhs_rank: int):
   """(lhs dim -> out dim, rhs dim -> out dim, lhs contracted dim -> rhs dim) of a dot_general:
   the output is the batch dims, then the lhs's free dims, then the rhs's."""
@@ -77,7 +69,7 @@ def _dot_dims(eqn, lhs_rank: int, rhs_rank: int):
 
 def find_attention(traced: TracedStep) -> Attention:
   """The attention of `traced` (see the module doc)."""
-  sequence = sequence_classes(traced)
+  sequence = traced.sequence_classes
   if not sequence:
     return Attention()
   classes = traced.var_classes

@@ -84,6 +84,14 @@ class TracedStep:
     """The classes of the batch leaves' leading dims (the batch)."""
     return frozenset(self.var_classes[v][0] for v in self.batch_vars if self.var_classes[v])
 
+  @property
+  def sequence_classes(self) -> frozenset[int]:
+    """The classes of a sequence: a non-batch dim of a batch leaf that no weight has (the T of
+    `tokens [B, T]`; an MLP's input features are a weight's)."""
+    weight = {c for v in self.param_vars for c in self.var_classes[v]}
+    dims = {c for v in self.batch_vars for c in self.var_classes[v][1:]}
+    return frozenset(dims - self.batch_classes - weight)
+
   def var_bytes(self) -> np.ndarray:
     """Bytes of every variable (unsharded), as float64."""
     return np.array(
