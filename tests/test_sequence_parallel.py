@@ -71,7 +71,7 @@ def _mesh():
   return Mesh(np.array(jax.devices()[:TP]), ("model",), axis_types=(AxisType.Auto,))
 
 
-def _step(ex, mesh, sequence_parallel):
+def _step(ex, mesh, sequence_parallel, remat="none"):
   params = abstract(ex.params)
   specs = _megatron_specs(params)
   batch_specs = jax.tree.map(lambda x: P(None, None), ex.batch)
@@ -83,6 +83,7 @@ def _step(ex, mesh, sequence_parallel):
     opt_state_specs(TX, params, specs),
     batch_specs,
     planned_batch=ex.batch,
+    remat=remat,
     sequence_parallel=sequence_parallel,
   )
 
@@ -283,11 +284,29 @@ def test_an_mlp_has_no_sequence_its_input_features_are_a_weight_dim():
   assert sequence_choices(space, 2, (0,), None) == (False,)
 
 
-def _space(ex):
-  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX)
+def _space(ex, remat="none"):
+  traced, _ = trace_train_step(ex.loss_fn, ex.params, ex.batch, TX, remat=remat)
   costs = step_costs(traced, CostCache(persist=False))
   paths = [path_str(k) for k in leaf_paths(ex.params)]
-  return build_space(traced, costs, paths, rules=compilers.REGISTRY["xla:cpu"])
+  return build_space(traced, costs, paths, rules=compilers.REGISTRY["xla:cpu"], remat=remat)
+
+
+@pytest.mark.parametrize("remat", ["none", "layers", "layers_dots"])
+def test_region_entry_gathers_are_counted_as_compiled_under_remat(gpt, remat):
+  # Per layer: each region's input gathered forward (and again where remat recomputes it), and
+  # each region output's cotangent backward; the barrier that orders each layer's recompute
+  # passes split residuals and cotangents through and gathers none of them.
+  space = _space(gpt, remat)
+  heads = next(g for g in range(len(space.groups)) if space.sequence_pairs[:, g].all())
+  mlp = next(g.index for g in space.groups if g.size == 4 * CFG.d_model)
+  ops = np.zeros(len(space.traced.ops))
+  agg = aggregate(space, (heads, mlp), ops, sequence_parallel=True)
+  compiled = _compiled(_step(gpt, _mesh(), True, remat), gpt, {"model": TP})
+  gathers = [c for c in compiled.collectives if c.kind == "all-gather" and c.axes == ("model",)]
+  count = sum(c.count for c in gathers)
+  assert count == (4 if remat == "none" else 6) * CFG.n_layer
+  assert agg.sequence_gathers_n == count
+  assert agg.sequence_gathers == sum(c.nbytes * c.count for c in gathers)
 
 
 def test_the_command_line_forces_it(capsys):

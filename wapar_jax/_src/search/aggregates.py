@@ -16,6 +16,7 @@ import numpy as np
 from wapar_jax._src.memory import liveness
 from wapar_jax._src.search.overlap import StepWindows, step_windows
 from wapar_jax._src.search.space import CompilerBuffers, SearchSpace
+from wapar_jax._src.trace.dim_rules import PASS_THROUGH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,11 +286,13 @@ def _gathered_copies(space: SearchSpace, split: np.ndarray, region_op: np.ndarra
   """(variable, first, last region op reading it) per sequence-split activation a
   tensor-parallel region reads: the region takes it all-gathered, and XLA keeps that full copy
   for the region's backward pass (the weight gradient reads it again) rather than gathering it
-  twice (compiled: GPT-2 medium, TP 8)."""
+  twice (compiled: GPT-2 medium, TP 8). A pass-through op (the optimization barrier that orders
+  each rematerialised layer's recompute) hands its operands on split as they came, so it gathers
+  none of them."""
   first: dict[int, int] = {}
   last: dict[int, int] = {}
   for op in space.traced.ops:
-    if region_op[op.index]:
+    if region_op[op.index] and op.primitive not in PASS_THROUGH:
       for v in op.in_vars:
         if v >= 0 and split[v]:
           first.setdefault(v, op.index)

@@ -214,7 +214,12 @@ def _conv_general_dilated(eqn, in_shapes, out_shapes):
   return _result(links, reduce_dims, gather_dims)
 
 
-@register("optimization_barrier", "sharding_constraint")
+# Primitives that pass each operand through unchanged: each keeps its own layout, so one of them
+# touching a tensor-parallel region reads nothing in the region's layout.
+PASS_THROUGH = frozenset({"optimization_barrier", "sharding_constraint"})
+
+
+@register(*PASS_THROUGH)
 def _identity(eqn, in_shapes, out_shapes):
   """Identity on each operand."""
   return _result(
