@@ -19,6 +19,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -47,11 +48,17 @@ def _predicted(ex, tx, profile, strategy: str, devices: int) -> dict | None:
   figures = {f: getattr(p, f) for f in FIGURES}
   peak = peak_under(plan, XLA_CPU, profile)  # None for a pipeline: its own figure then
   figures["peak_memory"] = p.peak_memory if peak is None else peak
-  return {"figures": figures, "mesh": dict(plan.mesh_shape), "strategy": plan.strategy}
+  return {
+    "figures": figures,
+    "mesh": dict(plan.mesh_shape),
+    "strategy": plan.strategy,
+    "model_split": list(plan.model_split),
+  }
 
 
 def _rows(case_result: dict):
-  """(row name, strategy, devices, stored row) of every row the planner priced."""
+  """(row name, strategy, devices, stored row, of the device sweep) of every row the planner
+  priced."""
   for row in case_result["rows"]:
     if "predicted" in row:
       yield (
@@ -59,10 +66,11 @@ def _rows(case_result: dict):
         "auto" if row["name"] == "plan" else row["name"],
         case_result["devices"],
         row,
+        False,
       )
   for row in case_result.get("sweep", []):
     if "predicted" in row:
-      yield row["name"], "dp", row["devices"], row
+      yield row["name"], "dp", row["devices"], row, True
 
 
 def reprice_case(case: suite.Case, stored: dict) -> list[dict]:
@@ -70,16 +78,19 @@ def reprice_case(case: suite.Case, stored: dict) -> list[dict]:
   profile = wap.load_profile(suite.SETTINGS[case.setting].profile)
   tx = optax.adamw(1e-3)
   out = []
-  for name, strategy, devices, row in _rows(stored):
+  for name, strategy, devices, row, in_sweep in _rows(stored):
     new = _predicted(ex, tx, profile, strategy, devices)
     entry = {
       "case": case.name,
       "row": name,
       "stored": row["predicted"],
+      "compiled": row["compiled"],
+      "in_sweep": in_sweep,
       "repriced": None if new is None else new["figures"],
       "same_plan": new is not None
       and new["mesh"] == row["mesh"]
-      and new["strategy"] == row["strategy"],
+      and new["strategy"] == row["strategy"]
+      and new["model_split"] == row.get("model_split", new["model_split"]),
     }
     changes = {}
     if new is not None:
@@ -92,6 +103,54 @@ def reprice_case(case: suite.Case, stored: dict) -> list[dict]:
   return out
 
 
+def _errors(entries: list[dict], figure: str, which: str) -> list[float]:
+  return [
+    abs(e[which][figure] / e["compiled"][figure] - 1)
+    for e in entries
+    if e["repriced"] is not None and e["compiled"].get(figure)
+  ]
+
+
+def accuracy_table(entries: list[dict]) -> list[str]:
+  """Per case, against the stored compiled truth: Kendall tau of the step times and the median
+  errors, stored predictions beside repriced ones (rows whose plan is unchanged)."""
+  lines = [
+    "| case | rows | Kendall tau stored | repriced | median compute err stored | repriced "
+    "| median step err stored | repriced |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  cases = dict.fromkeys(e["case"] for e in entries)
+  taus = {"stored": [], "repriced": []}
+  for case in cases:
+    rows = [e for e in entries if e["case"] == case and e["same_plan"] and not e["in_sweep"]]
+    truth = [e["compiled"]["step_time"] for e in rows]
+    cells = []
+    for which in ("stored", "repriced"):
+      tau = suite.kendall_tau([e[which]["step_time"] for e in rows], truth)
+      if tau is not None:
+        taus[which].append(tau)
+      cells.append("-" if tau is None else f"{tau:.2f}")
+    med = {
+      (f, w): statistics.median(_errors(rows, f, w) or [float("nan")])
+      for f in ("compute_time", "step_time")
+      for w in ("stored", "repriced")
+    }
+    lines.append(
+      f"| {case} | {len(rows)} | {cells[0]} | {cells[1]} | {med['compute_time', 'stored']:.1%} "
+      f"| {med['compute_time', 'repriced']:.1%} | {med['step_time', 'stored']:.1%} "
+      f"| {med['step_time', 'repriced']:.1%} |"
+    )
+  for which in ("stored", "repriced"):
+    t = taus[which]
+    if t:
+      lines.append("")
+      lines.append(
+        f"- {which}: Kendall tau >= 0.9 in {sum(x >= 0.9 for x in t)} of {len(t)} cases, "
+        f"mean {statistics.mean(t):.2f}"
+      )
+  return lines
+
+
 def markdown(entries: list[dict], meta: dict) -> str:
   moved = [e for e in entries if e["changes"] or not e["same_plan"]]
   lines = [
@@ -102,7 +161,8 @@ def markdown(entries: list[dict], meta: dict) -> str:
     "as XLA:CPU compiles the step. `python benchmarks/suite_reprice.py`.",
     "",
     f"- rows repriced: {len(entries)}",
-    f"- rows whose chosen mesh and strategy are the same: {sum(e['same_plan'] for e in entries)}",
+    "- rows whose chosen mesh, strategy and model split are the same: "
+    f"{sum(e['same_plan'] for e in entries)}",
     f"- rows with every figure within {RTOL:g} relative: "
     f"{sum(not e['changes'] and e['same_plan'] for e in entries)}",
     "",
@@ -114,6 +174,7 @@ def markdown(entries: list[dict], meta: dict) -> str:
       lines.append(f"| {e['case']} | {e['row']} | {what} |")
   else:
     lines.append("No row moved.")
+  lines += ["", "## Against the stored compiled truth", ""] + accuracy_table(entries)
   return "\n".join(lines) + "\n"
 
 

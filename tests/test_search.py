@@ -30,7 +30,7 @@ def _space(loss_fn, params, batch, rules=XLA_CPU, optimizer=TX, **kwargs):
 
 
 def _aggregate(space, groups=()):
-  seconds = roofline.op_seconds(space.traced, space.costs, wap.load_profile("cpu"), space.fusible)
+  seconds = roofline.op_seconds(space.traced, space.costs, wap.load_profile("cpu"), space.traffic)
   return aggregate_lib.aggregate(space, groups, seconds)
 
 
@@ -79,7 +79,7 @@ def test_regathering_weights_trades_collectives_for_memory():
   priced = {}
   for remat in ("none", "weights"):
     space = _space(ex.loss_fn, ex.params, ex.batch, rules=XLA_GPU, remat=remat)
-    seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
+    seconds = roofline.op_seconds(space.traced, space.costs, profile, space.traffic)
     agg = aggregate_lib.aggregate(space, (), seconds)
     priced[remat] = pricing.price(space, agg, profile, 8, 1, (), "fsdp", 1e12)
   assert priced["weights"].peak_memory < priced["none"].peak_memory

@@ -139,6 +139,8 @@ class CompilerRules:
       read nearby and again far later through a cheap value recomputed from it, is kept.
     local_reads: readers within this many equations of a value count as its neighbours
       (a cheap producer is duplicated into neighbouring kernels).
+    multi_output_fusion: an elementwise result written out is also used by a kernel that reads
+      it nearby, in registers (XLA GPU's multi-output fusion), not read back from memory.
     prefetched_gather_bytes: an FSDP gather runs this many bytes of gathers ahead of its use
       (its copy is live from there): the asynchronous collectives in flight while the layers
       before it compute. 0 where collectives run in program order.
@@ -160,6 +162,7 @@ class CompilerRules:
   expensive: frozenset[str] = EXPENSIVE
   local_reads: int = 12
   prefetched_gather_bytes: float = 0.0
+  multi_output_fusion: bool = True
 
   def fusible_mask(self, traced) -> np.ndarray:
     """Per op of `traced`: fused into its consumers."""

@@ -139,4 +139,7 @@ XLA_CPU = CompilerRules(
   copies_strided_gathers=True,
   scratch=(transposed_conv_operands, max_pool_gradient_indices, scatter_zeros),
   rerouted_reads=rerouted_reads,
+  # Compiled AdamW on XLA:CPU: the two moments and the update are three kernels, the update
+  # reading both new moments back.
+  multi_output_fusion=False,
 )

@@ -7,11 +7,9 @@ import math
 
 import numpy as np
 
+from wapar_jax._src.cost.fusion import FusedTraffic
 from wapar_jax._src.cost.xla import StepCosts
 from wapar_jax._src.profiles import DeviceProfile
-
-# Summed per-op bytes of elementwise ops over-count fused programs: count a share of them.
-FUSED_BYTES_SHARE = 0.3
 
 
 def gemm_size(eqn) -> float:
@@ -54,12 +52,10 @@ def op_dtype(op):
 
 
 def op_roofline(
-  traced, costs: StepCosts, profile: DeviceProfile, fusible: np.ndarray
+  traced, costs: StepCosts, profile: DeviceProfile, traffic: FusedTraffic
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Per op on one device: (FLOPs / achievable peak, bytes / achievable bandwidth) seconds.
-
-  `fusible[i]`: op i is fused into its consumers, so only a share of its bytes move.
-  """
+  """Per op on one device: (FLOPs / achievable peak, bytes its kernel moves for it / achievable
+  bandwidth) seconds."""
   by_dtype: dict = {}  # a few dtypes among many ops: look each one's peak up once
   peak = np.array(
     [
@@ -68,20 +64,21 @@ def op_roofline(
     ]
   )
   peak = peak * matmul_efficiency(traced, profile)
-  nbytes = costs.bytes_accessed * np.where(fusible, FUSED_BYTES_SHARE, 1.0)
   return (
     costs.flops / (peak * profile.compute_efficiency),
-    nbytes / (profile.memory_bandwidth * profile.memory_efficiency),
+    traffic.nbytes / (profile.memory_bandwidth * profile.memory_efficiency),
   )
 
 
-def op_seconds(traced, costs: StepCosts, profile: DeviceProfile, fusible: np.ndarray) -> np.ndarray:
+def op_seconds(
+  traced, costs: StepCosts, profile: DeviceProfile, traffic: FusedTraffic
+) -> np.ndarray:
   """Roofline time of each op on one device: the larger of its compute and memory time, plus
-  the profile's per-kernel overhead for every run of an op that XLA does not fuse away."""
-  costed = (costs.flops > 0) | (costs.bytes_accessed > 0)
-  kernels = np.where(~fusible & costed, costs.multiplicity, 0.0)
-  seconds = np.maximum(*op_roofline(traced, costs, profile, fusible))
-  return seconds + profile.kernel_overhead * kernels + loop_copy_seconds(traced, costs, profile)
+  the profile's per-kernel overhead for every kernel it launches (`cost.fusion`)."""
+  seconds = np.maximum(*op_roofline(traced, costs, profile, traffic))
+  return (
+    seconds + profile.kernel_overhead * traffic.kernels + loop_copy_seconds(traced, costs, profile)
+  )
 
 
 def loop_copy_seconds(traced, costs: StepCosts, profile: DeviceProfile) -> np.ndarray:

@@ -21,7 +21,7 @@ def op_divisors(space, c) -> np.ndarray:
 
 def hotspots(space, c, profile) -> tuple[tuple[Hotspot, ...], float, float]:
   traced = space.traced
-  flop_seconds, memory_seconds = roofline.op_roofline(traced, space.costs, profile, space.fusible)
+  flop_seconds, memory_seconds = roofline.op_roofline(traced, space.costs, profile, space.traffic)
   seconds = np.maximum(flop_seconds, memory_seconds)
   div = op_divisors(space, c)
   per_device = seconds / div

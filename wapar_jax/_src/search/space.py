@@ -17,6 +17,7 @@ import numpy as np
 
 from wapar_jax._src import compilers
 from wapar_jax._src.compilers import CompilerRules, Scratch
+from wapar_jax._src.cost.fusion import FusedTraffic, fused_traffic
 from wapar_jax._src.cost.xla import StepCosts
 from wapar_jax._src.memory import buffers as buffers_lib
 from wapar_jax._src.memory import liveness
@@ -71,7 +72,7 @@ class SearchSpace:
   # The temporaries under the rules of the compiler that runs the step, then under any rules
   # that bound its peak (`CompilerRules.remat_at_least`).
   buffers: tuple[CompilerBuffers, ...]
-  fusible: np.ndarray  # [N] bool: fused into its consumers (target compiler)
+  traffic: FusedTraffic  # per op: bytes its kernel moves for it, kernels it launches
   op_group: np.ndarray  # [N, G] bool
   op_data_cat: np.ndarray  # [N] liveness.DATA_* category of the op's work
   op_out_var: np.ndarray  # [N] first output variable (-1 if none)
@@ -272,7 +273,10 @@ def build_space(
   gathered = np.array(traced.gathered, dtype=float).reshape(-1, 3)
   gathered_var = gathered[:, 0].astype(np.int64)
   not_temporary += list(gathered_var)
-  buffers = tuple(_buffers(traced, r, not_temporary) for r in _rule_sets(rules, remat))
+  materialised = {r.name: buffers_lib.materialised(traced, r) for r in _rule_sets(rules, remat)}
+  buffers = tuple(
+    _buffers(r, *materialised[r.name], not_temporary, traced) for r in _rule_sets(rules, remat)
+  )
 
   pv = list(traced.param_vars)
   ov = list(traced.opt_state_vars)
@@ -288,7 +292,7 @@ def build_space(
     var_batch=var_batch,
     var_weight=var_weight,
     buffers=buffers,
-    fusible=rules.fusible_mask(traced),
+    traffic=fused_traffic(traced, costs, rules, materialised[rules.name][0]),
     op_group=op_group,
     op_data_cat=op_data_cat,
     op_out_var=op_out_var,
@@ -343,8 +347,10 @@ def _rule_sets(rules: CompilerRules, remat: str) -> tuple[CompilerRules, ...]:
   return (rules,)
 
 
-def _buffers(traced: TracedStep, rules: CompilerRules, not_temporary: list[int]) -> CompilerBuffers:
-  kept, last_use = buffers_lib.materialised(traced, rules)
+def _buffers(
+  rules: CompilerRules, kept: np.ndarray, last_use: np.ndarray, not_temporary: list[int], traced
+) -> CompilerBuffers:
+  kept = kept.copy()
   kept[not_temporary] = False
   return CompilerBuffers(rules, kept, last_use, rules.scratch_buffers(traced))
 

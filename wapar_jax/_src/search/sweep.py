@@ -234,7 +234,7 @@ def search_until(
       "e of GShard's 'becd,edf->becf'). Use another strategy. Got strategy='ep'."
     )
   budget = profile.memory_bytes * (1 - memory_headroom)
-  op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.fusible)
+  op_seconds = roofline.op_seconds(space.traced, space.costs, profile, space.traffic)
   aggregates: dict[tuple[tuple[int, ...], bool], Aggregates] = {}
   expert_spaces: dict[tuple[int, str], tuple[SearchSpace, Aggregates]] = {}
   sets_of = functools.cache(lambda tp: group_sets(space, tp))

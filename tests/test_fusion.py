@@ -1,0 +1,91 @@
+"""The step's memory traffic as the kernels XLA fuses it into (`cost.fusion`)."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from wapar_jax._src import step as step_lib
+from wapar_jax._src.compilers import XLA_CPU, XLA_GPU
+from wapar_jax._src.cost.xla import CostCache, step_costs
+from wapar_jax._src.search import space as space_lib
+from wapar_jax._src.trace import trace_train_step
+from wapar_jax._src.tree import leaf_paths, path_str
+from wapar_jax._src.verify import kernels as kernels_lib
+from wapar_jax._src.verify.hlo import multiplicities, parse_hlo
+
+SIDE = 512
+PARAM_BYTES = SIDE * SIDE * 4
+
+
+def _traffic(loss_fn, params, batch, optimizer, rules=XLA_GPU):
+  traced, _ = trace_train_step(loss_fn, params, batch, optimizer)
+  paths = [path_str(k) for k in leaf_paths(params)]
+  space = space_lib.build_space(
+    traced, step_costs(traced, CostCache(persist=False)), paths, rules=rules
+  )
+  return space.traffic
+
+
+def _linear():
+  def loss_fn(params, batch):
+    return jnp.mean((batch["x"] @ params["w"]) ** 2)
+
+  params = {"w": jnp.full((SIDE, SIDE), 0.01, jnp.float32)}
+  batch = {"x": jnp.ones((8, SIDE), jnp.float32)}
+  return loss_fn, params, batch
+
+
+def test_adamw_update_moves_each_buffer_once():
+  # AdamW reads the gradient, both moments and the parameters and writes the moments and the
+  # parameters (7 buffers); SGD reads the gradient and the parameters and writes them (3). The
+  # ~20 equations of the update, each counted with its operands and result, would be far more.
+  loss_fn, params, batch = _linear()
+  adamw = _traffic(loss_fn, params, batch, optax.adamw(1e-3)).nbytes.sum()
+  sgd = _traffic(loss_fn, params, batch, optax.sgd(1e-3)).nbytes.sum()
+  assert (adamw - sgd) / PARAM_BYTES == pytest.approx(4.0, abs=0.1)
+
+
+def test_a_residual_stream_is_written_once_per_layer_not_remade_from_every_layer():
+  # x + f(x) is read by the next layer's kernels: remade in each from its sources, traffic
+  # would grow with the square of the depth.
+  def model(layers):
+    def loss_fn(params, batch):
+      x = batch["x"]
+      for w in params["w"]:
+        x = x + jnp.tanh(x @ w)
+      return jnp.mean(x**2)
+
+    params = {"w": [jnp.full((64, 64), 0.01, jnp.float32) for _ in range(layers)]}
+    return loss_fn, params, {"x": jnp.ones((256, 64), jnp.float32)}
+
+  per_layer = [_traffic(*model(n), optax.sgd(1e-3)).nbytes.sum() / n for n in (4, 16)]
+  assert per_layer[1] < 1.1 * per_layer[0]
+
+
+def test_traffic_is_close_to_the_compiled_kernels():
+  # Against the kernels XLA:CPU emits for the same step, priced at 1 byte/s.
+  loss_fn, params, batch = _linear()
+  optimizer = optax.adamw(1e-3)
+  predicted = _traffic(loss_fn, params, batch, optimizer, rules=XLA_CPU).nbytes.sum()
+  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
+  text = train_step.lower(params, optimizer.init(params), batch).compile().as_text()
+  module = parse_hlo(text)
+  mult, _, _ = multiplicities(module)
+  unit = _byte_counting_profile()
+  compiled = kernels_lib.kernel_seconds(module, mult, unit)
+  assert predicted == pytest.approx(compiled, rel=0.15)
+
+
+def _byte_counting_profile():
+  import dataclasses
+
+  from wapar_jax import load_profile
+
+  return dataclasses.replace(
+    load_profile("cpu"),
+    peak_flops={"float32": 1e30, "bfloat16": 1e30},
+    memory_bandwidth=1.0,
+    memory_efficiency=1.0,
+    kernel_overhead=0.0,
+  )
