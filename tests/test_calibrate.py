@@ -44,6 +44,8 @@ def test_tiny_calibration_is_a_valid_profile_that_says_it_was_measured(calibrate
   assert profile.kind == jax.devices()[0].platform
   assert profile.devices_per_node == len(jax.local_devices())
   assert profile.kernel_overhead >= 0
+  assert profile.step_overhead >= 0
+  assert "step_overhead:" in profile.notes
   assert "Measured with wapar calibrate" in profile.sources[0]
   assert "Measured by wapar calibrate on" in profile.notes
   for size in calibrate_lib.TINY_SIZES.matmul:  # the notes list every size measured
@@ -128,6 +130,35 @@ def test_kernel_overhead_adds_time_per_unfused_kernel():
   # Two matmuls forward, their gradients, a reduction or two: a handful of kernels, not the
   # dozens of elementwise ops XLA fuses away.
   assert 3e-3 <= extra <= 20e-3
+
+
+def test_step_overhead_is_paid_once_per_step_and_validated():
+  loss_fn, params, batch = _mlp()
+  base = profiles.load_profile("cpu")
+
+  def predicted(overhead, devices):
+    profile = dataclasses.replace(base, step_overhead=overhead)
+    return wap.plan(
+      loss_fn,
+      params,
+      batch,
+      optimizer=optax.sgd(1e-3),
+      devices=devices,
+      profile=profile,
+      strategy="dp",
+      cache=False,
+    ).predicted
+
+  for devices in (1, 2):
+    with_, without = predicted(1e-3, devices), predicted(0.0, devices)
+    assert with_.compute_time - without.compute_time == pytest.approx(1e-3)
+    assert with_.step_time - without.step_time == pytest.approx(1e-3)
+  data = base.to_dict()
+  data["step_overhead"] = -1.0
+  with pytest.raises(InvalidProfileError, match="step_overhead"):
+    DeviceProfile.from_dict(data)
+  del data["step_overhead"]  # profile files written before the field existed
+  assert DeviceProfile.from_dict(data).step_overhead == 0.0
 
 
 def test_fit_matmul_recovers_a_saturating_rate():

@@ -89,6 +89,7 @@ class Measurements:
     stream: ((input bytes, bytes/s), ...) of the raw streaming kernel.
     step: ((activation bytes, planner bytes/s), ...) of the reference train step.
     kernel_overhead: seconds per extra kernel.
+    step_overhead: seconds every step pays once (dispatch, launch).
     collectives: ((kind, bytes per device, seconds), ...); empty with one device.
     link: the alpha-beta fit of `collectives`, or None.
     memory_bytes: memory one device may use (see `_memory_bytes`).
@@ -102,6 +103,7 @@ class Measurements:
   stream: tuple[tuple[int, float], ...]
   step: tuple[tuple[int, float], ...]
   kernel_overhead: float
+  step_overhead: float
   collectives: tuple[tuple[str, int, float], ...]
   link: LinkTier | None
   memory_bytes: float
@@ -187,25 +189,15 @@ def _reference_step(nbytes: int):
   return loss_fn, params, batch
 
 
-def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, float]:
-  """(planner bytes, seconds) of a memory-bound reference train step.
-
-  The planner does not see the bytes a device moves: it sums XLA's per-equation bytes and
-  counts a share of them for fused elementwise ops (roofline.FUSED_BYTES_SHARE). Dividing the
-  bytes it counts for this step by the step's measured time gives the bandwidth in the
-  planner's own units; on a CPU, where fused elementwise kernels with transcendentals run well
-  below DRAM speed, it is several times lower than the raw stream rate.
-  """
-  loss_fn, params, batch = _reference_step(nbytes)
-  optimizer = optax.sgd(1e-3)
-  params, batch = jax.device_put((params, batch), device)
-  # A profile with unbounded FLOP/s and 1 byte/s: the prediction in seconds is the byte count.
-  unit = DeviceProfile(
-    name="bytes",
-    description="counts planner bytes",
+def _counting_profile(memory_bandwidth: float, kernel_overhead: float) -> DeviceProfile:
+  """A profile whose predicted seconds count what the planner sees: bytes at 1 byte/s, or
+  kernels at 1 s each."""
+  return DeviceProfile(
+    name="counting",
+    description="counts what the planner prices",
     kind="cpu",
     peak_flops={"float32": 1e30, "bfloat16": 1e30},
-    memory_bandwidth=1.0,
+    memory_bandwidth=memory_bandwidth,
     memory_bytes=1e30,
     devices_per_node=1,
     intra_node=LinkTier(1e30, 1e-30),
@@ -214,8 +206,50 @@ def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, fl
     power_busy_watts=1.0,
     compute_efficiency=1.0,
     memory_efficiency=1.0,
-    sources=("internal: prices planner bytes at 1 byte/s",),
+    kernel_overhead=kernel_overhead,
+    sources=("internal: counts planner bytes or kernels",),
   )
+
+
+def measure_step_overhead(device, kernel_overhead: float, repeats: int) -> float:
+  """Seconds a train step pays once: the wall time of an SGD step of a 16-float linear model
+  (no work to speak of), less the kernels the planner counts for it at `kernel_overhead` each.
+  What is left is the program's dispatch and launch, which every step pays."""
+
+  def loss_fn(params, batch):
+    return jnp.mean((batch["x"] @ params["w"]) ** 2)
+
+  params = {"w": jnp.full((16,), 0.1, jnp.float32)}
+  batch = {"x": jnp.ones((8, 16), jnp.float32)}
+  optimizer = optax.sgd(1e-3)
+  kernels = planner.plan(
+    loss_fn,
+    params,
+    batch,
+    optimizer=optimizer,
+    devices=1,
+    profile=_counting_profile(memory_bandwidth=1e30, kernel_overhead=1.0),
+    cache=False,
+  ).predicted.compute_time
+  params, batch = jax.device_put((params, batch), device)
+  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
+  seconds = _best_seconds(train_step, (params, optimizer.init(params), batch), repeats)
+  return max(seconds - kernels * kernel_overhead, 0.0)
+
+
+def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, float]:
+  """(planner bytes, seconds) of a memory-bound reference train step.
+
+  The planner counts the bytes of the kernels XLA fuses the step into (`cost.fusion`).
+  Dividing them by the step's measured time gives the bandwidth such kernels reach; on a CPU,
+  where fused elementwise kernels with transcendentals run below DRAM speed, it is lower than
+  the raw stream rate.
+  """
+  loss_fn, params, batch = _reference_step(nbytes)
+  optimizer = optax.sgd(1e-3)
+  params, batch = jax.device_put((params, batch), device)
+  # Unbounded FLOP/s and 1 byte/s: the prediction in seconds is the byte count.
+  unit = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
   counted = planner.plan(
     loss_fn, params, batch, optimizer=optimizer, devices=1, profile=unit, cache=False
   ).predicted.compute_time
@@ -317,6 +351,7 @@ def measure(sizes: Sizes | None = None, devices: Sequence | None = None) -> Meas
     counted, seconds = measure_step_bandwidth(device, nbytes, sizes.repeats)
     step.append((nbytes, counted / seconds))
   overhead = measure_kernel_overhead(device, sizes.chain, sizes.repeats)
+  step_overhead = measure_step_overhead(device, overhead, sizes.repeats)
   collectives, link = (), None
   if len(devices) > 1:
     collectives = measure_collectives(devices, sizes.collective_bytes, sizes.repeats)
@@ -329,6 +364,7 @@ def measure(sizes: Sizes | None = None, devices: Sequence | None = None) -> Meas
     stream=stream,
     step=tuple(step),
     kernel_overhead=overhead,
+    step_overhead=step_overhead,
     collectives=collectives,
     link=link,
     memory_bytes=_memory_bytes(device, len(devices)),

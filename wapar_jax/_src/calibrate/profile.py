@@ -86,6 +86,16 @@ def to_profile(
   if inter.bandwidth > intra.bandwidth or inter.latency < intra.latency:
     # Never let the unmeasured tier look faster than the measured one.
     inter = LinkTier(min(inter.bandwidth, intra.bandwidth), max(inter.latency, intra.latency))
+  bandwidth = float(np.median([rate for _, rate in m.step]))
+  capped = ""
+  if m.platform != "cpu" and bandwidth > base_profile.memory_bandwidth:
+    # A rate above the datasheet's means bytes the planner counts that the device never moves.
+    capped = (
+      f" The fit, {bandwidth / 1e9:.0f} GB/s, is above the datasheet's "
+      f"{base_profile.memory_bandwidth / 1e9:.0f} GB/s ({base_profile.name}), so the datasheet's "
+      f"figure is kept."
+    )
+    bandwidth = base_profile.memory_bandwidth
   notes = (
     f"Measured by wapar calibrate on {when}, jax {jax.__version__}, on {device}, in "
     f"{m.seconds:.1f} s; each figure is the minimum time over repeated "
@@ -98,12 +108,14 @@ def to_profile(
     f"float32 [n, 1024] activation, SGD) over its measured time, so that it is in the "
     f"planner's units (GB/s by activation bytes: {_rates(m.step, 1e9, '.2f')}); for "
     f"comparison, the raw stream y = a * x + b with a fresh output reads + writes "
-    f"{_rates(m.stream, 1e9, '.2f')} GB/s by input bytes. compute_efficiency and "
+    f"{_rates(m.stream, 1e9, '.2f')} GB/s by input bytes.{capped} compute_efficiency and "
     f"memory_efficiency are 1 because the rates are achieved, not datasheet, rates. "
     f"kernel_overhead: time slope of "
     f"chains of dependent 8 x 8 matmul + tanh links ({m.kernel_overhead * 1e6:.2f} us per "
-    f"link). {link_note} inter_node, power_idle_watts and power_busy_watts are not measured: "
-    f"they are those of the built-in profile {base_profile.name}."
+    f"link). step_overhead: wall time of an SGD step of a 16-float model less its kernels "
+    f"({m.step_overhead * 1e6:.1f} us). {link_note} inter_node, power_idle_watts and "
+    f"power_busy_watts are not measured: they are those of the built-in profile "
+    f"{base_profile.name}."
   )
   return DeviceProfile(
     name=name or f"calibrated-{_slug(m.device_kind)}",
@@ -113,7 +125,7 @@ def to_profile(
     ),
     kind=kind,
     peak_flops=peak,
-    memory_bandwidth=float(np.median([rate for _, rate in m.step])),
+    memory_bandwidth=bandwidth,
     memory_bytes=memory_bytes or m.memory_bytes,
     devices_per_node=m.devices,
     intra_node=intra,
@@ -123,6 +135,7 @@ def to_profile(
     compute_efficiency=1.0,
     memory_efficiency=1.0,
     kernel_overhead=m.kernel_overhead,
+    step_overhead=m.step_overhead,
     matmul_half_size=half_size,
     sources=(
       f"Measured with wapar calibrate on {when} (jax {jax.__version__}, "

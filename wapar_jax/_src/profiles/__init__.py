@@ -66,6 +66,9 @@ class DeviceProfile:
     kernel_overhead: seconds every kernel XLA launches pays on top of its roofline time
       (launch, dispatch); `wapar calibrate` measures it. 0 in the datasheet profiles, whose
       figures are for large kernels.
+    step_overhead: seconds every train step pays once, whatever its kernels (the host's
+      dispatch of the program, its launch on the device); `wapar calibrate` measures it. 0 in
+      the datasheet profiles.
     matmul_half_size: the matmul size at which half of the peak rate is reached: a dot whose
       GEMM dims m, n, k have geometric mean g runs at peak * g / (g + matmul_half_size).
       `wapar calibrate` fits it; 0 (the datasheet profiles) means every matmul reaches
@@ -93,6 +96,7 @@ class DeviceProfile:
   sources: tuple[str, ...]
   notes: str = ""
   kernel_overhead: float = 0.0
+  step_overhead: float = 0.0
   matmul_half_size: float = 0.0
   overlap_efficiency: float = DEFAULT_OVERLAP_EFFICIENCY
 
@@ -223,6 +227,7 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
   for name in ("compute_efficiency", "memory_efficiency"):
     check(name, fraction, "a number in (0, 1]")
   check("kernel_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
+  check("step_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
   check("matmul_half_size", lambda x: _is_number(x) and x >= 0, "a number >= 0")
   check("overlap_efficiency", lambda x: _is_number(x) and 0 <= x <= 1, "a number in [0, 1]")
   check(

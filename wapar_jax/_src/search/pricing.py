@@ -208,7 +208,7 @@ def price(
   split = fsdp if storage == "hsdp" else dp  # how many ways sharded state is split
   data_div = data_divisors(dp, storage, fsdp)
   div = np.array(data_div, dtype=float)[:, None] * np.array([1.0, tp])[None, :]
-  compute_time = float((agg.compute / div).sum())
+  compute_time = float((agg.compute / div).sum()) + profile.step_overhead
   flops = float((agg.flops / div).sum())
 
   inner, outer = profile.intra_node, profile.inter_node

@@ -105,7 +105,7 @@ def read_compiled(compiled, mesh_shape: Mapping[str, int], profile: DeviceProfil
   memory, mem_notes = memory_breakdown(compiled)
   notes += mem_notes + _cpu_only_buffers(module)
   comm_time = target_comm_time(found, profile)
-  compute_time = kernel_seconds(module, mult, profile)
+  compute_time = kernel_seconds(module, mult, profile) + profile.step_overhead
   exposed = exposed_comm_time(module, mult, found, profile)
   figures = Figures(
     xla_flops + added,
