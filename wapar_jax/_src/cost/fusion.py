@@ -61,57 +61,69 @@ class _Kernels:
     self.parent[self.find(a)] = self.find(b)
 
 
-def _reads(i: int, inputs, in_buffer: np.ndarray, sources) -> dict[int, int]:
-  """{buffer: the equation reading it directly} of what equation `i` reads, through the values
-  it remakes."""
-  reads: dict[int, int] = {}
-  for v in inputs[i]:
-    if in_buffer[v]:
-      reads[v] = i
-    else:
-      reads.update(sources.get(v, {}))
-  return reads
+def _remade_from(v: int, def_pos: list[int], inputs, in_buffer: list[bool]) -> dict[int, int]:
+  """{buffer: the equation reading it directly} that a value not kept is remade from: a walk
+  back through the values not kept that make it, stopping at buffers."""
+  found: dict[int, int] = {}
+  stack, visited = [v], {v}
+  while stack:
+    p = def_pos[stack.pop()]
+    for u in inputs[p]:
+      if in_buffer[u]:
+        found.setdefault(u, p)
+      elif u not in visited:
+        visited.add(u)
+        stack.append(u)
+  return found
 
 
 def fused_traffic(traced, costs: StepCosts, rules: CompilerRules, kept: np.ndarray) -> FusedTraffic:
   """The step's traffic under `rules`' fusion, with `kept[v]` the variables held in buffers."""
   ops = traced.ops
   n = len(ops)
-  var_bytes = traced.var_bytes()
-  in_buffer = kept | (traced.def_pos < 0)
-  in_buffer[list(traced.output_vars)] = True
-  fusing = np.array(
-    [op.primitive in rules.fusible or op.primitive.startswith(rules.fusing_kernels) for op in ops]
-  )
-  elementwise = np.array([op.primitive in rules.fusible for op in ops])
+  # Python lists, not arrays, in the loops below: a step of many small parameters has
+  # hundreds of thousands of equations, and numpy's scalar indexing is slow.
+  var_bytes = traced.var_bytes().tolist()
+  def_pos = traced.def_pos.tolist()
+  mult = costs.multiplicity.tolist()
+  in_buffer_array = kept | (traced.def_pos < 0)
+  in_buffer_array[list(traced.output_vars)] = True
+  in_buffer = in_buffer_array.tolist()
+  fusing = [
+    op.primitive in rules.fusible or op.primitive.startswith(rules.fusing_kernels) for op in ops
+  ]
+  elementwise = [op.primitive in rules.fusible for op in ops]
   inputs = [tuple({v for v in op.in_vars if v >= 0}) for op in ops]
-  readers = np.zeros(traced.num_vars, dtype=np.int64)
+  readers = [0] * traced.num_vars
   for ins in inputs:
-    readers[list(ins)] += 1
+    for v in ins:
+      readers[v] += 1
   runs = [(op.multiplicity, op.branch) for op in ops]
 
   # A value that is not kept but is read by several kernels is remade in each from the buffers
   # it comes from, unless that reads more than the value itself: then XLA writes it out once
   # (multi-output fusion), else a residual stream would be remade from every earlier layer.
-  sources: dict[int, dict[int, int]] = {}  # value -> {buffer it is remade from: direct reader}
+  # The bytes a value is remade from are summed along its chain (a buffer read twice counts
+  # twice), which keeps this pass linear in the step.
+  remade_bytes = [0.0] * traced.num_vars
   for op in ops:
     if not fusing[op.index]:
       continue
-    reads = _reads(op.index, inputs, in_buffer, sources)
+    total = sum(var_bytes[u] if in_buffer[u] else remade_bytes[u] for u in inputs[op.index])
     for v in op.out_vars:
       if in_buffer[v]:
         continue
-      if readers[v] > 1 and sum(var_bytes[u] for u in reads) > var_bytes[v]:
+      if readers[v] > 1 and total > var_bytes[v]:
         in_buffer[v] = True
       else:
-        sources[v] = reads
+        remade_bytes[v] = total
 
   kernels = _Kernels(n)
   for op in ops:
     if not fusing[op.index]:
       continue
     for v in inputs[op.index]:
-      p = int(traced.def_pos[v])
+      p = def_pos[v]
       if p < 0 or not elementwise[p] or runs[p] != runs[op.index]:
         continue
       fused_away = not in_buffer[v] and readers[v] == 1
@@ -120,39 +132,47 @@ def fused_traffic(traced, costs: StepCosts, rules: CompilerRules, kept: np.ndarr
       )
       if fused_away or multi_output:
         kernels.join(p, op.index)
+  kernel = [kernels.find(i) for i in range(n)]
 
-  writes = np.zeros(n, dtype=bool)  # per kernel (its root's index): it writes a buffer
-  last_member = np.full(n, -1, dtype=np.int64)
+  writes = [False] * n  # per kernel (its root's index): it writes a buffer
+  last_member = [-1] * n
   for op in ops:
     if fusing[op.index]:
-      k = kernels.find(op.index)
-      writes[k] |= any(in_buffer[v] for v in op.out_vars)
+      k = kernel[op.index]
+      writes[k] = writes[k] or any(in_buffer[v] for v in op.out_vars)
       last_member[k] = op.index
 
+  # Each equation of a kernel that writes charges the buffers it reads directly, and those it
+  # remakes a value of another kernel from; a buffer read twice in one kernel moves once.
+  remade: dict[int, dict[int, int]] = {}
   read_by: dict[int, set[int]] = {}
-  nbytes = np.zeros(n)
+  nbytes = [0.0] * n
   for op in ops:
     i = op.index
-    if not fusing[i]:
-      continue
-    k = kernels.find(i)
-    reads = _reads(i, inputs, in_buffer, sources)
-    for v in [v for v in reads if traced.def_pos[v] >= 0]:
-      if kernels.find(int(traced.def_pos[v])) == k:
-        del reads[v]  # made in this kernel: no read from memory
-    if not writes[k]:
-      continue  # remade inside each of its readers, which move its bytes
+    if not fusing[i] or not writes[kernel[i]]:
+      continue  # a kernel that writes nothing is remade inside each of its readers
+    k = kernel[i]
     seen = read_by.setdefault(k, set())
-    for v, reader in reads.items():
-      if v not in seen:
-        seen.add(v)
-        nbytes[reader] += var_bytes[v] * costs.multiplicity[reader]
-    nbytes[i] += costs.multiplicity[i] * sum(var_bytes[v] for v in op.out_vars if in_buffer[v])
+    for v in inputs[i]:
+      made_here = def_pos[v] >= 0 and kernel[def_pos[v]] == k
+      if in_buffer[v]:
+        reads = {} if made_here else {v: i}
+      elif made_here:
+        continue  # its maker, a member of this kernel, charged what it reads
+      else:
+        if v not in remade:
+          remade[v] = _remade_from(v, def_pos, inputs, in_buffer)
+        reads = remade[v]
+      for u, reader in reads.items():
+        if u not in seen:
+          seen.add(u)
+          nbytes[reader] += var_bytes[u] * mult[reader]
+    nbytes[i] += mult[i] * sum(var_bytes[v] for v in op.out_vars if in_buffer[v])
   launches = np.zeros(n)
-  roots = np.flatnonzero(writes)
-  launches[last_member[roots]] = 1.0
+  launches[[last_member[k] for k in range(n) if writes[k]]] = 1.0
   unfused = FusedTraffic.unfused(costs)
+  fusing_array = np.array(fusing, dtype=bool)
   return FusedTraffic(
-    np.where(fusing, nbytes, unfused.nbytes),
-    np.where(fusing, launches * costs.multiplicity, unfused.kernels),
+    np.where(fusing_array, np.array(nbytes), unfused.nbytes),
+    np.where(fusing_array, launches * costs.multiplicity, unfused.kernels),
   )
