@@ -8,14 +8,15 @@ what is kept. So equations are grouped into kernels:
 - a kept result joins its elementwise reader nearby too where the compiler does multi-output
   fusion (XLA GPU: AdamW's new moment is written out and used in the same kernel for the
   update);
-- a result read by several kernels and not kept is recomputed in each: they read its inputs.
+- a result read by several kernels and not kept is remade in each from the buffers it comes
+  from, unless that reads more bytes than the result itself: then it is written out once.
 A kernel then moves each buffer it reads once and each buffer it writes. Dots, convolutions,
 gathers and the like keep XLA's own figure (it knows slices and in-place updates), and launch
 a kernel each.
 
-The replicated AdamW update of GPT-2 small, 7 buffers of 497 MB per step (gradient, two moments
-and parameters in, two moments and parameters out), is counted as those 7 and not as the
-~20 its equations each read and write.
+A replicated AdamW update thus moves 7 buffers of the parameters' size (gradient, two moments and
+parameters in; two moments and parameters out) on XLA GPU, not the ~20 its equations each read
+and write.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from networkx.utils import UnionFind
 
 from wapar_jax._src.compilers import CompilerRules
 from wapar_jax._src.cost.xla import StepCosts
@@ -41,24 +43,6 @@ class FusedTraffic:
     """Every equation a kernel of its own, moving what XLA's cost analysis says."""
     costed = (costs.flops > 0) | (costs.bytes_accessed > 0)
     return cls(costs.bytes_accessed, np.where(costed, costs.multiplicity, 0.0))
-
-
-class _Kernels:
-  """Union-find over equations: each set is one kernel."""
-
-  def __init__(self, n: int):
-    self.parent = list(range(n))
-
-  def find(self, i: int) -> int:
-    root = i
-    while self.parent[root] != root:
-      root = self.parent[root]
-    while self.parent[i] != root:
-      self.parent[i], i = root, self.parent[i]
-    return root
-
-  def join(self, a: int, b: int) -> None:
-    self.parent[self.find(a)] = self.find(b)
 
 
 def _remade_from(v: int, def_pos: list[int], inputs, in_buffer: list[bool]) -> dict[int, int]:
@@ -118,7 +102,7 @@ def fused_traffic(traced, costs: StepCosts, rules: CompilerRules, kept: np.ndarr
       else:
         remade_bytes[v] = total
 
-  kernels = _Kernels(n)
+  kernels = UnionFind()
   for op in ops:
     if not fusing[op.index]:
       continue
@@ -131,8 +115,8 @@ def fused_traffic(traced, costs: StepCosts, rules: CompilerRules, kept: np.ndarr
         rules.multi_output_fusion and in_buffer[v] and op.index - p <= rules.local_reads
       )
       if fused_away or multi_output:
-        kernels.join(p, op.index)
-  kernel = [kernels.find(i) for i in range(n)]
+        kernels.union(p, op.index)
+  kernel = [kernels[i] for i in range(n)]
 
   writes = [False] * n  # per kernel (its root's index): it writes a buffer
   last_member = [-1] * n
