@@ -157,6 +157,15 @@ def price_pipeline(
     stack_comm = max(stack_comm - own_time, 0.0)
     stack_bytes = max(stack_bytes - own_bytes, 0.0)
   compute_time = rest_wide.compute_time + stack_compute / s * through
+  if not fsdp:
+    # Every iteration a stage slices its chunk's weights out of its stack for the forward and
+    # for the backward pass (a copy each: read and write) and adds the chunk's weight gradient
+    # into its accumulator (two reads, a write): traffic the step without stages never has.
+    # Compiled gpt2-large, 4 stages x data 2: two slices and one accumulation per iteration.
+    chunk_params = stack_params / (s * r)
+    compute_time += (
+      iterations * chunk_params * 7 / (profile.memory_bandwidth * profile.memory_efficiency)
+    )
   comm_time = rest_wide.comm_time + stack_comm / s * comm_share
   comm_bytes = rest_wide.comm_bytes + stack_bytes / s * comm_share
   if fsdp:
