@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from wapar_jax._src import step as step_lib
+from wapar_jax._src.calibrate.measure import _counting_profile
 from wapar_jax._src.compilers import XLA_CPU, XLA_GPU
 from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.search import space as space_lib
@@ -72,20 +73,6 @@ def test_traffic_is_close_to_the_compiled_kernels():
   text = train_step.lower(params, optimizer.init(params), batch).compile().as_text()
   module = parse_hlo(text)
   mult, _, _ = multiplicities(module)
-  unit = _byte_counting_profile()
+  unit = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
   compiled = kernels_lib.kernel_seconds(module, mult, unit)
   assert predicted == pytest.approx(compiled, rel=0.15)
-
-
-def _byte_counting_profile():
-  import dataclasses
-
-  from wapar_jax import load_profile
-
-  return dataclasses.replace(
-    load_profile("cpu"),
-    peak_flops={"float32": 1e30, "bfloat16": 1e30},
-    memory_bandwidth=1.0,
-    memory_efficiency=1.0,
-    kernel_overhead=0.0,
-  )

@@ -211,6 +211,20 @@ def _counting_profile(memory_bandwidth: float, kernel_overhead: float) -> Device
   )
 
 
+def _counted_and_timed(
+  loss_fn, params, batch, counting: DeviceProfile, device, repeats: int
+) -> tuple[float, float]:
+  """(the planner's single-device prediction on `counting`, the best wall seconds on `device`)
+  of the SGD train step of `loss_fn`."""
+  optimizer = optax.sgd(1e-3)
+  counted = planner.plan(
+    loss_fn, params, batch, optimizer=optimizer, devices=1, profile=counting, cache=False
+  ).predicted.compute_time
+  params, batch = jax.device_put((params, batch), device)
+  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
+  return counted, _best_seconds(train_step, (params, optimizer.init(params), batch), repeats)
+
+
 def measure_step_overhead(device, kernel_overhead: float, repeats: int) -> float:
   """Seconds a train step pays once: the wall time of an SGD step of a 16-float linear model
   (no work to speak of), less the kernels the planner counts for it at `kernel_overhead` each.
@@ -221,19 +235,9 @@ def measure_step_overhead(device, kernel_overhead: float, repeats: int) -> float
 
   params = {"w": jnp.full((16,), 0.1, jnp.float32)}
   batch = {"x": jnp.ones((8, 16), jnp.float32)}
-  optimizer = optax.sgd(1e-3)
-  kernels = planner.plan(
-    loss_fn,
-    params,
-    batch,
-    optimizer=optimizer,
-    devices=1,
-    profile=_counting_profile(memory_bandwidth=1e30, kernel_overhead=1.0),
-    cache=False,
-  ).predicted.compute_time
-  params, batch = jax.device_put((params, batch), device)
-  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
-  seconds = _best_seconds(train_step, (params, optimizer.init(params), batch), repeats)
+  # Unbounded FLOP/s and bandwidth, 1 s a kernel: the prediction in seconds is the kernel count.
+  counting = _counting_profile(memory_bandwidth=1e30, kernel_overhead=1.0)
+  kernels, seconds = _counted_and_timed(loss_fn, params, batch, counting, device, repeats)
   return max(seconds - kernels * kernel_overhead, 0.0)
 
 
@@ -245,17 +249,9 @@ def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, fl
   where fused elementwise kernels with transcendentals run below DRAM speed, it is lower than
   the raw stream rate.
   """
-  loss_fn, params, batch = _reference_step(nbytes)
-  optimizer = optax.sgd(1e-3)
-  params, batch = jax.device_put((params, batch), device)
   # Unbounded FLOP/s and 1 byte/s: the prediction in seconds is the byte count.
-  unit = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
-  counted = planner.plan(
-    loss_fn, params, batch, optimizer=optimizer, devices=1, profile=unit, cache=False
-  ).predicted.compute_time
-  train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer))
-  opt_state = optimizer.init(params)
-  return counted, _best_seconds(train_step, (params, opt_state, batch), repeats)
+  counting = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
+  return _counted_and_timed(*_reference_step(nbytes), counting, device, repeats)
 
 
 def measure_kernel_overhead(device, chain: tuple[int, int], repeats: int) -> float:

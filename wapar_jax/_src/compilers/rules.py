@@ -164,10 +164,6 @@ class CompilerRules:
   prefetched_gather_bytes: float = 0.0
   multi_output_fusion: bool = True
 
-  def fusible_mask(self, traced) -> np.ndarray:
-    """Per op of `traced`: fused into its consumers."""
-    return np.array([op.primitive in self.fusible for op in traced.ops], dtype=bool)
-
   def scratch_buffers(self, traced) -> Scratch:
     """Every buffer of the compiler's own for `traced`."""
     return Scratch.concatenate([make(traced) for make in self.scratch])

@@ -124,6 +124,18 @@ def axis_spans(dp: int, tp: int, devices_per_node: int) -> dict[str, tuple[int, 
   return {DATA: (1, dp), MODEL: (1, tp)}
 
 
+def _ring_cost(profile: DeviceProfile, kind: str, nbytes: float, count: float, span):
+  """(latency seconds, transfer seconds, bytes sent) of `count` collectives of `kind` moving
+  `nbytes` per device in all over `span` (devices in a node, nodes): two-level (reduce-scatter
+  in the node, across nodes on 1 / n_inner, all-gather in the node) once it spans nodes, a
+  plain ring on the fast link while it stays in one."""
+  inner, outer = profile.intra_node, profile.inter_node
+  steps_in, steps_out = hierarchical_collective_steps(kind, *span)
+  bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, *span)
+  latency = (steps_in * inner.latency + steps_out * outer.latency) * count
+  return latency, bytes_in / inner.bandwidth + bytes_out / outer.bandwidth, bytes_in + bytes_out
+
+
 class CommTally:
   """A candidate's communication time and bytes sent, as a family's own collectives are added
   to (or moved out of) its twin's: each priced as a ring, two-level where it spans nodes."""
@@ -136,12 +148,10 @@ class CommTally:
     nodes) moving `nbytes` per device in all; `sign` -1 takes their bytes away."""
     if n <= 1 or nbytes <= 0:
       return
-    inner, outer = self.profile.intra_node, self.profile.inter_node
-    steps_in, steps_out = hierarchical_collective_steps(kind, *span)
-    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, *span)
-    self.time += sign * (bytes_in / inner.bandwidth + bytes_out / outer.bandwidth)
-    self.time += (steps_in * inner.latency + steps_out * outer.latency) * count
-    self.sent += sign * (bytes_in + bytes_out)
+    latency, transfer, sent = _ring_cost(self.profile, kind, nbytes, count, span)
+    self.time += sign * transfer
+    self.time += latency
+    self.sent += sign * sent
 
   def onto(self, base: Candidate, **changes) -> Candidate:
     """`base` with this communication (and `changes`): what base hides stays hidden, what the
@@ -211,7 +221,6 @@ def price(
   compute_time = float((agg.compute / div).sum()) + profile.step_overhead
   flops = float((agg.flops / div).sum())
 
-  inner, outer = profile.intra_node, profile.inter_node
   model_scale = np.array([1.0, 1.0 / tp])
   data_scale = np.array([1.0, 1.0 / dp])
 
@@ -221,18 +230,13 @@ def price(
   hideable: dict[str, float] = {}  # seconds per class of collective that can overlap
 
   def add(kind, nbytes, count, n, span, hides=None):
-    # Two-level (reduce-scatter in node, across nodes on 1/n_inner, all-gather in node) once
-    # the axis spans nodes; a plain ring on the fast link while it stays in one.
     nonlocal comm_time, comm_bytes
     if n <= 1 or count <= 0:
       return
-    n_inner, n_outer = span
-    steps_in, steps_out = hierarchical_collective_steps(kind, n_inner, n_outer)
-    bytes_in, bytes_out = hierarchical_collective_traffic(kind, nbytes, n_inner, n_outer)
-    seconds = (steps_in * inner.latency + steps_out * outer.latency) * count
-    seconds += bytes_in / inner.bandwidth + bytes_out / outer.bandwidth
+    latency, transfer, sent = _ring_cost(profile, kind, nbytes, count, span)
+    seconds = latency + transfer
     comm_time += seconds
-    comm_bytes += bytes_in + bytes_out
+    comm_bytes += sent
     if hides is not None:
       hideable[hides] = hideable.get(hides, 0.0) + seconds
 
