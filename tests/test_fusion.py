@@ -76,3 +76,23 @@ def test_traffic_is_close_to_the_compiled_kernels():
   unit = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
   compiled = kernels_lib.kernel_seconds(module, mult, unit)
   assert predicted == pytest.approx(compiled, rel=0.15)
+
+
+def test_a_max_pool_gradient_moves_its_operands_once_where_the_compiler_emits_it_natively():
+  # XLA GPU runs select-and-scatter as one kernel; XLA:CPU, whose cost analysis prices every
+  # equation, expands it into a scatter loop counting each window element as an access.
+  def loss_fn(params, batch):
+    y = jax.lax.reduce_window(
+      batch["x"] * params["s"], -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID"
+    )
+    return jnp.mean(y**2)
+
+  params = {"s": jnp.ones((1, 1, 1, 16), jnp.float32)}
+  batch = {"x": jnp.ones((8, 33, 33, 16), jnp.float32)}
+  traced, _ = trace_train_step(loss_fn, params, batch, optax.sgd(1e-3))
+  (sas,) = [op for op in traced.ops if op.primitive == "select_and_scatter_add"]
+  operand_and_result = 2 * 8 * 33 * 33 * 16 * 4 + 8 * 16 * 16 * 16 * 4
+  gpu = _traffic(loss_fn, params, batch, optax.sgd(1e-3), rules=XLA_GPU).nbytes[sas.index]
+  cpu = _traffic(loss_fn, params, batch, optax.sgd(1e-3), rules=XLA_CPU).nbytes[sas.index]
+  assert gpu == pytest.approx(operand_and_result)
+  assert cpu > 3 * operand_and_result

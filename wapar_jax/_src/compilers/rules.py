@@ -141,6 +141,10 @@ class CompilerRules:
       (a cheap producer is duplicated into neighbouring kernels).
     multi_output_fusion: an elementwise result written out is also used by a kernel that reads
       it nearby, in registers (XLA GPU's multi-output fusion), not read back from memory.
+    native_kernels: primitives the compiler emits as one kernel of their own that reads each
+      operand and writes its result once, which XLA:CPU (whose cost analysis prices the step)
+      expands into loops that count each window element as a separate access: XLA GPU's
+      select-and-scatter (a max-pool gradient, 7.5x its operands' bytes once expanded).
     prefetched_gather_bytes: an FSDP gather runs this many bytes of gathers ahead of its use
       (its copy is live from there): the asynchronous collectives in flight while the layers
       before it compute. 0 where collectives run in program order.
@@ -163,6 +167,7 @@ class CompilerRules:
   local_reads: int = 12
   prefetched_gather_bytes: float = 0.0
   multi_output_fusion: bool = True
+  native_kernels: frozenset[str] = frozenset()
 
   def scratch_buffers(self, traced) -> Scratch:
     """Every buffer of the compiler's own for `traced`."""

@@ -25,6 +25,9 @@ XLA_GPU = CompilerRules(
   # `all_gather_overlap_limit`), of gathers combined up to the combine threshold: the next
   # combined gather is issued as the current one's layer starts.
   prefetched_gather_bytes=COMBINE_BYTES,
+  # Its emitter runs a max-pool gradient as one select-and-scatter kernel (a thread per source
+  # element scans its window, then adds into the result), not XLA:CPU's scatter loop.
+  native_kernels=frozenset({"select_and_scatter_add"}),
 )
 
 XLA_TPU = dataclasses.replace(XLA_GPU, name="xla:tpu")

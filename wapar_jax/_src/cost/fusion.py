@@ -12,7 +12,8 @@ what is kept. So equations are grouped into kernels:
   from, unless that reads more bytes than the result itself: then it is written out once.
 A kernel then moves each buffer it reads once and each buffer it writes. Dots, convolutions,
 gathers and the like keep XLA's own figure (it knows slices and in-place updates), and launch
-a kernel each.
+a kernel each; a primitive the compiler emits natively where XLA:CPU expands it
+(`CompilerRules.native_kernels`) moves its operands and result once.
 
 A replicated AdamW update thus moves 7 buffers of the parameters' size (gradient, two moments and
 parameters in; two moments and parameters out) on XLA GPU, not the ~20 its equations each read
@@ -155,8 +156,13 @@ def fused_traffic(traced, costs: StepCosts, rules: CompilerRules, kept: np.ndarr
   launches = np.zeros(n)
   launches[[last_member[k] for k in range(n) if writes[k]]] = 1.0
   unfused = FusedTraffic.unfused(costs)
+  unfused_bytes = unfused.nbytes.copy()
+  for op in ops:
+    if op.primitive in rules.native_kernels:
+      own = sum(var_bytes[v] for v in inputs[op.index]) + sum(var_bytes[v] for v in op.out_vars)
+      unfused_bytes[op.index] = own * mult[op.index]
   fusing_array = np.array(fusing, dtype=bool)
   return FusedTraffic(
-    np.where(fusing_array, np.array(nbytes), unfused.nbytes),
+    np.where(fusing_array, np.array(nbytes), unfused_bytes),
     np.where(fusing_array, launches * costs.multiplicity, unfused.kernels),
   )
