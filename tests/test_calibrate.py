@@ -15,6 +15,8 @@ from wapar_jax._src import calibrate as calibrate_lib
 from wapar_jax._src import profiles
 from wapar_jax._src.cost import roofline
 from wapar_jax._src.cost.collectives import collective_time
+from wapar_jax._src.cost.fusion import FusedTraffic
+from wapar_jax._src.cost.xla import CostCache, step_costs
 from wapar_jax._src.profiles import DeviceProfile, LinkTier
 from wapar_jax._src.trace import trace_train_step
 from wapar_jax.errors import InvalidProfileError
@@ -46,6 +48,7 @@ def test_tiny_calibration_is_a_valid_profile_that_says_it_was_measured(calibrate
   assert profile.kernel_overhead >= 0
   assert profile.step_overhead >= 0
   assert "step_overhead:" in profile.notes
+  assert 0.05 <= profile.conv_efficiency <= 4 and "conv_efficiency:" in profile.notes
   assert "Measured with wapar calibrate" in profile.sources[0]
   assert "Measured by wapar calibrate on" in profile.notes
   for size in calibrate_lib.TINY_SIZES.matmul:  # the notes list every size measured
@@ -184,3 +187,32 @@ def test_matmul_half_size_slows_small_matmuls_only():
   assert dots and all(efficiency[i] == pytest.approx(0.5) for i in dots)  # 64 x 64 x 64: half
   assert all(efficiency[op.index] == 1.0 for op in traced.ops if op.primitive != "dot_general")
   assert (roofline.matmul_efficiency(traced, wap.load_profile("cpu")) == 1.0).all()
+
+
+def test_conv_efficiency_slows_convolutions_only_and_is_validated():
+  def loss_fn(params, batch):
+    dims = ("NHWC", "HWIO", "NHWC")
+    h = jax.lax.conv_general_dilated(
+      batch["x"], params["w"], (1, 1), "SAME", dimension_numbers=dims
+    )
+    return jnp.mean(jnp.tanh(h.reshape(8, -1) @ params["v"]))
+
+  params = {
+    "w": jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32),
+    "v": jax.ShapeDtypeStruct((16 * 16 * 16, 64), jnp.float32),
+  }
+  batch = {"x": jax.ShapeDtypeStruct((8, 16, 16, 16), jnp.float32)}
+  traced, _ = trace_train_step(loss_fn, params, batch, optax.sgd(0.1))
+  costs = step_costs(traced, CostCache(persist=False))
+  traffic = FusedTraffic.unfused(costs)
+  base = wap.load_profile("cpu")
+  slow = dataclasses.replace(base, conv_efficiency=0.25)
+  fast_s, slow_s = (roofline.op_roofline(traced, costs, p, traffic)[0] for p in (base, slow))
+  for op in traced.ops:
+    ratio = 4.0 if op.primitive == "conv_general_dilated" else 1.0
+    assert slow_s[op.index] == pytest.approx(ratio * fast_s[op.index])
+  assert any(op.primitive == "conv_general_dilated" for op in traced.ops)
+  data = base.to_dict()
+  data["conv_efficiency"] = 0.0
+  with pytest.raises(InvalidProfileError, match="conv_efficiency"):
+    DeviceProfile.from_dict(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ class Sizes:
     step_bytes: bytes of the reference step's activation, one run per entry.
     collective_bytes: bytes per device of the collectives' input, one run per entry and kind.
     chain: lengths of the tiny-matmul chains whose time difference gives the kernel overhead.
+    conv_batch: images in the convolution reference step.
     repeats: timed runs per measurement; the minimum is kept (other processes only add time).
   """
 
@@ -40,6 +42,7 @@ class Sizes:
   step_bytes: tuple[int, ...]
   collective_bytes: tuple[int, ...]
   chain: tuple[int, int]
+  conv_batch: int
   repeats: int
 
 
@@ -52,6 +55,7 @@ DEFAULT_SIZES = {
     step_bytes=(8 * MiB, 32 * MiB, 128 * MiB),
     collective_bytes=(4096, 64 * 1024, MiB, 16 * MiB),
     chain=(50, 200),
+    conv_batch=8,
     repeats=7,
   ),
   "gpu": Sizes(
@@ -60,6 +64,7 @@ DEFAULT_SIZES = {
     step_bytes=(64 * MiB, 256 * MiB, 1024 * MiB),
     collective_bytes=(4096, 64 * 1024, MiB, 16 * MiB, 128 * MiB),
     chain=(50, 400),
+    conv_batch=256,
     repeats=10,
   ),
 }
@@ -71,6 +76,7 @@ TINY_SIZES = Sizes(
   step_bytes=(MiB,),
   collective_bytes=(1024, 16 * 1024),
   chain=(4, 16),
+  conv_batch=1,
   repeats=2,
 )
 
@@ -90,6 +96,8 @@ class Measurements:
     step: ((activation bytes, planner bytes/s), ...) of the reference train step.
     kernel_overhead: seconds per extra kernel.
     step_overhead: seconds every step pays once (dispatch, launch).
+    conv: FLOP/s of the convolution reference step, in the planner's units (FLOPs over the
+      matmul efficiency their GEMM size reaches, `matmul_half_size` from `matmul`).
     collectives: ((kind, bytes per device, seconds), ...); empty with one device.
     link: the alpha-beta fit of `collectives`, or None.
     memory_bytes: memory one device may use (see `_memory_bytes`).
@@ -104,6 +112,7 @@ class Measurements:
   step: tuple[tuple[int, float], ...]
   kernel_overhead: float
   step_overhead: float
+  conv: float
   collectives: tuple[tuple[str, int, float], ...]
   link: LinkTier | None
   memory_bytes: float
@@ -189,14 +198,16 @@ def _reference_step(nbytes: int):
   return loss_fn, params, batch
 
 
-def _counting_profile(memory_bandwidth: float, kernel_overhead: float) -> DeviceProfile:
-  """A profile whose predicted seconds count what the planner sees: bytes at 1 byte/s, or
-  kernels at 1 s each."""
+def _counting_profile(
+  memory_bandwidth: float, kernel_overhead: float, peak: float = 1e30, matmul_half_size=0.0
+) -> DeviceProfile:
+  """A profile whose predicted seconds count what the planner sees: bytes at 1 byte/s,
+  kernels at 1 s each, or FLOPs at 1 FLOP/s (over their matmul efficiency)."""
   return DeviceProfile(
     name="counting",
     description="counts what the planner prices",
     kind="cpu",
-    peak_flops={"float32": 1e30, "bfloat16": 1e30},
+    peak_flops={"float32": peak, "bfloat16": peak},
     memory_bandwidth=memory_bandwidth,
     memory_bytes=1e30,
     devices_per_node=1,
@@ -207,7 +218,8 @@ def _counting_profile(memory_bandwidth: float, kernel_overhead: float) -> Device
     compute_efficiency=1.0,
     memory_efficiency=1.0,
     kernel_overhead=kernel_overhead,
-    sources=("internal: counts planner bytes or kernels",),
+    matmul_half_size=matmul_half_size,
+    sources=("internal: counts planner bytes, kernels or FLOPs",),
   )
 
 
@@ -252,6 +264,34 @@ def measure_step_bandwidth(device, nbytes: int, repeats: int) -> tuple[float, fl
   # Unbounded FLOP/s and 1 byte/s: the prediction in seconds is the byte count.
   counting = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
   return _counted_and_timed(*_reference_step(nbytes), counting, device, repeats)
+
+
+def _conv_step(batch: int):
+  """A convolution-bound train step: two 3 x 3 convolutions, 32 -> 64 -> 64 channels, on
+  28 x 28 images (a network's middle, not its 3-channel stem)."""
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def loss_fn(params, batch):
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME")
+    h = jax.nn.relu(conv(batch["x"], params["w1"], dimension_numbers=dims))
+    return jnp.mean(conv(h, params["w2"], dimension_numbers=dims) ** 2)
+
+  params = {
+    "w1": jnp.full((3, 3, 32, 64), 0.02, jnp.float32),
+    "w2": jnp.full((3, 3, 64, 64), 0.02, jnp.float32),
+  }
+  images = jnp.linspace(-1.0, 1.0, batch * 28 * 28 * 32, dtype=jnp.float32)
+  return loss_fn, params, {"x": images.reshape(batch, 28, 28, 32)}
+
+
+def measure_conv_rate(device, batch: int, matmul_half_size: float, repeats: int) -> float:
+  """FLOP/s of a convolution-bound reference train step in the planner's units: the FLOPs it
+  counts, each over the matmul efficiency its GEMM size reaches, per measured second. Over
+  the matmul peak it is the profile's `conv_efficiency`."""
+  # 1 FLOP/s at full efficiency, unbounded bandwidth: the prediction in seconds is the FLOPs.
+  counting = _counting_profile(1e30, 0.0, peak=1.0, matmul_half_size=matmul_half_size)
+  counted, seconds = _counted_and_timed(*_conv_step(batch), counting, device, repeats)
+  return counted / seconds
 
 
 def measure_kernel_overhead(device, chain: tuple[int, int], repeats: int) -> float:
@@ -348,6 +388,8 @@ def measure(sizes: Sizes | None = None, devices: Sequence | None = None) -> Meas
     step.append((nbytes, counted / seconds))
   overhead = measure_kernel_overhead(device, sizes.chain, sizes.repeats)
   step_overhead = measure_step_overhead(device, overhead, sizes.repeats)
+  half_size = fit_matmul(matmul["float32"])[1]
+  conv = measure_conv_rate(device, sizes.conv_batch, half_size, sizes.repeats)
   collectives, link = (), None
   if len(devices) > 1:
     collectives = measure_collectives(devices, sizes.collective_bytes, sizes.repeats)
@@ -361,6 +403,7 @@ def measure(sizes: Sizes | None = None, devices: Sequence | None = None) -> Meas
     step=tuple(step),
     kernel_overhead=overhead,
     step_overhead=step_overhead,
+    conv=conv,
     collectives=collectives,
     link=link,
     memory_bytes=_memory_bytes(device, len(devices)),

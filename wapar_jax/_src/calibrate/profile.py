@@ -113,7 +113,10 @@ def to_profile(
     f"kernel_overhead: time slope of "
     f"chains of dependent 8 x 8 matmul + tanh links ({m.kernel_overhead * 1e6:.2f} us per "
     f"link). step_overhead: wall time of an SGD step of a 16-float model less its kernels "
-    f"({m.step_overhead * 1e6:.1f} us). {link_note} inter_node, power_idle_watts and "
+    f"({m.step_overhead * 1e6:.1f} us). conv_efficiency: the planner's FLOP/s of a reference "
+    f"step of two 3 x 3 convolutions (32 -> 64 -> 64 channels, 28 x 28) over the float32 matmul "
+    f"peak ({m.conv / 1e9:.1f} against {peak['float32'] / 1e9:.1f} GFLOP/s). {link_note} "
+    f"inter_node, power_idle_watts and "
     f"power_busy_watts are not measured: they are those of the built-in profile "
     f"{base_profile.name}."
   )
@@ -137,6 +140,7 @@ def to_profile(
     kernel_overhead=m.kernel_overhead,
     step_overhead=m.step_overhead,
     matmul_half_size=half_size,
+    conv_efficiency=float(np.clip(m.conv / peak["float32"], 0.05, 4.0)),
     sources=(
       f"Measured with wapar calibrate on {when} (jax {jax.__version__}, "
       f"{m.device_kind}, {m.devices} local {m.platform} device(s))",

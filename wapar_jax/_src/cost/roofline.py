@@ -64,6 +64,9 @@ def op_roofline(
     ]
   )
   peak = peak * matmul_efficiency(traced, profile)
+  if profile.conv_efficiency != 1.0:
+    conv = np.array([op.primitive == "conv_general_dilated" for op in traced.ops])
+    peak = np.where(conv, peak * profile.conv_efficiency, peak)
   return (
     costs.flops / (peak * profile.compute_efficiency),
     traffic.nbytes / (profile.memory_bandwidth * profile.memory_efficiency),

@@ -73,6 +73,10 @@ class DeviceProfile:
       GEMM dims m, n, k have geometric mean g runs at peak * g / (g + matmul_half_size).
       `wapar calibrate` fits it; 0 (the datasheet profiles) means every matmul reaches
       `compute_efficiency` of peak.
+    conv_efficiency: the fraction of the matmul rate (at the same GEMM size) a convolution
+      reaches: below 1 where convolutions are lowered less well than matmuls (XLA:CPU's), above
+      1 where a library computes them in fewer FLOPs than XLA counts (Winograd). `wapar
+      calibrate` measures it; 1 in the datasheet profiles.
     overlap_efficiency: the fraction of a collective's window of independent compute that
       hides it (`cost.overlap`): the compute slows while a collective shares its memory
       bandwidth and cores. 0 runs every collective on the critical path, as XLA:CPU does.
@@ -98,6 +102,7 @@ class DeviceProfile:
   kernel_overhead: float = 0.0
   step_overhead: float = 0.0
   matmul_half_size: float = 0.0
+  conv_efficiency: float = 1.0
   overlap_efficiency: float = DEFAULT_OVERLAP_EFFICIENCY
 
   def __post_init__(self):
@@ -229,6 +234,7 @@ def _value_problems(values: Mapping[str, Any]) -> list[str]:
   check("kernel_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
   check("step_overhead", lambda x: _is_number(x) and x >= 0, "a number of seconds >= 0")
   check("matmul_half_size", lambda x: _is_number(x) and x >= 0, "a number >= 0")
+  check("conv_efficiency", lambda x: _is_number(x) and 0 < x <= 4, "a number in (0, 4]")
   check("overlap_efficiency", lambda x: _is_number(x) and 0 <= x <= 1, "a number in [0, 1]")
   check(
     "sources",

@@ -239,6 +239,8 @@ def instruction_seconds(module: HloModule, comp: str, profile: DeviceProfile) ->
         out_bytes = sum(in_bytes[1:])
         in_bytes = in_bytes[1:]
     peak = profile.flops_per_second(_HLO_DTYPES.get(dtype, "float32")) * profile.compute_efficiency
+    if instr.opcode == "convolution":
+      peak *= profile.conv_efficiency
     seconds = max(flops / peak, (out_bytes + sum(in_bytes)) / bandwidth)
     out.append(seconds + profile.kernel_overhead)
   return out
