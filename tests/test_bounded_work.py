@@ -167,7 +167,9 @@ def test_many_tiny_parameters_plan_about_as_fast_as_jax_traces_their_step():
   # stages=1: the repeated blocks of the sum look like a layer stack, and the pipeline search
   # would trace the step a second time (per-layer remat) before finding that none can be cut.
   wap.plan(loss_fn, params, batch, optimizer=TX, devices=8, cache=False, stages=1)
-  assert time.perf_counter() - t0 < 1.8 * jax_seconds
+  # Alone it is 1.3x; beside another test worker on two cores it has reached 1.9x. 2.2x still
+  # fails the old 2.4x.
+  assert time.perf_counter() - t0 < 2.2 * jax_seconds
 
 
 def test_the_cli_passes_max_seconds_through(capsys):
