@@ -189,6 +189,23 @@ def test_matmul_half_size_slows_small_matmuls_only():
   assert (roofline.matmul_efficiency(traced, wap.load_profile("cpu")) == 1.0).all()
 
 
+def test_a_skinny_matmul_ranks_by_its_smallest_dimension():
+  # 256 x 16 x 256 has the FLOPs of a 101-sided cube but the operand reuse (arithmetic
+  # intensity) of a 43-sided one: its inner dimension of 16 bounds what each load is used for.
+  def loss_fn(params, batch):
+    return jnp.mean(batch["x"] @ params["w"])
+
+  params = {"w": jax.ShapeDtypeStruct((16, 256), jnp.float32)}
+  batch = {"x": jax.ShapeDtypeStruct((256, 16), jnp.float32)}
+  traced, _ = trace_train_step(loss_fn, params, batch, optax.sgd(0.1))
+  forward = next(op for op in traced.ops if op.primitive == "dot_general")
+  assert roofline.gemm_size(forward.eqn) == pytest.approx(3 / (1 / 256 + 1 / 256 + 1 / 16))
+  profile = dataclasses.replace(wap.load_profile("cpu"), matmul_half_size=64.0)
+  assert roofline.matmul_efficiency(traced, profile)[forward.index] == pytest.approx(
+    42.67 / (42.67 + 64), rel=1e-3
+  )
+
+
 def test_conv_efficiency_slows_convolutions_only_and_is_validated():
   def loss_fn(params, batch):
     dims = ("NHWC", "HWIO", "NHWC")

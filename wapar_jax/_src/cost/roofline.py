@@ -13,7 +13,11 @@ from wapar_jax._src.profiles import DeviceProfile
 
 
 def gemm_size(eqn) -> float:
-  """Geometric mean of the (m, n, k) of a dot or convolution seen as one GEMM; 0 otherwise."""
+  """Harmonic mean of the (m, n, k) of a dot or convolution seen as one GEMM; 0 otherwise.
+
+  A GEMM's arithmetic intensity is m n k / (m k + k n + m n), a third of this mean, so a
+  skinny GEMM (attention's head dimension, a stem convolution's three channels) ranks as small
+  as its reuse is; for a square GEMM it is the side, as calibration measures."""
   name = eqn.primitive.name
   if name == "dot_general":
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -29,7 +33,9 @@ def gemm_size(eqn) -> float:
     m = math.prod(out) // max(n, 1)
   else:
     return 0.0
-  return float(m * n * k) ** (1 / 3)
+  if not (m and n and k):
+    return 0.0
+  return 3.0 / (1.0 / m + 1.0 / n + 1.0 / k)
 
 
 def matmul_efficiency(traced, profile: DeviceProfile) -> np.ndarray:

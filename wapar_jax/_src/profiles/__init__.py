@@ -70,7 +70,7 @@ class DeviceProfile:
       dispatch of the program, its launch on the device); `wapar calibrate` measures it. 0 in
       the datasheet profiles.
     matmul_half_size: the matmul size at which half of the peak rate is reached: a dot whose
-      GEMM dims m, n, k have geometric mean g runs at peak * g / (g + matmul_half_size).
+      GEMM dims m, n, k have harmonic mean g runs at peak * g / (g + matmul_half_size).
       `wapar calibrate` fits it; 0 (the datasheet profiles) means every matmul reaches
       `compute_efficiency` of peak.
     conv_efficiency: the fraction of the matmul rate (at the same GEMM size) a convolution
