@@ -1,5 +1,7 @@
 """The step's memory traffic as the kernels XLA fuses it into (`cost.fusion`)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -96,3 +98,25 @@ def test_a_max_pool_gradient_moves_its_operands_once_where_the_compiler_emits_it
   cpu = _traffic(loss_fn, params, batch, optax.sgd(1e-3), rules=XLA_CPU).nbytes[sas.index]
   assert gpu == pytest.approx(operand_and_result)
   assert cpu > 3 * operand_and_result
+
+
+def test_the_compiled_truth_prices_xla_cpus_expanded_max_pool_gradient_as_one_gpu_kernel():
+  # The compiled module is XLA:CPU's (iotas, an arg-max reduce-window, a scatter); priced for a
+  # GPU it is the one kernel a GPU compile emits: pooled input + source + result, once.
+  def pool_grad(x):
+    return jax.grad(
+      lambda x: jnp.sum(
+        jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID") ** 2
+      )
+    )(x)
+
+  x = jnp.ones((8, 33, 33, 16), jnp.float32)
+  module = parse_hlo(jax.jit(pool_grad).lower(x).compile().as_text())
+  entry = module.entry
+  native = kernels_lib.native_select_and_scatter(module, entry)
+  assert sorted(native.values())[-1] == 2 * x.size * 4 + 8 * 16 * 16 * 16 * 4
+  assert sum(v > 0 for v in native.values()) == 1  # the rest of the expansion launches nothing
+  cpu = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
+  gpu = dataclasses.replace(cpu, kind="gpu")
+  seconds = {p.kind: sum(kernels_lib.instruction_seconds(module, entry, p)) for p in (cpu, gpu)}
+  assert seconds["gpu"] < seconds["cpu"] / 2

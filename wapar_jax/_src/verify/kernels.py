@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+from wapar_jax._src import compilers
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.verify.hlo import (
   CALLEE_LISTS,
@@ -201,13 +202,71 @@ def kernel_computations(module: HloModule) -> set[str]:
   return _kernel_computations(module)
 
 
+def _is_expanded_select_and_scatter(instr: Instr) -> bool:
+  return instr.opcode in ("scatter", "fusion") and "select_and_scatter" in instr.rest
+
+
+def native_select_and_scatter(module: HloModule, comp: str) -> dict[str, float]:
+  """Bytes of each max-pool gradient XLA:CPU expanded in `comp`, as one native kernel moves
+  them, by instruction: the scatter gets its pooled input + source + result, and the rest of
+  its expansion (index iotas, the zero buffer, the arg-max reduce-window, the index packing)
+  gets 0.
+
+  XLA:CPU's `SelectAndScatterExpander` turns select-and-scatter into those kernels; XLA GPU
+  emits one kernel (`IrEmitterUnnested::EmitSelectAndScatter`). The expansion is what feeds the
+  scatter's buffer and indices and computes indices (s32) or from no data at all; its one
+  data input, the pooled activation, is what it reads beyond them."""
+  by_name = {i.name: i for i in module.computations[comp]}
+  types = value_types(module, comp)
+  out: dict[str, float] = {}
+  for scatter in module.computations[comp]:
+    if not _is_expanded_select_and_scatter(scatter):
+      continue
+    operands = operand_names(scatter)
+    if len(operands) < 3:
+      continue
+    members, inputs, todo = set(), set(), list(operands[:2])
+    while todo:
+      name = todo.pop()
+      instr = by_name.get(name)
+      if instr is None or name in members or name in inputs:
+        continue
+      if instr.opcode == "constant":
+        continue
+      reads = [
+        o for o in operand_names(instr) if getattr(by_name.get(o), "opcode", "") != "constant"
+      ]
+      if instr.opcode != "parameter" and ("s32" in instr.type or not reads):
+        members.add(name)
+        todo += reads
+      else:
+        inputs.add(name)
+    if not inputs:  # no pooled activation found: not the expansion this reads
+      continue
+    out.update(dict.fromkeys(members, 0.0))
+    data = inputs | {operands[2]}
+    out[scatter.name] = type_bytes(scatter.type) + sum(type_bytes(types.get(n, "")) for n in data)
+  return out
+
+
 def instruction_seconds(module: HloModule, comp: str, profile: DeviceProfile) -> list[float]:
   """Per instruction of `comp`, in order, its kernel's roofline seconds for one run (0 for an
-  instruction that launches no kernel: collectives, tuples, parameters, ...)."""
+  instruction that launches no kernel: collectives, tuples, parameters, ...). Where the
+  profile's compiler emits a max-pool gradient natively, XLA:CPU's expansion of it is priced as
+  that one kernel (`native_select_and_scatter`)."""
   bandwidth = profile.memory_bandwidth * profile.memory_efficiency
   types = value_types(module, comp)
+  native = (
+    native_select_and_scatter(module, comp)
+    if "select_and_scatter_add" in compilers.for_profile(profile.kind).native_kernels
+    else {}
+  )
   out = []
   for instr in module.computations[comp]:
+    if instr.name in native:
+      nbytes = native[instr.name]
+      out.append(nbytes / bandwidth + profile.kernel_overhead if nbytes else 0.0)
+      continue
     base = instr.opcode[: -len("-start")] if instr.opcode.endswith("-start") else instr.opcode
     if (
       instr.opcode in _NOT_KERNELS
