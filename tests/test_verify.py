@@ -357,7 +357,7 @@ def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_redu
   link = profile.intra_node
   mib = 2.0**20
 
-  def coll(kind, nbytes, depth, scattered=0.0):
+  def coll(kind, nbytes, depth, scattered=0.0, buffers=()):
     return verify_lib.Collective(
       kind=kind,
       name=f"{kind}.{depth}",
@@ -372,6 +372,7 @@ def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_redu
       scattered_bytes=scattered,
       computation="main",
       depth=depth,
+      buffers=buffers,
     )
 
   def one(kind, nbytes):
@@ -390,10 +391,16 @@ def test_target_comm_time_pools_independent_collectives_and_scatters_sliced_redu
   assert collectives.target_comm_time(found, profile) == pytest.approx(
     one("all-gather", 20 * mib) + one("all-gather", 10 * mib)
   )
-  # 100 MiB of gradients read only in slices: reduce-scatter, in ceil(100 / 30) = 4 launches.
-  grads = [coll("all-reduce", 100 * mib, 1, scattered=100 * mib)]
+  # 100 MiB of gradients, ten buffers XLA:CPU merged into one all-reduce read only in slices:
+  # reduce-scatter, in the 4 launches of at most 30 MiB GPU XLA's combiner makes of them.
+  grads = [coll("all-reduce", 100 * mib, 1, 100 * mib, buffers=(10 * mib,) * 10)]
   assert collectives.target_comm_time(grads, profile) == pytest.approx(
     4 * one("reduce-scatter", 25 * mib)
+  )
+  # One 100 MiB activation reduction is never split: one launch.
+  activation = [coll("all-reduce", 100 * mib, 1, 100 * mib, buffers=(100 * mib,))]
+  assert collectives.target_comm_time(activation, profile) == pytest.approx(
+    one("reduce-scatter", 100 * mib)
   )
 
 
@@ -485,3 +492,12 @@ def test_zero1_counts_xla_cpu_combined_gradient_all_reduce():
   )
   v = plan.verify(devices=jax.devices("cpu")[:4])
   assert abs(v.errors["peak_memory"]) < 0.15
+
+
+def test_combined_launches_merge_up_to_the_threshold_and_leave_big_ones_whole():
+  from wapar_jax._src.cost.collectives import combined_launches
+
+  assert combined_launches([10, 10, 10, 10], threshold=30) == 2  # 30 + 10
+  assert combined_launches([100], threshold=30) == 1  # never split
+  assert combined_launches([10, 100, 10], threshold=30) == 2  # the big one alone
+  assert combined_launches([0, 0], threshold=30) == 0

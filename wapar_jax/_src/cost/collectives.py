@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # XLA combines independent collectives (weight gradients, FSDP gathers) up to this many bytes
 # (XLA GPU's all-reduce combine threshold); one combined collective pays latency once.
 COMBINE_BYTES = 30 * 2**20
+
+
+def combined_launches(sizes: Iterable[float], threshold: float = COMBINE_BYTES) -> int:
+  """Collectives left after XLA's combiner merges independent ones of these sizes, in program
+  order: each joins the open group while the group stays within `threshold`; one larger than
+  the threshold is never combined, and never split either (it is one launch of its own)."""
+  launches, open_bytes = 0, 0.0
+  for size in sizes:
+    if size <= 0:
+      continue
+    if size > threshold:
+      launches += 1
+    elif open_bytes and open_bytes + size <= threshold:
+      open_bytes += size
+    else:
+      launches += 1
+      open_bytes = size
+  return launches
+
 
 # Collectives over one mesh axis of n devices, ring algorithms (as NCCL and XLA's CPU/TPU runtime
 # use for large messages). `nbytes` is the per-device size of the full (unsplit) buffer.

@@ -10,6 +10,7 @@ import numpy as np
 
 from wapar_jax._src.cost.collectives import (
   COMBINE_BYTES,
+  combined_launches,
   hierarchical_collective_steps,
   hierarchical_collective_traffic,
 )
@@ -80,7 +81,7 @@ def _combined_gathers(nbytes: np.ndarray, runs: np.ndarray) -> float:
   """FSDP gathers left after XLA combines them: the gathers that run equally often (the step's
   own, or one loop body's per iteration) depend on no other collective, so they are combined up
   to the threshold, as the compiled truth pools them (`verify.collectives.target_comm_time`)."""
-  return float(sum(r * _combined(float(nbytes[runs == r].sum())) for r in np.unique(runs)))
+  return float(sum(r * combined_launches(nbytes[runs == r]) for r in np.unique(runs)))
 
 
 def _live(space: SearchSpace, which: np.ndarray, nbytes: np.ndarray, until_made=False, lead=0.0):

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from wapar_jax._src.cost.collectives import (
-  COMBINE_BYTES,
+  combined_launches,
   hierarchical_collective_time,
   hierarchical_collective_traffic,
 )
@@ -23,6 +23,7 @@ from wapar_jax._src.verify.hlo import (
   COLLECTIVE_OPCODES,
   HloModule,
   Instr,
+  buffer_bytes,
   element_count,
   multiplicities,
   operand_names,
@@ -257,6 +258,7 @@ def collectives(
           nodes=n_outer,
           computation=comp,
           depth=depth[instr.name],
+          buffers=tuple(b * scale for b in buffer_bytes(type_text)),
         )
       )
   return tuple(found)
@@ -271,25 +273,28 @@ def target_comm_time(found: Sequence[Collective], profile: DeviceProfile) -> flo
   collectives of one kind and replica groups up to a size threshold
   (`cost.collectives.COMBINE_BYTES`), and emits reduce-scatter for an all-reduce read only in
   slices. So: collectives of one computation at the same dependency depth, kind and groups
-  are pooled and sent in ceil(bytes / COMBINE_BYTES) launches, each paying the ring latency
-  once; sliced all-reduce bytes are priced as reduce-scatter.
+  are pooled and sent in the launches XLA's combiner leaves (`combined_launches`: merged up to
+  COMBINE_BYTES, a larger one alone and whole), each paying the ring latency once; sliced
+  all-reduce bytes are priced as reduce-scatter.
   """
-  pools: dict[tuple, float] = collections.defaultdict(float)
+  pools: dict[tuple, list[float]] = collections.defaultdict(list)
   for c in found:
     if c.group_size <= 1:
       continue
     key = (c.computation, c.depth, c.group_size, c.num_groups, c.nodes, c.axes, c.count)
+    buffers = c.buffers or (c.nbytes,)  # each buffer of a merged tuple collective on its own
     if c.kind == "all-reduce" and c.scattered_bytes:
-      pools[("reduce-scatter",) + key] += c.scattered_bytes
-      rest = c.nbytes - c.scattered_bytes
-      if rest > 0:
-        pools[("all-reduce",) + key] += rest
+      sliced = c.scattered_bytes / c.nbytes
+      pools[("reduce-scatter",) + key] += [b * sliced for b in buffers]
+      if sliced < 1:
+        pools[("all-reduce",) + key] += [b * (1 - sliced) for b in buffers]
     else:
-      pools[(c.kind,) + key] += c.nbytes
+      pools[(c.kind,) + key] += buffers
   inner, outer = profile.intra_node, profile.inter_node
   total = 0.0
-  for (kind, _, _, n, _, nodes, _, count), nbytes in pools.items():
-    launches = max(1, math.ceil(nbytes / COMBINE_BYTES))
+  for (kind, _, _, n, _, nodes, _, count), sizes in pools.items():
+    nbytes = sum(sizes)
+    launches = max(1, combined_launches(sizes))
     n_inner = max(n // nodes, 1)
     one = hierarchical_collective_time(
       _COST_KIND.get(kind, kind),

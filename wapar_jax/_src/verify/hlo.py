@@ -91,6 +91,15 @@ def type_bytes(type_text: str) -> float:
   return type_size(type_text)[0]
 
 
+def buffer_bytes(type_text: str) -> list[float]:
+  """Bytes of each array of an HLO type (one for an array, one per element of a tuple)."""
+  return [
+    math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BITS[dtype] / 8
+    for dtype, dims in SHAPE.findall(re.sub(r"/\*.*?\*/", "", type_text))
+    if _DTYPE_BITS.get(dtype)
+  ]
+
+
 def type_size(type_text: str) -> tuple[float, float]:
   """(bytes, elements) of an HLO type or a tuple of them."""
   nbytes = elements = 0.0

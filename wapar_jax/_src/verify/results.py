@@ -45,6 +45,8 @@ class Collective:
     computation, depth: where it runs, and how many collectives lie on the longest data path
       before it there (itself included). Two collectives of one computation at the same depth
       do not depend on each other, so a combiner may merge them.
+    buffers: per-device bytes of each buffer of a tuple collective (they sum to nbytes), so
+      one that XLA:CPU merged whole can be priced in the launches GPU XLA's combiner leaves.
   """
 
   kind: str
@@ -64,6 +66,7 @@ class Collective:
   nodes: int = 1
   computation: str = ""
   depth: int = 0
+  buffers: tuple[float, ...] = ()
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -424,7 +427,10 @@ class Verification:
       xla_flops=d["xla_flops"],
       loop_flops_added=d["loop_flops_added"],
       memory=MemoryBreakdown(**memory),
-      collectives=tuple(Collective(**dict(c, axes=tuple(c["axes"]))) for c in d["collectives"]),
+      collectives=tuple(
+        Collective(**dict(c, axes=tuple(c["axes"]), buffers=tuple(c.get("buffers", ()))))
+        for c in d["collectives"]
+      ),
       compile_seconds=d["compile_seconds"],
       verify_seconds=d["verify_seconds"],
       child_process=d["child_process"],
