@@ -77,6 +77,16 @@ def _combined(nbytes: float) -> float:
   return float(math.ceil(nbytes / COMBINE_BYTES)) if nbytes > 0 else 0.0
 
 
+def _combined_as(nbytes: float, buffers: np.ndarray) -> float:
+  """Collectives left after XLA combines `nbytes` sent as buffers in the proportions of
+  `buffers` (each parameter's gradient or shard): merged up to the threshold, and one larger
+  than it whole (`combined_launches`), as the compiled truth counts them."""
+  total = float(buffers.sum())
+  if nbytes <= 0 or total <= 0:
+    return _combined(nbytes)
+  return float(combined_launches(buffers * (nbytes / total)))
+
+
 def _combined_gathers(nbytes: np.ndarray, runs: np.ndarray) -> float:
   """FSDP gathers left after XLA combines them: the gathers that run equally often (the step's
   own, or one loop body's per iteration) depend on no other collective, so they are combined up
@@ -256,7 +266,9 @@ def price(
   weight_kind = "reduce-scatter" if sharded_state else "all-reduce"
   partials = agg.red_data_at_sinks if storage == "zero1" else agg.red_data
   grad_bytes = float(partials[1] @ model_scale)
-  grad_count = _combined(grad_bytes) + agg.loop_iterations
+  param_div = np.where(agg.param_model, tp, 1).astype(float)
+  per_param = space.param_bytes / param_div
+  grad_count = _combined_as(grad_bytes, per_param) + agg.loop_iterations
   if storage == "hsdp":
     # Into a gradient split over fsdp and replicated over data, XLA all-reduces over both axes
     # and slices (compiled: gpt2-small on 2 x 8 devices), not a reduce-scatter in the node and
@@ -300,10 +312,8 @@ def price(
     model_span,
   )
 
-  param_div = np.where(agg.param_model, tp, 1).astype(float)
   opt_div = np.where(agg.opt_model, tp, 1).astype(float)
   shardable = fsdp_shardable(space, split, groups) if split > 1 else np.zeros(len(param_div), bool)
-  per_param = space.param_bytes / param_div
   # FSDP's gathered parameters per program point, by the compiler's prefetch distance.
   gathered_live: dict[float, np.ndarray] = {}
   relayout: np.ndarray | float = 0.0
@@ -340,7 +350,8 @@ def price(
     param_mem = float(per_param.sum())
     if storage == "zero1":  # updated parameters are all-gathered from their shards
       zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
-      add("all-gather", zero1_gathered, _combined(zero1_gathered), dp, data_span)
+      shards = per_param[shardable]
+      add("all-gather", zero1_gathered, _combined_as(zero1_gathered, shards), dp, data_span)
   opt_shard = np.where(
     space.opt_weight & (space.opt_bytes >= space.fsdp_min_bytes) & sharded_state, split, 1
   )
