@@ -349,8 +349,8 @@ def price(
   else:
     param_mem = float(per_param.sum())
     if storage == "zero1":  # updated parameters are all-gathered from their shards
-      zero1_gathered = float(per_param[shardable].sum())  # into a new buffer
       shards = per_param[shardable]
+      zero1_gathered = float(shards.sum())  # into a new buffer
       add("all-gather", zero1_gathered, _combined_as(zero1_gathered, shards), dp, data_span)
   opt_shard = np.where(
     space.opt_weight & (space.opt_bytes >= space.fsdp_min_bytes) & sharded_state, split, 1

@@ -91,26 +91,26 @@ def type_bytes(type_text: str) -> float:
   return type_size(type_text)[0]
 
 
+def _arrays(type_text: str) -> list[tuple[float, int]]:
+  """(bytes, elements) of each array of an HLO type: one for an array, one per tuple element."""
+  out = []
+  for dtype, dims in SHAPE.findall(re.sub(r"/\*.*?\*/", "", type_text)):
+    bits = _DTYPE_BITS.get(dtype)
+    if bits:
+      count = math.prod(int(d) for d in dims.split(",") if d)
+      out.append((count * bits / 8, count))
+  return out
+
+
 def buffer_bytes(type_text: str) -> list[float]:
   """Bytes of each array of an HLO type (one for an array, one per element of a tuple)."""
-  return [
-    math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BITS[dtype] / 8
-    for dtype, dims in SHAPE.findall(re.sub(r"/\*.*?\*/", "", type_text))
-    if _DTYPE_BITS.get(dtype)
-  ]
+  return [nbytes for nbytes, _ in _arrays(type_text)]
 
 
 def type_size(type_text: str) -> tuple[float, float]:
   """(bytes, elements) of an HLO type or a tuple of them."""
-  nbytes = elements = 0.0
-  for dtype, dims in SHAPE.findall(re.sub(r"/\*.*?\*/", "", type_text)):
-    bits = _DTYPE_BITS.get(dtype)
-    if not bits:
-      continue
-    count = math.prod(int(d) for d in dims.split(",") if d)
-    nbytes += count * bits / 8
-    elements += count
-  return nbytes, elements
+  arrays = _arrays(type_text)
+  return float(sum(b for b, _ in arrays)), float(sum(n for _, n in arrays))
 
 
 def _split_instruction(line: str, computation: str) -> Instr | None:

@@ -229,9 +229,7 @@ def native_select_and_scatter(module: HloModule, comp: str) -> dict[str, float]:
     while todo:
       name = todo.pop()
       instr = by_name.get(name)
-      if instr is None or name in members or name in inputs:
-        continue
-      if instr.opcode == "constant":
+      if instr is None or instr.opcode == "constant" or name in members or name in inputs:
         continue
       reads = [
         o for o in operand_names(instr) if getattr(by_name.get(o), "opcode", "") != "constant"
