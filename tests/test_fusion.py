@@ -120,3 +120,68 @@ def test_the_compiled_truth_prices_xla_cpus_expanded_max_pool_gradient_as_one_gp
   gpu = dataclasses.replace(cpu, kind="gpu")
   seconds = {p.kind: sum(kernels_lib.instruction_seconds(module, entry, p)) for p in (cpu, gpu)}
   assert seconds["gpu"] < seconds["cpu"] / 2
+
+
+_SUMMED_THEN_SLICED = """HloModule step, num_partitions=8
+
+%update (p0: f32[1024,64], p1: f32[1024,512], p2: f32[1024,512], p3: s32[]) -> f32[1024,64] {
+  %p1 = f32[1024,512]{1,0} parameter(1)
+  %p2 = f32[1024,512]{1,0} parameter(2)
+  %sum = f32[1024,512]{1,0} add(%p1, %p2)
+  %zero = s32[] constant(0)
+  %p3 = s32[] parameter(3)
+  %shard = f32[1024,64]{1,0} dynamic-slice(%sum, %zero, %p3), dynamic_slice_sizes={1024,64}
+  %p0 = f32[1024,64]{1,0} parameter(0)
+  ROOT %new = f32[1024,64]{1,0} add(%shard, %p0)
+}
+
+ENTRY %main (a: f32[1024,64], g: f32[1024,512], h: f32[1024,512], i: s32[]) -> f32[1024,64] {
+  %a = f32[1024,64]{1,0} parameter(0)
+  %g = f32[1024,512]{1,0} parameter(1)
+  %h = f32[1024,512]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  ROOT %f = f32[1024,64]{1,0} fusion(%a, %g, %h, %i), kind=kLoop, calls=%update
+}
+"""
+
+
+def test_a_fused_kernel_reads_an_operand_summed_then_sliced_only_in_the_slice():
+  # ZeRO's update of a tied embedding on XLA:CPU: the two gradients' sum is sliced to the
+  # device's shard inside the kernel, which computes (and reads) only the shard's elements.
+  module = parse_hlo(_SUMMED_THEN_SLICED)
+  unit = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
+  (seconds,) = [s for s in kernels_lib.instruction_seconds(module, module.entry, unit) if s]
+  shard = 1024 * 64 * 4
+  assert seconds == pytest.approx(4 * shard + 4)  # 2 gradient slices, the state, the result
+
+
+_STRIDED_GATHER = """HloModule step, num_partitions=8
+
+%to_major (x: f32[768,48]) -> f32[768,48] {
+  %x = f32[768,48]{1,0} parameter(0)
+  ROOT %c = f32[768,48]{0,1} copy(%x)
+}
+
+%to_row_major (y: f32[768,384]) -> f32[768,384] {
+  %y = f32[768,384]{0,1} parameter(0)
+  ROOT %c = f32[768,384]{1,0} copy(%y)
+}
+
+ENTRY %main (w: f32[768,48]) -> f32[768,384] {
+  %w = f32[768,48]{1,0} parameter(0)
+  %major = f32[768,48]{0,1} fusion(%w), kind=kLoop, calls=%to_major
+  %all = f32[768,384]{0,1} all-gather(%major), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={1}
+  ROOT %back = f32[768,384]{1,0} fusion(%all), kind=kLoop, calls=%to_row_major
+}
+"""
+
+
+def test_xla_cpus_copies_around_a_minor_dim_gather_cost_nothing_on_a_gpu():
+  module = parse_hlo(_STRIDED_GATHER)
+  assert kernels_lib.strided_gather_copies(module, module.entry) == {"major", "back"}
+  cpu = _counting_profile(memory_bandwidth=1.0, kernel_overhead=0.0)
+  gpu = dataclasses.replace(cpu, kind="gpu")
+  priced = lambda p: sum(kernels_lib.instruction_seconds(module, module.entry, p))
+  seconds = {p.kind: priced(p) for p in (cpu, gpu)}
+  assert seconds["cpu"] == pytest.approx(2 * (768 * 48 + 768 * 384) * 4)
+  assert seconds["gpu"] == 0.0

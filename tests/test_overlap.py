@@ -33,9 +33,9 @@ BACKWARD = _prefix([1.0, 1.0, 1.0, 1.0, 0.5])
 
 def test_gradient_reduction_hides_behind_the_rest_of_the_backward_pass():
   w = windows(np.array([2, 3]), np.array([4, 4]), np.array([1.0, 1.0]), BACKWARD)
-  assert len(w.starts) == 1  # both read by the update: one bundle, one stream
+  assert w.waits.tolist() == [0, 1]  # both read by the update, in the order made
   assert w.compute[:, 0].tolist() == [1.0, 0.0]
-  assert w.through.tolist() == [0.5, 1.0]
+  assert w.share.tolist() == [0.5, 0.5]
   # 0.6 s each: both must finish within op 3 (1 s x 0.8), the second alone within nothing.
   assert exposed(w, 1.2, np.ones(1), 0.8) == pytest.approx(max(1.2 - 0.8, 0.6))
   # Small enough to hide but for the one made last.
@@ -46,7 +46,7 @@ def test_gradient_reduction_hides_behind_the_rest_of_the_backward_pass():
 def test_reductions_read_at_once_stay_exposed_and_disjoint_windows_add():
   # Tensor-parallel all-reduces: each read by the next op, with one 1 s op in between.
   w = windows(np.array([0, 2]), np.array([2, 4]), np.array([1.0, 1.0]), BACKWARD)
-  assert len(w.starts) == 2
+  assert w.read_at.tolist() == [2, 4]
   assert exposed(w, 4.0, np.ones(1), 1.0) == pytest.approx(2 * (2.0 - 1.0))
   read_next = windows(np.array([0, 1]), np.array([1, 2]), np.array([1.0, 1.0]), BACKWARD)
   assert exposed(read_next, 1.0, np.ones(1), 1.0) == pytest.approx(1.0)
@@ -133,3 +133,59 @@ def test_plan_file_round_trip_and_files_from_before_the_overlap_model(dp_plan):
   assert before.chosen.exposed_comm_time is None
   assert before.chosen.exposed_comm == before.chosen.comm_time
   assert before.predicted.exposed_comm == before.predicted.comm_time
+
+
+def test_a_long_window_in_the_stream_does_not_merge_the_stalls_of_the_others():
+  # A collective made at the top and read at the end (a loss sum) shares the stream with two
+  # reductions each read at once: each of those still stalls the compute, one after the other.
+  ops = _prefix([1.0] * 6)
+  w = windows(np.array([0, 1, 3]), np.array([5, 2, 4]), np.array([0.2, 1.0, 1.0]), ops)
+  assert exposed(w, 1.1, np.ones(1), 1.0) == pytest.approx(1.0)
+
+
+def test_the_input_gradient_of_a_split_matmul_is_reduced_before_the_weight_gradient_runs():
+  # jax emits dW = dot(dy, x) before dx = dot(dy, W); XLA issues dx's reduction first and
+  # runs dW while it is in flight, so the planner's order moves the reduction's chain up.
+  from types import SimpleNamespace
+
+  from wapar_jax._src.search.overlap import hoisted_positions
+
+  def op(i, primitive, ins, outs):
+    return SimpleNamespace(index=i, primitive=primitive, in_vars=ins, out_vars=outs)
+
+  # vars: 0 dy, 1 x, 2 W, 3 dW, 4 dx partial, 5 dx scaled, 6 the next op's result
+  ops = (
+    op(0, "dot_general", (0, 1), (3,)),
+    op(1, "dot_general", (0, 2), (4,)),
+    op(2, "mul", (4,), (5,)),
+    op(3, "add", (5, 3), (6,)),
+  )
+  traced = SimpleNamespace(ops=ops, num_vars=7, def_pos=np.array([-1, -1, -1, 0, 1, 2, 3]))
+  makes = np.array([False, True, False, False])
+  sinks = np.array([False, False, True, False])  # the partial is reduced after the scaling
+  assert hoisted_positions(traced, makes, sinks).tolist() == [2, 0, 1, 3]
+  assert hoisted_positions(traced, makes & False, sinks & False).tolist() == [0, 1, 2, 3]
+
+
+_READERS = """HloModule step, num_partitions=2
+
+ENTRY %main (w: f32[1048576], s: f32[1024], x: f32[1048576]) -> (f32[1048576], f32[1048576]) {
+  %w = f32[1048576]{0} parameter(0)
+  %s = f32[1024]{0} parameter(1)
+  %x = f32[1048576]{0} parameter(2)
+  %g = f32[1048576]{0} multiply(%x, %x)
+  %grad = f32[1048576]{0} all-reduce(%g), replica_groups={{0,1}}, to_apply=%sum
+  %act = f32[1048576]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%sum
+  %new_w = f32[1048576]{0} add(%w, %grad)
+  %sb = f32[1048576]{0} broadcast(%s), dimensions={}
+  %normed = f32[1048576]{0} fusion(%act, %s), kind=kLoop, calls=%norm
+  ROOT %out = (f32[1048576]{0}, f32[1048576]{0}) tuple(%new_w, %normed)
+}
+"""
+
+
+def test_a_reduction_read_beside_a_parameter_of_its_size_is_a_weight_gradient():
+  # A norm's backward reads its scale beside the activation gradient: that is not an update.
+  placed = collective_windows(parse_hlo(_READERS), "main")
+  assert placed["grad"][3].tolist() == [True]
+  assert placed["act"][3].tolist() == [False]

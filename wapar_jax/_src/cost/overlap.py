@@ -7,17 +7,18 @@ instructions) every op strictly between a collective's producer and its first co
 independent of it, so the compute there is the collective's *window*, and a prefix sum over the
 order gives any window in O(1). Why not networkx's ancestor / descendant sets: per collective
 they cost O(V + E) and would also count ops the scheduler keeps on the far side of the
-producer (it moves collectives, not the compute around them), for hundreds of candidates.
+producer, for hundreds of candidates; the one move of compute that matters, issuing a
+tensor-parallel input gradient's reduction before the weight gradient is computed, is made on
+the order itself (`search.overlap.hoisted_positions`).
 
 Collectives of a class share one stream and run in the order they are made (first in, first
-out). Those whose windows overlap form a *bundle* (a step's weight-gradient reductions, all
-read by the optimizer update): without compute waiting, the i-th of a bundle finishes at
-max over k <= i of (start of k's window + the stream time of k..i), and it is late by what that
-exceeds its reader; the bundle's exposure is its latest collective's lateness. Bundles that do
-not overlap (the tensor-parallel all-reduces of successive layers, FSDP's gathers one use
-ahead) add up. A collective's time hides behind its window's compute times the profile's
-`overlap_efficiency`; both sides are prefix sums, so a bundle is priced with one running
-minimum.
+out), the compute in another. The exposure is an event simulation of the two: a collective is
+issued once its producer has run, starts when the stream is free, and its first reader waits
+for it; each wait delays the compute after it, and so every later collective's issue. A
+collective's time hides behind the compute times the profile's `overlap_efficiency`. The
+simulation steps once per collective, so a class of a hundred thousand reductions read by
+one update (a model of many tiny parameters) costs a hundred thousand steps; the windows are
+sorted once, when they are made.
 """
 
 from __future__ import annotations
@@ -29,27 +30,27 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Windows:
-  """The collectives of one class in the order they are made, grouped in bundles.
+  """The collectives of one class in the order they are made.
 
   Attributes:
-    through: [K] bytes of the bundle's collectives up to and including this one, over the
-      class's bytes (`before`: excluding it).
+    share: [K] each collective's bytes over the class's bytes: its share of the stream time.
     opened: [K, B] seconds of compute per bucket of work before the collective's window opens
       (its producer done); `due`: before its first reader. The caller scales the buckets (the
       planner: by how a candidate splits each kind of work).
-    bundle: [K] the bundle of each collective; starts: [bundles] its first row.
+    made_at / read_at: [K] positions of the producer and of the first reader in the order.
+    waits: [K] the collectives in the order their readers run.
   """
 
-  through: np.ndarray
-  before: np.ndarray
+  share: np.ndarray
   opened: np.ndarray
   due: np.ndarray
-  bundle: np.ndarray
-  starts: np.ndarray
+  made_at: np.ndarray
+  read_at: np.ndarray
+  waits: np.ndarray
 
   @property
   def empty(self) -> bool:
-    return len(self.through) == 0
+    return len(self.share) == 0
 
   @property
   def compute(self) -> np.ndarray:
@@ -58,8 +59,9 @@ class Windows:
 
 
 def no_windows(buckets: int = 1) -> Windows:
-  none = np.zeros(0)
-  return Windows(none, none, np.zeros((0, buckets)), np.zeros((0, buckets)), none, none)
+  index = np.zeros(0, dtype=np.int64)
+  empty = np.zeros((0, buckets))
+  return Windows(np.zeros(0), empty, empty, index, index, index)
 
 
 def windows(
@@ -77,29 +79,14 @@ def windows(
     return no_windows(prefix.shape[1])
   order = np.lexsort((consumer, producer))
   producer, consumer, weight = producer[order], consumer[order], weight[order]
-  # A new bundle where a collective is made at or after every earlier one has been read.
-  reach = np.maximum.accumulate(consumer)
-  new = np.ones(len(producer), dtype=bool)
-  new[1:] = producer[1:] >= reach[:-1]
-  starts = np.flatnonzero(new)
-  bundle = np.cumsum(new) - 1
-  total = np.cumsum(weight)
-  base = np.concatenate([[0.0], total])[starts][bundle]  # bytes of the earlier bundles
-  through = (total - base) / total[-1]
-  before = through - weight / total[-1]
   return Windows(
-    through,
-    before,
+    weight / weight.sum(),
     prefix[producer + 1],
     prefix[np.minimum(consumer, len(prefix) - 1)],
-    bundle,
-    starts,
+    producer,
+    consumer,
+    np.argsort(consumer, kind="stable"),
   )
-
-
-# Larger than any stream time or compute of a step (seconds): offsets each bundle's values so
-# that one running minimum over all bundles never reaches into an earlier one.
-_APART = 1e4
 
 
 def exposed(w: Windows, total: float, scale: np.ndarray, efficiency: float) -> float:
@@ -110,10 +97,17 @@ def exposed(w: Windows, total: float, scale: np.ndarray, efficiency: float) -> f
     return 0.0
   if w.empty or efficiency <= 0:
     return total
-  # Collective i of a bundle is late by max over k <= i of
-  # (stream time of k..i) - efficiency * (compute from k's producer to i's reader).
-  finish = total * w.through - efficiency * (w.due @ scale)
-  offset = _APART * w.bundle
-  start = np.minimum.accumulate(total * w.before - efficiency * (w.opened @ scale) - offset)
-  late = finish - (start + offset)
-  return float(np.maximum(np.maximum.reduceat(late, w.starts), 0.0).sum())
+  took = (total * w.share).tolist()
+  issued = (efficiency * (w.opened @ scale)).tolist()
+  due = (efficiency * (w.due @ scale)).tolist()
+  made_at, read_at = w.made_at.tolist(), w.read_at.tolist()
+  finish = [0.0] * len(took)
+  stalled, free, nxt = 0.0, 0.0, 0
+  for j in w.waits.tolist():
+    # Every collective made before this reader runs is issued first, in the order made.
+    while nxt < len(took) and made_at[nxt] < read_at[j]:
+      free = max(issued[nxt] + stalled, free) + took[nxt]
+      finish[nxt] = free
+      nxt += 1
+    stalled = max(stalled, finish[j] - due[j])
+  return float(stalled)

@@ -204,7 +204,7 @@ def aggregate(
     sequence_partials_n,
     *_gather_totals(space, sequence_copies),
     *(_reshards(space, region_var) if sequence_parallel else (0.0, 0.0)),
-    step_windows(space, op_seconds, op_model, red_m_sink),
+    step_windows(space, op_seconds, op_model, red_m_sink, red_m),
   )
 
 

@@ -21,6 +21,7 @@ from wapar_jax._src.cost.collectives import (
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.verify.hlo import (
   COLLECTIVE_OPCODES,
+  ELEMENTWISE_OPCODES,
   HloModule,
   Instr,
   buffer_bytes,
@@ -42,48 +43,6 @@ from wapar_jax._src.verify.results import Collective
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # A kind as `cost.collectives`' formulas name it, where that differs.
 _COST_KIND = {"collective-permute": "permute"}
-
-
-# Ops that read their operand element by element: a value only sliced after them is only read
-# in that slice.
-_ELEMENTWISE = frozenset(
-  {
-    "abs",
-    "add",
-    "and",
-    "cbrt",
-    "ceil",
-    "clamp",
-    "compare",
-    "convert",
-    "cosine",
-    "divide",
-    "exponential",
-    "exponential-minus-one",
-    "floor",
-    "is-finite",
-    "log",
-    "log-plus-one",
-    "logistic",
-    "maximum",
-    "minimum",
-    "multiply",
-    "negate",
-    "not",
-    "or",
-    "power",
-    "remainder",
-    "round-nearest-even",
-    "rsqrt",
-    "select",
-    "sign",
-    "sine",
-    "sqrt",
-    "subtract",
-    "tanh",
-    "xor",
-  }
-)
 
 
 def _only_sliced(
@@ -108,7 +67,7 @@ def _only_sliced(
       if operand_names(use)[0] != value or element_count(use.type) * n != elements:
         return False
     elif use.opcode in ("bitcast", "copy") or (
-      use.opcode in _ELEMENTWISE and element_count(use.type) == elements
+      use.opcode in ELEMENTWISE_OPCODES and element_count(use.type) == elements
     ):
       if not _only_sliced(module, comp, use.name, elements, n, users, depth + 1):
         return False

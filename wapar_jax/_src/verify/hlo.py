@@ -86,6 +86,48 @@ CALLEE_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}
 SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 
 
+# Ops that read their operand element by element: a value only sliced after them is only read
+# in that slice.
+ELEMENTWISE_OPCODES = frozenset(
+  {
+    "abs",
+    "add",
+    "and",
+    "cbrt",
+    "ceil",
+    "clamp",
+    "compare",
+    "convert",
+    "cosine",
+    "divide",
+    "exponential",
+    "exponential-minus-one",
+    "floor",
+    "is-finite",
+    "log",
+    "log-plus-one",
+    "logistic",
+    "maximum",
+    "minimum",
+    "multiply",
+    "negate",
+    "not",
+    "or",
+    "power",
+    "remainder",
+    "round-nearest-even",
+    "rsqrt",
+    "select",
+    "sign",
+    "sine",
+    "sqrt",
+    "subtract",
+    "tanh",
+    "xor",
+  }
+)
+
+
 def type_bytes(type_text: str) -> float:
   """Bytes of an HLO type such as `f32[8,64]{1,0}` or a tuple of them."""
   return type_size(type_text)[0]

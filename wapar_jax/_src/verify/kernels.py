@@ -16,9 +16,11 @@ from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.verify.hlo import (
   CALLEE_LISTS,
   COLLECTIVE_OPCODES,
+  ELEMENTWISE_OPCODES,
   SHAPE,
   HloModule,
   Instr,
+  element_count,
   operand_names,
   type_bytes,
   unquote,
@@ -136,30 +138,41 @@ def _fused_dots(module: HloModule, comp: str, seen: frozenset = frozenset()):
   return flops, dtype
 
 
+# Ops whose result has its operand's elements, one for one: a part of the result needs only
+# the same part of the operand.
+_SAME_ELEMENTS = ELEMENTWISE_OPCODES | {"bitcast", "copy", "reshape", "transpose"}
+
+
 def _operand_reads(module: HloModule, comp: str, operand_bytes: Sequence[float]) -> list[float]:
-  """Bytes a fused computation reads of each operand: a parameter used only through slices
-  (slice, dynamic-slice) is read only in those slices."""
+  """Bytes a fused computation reads of each operand. A fused kernel computes only the elements
+  its result needs, so an operand that reaches the result only through slices (slice,
+  dynamic-slice), possibly after elementwise ops (a sum of two gradients, then the device's
+  shard of it), is read only in those slices."""
   body = module.computations.get(comp, ())
+  if not body:
+    return list(operand_bytes)
+  types = value_types(module, comp)
+  # The fraction of each value's elements the root needs, from the root back.
+  need = {body[-1].name: 1.0}
+  for instr in reversed(body):
+    have = need.get(instr.name, 0.0)
+    operands = operand_names(instr)
+    for k, name in enumerate(operands):
+      if instr.opcode in ("slice", "dynamic-slice") and k == 0:
+        whole = element_count(types.get(name, ""))
+        part = have * element_count(instr.type) / whole if whole else 1.0
+      elif instr.opcode in _SAME_ELEMENTS:
+        part = have
+      else:
+        part = 1.0 if have > 0 else 0.0
+      need[name] = max(need.get(name, 0.0), part)
   param_index = {}
   for instr in body:
     if instr.opcode == "parameter":
       m = re.match(r"(\d+)\)", instr.rest)
       if m:
-        param_index[instr.name] = int(m.group(1))
-  sliced: dict[int, float] = {}
-  whole: set[int] = set()
-  for instr in body:
-    for k, name in enumerate(operand_names(instr)):
-      i = param_index.get(name)
-      if i is None:
-        continue
-      if instr.opcode in ("slice", "dynamic-slice") and k == 0:
-        sliced[i] = sliced.get(i, 0.0) + type_bytes(instr.type)
-      else:
-        whole.add(i)
-  return [
-    b if i in whole or i not in sliced else min(b, sliced[i]) for i, b in enumerate(operand_bytes)
-  ]
+        param_index[int(m.group(1))] = instr.name
+  return [b * min(need.get(param_index.get(i, ""), 1.0), 1.0) for i, b in enumerate(operand_bytes)]
 
 
 def _in_place_root(module: HloModule, comp: str) -> bool:
@@ -247,18 +260,59 @@ def native_select_and_scatter(module: HloModule, comp: str) -> dict[str, float]:
   return out
 
 
+def _only_copies(module: HloModule, instr: Instr) -> bool:
+  """A copy instruction, or a fusion whose body only copies its one parameter (a relayout)."""
+  if instr.opcode == "copy":
+    return True
+  callees = re.findall(r"\bcalls=%?([\w.\-]+)", instr.rest) if instr.opcode == "fusion" else []
+  body = module.computations.get(callees[0], ()) if callees else ()
+  return len(body) == 2 and body[0].opcode == "parameter" and body[1].opcode == "copy"
+
+
+def strided_gather_copies(module: HloModule, comp: str) -> set[str]:
+  """The relayout copies XLA:CPU puts around an all-gather along a minor dim: the shard copied
+  into a layout where the gathered dim is major, and the gathered result copied back
+  (`CompilerRules.copies_strided_gathers`)."""
+  by_name = {i.name: i for i in module.computations[comp]}
+  found = set()
+  for instr in module.computations[comp]:
+    if _base(instr.opcode) != "all-gather":
+      continue
+    for name in operand_names(instr):
+      if name in by_name and _only_copies(module, by_name[name]):
+        found.add(name)
+  gathers = {i.name for i in module.computations[comp] if _base(i.opcode) == "all-gather"}
+  for instr in module.computations[comp]:
+    operands = operand_names(instr)
+    if len(operands) == 1 and operands[0] in gathers and _only_copies(module, instr):
+      found.add(instr.name)
+  return found
+
+
+def _base(opcode: str) -> str:
+  """The collective an async instruction is part of ("all-gather-start" -> "all-gather")."""
+  for suffix in ("-start", "-done"):
+    if opcode.endswith(suffix):
+      return opcode[: -len(suffix)]
+  return opcode
+
+
 def instruction_seconds(module: HloModule, comp: str, profile: DeviceProfile) -> list[float]:
   """Per instruction of `comp`, in order, its kernel's roofline seconds for one run (0 for an
   instruction that launches no kernel: collectives, tuples, parameters, ...). Where the
   profile's compiler emits a max-pool gradient natively, XLA:CPU's expansion of it is priced as
-  that one kernel (`native_select_and_scatter`)."""
+  that one kernel (`native_select_and_scatter`); where it gathers along a minor dim in place,
+  XLA:CPU's copies around the gather cost nothing (`strided_gather_copies`)."""
   bandwidth = profile.memory_bandwidth * profile.memory_efficiency
   types = value_types(module, comp)
+  rules = compilers.for_profile(profile.kind)
   native = (
     native_select_and_scatter(module, comp)
-    if "select_and_scatter_add" in compilers.for_profile(profile.kind).native_kernels
+    if "select_and_scatter_add" in rules.native_kernels
     else {}
   )
+  if not rules.copies_strided_gathers:
+    native.update(dict.fromkeys(strided_gather_copies(module, comp), 0.0))
   out = []
   for instr in module.computations[comp]:
     if instr.name in native:

@@ -12,8 +12,9 @@ independent ones apart up to its size threshold. A loop body's windows are per i
 its collectives' exposure counts once per trip.
 
 Each (computation, kind, mesh axes) is one stream, as the planner's classes are, and so are
-the reductions first read by a kernel that also reads a step argument (the optimizer update
-of a parameter: a weight gradient) apart from the rest (the loss, batch-norm statistics); an
+the reductions first read by a kernel that also reads a step argument holding at least a
+device's share of the reduced elements (the optimizer update of a parameter: a weight
+gradient) apart from the rest (the loss, batch-norm statistics); an
 all-gather is started no earlier than the previous all-gather's reader, one use ahead, as
 the planner prices FSDP (XLA bounds its prefetch by memory, and the CPU module's order says
 nothing of that bound).
@@ -30,7 +31,13 @@ import numpy as np
 from wapar_jax._src.cost.overlap import exposed, windows
 from wapar_jax._src.profiles import DeviceProfile
 from wapar_jax._src.verify.collectives import target_comm_time
-from wapar_jax._src.verify.hlo import COLLECTIVE_OPCODES, HloModule, operand_names, type_bytes
+from wapar_jax._src.verify.hlo import (
+  COLLECTIVE_OPCODES,
+  HloModule,
+  element_count,
+  operand_names,
+  type_bytes,
+)
 from wapar_jax._src.verify.kernels import instruction_seconds, kernel_computations
 from wapar_jax._src.verify.results import Collective
 
@@ -49,8 +56,8 @@ def _tuple_index(instr) -> int | None:
 
 def collective_windows(module: HloModule, comp: str) -> dict[str, tuple]:
   """Per collective instruction of `comp`: (producer positions, first-reader positions, bytes,
-  whether the reader also reads a step argument) per operand, positions in the computation's
-  printed order (-1: a parameter)."""
+  whether the reader updates a step argument from it: `_updates_argument`) per operand,
+  positions in the computation's printed order (-1: a parameter)."""
   instrs = module.computations[comp]
   pos = {i.name: k for k, i in enumerate(instrs)}
   types = {i.name: i.type for i in instrs}
@@ -83,10 +90,13 @@ def collective_windows(module: HloModule, comp: str) -> dict[str, tuple]:
     tuple_result = len(operands) > 1
     reads = [first_read(instr.name, i if tuple_result else None) for i in range(len(operands))]
     sizes = [type_bytes(types.get(o, "")) for o in operands]
+    whole = [element_count(types.get(o, "")) for o in operands]
     if not tuple_result:
-      made, reads, sizes = [max(made, default=-1)], reads[:1], [sum(sizes)]
+      made, reads = [max(made, default=-1)], reads[:1]
+      sizes, whole = [sum(sizes)], [sum(whole)]
     updates = [
-      r < len(instrs) and any(a in arguments for a in operand_names(instrs[r])) for r in reads
+      r < len(instrs) and _updates_argument(instrs[r], arguments, types, n, module.num_partitions)
+      for r, n in zip(reads, whole)
     ]
     found[instr.name] = (
       np.array(made),
@@ -95,6 +105,16 @@ def collective_windows(module: HloModule, comp: str) -> dict[str, tuple]:
       np.array(updates, dtype=bool),
     )
   return found
+
+
+def _updates_argument(reader, arguments, types, elements: float, partitions: int) -> bool:
+  """Whether `reader` updates a step argument from a collective's result of `elements`: it
+  reads an argument holding at least one device's share of them (a parameter or its shard, not
+  a norm's scale beside an activation's gradient)."""
+  return any(
+    a in arguments and element_count(types.get(a, "")) * partitions >= elements
+    for a in operand_names(reader)
+  )
 
 
 def exposed_comm_time(
