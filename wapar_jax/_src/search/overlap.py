@@ -50,10 +50,15 @@ def first_uses(traced: TracedStep) -> np.ndarray:
   return first
 
 
-# Ops a partial sum passes through on its way to where it is reduced: sums of partials, and
-# linear ops of one partial (`search.space._reduce_at_sinks` moves the reduction along them).
-_CARRYING = frozenset({"add", "add_any", "sub", "mul", "div", "neg", "convert_element_type"})
-_CARRYING |= frozenset({"reshape", "transpose", "squeeze", "copy", "copy_p"})
+# Ops through which a partial sum stays a partial sum (they are linear in it): sums of
+# partials, linear ops of one, and scalings by a value that is not partial. The reduction is
+# moved along them to where the partial is last combined (`search.space._reduce_at_sinks`).
+SUMMING = frozenset({"add", "add_any", "sub"})
+LINEAR_UNARY = frozenset(
+  {"neg", "convert_element_type", "reshape", "transpose", "squeeze", "copy", "copy_p"}
+)
+SCALING = frozenset({"mul", "div"})
+_CARRYING = SUMMING | LINEAR_UNARY | SCALING
 
 
 def hoisted_positions(traced, makes: np.ndarray, sinks: np.ndarray) -> np.ndarray:
@@ -107,7 +112,7 @@ def step_windows(
   op_seconds: np.ndarray,
   op_model: np.ndarray,
   red_model_sink: np.ndarray,
-  red_model: np.ndarray | None = None,
+  red_model: np.ndarray,
 ) -> StepWindows:
   """The windows of one group set: `op_model` [N] the ops whose work the model axis splits,
   `red_model_sink` [N] where a partial sum over it is reduced, `red_model` [N] the ops that
@@ -132,8 +137,7 @@ def step_windows(
     BATCH: windows(ops[others], read_at[others], weighted[others], prefix),
   }
   if tp.any():
-    makes = red_model_sink if red_model is None else red_model
-    pos = hoisted_positions(space.traced, makes, tp)
+    pos = hoisted_positions(space.traced, red_model, tp)
     at = np.append(pos, n)
     by_class[MODEL_REDUCTIONS] = windows(
       pos[tp], at[read_at[tp]], weighted[tp], _prefix(per_op, np.argsort(pos))

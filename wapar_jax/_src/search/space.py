@@ -21,7 +21,7 @@ from wapar_jax._src.cost.fusion import FusedTraffic, fused_traffic
 from wapar_jax._src.cost.xla import StepCosts
 from wapar_jax._src.memory import buffers as buffers_lib
 from wapar_jax._src.memory import liveness
-from wapar_jax._src.search.overlap import first_uses
+from wapar_jax._src.search.overlap import LINEAR_UNARY, SCALING, SUMMING, first_uses
 from wapar_jax._src.trace import TracedStep
 from wapar_jax._src.trace.context import Attention, find_attention
 from wapar_jax._src.trace.experts import Experts, find_experts
@@ -355,14 +355,6 @@ def _buffers(
   return CompilerBuffers(rules, kept, last_use, rules.scratch_buffers(traced))
 
 
-# Ops through which a partial sum stays a partial sum (they are linear in it).
-_SUMMING = frozenset({"add", "add_any", "sub"})
-_LINEAR_UNARY = frozenset(
-  {"neg", "convert_element_type", "reshape", "transpose", "squeeze", "copy", "copy_p"}
-)
-_SCALING = frozenset({"mul", "div"})
-
-
 def _reduction_rounds(ops, reduces: np.ndarray) -> int:
   """How many reductions lie on the longest dependency path (1 when none depends on another:
   then all of them can go out combined at the end)."""
@@ -407,11 +399,11 @@ def _reduce_at_sinks(ops, red_batch: np.ndarray, red_group: np.ndarray) -> None:
     partial = [v for v in ins if v in state and uses[v] == 1]
     if not partial:
       continue
-    if op.primitive in _SUMMING:
+    if op.primitive in SUMMING:
       ok = len(partial) == len(op.in_vars) and len({state[v] for v in partial}) == 1
-    elif op.primitive in _LINEAR_UNARY:
+    elif op.primitive in LINEAR_UNARY:
       ok = len(op.in_vars) == 1
-    elif op.primitive in _SCALING:  # partial * x and partial / x, with x not partial
+    elif op.primitive in SCALING:  # partial * x and partial / x, with x not partial
       ok = (
         len(partial) == 1
         and len([v for v in ins if v in state]) == 1

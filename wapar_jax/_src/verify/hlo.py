@@ -128,6 +128,14 @@ ELEMENTWISE_OPCODES = frozenset(
 )
 
 
+def async_base(opcode: str) -> str:
+  """The op an async half is part of ("all-gather-start", "all-gather-done" -> "all-gather")."""
+  for suffix in ("-start", "-done"):
+    if opcode.endswith(suffix):
+      return opcode[: -len(suffix)]
+  return opcode
+
+
 def type_bytes(type_text: str) -> float:
   """Bytes of an HLO type such as `f32[8,64]{1,0}` or a tuple of them."""
   return type_size(type_text)[0]

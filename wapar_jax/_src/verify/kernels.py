@@ -20,6 +20,7 @@ from wapar_jax._src.verify.hlo import (
   SHAPE,
   HloModule,
   Instr,
+  async_base,
   element_count,
   operand_names,
   type_bytes,
@@ -276,25 +277,17 @@ def strided_gather_copies(module: HloModule, comp: str) -> set[str]:
   by_name = {i.name: i for i in module.computations[comp]}
   found = set()
   for instr in module.computations[comp]:
-    if _base(instr.opcode) != "all-gather":
+    if async_base(instr.opcode) != "all-gather":
       continue
     for name in operand_names(instr):
       if name in by_name and _only_copies(module, by_name[name]):
         found.add(name)
-  gathers = {i.name for i in module.computations[comp] if _base(i.opcode) == "all-gather"}
+  gathers = {i.name for i in module.computations[comp] if async_base(i.opcode) == "all-gather"}
   for instr in module.computations[comp]:
     operands = operand_names(instr)
     if len(operands) == 1 and operands[0] in gathers and _only_copies(module, instr):
       found.add(instr.name)
   return found
-
-
-def _base(opcode: str) -> str:
-  """The collective an async instruction is part of ("all-gather-start" -> "all-gather")."""
-  for suffix in ("-start", "-done"):
-    if opcode.endswith(suffix):
-      return opcode[: -len(suffix)]
-  return opcode
 
 
 def instruction_seconds(module: HloModule, comp: str, profile: DeviceProfile) -> list[float]:
@@ -319,10 +312,9 @@ def instruction_seconds(module: HloModule, comp: str, profile: DeviceProfile) ->
       nbytes = native[instr.name]
       out.append(nbytes / bandwidth + profile.kernel_overhead if nbytes else 0.0)
       continue
-    base = instr.opcode[: -len("-start")] if instr.opcode.endswith("-start") else instr.opcode
     if (
       instr.opcode in _NOT_KERNELS
-      or base in COLLECTIVE_OPCODES
+      or async_base(instr.opcode) in COLLECTIVE_OPCODES
       or instr.opcode.endswith("-done")
       or instr.opcode.endswith("-update")
     ):

@@ -34,6 +34,7 @@ from wapar_jax._src.verify.collectives import target_comm_time
 from wapar_jax._src.verify.hlo import (
   COLLECTIVE_OPCODES,
   HloModule,
+  async_base,
   element_count,
   operand_names,
   type_bytes,
@@ -43,10 +44,6 @@ from wapar_jax._src.verify.results import Collective
 
 # Instructions that only name a value (or part of one): a reader of theirs reads the collective.
 _PASS_THROUGH = frozenset({"get-tuple-element", "bitcast", "tuple", "copy-start", "copy-done"})
-
-
-def _base(opcode: str) -> str:
-  return opcode[: -len("-start")] if opcode.endswith("-start") else opcode
 
 
 def _tuple_index(instr) -> int | None:
@@ -83,7 +80,7 @@ def collective_windows(module: HloModule, comp: str) -> dict[str, tuple]:
 
   found = {}
   for instr in instrs:
-    if instr.opcode.endswith("-done") or COLLECTIVE_OPCODES.get(_base(instr.opcode)) is None:
+    if instr.opcode.endswith("-done") or COLLECTIVE_OPCODES.get(async_base(instr.opcode)) is None:
       continue
     operands = operand_names(instr)
     made = [pos.get(o, -1) for o in operands]
